@@ -1,0 +1,53 @@
+"""Typed exceptions. Every error asymstore raises derives from :class:`AsymstoreError`."""
+
+from __future__ import annotations
+
+
+class AsymstoreError(Exception):
+    """Base class of all asymstore errors."""
+
+
+class ConfigError(AsymstoreError, ValueError):
+    """A configuration value or URL is invalid; the message says what to change."""
+
+
+class BackendUnavailableError(AsymstoreError):
+    """A tier backend cannot be used (missing optional dependency, unreachable service)."""
+
+
+class StepNotFoundError(AsymstoreError, KeyError):
+    """The requested step is not complete on any tier."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; keep the message readable
+        return str(self.args[0]) if self.args else "step not found"
+
+
+class StepExistsError(AsymstoreError):
+    """A checkpoint for this step is already committed; saving again would overwrite it."""
+
+
+class CorruptCheckpointError(AsymstoreError):
+    """Stored bytes fail their checksum or the metadata is inconsistent.
+
+    ``objects`` names the stored objects that failed, relative to the tier root.
+    """
+
+    def __init__(self, message: str, objects: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.objects = objects
+
+
+class StateMismatchError(AsymstoreError, ValueError):
+    """An in-place restore target does not match the checkpoint (names, shapes or dtypes)."""
+
+
+class UnsupportedValueError(AsymstoreError, TypeError):
+    """A value in the training state cannot be stored without pickle."""
+
+
+class CheckpointFailedError(AsymstoreError):
+    """A background checkpoint failed; raised on the next call so the failure is never lost."""
+
+
+class SnapshotSlotsBusyError(AsymstoreError):
+    """All host snapshot slots hold checkpoints whose persistence has not finished."""
