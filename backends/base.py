@@ -61,6 +61,12 @@ class ObjectStore(abc.ABC):
             self.delete(k)
         return len(keys)
 
+    def barrier(self, prefix: str) -> None:
+        """Make the names of everything written under ``prefix`` durable (e.g. fsync directories).
+
+        Called before a commit marker is written. Default: nothing to do.
+        """
+
     # --- reads ------------------------------------------------------------------
     @abc.abstractmethod
     def get(self, key: str, byte_range: ByteRange | None = None) -> bytes | None:

@@ -1,0 +1,115 @@
+"""Selective partition compression: a pure planner and a sampler that feeds it.
+
+A partition is compressed only when that is faster end to end to its tier::
+
+    t_compress(p) + size_c(p) / BW_tier  <  size(p) / BW_tier
+
+with the compression ratio and codec speed measured on a small sample of the partition
+and BW_tier measured by real writes to the tier. The planner (:func:`choose_codec`) is
+pure; :func:`measure_candidates` does the sampling.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .codecs import LZ4, RAW, CodecSpec, blosc_shuffle, encode_chunk, xor_into
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class CodecEstimate:
+    """Measured behaviour of a codec on a sample: stored/raw ratio and encode speed (bytes/s)."""
+
+    spec: CodecSpec
+    ratio: float
+    encode_bw: float
+
+
+@dataclass(frozen=True)
+class CodecChoice:
+    spec: CodecSpec
+    predicted_s: float
+    raw_s: float
+    ratio: float
+
+
+def predicted_time(nbytes: int, est: CodecEstimate, tier_bw: float) -> float:
+    """Encode + write time of ``nbytes`` with codec ``est`` to a tier of ``tier_bw`` bytes/s."""
+    if est.spec.kind == "raw" and not est.spec.delta:
+        return nbytes / tier_bw
+    return nbytes / est.encode_bw + nbytes * est.ratio / tier_bw
+
+
+def choose_codec(nbytes: int, estimates: Sequence[CodecEstimate], tier_bw: float, *,
+                 min_gain: float = 0.05) -> CodecChoice:
+    """Pick the fastest chain end to end; compress only if it beats raw by ``min_gain`` (fraction).
+
+    ``tier_bw`` may be ``inf`` (memory): then nothing is ever compressed.
+    """
+    if not (tier_bw > 0) or math.isnan(tier_bw):
+        raise ConfigError(f"tier bandwidth must be positive, got {tier_bw}")
+    raw_s = nbytes / tier_bw
+    best = CodecChoice(RAW, raw_s, raw_s, 1.0)
+    for est in estimates:
+        if est.spec == RAW:
+            continue
+        if not (est.encode_bw > 0) or not (est.ratio >= 0):
+            continue
+        t = predicted_time(nbytes, est, tier_bw)
+        if t < best.predicted_s and t < raw_s * (1.0 - min_gain):
+            best = CodecChoice(est.spec, t, raw_s, est.ratio)
+    return best
+
+
+def candidate_specs(typesize: int, *, delta: bool) -> list[CodecSpec]:
+    """The lossless chains the planner weighs: lz4, zstd-1, blosc-zstd with byte shuffle, and XOR deltas."""
+    specs = [LZ4, CodecSpec("zstd", 1), blosc_shuffle(typesize if typesize in (2, 4, 8) else 4, "zstd", 1)]
+    if delta:
+        specs += [blosc_shuffle(typesize if typesize in (2, 4, 8) else 4, "zstd", 1).with_delta(),
+                  CodecSpec("blosc", 5, "lz4", "shuffle", typesize if typesize in (2, 4, 8) else 4).with_delta()]
+    return specs
+
+
+def sample_slices(data: memoryview, *, sample_bytes: int = 256 << 10, pieces: int = 4, align: int = 64
+                  ) -> list[tuple[int, int]]:
+    """Byte ranges ``(start, end)`` spread evenly over ``data`` totalling about ``sample_bytes``."""
+    n = len(data)
+    if n <= sample_bytes:
+        return [(0, n)] if n else []
+    piece = max(align, (sample_bytes // pieces) // align * align)
+    stride = (n - piece) // max(pieces - 1, 1)
+    return [(s, s + piece) for s in (i * stride // align * align for i in range(pieces))]
+
+
+def measure_candidates(specs: Sequence[CodecSpec], data: memoryview, base: memoryview | None = None, *,
+                       sample_bytes: int = 256 << 10) -> list[CodecEstimate]:
+    """Encode a sample of ``data`` with each spec; delta specs XOR against ``base`` first."""
+    out: list[CodecEstimate] = []
+    ranges = sample_slices(data, sample_bytes=sample_bytes)
+    if not ranges:
+        return out
+    scratch: np.ndarray | None = None
+    for spec in specs:
+        if spec.delta and base is None:
+            continue
+        raw_total = stored = 0
+        t0 = time.perf_counter()
+        for a, b in ranges:
+            piece = data[a:b]
+            if spec.delta:
+                assert base is not None
+                if scratch is None or len(scratch) < b - a:
+                    scratch = np.empty(b - a, np.uint8)
+                xor_into(scratch, piece, base[a:b])
+                piece = memoryview(scratch[:b - a])
+            stored += len(encode_chunk(spec, piece))
+            raw_total += b - a
+        dt = max(time.perf_counter() - t0, 1e-7)
+        out.append(CodecEstimate(spec, stored / raw_total, raw_total / dt))
+    return out

@@ -1,0 +1,80 @@
+"""All tunables in one place; every field can be overridden by ``ASYMSTORE_<FIELD>``."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Config:
+    """Store configuration (keyword-only; see the README's configuration table)."""
+
+    #: K: host snapshot slots. A slot whose persistence has not finished is never overwritten.
+    host_slots: int = 2
+    #: What a save does when every slot is still persisting: wait for one, or skip this checkpoint.
+    slot_policy: Literal["wait", "skip"] = "wait"
+    #: Pin host slots (page-locked memory for async GPU copies). ``None``: only when CUDA is present.
+    pin_memory: bool | None = None
+    #: Stored object size per partition. ``None``: chosen per tier from measured latency/bandwidth.
+    partition_bytes: int | None = None
+    #: Chunk size inside a partition: the unit of compression and of partial (lazy) reads.
+    chunk_bytes: int = 1 * MiB
+    #: "auto" (selective, measured), "none", or a forced chain ("zstd3", "lz4", "blosc-shuffle", "xor-zstd").
+    compression: str = "auto"
+    #: Exact XOR deltas against a full base written every ``delta_every`` checkpoints (0: off).
+    delta_every: int = 0
+    #: Host memory allowed for encode staging (caps partition sizes).
+    staging_budget_bytes: int = 512 * MiB
+    #: Background checkpoint failures are logged and counted instead of raised on the next call.
+    non_fatal: bool = False
+    #: Verify chunk checksums on every read (always on for restore; lazy reads may skip for speed).
+    verify_reads: bool = True
+    #: Options passed to backends, per URL scheme (e.g. {"hdfs": {"retries": 3}}).
+    backend_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.host_slots < 1:
+            raise ConfigError(f"host_slots must be >= 1, got {self.host_slots}")
+        if self.slot_policy not in ("wait", "skip"):
+            raise ConfigError(f"slot_policy must be 'wait' or 'skip', got {self.slot_policy!r}")
+        if self.chunk_bytes < 4096 or self.chunk_bytes & (self.chunk_bytes - 1):
+            raise ConfigError(f"chunk_bytes must be a power of two >= 4096, got {self.chunk_bytes}")
+        if self.partition_bytes is not None and (self.partition_bytes < self.chunk_bytes
+                                                 or self.partition_bytes % self.chunk_bytes):
+            raise ConfigError(f"partition_bytes ({self.partition_bytes}) must be a multiple of chunk_bytes "
+                              f"({self.chunk_bytes})")
+        if self.delta_every < 0:
+            raise ConfigError("delta_every must be >= 0")
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, base: Config | None = None, environ: dict[str, str] | None = None, **overrides: Any) -> Config:
+        """``base`` (or defaults), then ``ASYMSTORE_*`` variables, then explicit ``overrides``."""
+        env = os.environ if environ is None else environ
+        cfg = base or cls()
+        changes: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get("ASYMSTORE_" + f.name.upper())
+            if raw is None or f.name == "backend_options":
+                continue
+            cur = getattr(cfg, f.name)
+            try:
+                if isinstance(cur, bool) or f.name in ("pin_memory", "non_fatal", "verify_reads"):
+                    changes[f.name] = raw.lower() in ("1", "true", "yes", "on")
+                elif isinstance(cur, int) or f.name == "partition_bytes":
+                    changes[f.name] = int(raw)
+                else:
+                    changes[f.name] = raw
+            except ValueError:
+                raise ConfigError(f"ASYMSTORE_{f.name.upper()}={raw!r} is not a valid {f.name}") from None
+        changes.update(overrides)
+        return dataclasses.replace(cfg, **changes)

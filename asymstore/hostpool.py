@@ -1,0 +1,146 @@
+"""The host tier: K reusable snapshot slots (pinned when CUDA is present).
+
+A slot holds one checkpoint's byte stream. Its life: ``free`` -> ``filling`` (snapshot
+copy in progress) -> ``ready`` (complete in host memory; persistence may still run).
+A ready slot is reused for a newer snapshot only once its persistence has finished;
+then the oldest persisted slot is evicted. Memory is K x the largest state, allocated
+once and reused, so it stays flat across any number of checkpoints.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from .errors import SnapshotSlotsBusyError
+from .layout import Layout
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+@dataclass
+class Slot:
+    index: int
+    buffer: torch.Tensor | None = None  # uint8, 1-D
+    state: Literal["free", "filling", "ready"] = "free"
+    step: int | None = None
+    layout: Layout | None = None
+    skeleton: Any = None
+    numpy_names: list[str] = field(default_factory=list)
+    user: dict[str, Any] = field(default_factory=dict)
+    persisting: bool = False
+    ready_time: float = 0.0
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.buffer is None else self.buffer.numel()
+
+    def memview(self) -> memoryview:
+        assert self.buffer is not None and self.layout is not None
+        return memoryview(self.buffer.numpy()).cast("B")[:self.layout.total_bytes]
+
+
+class HostPool:
+    """K snapshot slots with the wait/skip policy for slots still persisting."""
+
+    def __init__(self, slots: int, *, pin_memory: bool | None = None) -> None:
+        self.slots = [Slot(i) for i in range(slots)]
+        self.pin = cuda_available() if pin_memory is None else pin_memory
+        self._cv = threading.Condition()
+        self.waits = 0
+        self.wait_seconds = 0.0
+        self.skips = 0
+
+    # --- memory accounting -------------------------------------------------------
+    @property
+    def reserved_bytes(self) -> int:
+        return sum(s.capacity for s in self.slots)
+
+    def _alloc(self, slot: Slot, nbytes: int) -> None:
+        if slot.capacity >= nbytes and slot.capacity <= max(2 * nbytes, 1 << 20):
+            return
+        slot.buffer = None
+        size = max(nbytes, 64)
+        slot.buffer = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
+
+    # --- slot life ---------------------------------------------------------------
+    def acquire(self, nbytes: int, step: int, *, policy: Literal["wait", "skip"] = "wait",
+                timeout: float | None = None) -> Slot:
+        """A slot for a new snapshot of ``nbytes``; evicts the oldest persisted one if needed."""
+        t0 = time.perf_counter()
+        waited = False
+        with self._cv:
+            while True:
+                same = [s for s in self.slots if s.step == step and s.state == "ready" and not s.persisting]
+                free = [s for s in self.slots if s.state == "free"]
+                evictable = sorted((s for s in self.slots if s.state == "ready" and not s.persisting),
+                                   key=lambda s: s.ready_time)
+                pick = (same or free or evictable or [None])[0]
+                if pick is not None:
+                    break
+                if policy == "skip":
+                    self.skips += 1
+                    raise SnapshotSlotsBusyError(
+                        f"all {len(self.slots)} host snapshot slots are still persisting; checkpoint of step "
+                        f"{step} skipped (raise host_slots, or use slot_policy='wait')")
+                waited = True
+                remaining = None if timeout is None else timeout - (time.perf_counter() - t0)
+                if remaining is not None and remaining <= 0:
+                    raise SnapshotSlotsBusyError(f"no host snapshot slot became free within {timeout} s")
+                self._cv.wait(remaining)
+            pick.state = "filling"
+            pick.step = step
+            pick.persisting = False
+        if waited:
+            self.waits += 1
+            self.wait_seconds += time.perf_counter() - t0
+        self._alloc(pick, nbytes)
+        return pick
+
+    def mark_ready(self, slot: Slot, *, layout: Layout, skeleton: Any, numpy_names: list[str],
+                   user: dict[str, Any], persisting: bool) -> None:
+        with self._cv:
+            slot.layout, slot.skeleton, slot.numpy_names, slot.user = layout, skeleton, numpy_names, user
+            slot.state = "ready"
+            slot.persisting = persisting
+            slot.ready_time = time.monotonic()
+            self._cv.notify_all()
+
+    def mark_persisted(self, slot: Slot) -> None:
+        with self._cv:
+            slot.persisting = False
+            self._cv.notify_all()
+
+    def release(self, slot: Slot) -> None:
+        """Return a slot whose snapshot was abandoned (failed copy)."""
+        with self._cv:
+            slot.state, slot.step, slot.persisting = "free", None, False
+            self._cv.notify_all()
+
+    def drop(self, step: int) -> None:
+        with self._cv:
+            for s in self.slots:
+                if s.step == step and s.state == "ready":
+                    s.state, s.step = "free", None
+            self._cv.notify_all()
+
+    def find(self, step: int) -> Slot | None:
+        with self._cv:
+            for s in self.slots:
+                if s.step == step and s.state == "ready":
+                    return s
+        return None
+
+    def steps(self) -> list[int]:
+        with self._cv:
+            return sorted(s.step for s in self.slots if s.state == "ready" and s.step is not None)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        with self._cv:
+            return self._cv.wait_for(lambda: not any(s.persisting for s in self.slots), timeout)

@@ -1,0 +1,133 @@
+"""The checkpoint manifest (JSON, in the step group's zarr attributes) and commit marker."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .codecs import CodecSpec
+from .dtypes import from_name, info
+from .errors import CorruptCheckpointError
+from .layout import Layout, PartitionSpan, TensorEntry
+from .zarrfmt import crc32c, dumps
+
+FORMAT = "asymstore/1"
+COMMIT_KEY = "COMMIT"
+GROUP_KEY = "zarr.json"
+_STEP_RE = re.compile(r"^step_(\d{12})$")
+
+
+def step_dir(step: int) -> str:
+    if step < 0 or step >= 10**12:
+        raise ValueError(f"step must be in [0, 1e12), got {step}")
+    return f"step_{step:012d}"
+
+
+def parse_step_dir(name: str) -> int | None:
+    m = _STEP_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+@dataclass
+class PartitionRecord:
+    span: PartitionSpan
+    label: str  # codec chain label == zarr array name
+    shard: int  # shard index inside that array
+    stored_bytes: int
+    chunk_crcs: list[int]
+
+    def to_json(self) -> list[Any]:
+        return [self.span.index, self.span.start, self.span.nbytes, self.label, self.shard, self.stored_bytes,
+                self.chunk_crcs]
+
+    @classmethod
+    def from_json(cls, v: list[Any]) -> PartitionRecord:
+        i, start, n, label, shard, stored, crcs = v
+        return cls(PartitionSpan(i, start, n), label, shard, stored, list(crcs))
+
+
+@dataclass
+class Manifest:
+    step: int
+    layout: Layout
+    skeleton: Any
+    numpy_names: list[str]
+    partition_bytes: int
+    chunk_bytes: int
+    partitions: list[PartitionRecord]
+    codecs: dict[str, CodecSpec]
+    delta_base: int | None = None
+    user: dict[str, Any] = field(default_factory=dict)
+    created: float = field(default_factory=time.time)
+
+    @property
+    def chunks_per_shard(self) -> int:
+        return self.partition_bytes // self.chunk_bytes
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(p.stored_bytes for p in self.partitions)
+
+    def array_nbytes(self, label: str) -> int:
+        parts = [p for p in self.partitions if p.label == label]
+        return (len(parts) - 1) * self.partition_bytes + parts[-1].span.nbytes if parts else 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "step": self.step,
+            "created": self.created,
+            "layout": {
+                "align": self.layout.align,
+                "total_bytes": self.layout.total_bytes,
+                "signature": self.layout.signature,
+                "tensors": [[t.name, t.dtype, list(t.shape), t.offset, t.nbytes] for t in self.layout.tensors],
+            },
+            "numpy_view_dtypes": {t.dtype: info(from_name(t.dtype)).view_dtype for t in self.layout.tensors},
+            "skeleton": self.skeleton,
+            "numpy_names": self.numpy_names,
+            "partition_bytes": self.partition_bytes,
+            "chunk_bytes": self.chunk_bytes,
+            "codecs": {k: v.to_json() for k, v in self.codecs.items()},
+            "partitions": [p.to_json() for p in self.partitions],
+            "delta_base": self.delta_base,
+            "user": self.user,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Manifest:
+        if d.get("format") != FORMAT:
+            raise CorruptCheckpointError(f"unknown checkpoint format {d.get('format')!r} (expected {FORMAT})")
+        lay = d["layout"]
+        layout = Layout(tuple(TensorEntry(n, dt, tuple(s), o, nb) for n, dt, s, o, nb in lay["tensors"]),
+                        int(lay["total_bytes"]), int(lay["align"]))
+        return cls(
+            step=int(d["step"]), layout=layout, skeleton=d["skeleton"], numpy_names=list(d.get("numpy_names", [])),
+            partition_bytes=int(d["partition_bytes"]), chunk_bytes=int(d["chunk_bytes"]),
+            partitions=[PartitionRecord.from_json(p) for p in d["partitions"]],
+            codecs={k: CodecSpec.from_json(v) for k, v in d["codecs"].items()},
+            delta_base=d.get("delta_base"), user=dict(d.get("user", {})), created=float(d.get("created", 0.0)),
+        )
+
+
+def commit_record(step: int, group_bytes: bytes, array_meta: dict[str, bytes], stored_bytes: int,
+                  n_objects: int, raw_bytes: int, delta_base: int | None) -> bytes:
+    body = {"format": FORMAT, "step": step, "time": time.time(), "group_crc32c": crc32c(group_bytes),
+            "arrays_crc32c": {k: crc32c(v) for k, v in array_meta.items()}, "stored_bytes": stored_bytes,
+            "raw_bytes": raw_bytes, "objects": n_objects, "delta_base": delta_base}
+    body["crc32c"] = crc32c(dumps(body))
+    return dumps(body)
+
+
+def parse_commit(raw: bytes, where: str) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+        crc = body.pop("crc32c")
+    except (ValueError, KeyError, AttributeError) as e:
+        raise CorruptCheckpointError(f"{where}: unreadable commit marker ({e})", (where,)) from e
+    if crc32c(dumps(body)) != crc:
+        raise CorruptCheckpointError(f"{where}: commit marker checksum mismatch", (where,))
+    return dict(body)

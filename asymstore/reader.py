@@ -1,0 +1,231 @@
+"""Reading a committed checkpoint from one tier: whole, by byte range, and verifying it.
+
+Every byte is checked: the commit marker carries its own crc32c and those of the
+metadata objects; each shard's index has a crc32c; the manifest holds the crc32c of
+every stored chunk. Damage raises :class:`CorruptCheckpointError` naming the object.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from asymstore.backends.base import ByteRange, ObjectStore
+
+from .codecs import decode_chunk
+from .errors import CorruptCheckpointError, StepNotFoundError
+from .layout import PartitionSpan, cut_stream, overlapping
+from .manifest import COMMIT_KEY, GROUP_KEY, Manifest, PartitionRecord, parse_commit, step_dir
+from .zarrfmt import crc32c, decode_index, index_nbytes, shard_key
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class VerifyReport:
+    step: int
+    ok: bool = True
+    checked_objects: int = 0
+    checked_bytes: int = 0
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (object key, message)
+
+
+class CheckpointReader:
+    """A committed step on one object store. Open with :meth:`open`."""
+
+    def __init__(self, store: ObjectStore, manifest: Manifest, commit: dict[str, object],
+                 base_reader: Callable[[int], CheckpointReader] | None = None) -> None:
+        self.store = store
+        self.manifest = manifest
+        self.commit = commit
+        self.step = manifest.step
+        self.prefix = step_dir(manifest.step) + "/"
+        self._spans = cut_stream(manifest.layout.total_bytes, manifest.partition_bytes, manifest.chunk_bytes)
+        self._records = {r.span.index: r for r in manifest.partitions}
+        self._indexes: dict[int, np.ndarray] = {}
+        self._base_factory = base_reader
+        self._base: CheckpointReader | None = None
+        self.bytes_read = 0  # stored bytes fetched from the backend (for lazy-read accounting)
+
+    # --- opening -----------------------------------------------------------------
+    @classmethod
+    def open(cls, store: ObjectStore, step: int,
+             base_reader: Callable[[int], CheckpointReader] | None = None) -> CheckpointReader:
+        prefix = step_dir(step) + "/"
+        raw_commit = store.get(prefix + COMMIT_KEY)
+        if raw_commit is None:
+            raise StepNotFoundError(f"step {step} is not committed in {store.url}")
+        commit = parse_commit(raw_commit, prefix + COMMIT_KEY)
+        group = store.get(prefix + GROUP_KEY)
+        if group is None:
+            raise CorruptCheckpointError(f"{prefix}{GROUP_KEY} is missing although step {step} is committed",
+                                         (prefix + GROUP_KEY,))
+        if crc32c(group) != commit["group_crc32c"]:
+            raise CorruptCheckpointError(f"{prefix}{GROUP_KEY}: checksum mismatch", (prefix + GROUP_KEY,))
+        try:
+            manifest = Manifest.from_json(json.loads(group)["attributes"]["asymstore"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise CorruptCheckpointError(f"{prefix}{GROUP_KEY}: invalid manifest ({e})", (prefix + GROUP_KEY,)) from e
+        return cls(store, manifest, commit, base_reader)
+
+    def _key(self, rec: PartitionRecord) -> str:
+        return self.prefix + shard_key(rec.label, rec.shard)
+
+    def _base_reader(self) -> CheckpointReader:
+        if self._base is None:
+            base = self.manifest.delta_base
+            if base is None or self._base_factory is None:
+                raise CorruptCheckpointError(f"step {self.step} is a delta of step {base}, which cannot be opened")
+            self._base = self._base_factory(base)
+        return self._base
+
+    # --- shard pieces ------------------------------------------------------------
+    def _index(self, rec: PartitionRecord) -> np.ndarray:
+        idx = self._indexes.get(rec.span.index)
+        if idx is None:
+            cps = self.manifest.chunks_per_shard
+            key = self._key(rec)
+            raw = self.store.get(key, ByteRange(-index_nbytes(cps), index_nbytes(cps)))
+            if raw is None:
+                raise CorruptCheckpointError(f"{key} is missing", (key,))
+            self.bytes_read += len(raw)
+            idx = decode_index(raw, cps, key)
+            self._indexes[rec.span.index] = idx
+        return idx
+
+    def _decode_chunk_into(self, rec: PartitionRecord, k: int, stored: bytes | memoryview, out: memoryview) -> None:
+        key = self._key(rec)
+        if crc32c(stored) != rec.chunk_crcs[k]:
+            raise CorruptCheckpointError(f"{key}: chunk {k} checksum mismatch", (key,))
+        spec = self.manifest.codecs[rec.label]
+        C = self.manifest.chunk_bytes
+        if spec.kind == "raw":
+            out[:] = stored[:len(out)]
+            return
+        if len(out) == C:
+            decode_chunk(spec, stored, out)
+        else:  # edge chunk: decode the padded chunk, keep the prefix
+            tmp = bytearray(C)
+            decode_chunk(spec, stored, memoryview(tmp))
+            out[:] = memoryview(tmp)[:len(out)]
+
+    def _read_partition_into(self, rec: PartitionRecord, out: memoryview) -> None:
+        """Read one whole partition (one object) into ``out`` (its raw bytes), verified."""
+        key = self._key(rec)
+        size = self.store.size(key)
+        if size is None:
+            raise CorruptCheckpointError(f"{key} is missing", (key,))
+        if size != rec.stored_bytes:
+            raise CorruptCheckpointError(f"{key}: size {size} != recorded {rec.stored_bytes}", (key,))
+        cps = self.manifest.chunks_per_shard
+        C = self.manifest.chunk_bytes
+        spec = self.manifest.codecs[rec.label]
+        n = rec.span.nbytes
+        nchunks = -(-n // C)
+        if spec.kind == "raw":
+            # the shard's data region is the partition's bytes: read straight into place
+            if not self.store.get_into(key, out[:n], 0):
+                raise CorruptCheckpointError(f"{key} is missing", (key,))
+            tail = self.store.get(key, ByteRange(n, size - n)) or b""
+            self.bytes_read += size
+            pad = nchunks * C - n
+            idx = decode_index(tail[pad:], cps, key)
+            for k in range(nchunks):
+                lo, hi = k * C, min((k + 1) * C, n)
+                crc = crc32c(out[lo:hi])
+                if hi - lo < C:
+                    crc = crc32c(tail[:pad], crc)
+                if crc != rec.chunk_crcs[k] or int(idx[k, 0]) != k * C:
+                    raise CorruptCheckpointError(f"{key}: chunk {k} checksum mismatch", (key,))
+        else:
+            blob = self.store.get(key)
+            if blob is None:
+                raise CorruptCheckpointError(f"{key} is missing", (key,))
+            self.bytes_read += len(blob)
+            idx = decode_index(blob[-index_nbytes(cps):], cps, key)
+            mv = memoryview(blob)
+            for k in range(nchunks):
+                off, sz = int(idx[k, 0]), int(idx[k, 1])
+                if off + sz > len(blob) - index_nbytes(cps):
+                    raise CorruptCheckpointError(f"{key}: chunk {k} lies outside the shard", (key,))
+                lo, hi = k * C, min((k + 1) * C, n)
+                self._decode_chunk_into(rec, k, mv[off:off + sz], out[lo:hi])
+        if spec.delta:
+            self._apply_delta(rec.span, out[:n])
+
+    def _apply_delta(self, span: PartitionSpan, out: memoryview) -> None:
+        base = bytearray(span.nbytes)
+        self._base_reader().read_range_into(span.start, span.end, memoryview(base))
+        a = np.frombuffer(out, np.uint8)
+        np.bitwise_xor(a, np.frombuffer(base, np.uint8), out=a)
+
+    # --- public reads ------------------------------------------------------------
+    def read_all_into(self, out: memoryview, progress: Progress | None = None) -> None:
+        """Read the whole stream into ``out`` (at least ``total_bytes`` long), verified."""
+        out = memoryview(out).cast("B")
+        total = self.manifest.layout.total_bytes
+        for span in self._spans:
+            self._read_partition_into(self._records[span.index], out[span.start:span.end])
+            if progress:
+                progress(span.end, total)
+
+    def read_range_into(self, start: int, end: int, out: memoryview) -> None:
+        """Read stream bytes ``[start, end)`` touching only the chunks that hold them."""
+        out = memoryview(out).cast("B")
+        C = self.manifest.chunk_bytes
+        for span in overlapping(self._spans, self.manifest.partition_bytes, start, end):
+            rec = self._records[span.index]
+            spec = self.manifest.codecs[rec.label]
+            idx = self._index(rec)
+            key = self._key(rec)
+            lo, hi = max(start, span.start), min(end, span.end)
+            k0, k1 = (lo - span.start) // C, (hi - span.start - 1) // C
+            # one ranged read for the run of chunks, then decode each
+            off0 = int(idx[k0, 0])
+            off1 = int(idx[k1, 0]) + int(idx[k1, 1])
+            blob = self.store.get(key, ByteRange(off0, off1 - off0))
+            if blob is None or len(blob) != off1 - off0:
+                raise CorruptCheckpointError(f"{key} is missing or truncated", (key,))
+            self.bytes_read += len(blob)
+            mv = memoryview(blob)
+            for k in range(k0, k1 + 1):
+                off, sz = int(idx[k, 0]) - off0, int(idx[k, 1])
+                c_lo = span.start + k * C
+                c_hi = min(c_lo + C, span.end)
+                chunk = bytearray(c_hi - c_lo)
+                self._decode_chunk_into(rec, k, mv[off:off + sz], memoryview(chunk))
+                a, b = max(lo, c_lo), min(hi, c_hi)
+                out[a - start:b - start] = memoryview(chunk)[a - c_lo:b - c_lo]
+            if spec.delta:
+                self._apply_delta(PartitionSpan(-1, lo, hi - lo), out[lo - start:hi - start])
+
+    # --- verification ------------------------------------------------------------
+    def verify(self, progress: Progress | None = None) -> VerifyReport:
+        """Check every stored object of this step; never raises for damage, reports it."""
+        rep = VerifyReport(self.step)
+        for label in self.manifest.codecs:
+            key = f"{self.prefix}{label}/zarr.json"
+            raw = self.store.get(key)
+            rep.checked_objects += 1
+            want = dict(self.commit.get("arrays_crc32c", {}))  # type: ignore[call-overload]
+            if raw is None or crc32c(raw) != want.get(label):
+                rep.problems.append((key, "missing" if raw is None else "checksum mismatch"))
+        scratch = bytearray(self.manifest.partition_bytes)
+        total = self.manifest.layout.total_bytes
+        for span in self._spans:
+            rec = self._records[span.index]
+            try:
+                self._read_partition_into(rec, memoryview(scratch)[:span.nbytes])
+            except CorruptCheckpointError as e:
+                rep.problems.append((e.objects[0] if e.objects else self._key(rec), str(e)))
+            rep.checked_objects += 1
+            rep.checked_bytes += rec.stored_bytes
+            if progress:
+                progress(span.end, total)
+        rep.ok = not rep.problems
+        return rep
+
+

@@ -1,0 +1,399 @@
+"""The asymstore API: a host snapshot tier followed by persistent tiers.
+
+``save`` copies the state into a host slot (the snapshot) and persists it to every
+persistent tier in the background; ``restore`` reads the newest complete checkpoint from
+the fastest tier that has it, verified, falling back tier by tier and step by step.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from asymstore.backends.base import ObjectStore
+
+from .config import Config
+from .errors import (AsymstoreError, CheckpointFailedError, CorruptCheckpointError, SnapshotSlotsBusyError,
+                     StateMismatchError, StepNotFoundError)
+from .hostpool import HostPool, Slot
+from .layout import Layout, plan_layout
+from .manifest import Manifest
+from .snapshot import copy_all, dest_view
+from .state import FlatState, flatten, unflatten
+from .tiers import PersistentTier
+from .writer import WriteReport
+from . import dtypes
+
+log = logging.getLogger("asymstore")
+
+NameFilter = Iterable[str] | Callable[[str], bool] | None
+
+
+@dataclass
+class SaveResult:
+    step: int
+    skipped: bool = False
+    snapshot_seconds: float = 0.0
+    reports: dict[str, WriteReport] = field(default_factory=dict)  # tier name -> report
+
+    @property
+    def raw_bytes(self) -> int:
+        return next(iter(self.reports.values())).raw_bytes if self.reports else 0
+
+
+class SaveHandle:
+    """A checkpoint in progress. ``result()`` waits for persistence and re-raises its error."""
+
+    def __init__(self, step: int, future: Future[SaveResult]) -> None:
+        self.step = step
+        self._future = future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> SaveResult:
+        return self._future.result(timeout)
+
+    @property
+    def skipped(self) -> bool:
+        return self._future.done() and not self._future.exception() and self._future.result().skipped
+
+
+@dataclass
+class RestoreReport:
+    step: int
+    tier: str
+    seconds: float
+    events: list[str] = field(default_factory=list)  # fallbacks taken, in order
+
+
+@dataclass
+class PendingSnapshot:
+    """A snapshot being filled (by :meth:`Store.save` or a trainer hook's partitioned copy)."""
+
+    step: int
+    slot: Slot
+    layout: Layout
+    flat: FlatState
+    user: dict[str, Any]
+    started: float
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        assert self.slot.buffer is not None
+        return self.slot.buffer
+
+
+def _layout_of(flat: FlatState) -> Layout:
+    return plan_layout((name, dtypes.info(t.dtype).torch_name, tuple(t.shape), t.numel() * t.element_size())
+                       for name, t in flat.tensors.items())
+
+
+class Store:
+    """A tier chain: host memory (K slots), then persistent tiers, fastest first."""
+
+    def __init__(self, tiers: Sequence[str | ObjectStore] = (), *, config: Config | None = None,
+                 **overrides: Any) -> None:
+        self.config = Config.from_env(config, **overrides)
+        self.host = HostPool(self.config.host_slots, pin_memory=self.config.pin_memory)
+        self.tiers = [PersistentTier(t, self.config) for t in tiers]
+        names: dict[str, int] = {}
+        for t in self.tiers:  # unique, readable tier names: file, file2, hdfs ...
+            n = names.get(t.name, 0) + 1
+            names[t.name] = n
+            if n > 1:
+                t.name = f"{t.name}{n}"
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asymstore-persist")
+        self._lock = threading.Lock()
+        self._bg_error: BaseException | None = None
+        self.failures = 0
+        self.last_restore: RestoreReport | None = None
+        self._closed = False
+
+    # --- errors from the background ---------------------------------------------
+    def _raise_background(self) -> None:
+        with self._lock:
+            err, self._bg_error = self._bg_error, None
+        if err is not None:
+            raise CheckpointFailedError(f"a background checkpoint failed: {err}") from err
+
+    def _record_failure(self, step: int, err: BaseException) -> None:
+        self.failures += 1
+        if self.config.non_fatal:
+            log.error("checkpoint of step %s failed (non-fatal, training goes on): %s", step, err)
+        else:
+            with self._lock:
+                self._bg_error = err
+
+    # --- saving ------------------------------------------------------------------
+    def begin_snapshot(self, state: Any, step: int, *, user: dict[str, Any] | None = None) -> PendingSnapshot | None:
+        """Reserve a host slot for ``state`` at ``step``; ``None`` when the slot policy skips it."""
+        self._check_open()
+        self._raise_background()
+        flat = flatten(state)
+        layout = _layout_of(flat)
+        try:
+            slot = self.host.acquire(layout.total_bytes, step, policy=self.config.slot_policy)
+        except SnapshotSlotsBusyError as e:
+            log.warning("%s", e)
+            return None
+        return PendingSnapshot(step, slot, layout, flat, dict(user or {}), time.perf_counter())
+
+    def abort_snapshot(self, snap: PendingSnapshot) -> None:
+        self.host.release(snap.slot)
+
+    def commit_snapshot(self, snap: PendingSnapshot) -> SaveHandle:
+        """The slot now holds the whole state: mark it ready in host memory and persist in background."""
+        snap_s = time.perf_counter() - snap.started
+        self.host.mark_ready(snap.slot, layout=snap.layout, skeleton=snap.flat.skeleton,
+                             numpy_names=sorted(snap.flat.numpy_names), user=snap.user,
+                             persisting=bool(self.tiers))
+        snap.flat.tensors.clear()  # drop references to live tensors
+        if not self.tiers:
+            fut: Future[SaveResult] = Future()
+            fut.set_result(SaveResult(snap.step, snapshot_seconds=snap_s))
+            return SaveHandle(snap.step, fut)
+        return SaveHandle(snap.step, self._executor.submit(self._persist, snap, snap_s))
+
+    def _persist(self, snap: PendingSnapshot, snap_s: float) -> SaveResult:
+        result = SaveResult(snap.step, snapshot_seconds=snap_s)
+        try:
+            stream = snap.slot.memview()
+            for tier in self.tiers:
+                with tier.lock:
+                    delta = tier.delta_for(snap.layout.signature)
+                    rep = tier.writer().write(snap.step, stream, snap.layout, snap.flat.skeleton,
+                                              numpy_names=sorted(snap.flat.numpy_names), user=snap.user,
+                                              delta_base=delta)
+                    tier.after_write(snap.step, stream, snap.layout.signature, rep.delta_base is not None)
+                result.reports[tier.name] = rep
+            return result
+        except BaseException as e:
+            self._record_failure(snap.step, e)
+            raise
+        finally:
+            self.host.mark_persisted(snap.slot)
+
+    def save(self, state: Any, step: int, *, blocking: bool = True, user: dict[str, Any] | None = None) -> SaveHandle:
+        """Checkpoint ``state`` (nested dicts/lists of tensors and JSON-able values) as ``step``.
+
+        The snapshot copy happens before this returns, so the caller may modify the tensors
+        right after. ``blocking=False`` returns while persistence runs in the background.
+        """
+        snap = self.begin_snapshot(state, step, user=user)
+        if snap is None:
+            fut: Future[SaveResult] = Future()
+            fut.set_result(SaveResult(step, skipped=True))
+            return SaveHandle(step, fut)
+        try:
+            cuda = any(t.is_cuda for t in snap.flat.tensors.values())
+            copy_all(snap.buffer, snap.layout, snap.flat.tensors, non_blocking=cuda and snap.buffer.is_pinned())
+            if cuda:
+                torch.cuda.synchronize()
+        except BaseException:
+            self.abort_snapshot(snap)
+            raise
+        handle = self.commit_snapshot(snap)
+        if blocking:
+            handle.result()
+        return handle
+
+    def save_async(self, state: Any, step: int, *, user: dict[str, Any] | None = None) -> SaveHandle:
+        return self.save(state, step, blocking=False, user=user)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait until every background persistence has finished; re-raise a failure."""
+        self._executor.submit(lambda: None).result(timeout)
+        self._raise_background()
+
+    # --- catalogue ---------------------------------------------------------------
+    def steps(self) -> list[int]:
+        """Steps complete on at least one tier, oldest first."""
+        s = set(self.host.steps())
+        for t in self.tiers:
+            s.update(t.committed_steps())
+        return sorted(s)
+
+    def where(self, step: int) -> list[str]:
+        out = ["host"] if self.host.find(step) is not None else []
+        return out + [t.name for t in self.tiers if t.has(step)]
+
+    def latest_step(self) -> int | None:
+        s = self.steps()
+        return s[-1] if s else None
+
+    # --- restoring ---------------------------------------------------------------
+    def _sources(self, step: int) -> list[str]:
+        return self.where(step)
+
+    def _read_stream(self, step: int, source: str) -> tuple[torch.Tensor, Manifest | Slot]:
+        if source == "host":
+            slot = self.host.find(step)
+            if slot is None or slot.layout is None or slot.buffer is None:
+                raise StepNotFoundError(f"step {step} left host memory")
+            buf = slot.buffer[:slot.layout.total_bytes].clone()
+            if self.host.find(step) is not slot:  # evicted while copying
+                raise StepNotFoundError(f"step {step} left host memory")
+            return buf, slot
+        tier = self._tier(source)
+        reader = tier.reader(step)
+        buf = torch.empty(max(reader.manifest.layout.total_bytes, 1), dtype=torch.uint8)
+        reader.read_all_into(memoryview(buf.numpy()))
+        return buf, reader.manifest
+
+    def _tier(self, name: str) -> PersistentTier:
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        raise AsymstoreError(f"no tier named {name!r}")
+
+    def restore(self, step: int | None = None, *, into: Any = None, strict: bool = True) -> Any:
+        """Restore ``step`` (default: the newest complete one) as a new state, or in place ``into``.
+
+        Falls back to the next tier on damage, and (when ``step`` is None) to older steps.
+        What happened is in :attr:`last_restore`.
+        """
+        self._check_open()
+        self._raise_background()
+        candidates = [step] if step is not None else list(reversed(self.steps()))
+        if step is not None and step not in self.steps():
+            raise StepNotFoundError(f"step {step} is not complete on any tier; complete steps: {self.steps()}")
+        if not candidates:
+            raise StepNotFoundError("no complete checkpoint on any tier")
+        events: list[str] = []
+        t0 = time.perf_counter()
+        for s in candidates:
+            for source in self._sources(s):
+                try:
+                    buf, meta = self._read_stream(s, source)
+                except (CorruptCheckpointError, StepNotFoundError) as e:
+                    events.append(f"step {s} on {source}: {e}")
+                    log.warning("restore: step %s on %s unusable (%s); trying the next source", s, source, e)
+                    continue
+                layout = meta.layout
+                assert layout is not None
+                skeleton = meta.skeleton
+                self.last_restore = RestoreReport(s, source, time.perf_counter() - t0, events)
+                if events:
+                    log.warning("restored step %s from %s after fallbacks: %s", s, source, "; ".join(events))
+                return self._materialise(buf, layout, skeleton, into, strict)
+        raise CorruptCheckpointError("no readable checkpoint: " + "; ".join(events))
+
+    def _materialise(self, buf: torch.Tensor, layout: Layout, skeleton: Any, into: Any, strict: bool) -> Any:
+        entries = layout.by_name()
+        if into is None:
+            return unflatten(skeleton, lambda n: dest_view(buf, entries[n]))
+        target = flatten(into).tensors
+        check_compatible(layout, target, strict=strict)
+        for name, t in target.items():
+            if name in entries:
+                with torch.no_grad():
+                    t.copy_(dest_view(buf, entries[name]))
+        return unflatten(skeleton, lambda n: target[n] if n in target else dest_view(buf, entries[n]))
+
+    def restore_tensors(self, names: NameFilter, step: int | None = None) -> dict[str, torch.Tensor]:
+        """Read only the named tensors (partial restore), touching only the chunks that hold them."""
+        ck = self.open_checkpoint(step)
+        pick = [n for n in ck if _selected(n, names)]
+        return {n: ck[n].read() for n in pick}
+
+    def open_checkpoint(self, step: int | None = None) -> Any:
+        """A lazy mapping name -> :class:`~asymstore.lazy.LazyTensor` from the fastest persistent tier."""
+        from .lazy import LazyCheckpoint
+        s = self.latest_step() if step is None else step
+        if s is None:
+            raise StepNotFoundError("no complete checkpoint on any tier")
+        for t in self.tiers:
+            if t.has(s):
+                return LazyCheckpoint(t.reader(s))
+        slot = self.host.find(s)
+        if slot is not None:
+            return LazyCheckpoint.from_host(slot)
+        raise StepNotFoundError(f"step {s} is not complete on any tier")
+
+    # --- deleting ----------------------------------------------------------------
+    def delete(self, step: int) -> None:
+        """Remove ``step`` from every tier (refused while a delta checkpoint depends on it)."""
+        self._check_open()
+        if step not in self.steps():
+            raise StepNotFoundError(f"step {step} is not complete on any tier")
+        for t in self.tiers:
+            deps = t.dependents(step)
+            if deps:
+                raise AsymstoreError(f"step {step} is the delta base of steps {deps} on {t.name}; "
+                                     "delete those first")
+        self.host.drop(step)
+        for t in self.tiers:
+            if t.has(step):
+                t.delete(step)
+
+    # --- accounting and lifecycle ------------------------------------------------
+    def memory_report(self) -> dict[str, int]:
+        """Host memory reserved for checkpointing, in bytes."""
+        return {"host_slots": self.host.reserved_bytes, "delta_bases": sum(t.reserved_bytes for t in self.tiers),
+                "staging_budget": self.config.staging_budget_bytes}
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise AsymstoreError("this store is closed")
+
+    def close(self) -> None:
+        """Finish background work and release the tiers; re-raises a background failure."""
+        if self._closed:
+            return
+        self._executor.shutdown(wait=True)
+        self._closed = True
+        for t in self.tiers:
+            t.close()
+        self._raise_background()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _selected(name: str, names: NameFilter) -> bool:
+    if names is None:
+        return True
+    if callable(names):
+        return bool(names(name))
+    return name in set(names)
+
+
+def check_compatible(layout: Layout, target: dict[str, torch.Tensor], *, strict: bool) -> None:
+    """Raise :class:`StateMismatchError` listing every name, shape and dtype difference."""
+    entries = layout.by_name()
+    problems = []
+    for name, t in target.items():
+        e = entries.get(name)
+        if e is None:
+            if strict:
+                problems.append(f"{name}: not in the checkpoint")
+            continue
+        want = dtypes.from_name(e.dtype)
+        if tuple(t.shape) != e.shape or t.dtype != want:
+            problems.append(f"{name}: target {t.dtype} {tuple(t.shape)}, checkpoint {want} {e.shape}")
+    if strict:
+        missing = [n for n in entries if n not in target]
+        problems += [f"{n}: in the checkpoint but not in the target" for n in missing]
+    if problems:
+        raise StateMismatchError("cannot restore in place:\n  " + "\n  ".join(problems[:50]) +
+                                 (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else "") +
+                                 "\n(pass strict=False to restore only the matching tensors)")
+
+
+def open_store(tiers: str | ObjectStore | Sequence[str | ObjectStore], **options: Any) -> Store:
+    """Open a store: host memory first, then the given tier URL(s), e.g. ``open_store("/ckpt")``."""
+    if isinstance(tiers, (str, ObjectStore)):
+        tiers = [tiers]
+    return Store(list(tiers), **options)
+

@@ -1,0 +1,123 @@
+"""The zarr v3 objects asymstore writes: sharded 1-D uint8 partition arrays and groups.
+
+Each codec chain used by a checkpoint is one zarr array ``<step>/<label>/`` of dtype
+uint8 whose shards (``<label>/c/<k>``) are the checkpoint's partitions. A shard is
+``sharding_indexed``: encoded chunks back to back, then an index of (offset, nbytes)
+uint64 pairs protected by a crc32c, at the end. Chunk checksums (crc32c of the stored
+bytes) live in the manifest. Everything here is plain data: no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import crc32c as _crc32c
+import numpy as np
+
+from .codecs import CodecSpec, encode_chunk
+from .errors import CorruptCheckpointError
+
+MISSING = (1 << 64) - 1
+_ZERO_CACHE: dict[int, bytes] = {}
+
+
+def crc32c(data: Any, value: int = 0) -> int:
+    return int(_crc32c.crc32c(data, value))
+
+
+def zeros(n: int) -> bytes:
+    z = _ZERO_CACHE.get(n)
+    if z is None:
+        z = _ZERO_CACHE[n] = bytes(n)
+    return z
+
+
+def index_nbytes(chunks_per_shard: int) -> int:
+    return chunks_per_shard * 16 + 4
+
+
+@dataclass
+class EncodedShard:
+    """A shard ready to write: ``parts`` back to back make the object."""
+
+    parts: list[Any]
+    nbytes: int
+    chunk_crcs: list[int]
+
+
+def encode_shard(spec: CodecSpec, data: memoryview, chunk_bytes: int, chunks_per_shard: int) -> EncodedShard:
+    """Encode one partition's bytes (delta already applied) into a shard object."""
+    n = len(data)
+    nchunks = math.ceil(n / chunk_bytes)
+    if nchunks > chunks_per_shard:
+        raise ValueError(f"partition of {n} bytes does not fit {chunks_per_shard} chunks of {chunk_bytes}")
+    index = np.full((chunks_per_shard, 2), MISSING, dtype="<u8")
+    parts: list[Any] = []
+    crcs: list[int] = []
+    off = 0
+    for k in range(nchunks):
+        piece = data[k * chunk_bytes:(k + 1) * chunk_bytes]
+        pad = chunk_bytes - len(piece)
+        if spec.compresses and pad:
+            piece = memoryview(bytes(piece) + zeros(pad))
+            pad = 0
+        stored = encode_chunk(spec, piece)
+        crc = crc32c(stored)
+        size = len(stored)
+        parts.append(stored)
+        if pad:  # raw: the edge chunk is stored full size, zero-padded (zarr fill value)
+            crc = crc32c(zeros(pad), crc)
+            parts.append(zeros(pad))
+            size += pad
+        index[k] = (off, size)
+        crcs.append(crc)
+        off += size
+    ib = index.tobytes()
+    parts.append(ib + struct.pack("<I", crc32c(ib)))
+    return EncodedShard(parts, off + len(ib) + 4, crcs)
+
+
+def decode_index(raw: bytes, chunks_per_shard: int, where: str) -> np.ndarray:
+    """Parse and verify a shard index (the last ``index_nbytes`` bytes of the shard)."""
+    if len(raw) != index_nbytes(chunks_per_shard):
+        raise CorruptCheckpointError(f"{where}: shard index truncated", (where,))
+    body, (crc,) = raw[:-4], struct.unpack("<I", raw[-4:])
+    if crc32c(body) != crc:
+        raise CorruptCheckpointError(f"{where}: shard index checksum mismatch", (where,))
+    return np.frombuffer(body, dtype="<u8").reshape(chunks_per_shard, 2)
+
+
+def array_metadata(*, nbytes: int, partition_bytes: int, chunk_bytes: int, spec: CodecSpec,
+                   attributes: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "zarr_format": 3,
+        "node_type": "array",
+        "shape": [nbytes],
+        "data_type": "uint8",
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [partition_bytes]}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": 0,
+        "codecs": [{"name": "sharding_indexed", "configuration": {
+            "chunk_shape": [chunk_bytes],
+            "codecs": spec.zarr_chunk_codecs(),
+            "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
+            "index_location": "end",
+        }}],
+        "attributes": attributes,
+    }
+
+
+def group_metadata(attributes: dict[str, Any]) -> dict[str, Any]:
+    return {"zarr_format": 3, "node_type": "group", "attributes": attributes}
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+
+
+def shard_key(label: str, shard: int) -> str:
+    return f"{label}/c/{shard}"
