@@ -91,9 +91,13 @@ class PendingSnapshot:
         return self.slot.buffer
 
 
-def _layout_of(flat: FlatState) -> Layout:
-    return plan_layout((name, dtypes.info(t.dtype).torch_name, tuple(t.shape), t.numel() * t.element_size())
-                       for name, t in flat.tensors.items())
+def _layout_of(flat: FlatState, first: Callable[[str], bool] | None = None) -> Layout:
+    """Lay tensors out in state order; names for which ``first`` is true go to the front."""
+    names = list(flat.tensors)
+    if first is not None:
+        names = [n for n in names if first(n)] + [n for n in names if not first(n)]
+    return plan_layout((n, dtypes.info(flat.tensors[n].dtype).torch_name, tuple(flat.tensors[n].shape),
+                        flat.tensors[n].numel() * flat.tensors[n].element_size()) for n in names)
 
 
 class Store:
@@ -133,12 +137,17 @@ class Store:
                 self._bg_error = err
 
     # --- saving ------------------------------------------------------------------
-    def begin_snapshot(self, state: Any, step: int, *, user: dict[str, Any] | None = None) -> PendingSnapshot | None:
-        """Reserve a host slot for ``state`` at ``step``; ``None`` when the slot policy skips it."""
+    def begin_snapshot(self, state: Any, step: int, *, user: dict[str, Any] | None = None,
+                       first: Callable[[str], bool] | None = None) -> PendingSnapshot | None:
+        """Reserve a host slot for ``state`` at ``step``; ``None`` when the slot policy skips it.
+
+        ``first(name)`` selects tensors laid out at the front of the stream (e.g. those that
+        change before the next optimizer step and so must be copied at once).
+        """
         self._check_open()
         self._raise_background()
         flat = flatten(state)
-        layout = _layout_of(flat)
+        layout = _layout_of(flat, first)
         try:
             slot = self.host.acquire(layout.total_bytes, step, policy=self.config.slot_policy)
         except SnapshotSlotsBusyError as e:
@@ -149,22 +158,39 @@ class Store:
     def abort_snapshot(self, snap: PendingSnapshot) -> None:
         self.host.release(snap.slot)
 
-    def commit_snapshot(self, snap: PendingSnapshot) -> SaveHandle:
-        """The slot now holds the whole state: mark it ready in host memory and persist in background."""
+    def commit_snapshot(self, snap: PendingSnapshot, *, copies_done: Callable[[], None] | None = None
+                        ) -> SaveHandle:
+        """The slot holds (or, once ``copies_done()`` returns, will hold) the whole state.
+
+        Marks it ready in host memory and persists it in the background. ``copies_done`` is
+        called on the persistence thread first (e.g. to wait for a GPU copy stream), so the
+        training thread never blocks on it.
+        """
         snap_s = time.perf_counter() - snap.started
-        self.host.mark_ready(snap.slot, layout=snap.layout, skeleton=snap.flat.skeleton,
-                             numpy_names=sorted(snap.flat.numpy_names), user=snap.user,
-                             persisting=bool(self.tiers))
         snap.flat.tensors.clear()  # drop references to live tensors
-        if not self.tiers:
+        if copies_done is None:
+            self._mark_ready(snap)
+        if not self.tiers and copies_done is None:
             fut: Future[SaveResult] = Future()
             fut.set_result(SaveResult(snap.step, snapshot_seconds=snap_s))
             return SaveHandle(snap.step, fut)
-        return SaveHandle(snap.step, self._executor.submit(self._persist, snap, snap_s))
+        return SaveHandle(snap.step, self._executor.submit(self._persist, snap, snap_s, copies_done))
 
-    def _persist(self, snap: PendingSnapshot, snap_s: float) -> SaveResult:
+    def _mark_ready(self, snap: PendingSnapshot) -> None:
+        self.host.mark_ready(snap.slot, layout=snap.layout, skeleton=snap.flat.skeleton,
+                             numpy_names=sorted(snap.flat.numpy_names), user=snap.user,
+                             persisting=bool(self.tiers))
+
+    def _persist(self, snap: PendingSnapshot, snap_s: float, copies_done: Callable[[], None] | None) -> SaveResult:
         result = SaveResult(snap.step, snapshot_seconds=snap_s)
         try:
+            if copies_done is not None:
+                try:
+                    copies_done()
+                except BaseException:
+                    self.host.release(snap.slot)
+                    raise
+                self._mark_ready(snap)
             stream = snap.slot.memview()
             for tier in self.tiers:
                 with tier.lock:

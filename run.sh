@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One entry point that does all set-up on a fresh machine, then runs what was asked.
+#   ./run.sh demo   - a short training run with asymmetric checkpointing, a restore and a summary
+#   ./run.sh test   - the whole test suite (./run.sh test-quick skips the slow tests)
+#   ./run.sh bench NAME - a benchmark script from benchmarks/
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$PWD
+VENV=${ASYMSTORE_VENV:-$ROOT/.venv}
+PY=${PYTHON:-python3}
+
+setup() {
+  local stamp="$VENV/.asymstore-setup"
+  local want
+  want=$(cat pyproject.toml | sha256sum | cut -c1-16)
+  if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then return; fi
+  echo "[asymstore] setting up $VENV (first run downloads torch and friends; later runs reuse it)" >&2
+  [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -e ".[test,bench,hdfs,deepspeed,lightning]"
+  echo "$want" > "$stamp"
+}
+
+cmd=${1:-demo}
+shift || true
+setup
+export PATH="$VENV/bin:$PATH"
+# DeepSpeed compiles its CPU ops on first use: keep them in a cached place.
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/asymstore/torch_extensions}
+case "$cmd" in
+  demo) exec python -m asymstore.demo "$@" ;;
+  test)
+    if [[ "${CI:-}" == "true" ]]; then export ASYMSTORE_REQUIRE_HDFS=1; fi
+    exec python -m pytest -q "$@" ;;
+  test-quick) exec python -m pytest -q -m "not slow" "$@" ;;
+  bench) name=$1; shift; exec python "benchmarks/$name.py" "$@" ;;
+  *) echo "usage: ./run.sh {demo|test|test-quick|bench NAME}" >&2; exit 2 ;;
+esac

@@ -1,0 +1,184 @@
+"""Copy executors: where snapshot partitions are copied into the host slot.
+
+* :class:`ThreadCopyExecutor` (CPU-only machines): one copy thread; ``Tensor.copy_``
+  releases the GIL, so training continues while it runs.
+* :class:`CudaCopyExecutor` (GPU): a dedicated copy stream into pinned host buffers,
+  ordered after the optimizer step that produced the state, one event per partition.
+
+Both record per-partition timings for telemetry and bandwidth measurement.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from asymstore.layout import Layout
+from asymstore.snapshot import copy_range
+
+
+@dataclass
+class CopyRecord:
+    start: int
+    end: int
+    t_submit: float
+    t_begin: float = 0.0
+    t_end: float = 0.0
+    where: str = ""  # "forward" | "backward" | "step" | "begin"
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+class CopyExecutor:
+    """Copies byte ranges of a layout's stream from live tensors into a slot buffer."""
+
+    def bind(self, buffer: torch.Tensor, layout: Layout, tensors: Mapping[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def submit(self, start: int, end: int, where: str) -> None:
+        raise NotImplementedError
+
+    def copy_now(self, start: int, end: int, where: str) -> None:
+        """Copy synchronously in the caller (for bytes needed before training may go on)."""
+        raise NotImplementedError
+
+    def drain(self) -> list[CopyRecord]:
+        """Block until every submitted copy is complete (the barrier); returns their records."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class ThreadCopyExecutor(CopyExecutor):
+    def __init__(self) -> None:
+        self._q: queue.Queue[CopyRecord | None] = queue.Queue()
+        self._done = threading.Condition()
+        self._pending = 0
+        self._records: list[CopyRecord] = []
+        self._error: BaseException | None = None
+        self._buffer: torch.Tensor | None = None
+        self._layout: Layout | None = None
+        self._tensors: Mapping[str, torch.Tensor] = {}
+        self._cursor = 0
+        self._thread = threading.Thread(target=self._run, name="asymstore-copy", daemon=True)
+        self._thread.start()
+
+    def bind(self, buffer: torch.Tensor, layout: Layout, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.drain()
+        self._buffer, self._layout, self._tensors = buffer, layout, tensors
+        self._records = []
+        self._cursor = 0
+
+    def _copy(self, rec: CopyRecord) -> None:
+        assert self._buffer is not None and self._layout is not None
+        rec.t_begin = time.perf_counter()
+        with torch.no_grad():
+            copy_range(self._buffer, self._layout, self._tensors, rec.start, rec.end)
+        rec.t_end = time.perf_counter()
+
+    def _run(self) -> None:
+        while True:
+            rec = self._q.get()
+            if rec is None:
+                return
+            try:
+                self._copy(rec)
+            except BaseException as e:  # re-raised at the barrier
+                self._error = e
+            with self._done:
+                self._pending -= 1
+                self._done.notify_all()
+
+    def submit(self, start: int, end: int, where: str) -> None:
+        rec = CopyRecord(start, end, time.perf_counter(), where=where)
+        self._records.append(rec)
+        with self._done:
+            self._pending += 1
+        self._q.put(rec)
+
+    def copy_now(self, start: int, end: int, where: str) -> None:
+        rec = CopyRecord(start, end, time.perf_counter(), where=where)
+        self._records.append(rec)
+        self._copy(rec)
+
+    def drain(self) -> list[CopyRecord]:
+        with self._done:
+            self._done.wait_for(lambda: self._pending == 0)
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+        return list(self._records)
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join(timeout=5)
+
+
+class CudaCopyExecutor(CopyExecutor):
+    """Device-to-host copies on a dedicated stream; the compute stream never waits on the CPU."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device or torch.device("cuda", torch.cuda.current_device())
+        self.stream = torch.cuda.Stream(device=self.device)
+        self._records: list[tuple[CopyRecord, Any, Any]] = []
+        self._buffer: torch.Tensor | None = None
+        self._layout: Layout | None = None
+        self._tensors: Mapping[str, torch.Tensor] = {}
+
+    def bind(self, buffer: torch.Tensor, layout: Layout, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.drain()
+        self._buffer, self._layout, self._tensors = buffer, layout, tensors
+        self._records = []
+        # copies must not start before the optimizer step that produced this state has run
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        for t in tensors.values():  # read by the copy stream: keep the caching allocator honest
+            if t.is_cuda:
+                t.record_stream(self.stream)
+
+    def _issue(self, start: int, end: int, where: str, sync: bool) -> None:
+        assert self._buffer is not None and self._layout is not None
+        rec = CopyRecord(start, end, time.perf_counter(), where=where)
+        begin = torch.cuda.Event(enable_timing=True)
+        done = torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(self.stream), torch.no_grad():
+            begin.record(self.stream)
+            copy_range(self._buffer, self._layout, self._tensors, start, end, non_blocking=True)
+            done.record(self.stream)
+        self._records.append((rec, begin, done))
+        if sync:
+            done.synchronize()
+
+    def submit(self, start: int, end: int, where: str) -> None:
+        self._issue(start, end, where, sync=False)
+
+    def copy_now(self, start: int, end: int, where: str) -> None:
+        self._issue(start, end, where, sync=True)
+
+    def barrier_on_device(self) -> None:
+        """Make the compute stream wait for all copies (a GPU-side wait: no CPU stall)."""
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+
+    def drain(self) -> list[CopyRecord]:
+        self.stream.synchronize()
+        out = []
+        for rec, begin, done in self._records:
+            ms = begin.elapsed_time(done)
+            rec.t_begin = rec.t_submit
+            rec.t_end = rec.t_submit + ms / 1000.0
+            out.append(rec)
+        return out
+
+
+def make_executor(tensors: Mapping[str, torch.Tensor]) -> CopyExecutor:
+    if any(t.is_cuda for t in tensors.values()):
+        return CudaCopyExecutor()
+    return ThreadCopyExecutor()

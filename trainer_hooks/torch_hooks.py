@@ -1,0 +1,416 @@
+"""Asymmetric partitioned snapshotting for a plain PyTorch training loop.
+
+The state after optimizer step t (parameters, buffers, optimizer state, scheduler, RNG
+states, step, user extras) does not change during forward(t+1) and backward(t+1). It is
+copied to a host slot during those passes, partition by partition from module hooks:
+small partitions in the short forward windows, large ones in the longer backward windows
+(:func:`asymstore.snapshot_plan.plan_asymmetric`). An optimizer step pre-hook is the
+barrier: it copies what is left and waits, so no tensor is modified before its snapshot
+is complete; the result is bit-identical to a synchronous copy taken right after step t.
+
+Tensors that *do* change before the next step (buffers updated in forward, RNG states,
+extras) are laid out first in the stream and copied at once when the snapshot begins.
+
+Strategies sharing the same storage: ``sync`` (blocking copy and persist), ``checkfreq``
+(blocking snapshot at the step boundary, background persist), ``uniform`` (equal
+partitions in forward/backward, DataStates-LLM-like) and ``asym`` (the default).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from asymstore.errors import ConfigError
+from asymstore.snapshot_plan import SnapshotPlan, WindowProfile, plan_all_at_step, plan_asymmetric, plan_uniform, \
+    should_replan
+from asymstore.store import PendingSnapshot, SaveHandle, Store
+
+from .executor import CopyExecutor, CopyRecord, CudaCopyExecutor, make_executor
+from .telemetry import CheckpointStats, Timeline
+
+log = logging.getLogger("asymstore.hooks")
+
+Strategy = Literal["sync", "checkfreq", "uniform", "asym"]
+STRATEGIES: tuple[str, ...] = ("sync", "checkfreq", "uniform", "asym")
+
+
+def default_blocks(model: nn.Module) -> list[nn.Module]:
+    """Hook granularity: the members of the model's largest ModuleList/Sequential (the layers),
+    or its direct children when it has none."""
+    best: list[nn.Module] = []
+    for m in model.modules():
+        if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) > len(best):
+            best = list(m)
+    if len(best) >= 2:
+        return best
+    kids = [c for c in model.children() if any(True for _ in c.parameters())]
+    return kids or [model]
+
+
+def rng_state() -> dict[str, Any]:
+    st: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                          "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: Mapping[str, Any]) -> None:
+    random.setstate(_tupleize(st["python"]))
+    np_state = st["numpy"]
+    np.random.set_state(tuple(np_state))  # type: ignore[arg-type]
+    torch.set_rng_state(st["torch"].to(torch.uint8).cpu())
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([t.cpu() for t in st["cuda"]])
+
+
+def _tupleize(v: Any) -> Any:
+    return tuple(_tupleize(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+@dataclass
+class _Active:
+    """The snapshot in flight: begun after step t, completed at the barrier of step t+1."""
+
+    snap: PendingSnapshot
+    plan: SnapshotPlan
+    offset: int  # stream offset where the planned (stable) region starts
+    stats: CheckpointStats
+    fwd_next: int = 0
+    bwd_next: int = 0
+
+
+class AsymCheckpointer:
+    """Attach asymmetric checkpointing to a model, its optimizer(s), a scheduler and a store.
+
+    Use::
+
+        ck = AsymCheckpointer(model, opt, store, every=1, scheduler=sched,
+                              extras=lambda: {"batch": batch_idx})
+        with ck:                        # attach ... detach
+            for batch in data:
+                loss = model(batch).sum(); loss.backward(); opt.step(); opt.zero_grad()
+        state = ck.resume()             # after a restart: restore everything, returns extras
+    """
+
+    def __init__(self, model: nn.Module, optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+                 store: Store, *, every: int = 1, scheduler: Any = None, strategy: Strategy = "asym",
+                 warmup: int = 2, extras: Callable[[], dict[str, Any]] | None = None,
+                 blocks: Sequence[nn.Module] | None = None, trace: bool = False, start_step: int = 0,
+                 replan_tolerance: float = 0.25, min_partition_bytes: int = 1 << 16) -> None:
+        if strategy not in STRATEGIES:
+            raise ConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if every < 1:
+            raise ConfigError(f"every must be >= 1, got {every}")
+        self.model = model
+        self.optimizers = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
+        if not self.optimizers:
+            raise ConfigError("at least one optimizer is needed")
+        self.store = store
+        self.every = every
+        self.scheduler = scheduler
+        self.strategy: Strategy = strategy
+        self.warmup = warmup
+        self.extras = extras
+        self.blocks = list(blocks) if blocks is not None else default_blocks(model)
+        self.timeline = Timeline(enabled=trace)
+        self.step = start_step
+        self.replan_tolerance = replan_tolerance
+        self.min_partition_bytes = min_partition_bytes
+        self.history: list[CheckpointStats] = []
+        self.handles: list[SaveHandle] = []
+        self._handles_stats: list[tuple[SaveHandle, CheckpointStats]] = []
+        self._hooks: list[Any] = []
+        self._active: _Active | None = None
+        self._executor: CopyExecutor | None = None
+        self._profile_fwd = WindowProfile()
+        self._profile_bwd = WindowProfile()
+        self._iter_fwd: list[float] = []
+        self._iter_bwd: list[float] = []
+        self._last_mark: float | None = None
+        self._bwd_seen: set[int] = set()
+        self._planned_windows: tuple[float, ...] | None = None
+        self._plan_cache: tuple[tuple[int, int, tuple[float, ...]], SnapshotPlan] | None = None
+        self._copy_bw: float | None = None
+        self._iterations = 0
+        self.replans = 0
+
+    # --- attach / detach ---------------------------------------------------------
+    def attach(self) -> AsymCheckpointer:
+        if self._hooks:
+            return self
+        for i, blk in enumerate(self.blocks):
+            self._hooks.append(blk.register_forward_pre_hook(self._make_fwd_hook(i)))
+            first_param = next((p for p in reversed(list(blk.parameters())) if p.requires_grad), None)
+            if first_param is not None and hasattr(first_param, "register_post_accumulate_grad_hook"):
+                self._hooks.append(first_param.register_post_accumulate_grad_hook(self._make_bwd_hook(i)))
+        self._hooks.append(self.optimizers[0].register_step_pre_hook(self._barrier_hook))
+        self._hooks.append(self.optimizers[-1].register_step_post_hook(self._post_step_hook))
+        return self
+
+    def detach(self, *, finish: bool = True) -> None:
+        """Remove the hooks; with ``finish``, complete the snapshot in flight and wait for persistence."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        if finish and self._active is not None:
+            self._complete(time.perf_counter())
+        if finish:
+            self.wait()
+        if self._executor is not None:
+            self._executor.close()
+            self._executor = None
+
+    def __enter__(self) -> AsymCheckpointer:
+        return self.attach()
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.detach(finish=exc_type is None)
+
+    # --- the checkpointed state ----------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """The full training state, volatile parts first."""
+        st: dict[str, Any] = {"rng": rng_state(), "step": self.step,
+                              "extras": self.extras() if self.extras else {}}
+        if self.scheduler is not None:
+            st["scheduler"] = self.scheduler.state_dict()
+        st["model"] = self.model.state_dict()
+        st["optimizers"] = [o.state_dict() for o in self.optimizers]
+        return st
+
+    def _stable_ids(self) -> set[int]:
+        """Storages that only an optimizer step modifies: parameters and optimizer state."""
+        ids = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        for o in self.optimizers:
+            for s in o.state.values():
+                for v in s.values():
+                    if isinstance(v, torch.Tensor) and v.numel() > 0 and v.dim() > 0:
+                        ids.add(v.untyped_storage().data_ptr())
+        return ids
+
+    # --- hooks -------------------------------------------------------------------
+    def _make_fwd_hook(self, i: int) -> Callable[..., None]:
+        def hook(_module: nn.Module, _args: Any) -> None:
+            if not torch.is_grad_enabled() or not self.model.training:
+                return
+            now = time.perf_counter()
+            if i == 0:
+                self._iter_fwd, self._iter_bwd, self._bwd_seen = [], [], set()
+            elif self._last_mark is not None and len(self._iter_fwd) < len(self.blocks):
+                self._iter_fwd.append(now - self._last_mark)
+            self._last_mark = now
+            self._issue("forward", i)
+        return hook
+
+    def _make_bwd_hook(self, i: int) -> Callable[[torch.Tensor], None]:
+        def hook(_p: torch.Tensor) -> None:
+            if i in self._bwd_seen:  # gradient accumulation within one backward: count once
+                return
+            self._bwd_seen.add(i)
+            now = time.perf_counter()
+            if self._last_mark is not None:
+                (self._iter_fwd if not self._iter_bwd and len(self._iter_fwd) < len(self.blocks)
+                 else self._iter_bwd).append(now - self._last_mark)
+            self._last_mark = now
+            self._issue("backward", len(self._bwd_seen) - 1)
+        return hook
+
+    def _issue(self, where: str, idx: int) -> None:
+        a = self._active
+        if a is None or self._executor is None:
+            return
+        part = a.plan.forward_partition(idx) if where == "forward" else a.plan.backward_partition(idx)
+        if part is not None and part.end > part.start:
+            self._executor.submit(a.offset + part.start, a.offset + part.end, where)
+            a.stats.hidden_bytes += part.end - part.start
+
+    def _barrier_hook(self, _opt: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+        """Before the optimizer modifies anything: finish the snapshot of the previous step."""
+        self._iterations += 1
+        if self._iter_fwd or self._iter_bwd:
+            self._profile_fwd.add(self._iter_fwd)
+            self._profile_bwd.add(self._iter_bwd)
+        if self._active is not None:
+            self._complete(time.perf_counter())
+
+    def _post_step_hook(self, _opt: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+        self.step += 1
+        if self.step % self.every == 0:
+            self._begin()
+
+    # --- snapshot life -----------------------------------------------------------
+    def _begin(self) -> None:
+        t0 = time.perf_counter()
+        state = self.state()
+        stable = self._stable_ids()
+        flat_first: Callable[[str], bool]
+
+        # names of volatile tensors go first; computed after flattening inside the store
+        def first(name: str) -> bool:
+            t = snap_tensors.get(name)
+            return t is None or t.numel() == 0 or t.untyped_storage().data_ptr() not in stable
+
+        from asymstore.state import flatten
+        snap_tensors = flatten(state).tensors
+        flat_first = first
+        snap = self.store.begin_snapshot(state, self.step, first=flat_first, user={"strategy": self.strategy})
+        stats = CheckpointStats(self.step, self.strategy)
+        if snap is None:
+            stats.skipped = True
+            self.history.append(stats)
+            return
+        stats.bytes = snap.layout.total_bytes
+        tensors = snap.flat.tensors
+        if self._executor is None:
+            self._executor = make_executor(tensors)
+        ex = self._executor
+        ex.bind(snap.buffer, snap.layout, tensors)
+        offset = next((e.offset for e in snap.layout.tensors if not first(e.name)), snap.layout.total_bytes)
+        if offset:
+            ex.copy_now(0, offset, "begin")
+        plan = self._plan(snap.layout.total_bytes - offset)
+        self._active = _Active(snap, plan, offset, stats)
+        stats.begin_s = time.perf_counter() - t0
+        self.timeline.add(f"snapshot begin {self.step}", "snapshot", t0, t0 + stats.begin_s, "train")
+        if self.strategy in ("sync", "checkfreq"):
+            self._complete(t0 + stats.begin_s, blocking=self.strategy == "sync")
+
+    def _plan(self, nbytes: int) -> SnapshotPlan:
+        if self.strategy in ("sync", "checkfreq") or self._iterations < self.warmup or self._copy_bw is None:
+            return plan_all_at_step(nbytes)
+        fwd = self._profile_fwd.estimate()
+        bwd = self._profile_bwd.estimate()
+        windows = tuple(fwd) + tuple(bwd)
+        if self._plan_cache is not None:
+            (n, nf, planned), plan = self._plan_cache
+            if n == nbytes and nf == len(fwd) and not should_replan(planned, windows,
+                                                                     rel_tol=self.replan_tolerance):
+                return plan
+            self.replans += 1
+        if self.strategy == "uniform":
+            plan = plan_uniform(fwd, bwd, nbytes, copy_bandwidth=self._copy_bw)
+        else:
+            plan = plan_asymmetric(fwd, bwd, nbytes, self._copy_bw, min_partition_bytes=self.min_partition_bytes)
+        self._plan_cache = ((nbytes, len(fwd), windows), plan)
+        return plan
+
+    def _complete(self, t_barrier: float, *, blocking: bool = False) -> None:
+        """The barrier: copy the remainder, wait for every copy, hand the slot to persistence."""
+        a = self._active
+        assert a is not None and self._executor is not None
+        self._active = None
+        ex = self._executor
+        rem = a.plan.remainder
+        try:
+            if rem is not None and rem.end > rem.start:
+                ex.copy_now(a.offset + rem.start, a.offset + rem.end, "step")
+                a.stats.step_copy_bytes = rem.end - rem.start
+            copies_done: Callable[[], None] | None = None
+            if isinstance(ex, CudaCopyExecutor):
+                ex.barrier_on_device()
+                records: list[CopyRecord] = []
+                copies_done = lambda: records.extend(ex.drain())  # noqa: E731 - runs on the persist thread
+            else:
+                records = ex.drain()
+        except BaseException:
+            self.store.abort_snapshot(a.snap)
+            raise
+        t_done = time.perf_counter()
+        a.stats.stall_s = t_done - t_barrier
+        handle = self.store.commit_snapshot(a.snap, copies_done=copies_done)
+        self._account(a.stats, records)
+        self.timeline.add(f"barrier {a.stats.step}", "stall", t_barrier, t_done, "train", bytes=a.stats.step_copy_bytes)
+        self.history.append(a.stats)
+        self.handles.append(handle)
+        self._handles_stats.append((handle, a.stats))
+        if blocking:
+            self._collect(handle, a.stats, wait=True)
+        self._collect_done()
+
+    def _account(self, stats: CheckpointStats, records: list[CopyRecord]) -> None:
+        hidden = [r for r in records if r.where in ("forward", "backward")]
+        stats.hidden_copy_s = sum(r.t_end - r.t_begin for r in hidden)
+        for r in records:
+            self.timeline.add(f"copy {r.where} {r.nbytes >> 10} KiB", "snapshot", r.t_begin, r.t_end, "copy",
+                              start=r.start, end=r.end)
+        big = [r for r in records if r.nbytes >= (1 << 20) and r.t_end > r.t_begin]
+        if big:
+            bw = sum(r.nbytes for r in big) / sum(r.t_end - r.t_begin for r in big)
+            self._copy_bw = bw if self._copy_bw is None else 0.7 * self._copy_bw + 0.3 * bw
+
+    def _collect(self, handle: SaveHandle, stats: CheckpointStats, *, wait: bool) -> None:
+        if not wait and not handle.done():
+            return
+        try:
+            res = handle.result()
+        except Exception as e:
+            stats.error = str(e)
+            if not self.store.config.non_fatal:
+                raise
+            return
+        finally:
+            self._handles_stats = [(h, s) for h, s in self._handles_stats if h is not handle]
+        if res.reports:
+            rep = next(iter(res.reports.values()))
+            stats.persist_s = sum(r.seconds for r in res.reports.values())
+            stats.stored_bytes = rep.stored_bytes
+            stats.codecs = dict(rep.codecs)
+            start = time.perf_counter() - stats.persist_s
+            self.timeline.add(f"persist {stats.step}", "persist", start, start + stats.persist_s, "persist")
+
+    def _collect_done(self) -> None:
+        for h, s in list(self._handles_stats):
+            if h.done():
+                self._collect(h, s, wait=False)
+
+    def wait(self) -> None:
+        """Wait for all background persistence; re-raises a failure (unless non-fatal)."""
+        for h, s in list(self._handles_stats):
+            self._collect(h, s, wait=True)
+        self.store.wait()
+
+    # --- resume ------------------------------------------------------------------
+    def resume(self, step: int | None = None) -> dict[str, Any]:
+        """Restore model, optimizers, scheduler, RNG states and the step; returns the extras."""
+        restored = self.store.restore(step)
+        self.model.load_state_dict(restored["model"])
+        for o, s in zip(self.optimizers, restored["optimizers"]):
+            o.load_state_dict(s)
+        if self.scheduler is not None and "scheduler" in restored:
+            self.scheduler.load_state_dict(restored["scheduler"])
+        set_rng_state(restored["rng"])
+        self.step = int(restored["step"])
+        extras: dict[str, Any] = restored.get("extras", {})
+        return extras
+
+    # --- reporting ---------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        self._collect_done()
+        done = [s for s in self.history if not s.skipped]
+        stalls = sorted(s.stall_s + (s.begin_s if self.strategy != "sync" else 0.0) for s in done)
+        return {
+            "strategy": self.strategy,
+            "checkpoints": len(done),
+            "skipped": sum(s.skipped for s in self.history),
+            "bytes_per_checkpoint": done[-1].bytes if done else 0,
+            "median_stall_s": stalls[len(stalls) // 2] if stalls else 0.0,
+            "hidden_fraction": (sum(s.hidden_bytes for s in done) / max(sum(s.bytes for s in done), 1)),
+            "replans": self.replans,
+            "copy_bandwidth": self._copy_bw,
+        }
+
+    def write_trace(self, path: str) -> str:
+        return self.timeline.write(path)
+
+
+def iter_strategies() -> Iterable[str]:
+    return iter(STRATEGIES)
