@@ -539,13 +539,14 @@ def plan_asymmetric(
     for k, t in enumerate(windows):
         t_cum += t
         target = float(total) if k == n - 1 else min(float(total), total * (t_cum / t_sum))
-        usable = max(0.0, now + t - max(now, busy))
+        # overlap time left in this window once earlier copies have drained (all of it unless a copy overran)
+        usable = t if busy <= now else max(0.0, now + t - busy)
         cap = safety * bw * usable
         opened = now
         now += t
         if pos >= total:
             break
-        end = min(cuts.nearest(target), cuts.floor(pos + cap))
+        end = min(cuts.nearest(target), cuts.floor(pos + math.floor(cap)))  # integer: the cap is exact
         if end <= pos:
             end = pos
             unit_end = cuts.after(pos)
