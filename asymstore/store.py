@@ -146,7 +146,7 @@ class Store:
         """
         self._check_open()
         self._raise_background()
-        flat = flatten(state)
+        flat = state if isinstance(state, FlatState) else flatten(state)
         layout = _layout_of(flat, first)
         try:
             slot = self.host.acquire(layout.total_bytes, step, policy=self.config.slot_policy)

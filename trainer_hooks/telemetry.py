@@ -39,11 +39,12 @@ class Timeline:
         self._events: list[dict[str, Any]] = []
         self._lock = threading.Lock()
 
-    def add(self, name: str, cat: str, start: float, end: float, track: str, **args: Any) -> None:
+    def add(self, name: str, cat: str, t_begin: float, t_end: float, track: str, /, **args: Any) -> None:
+        """One event from ``t_begin`` to ``t_end`` (``time.perf_counter`` seconds) on ``track``."""
         if not self.enabled:
             return
-        ev = {"name": name, "cat": cat, "ph": "X", "ts": (start - self.t0) * 1e6,
-              "dur": max(end - start, 0.0) * 1e6, "pid": os.getpid(), "tid": track, "args": args}
+        ev = {"name": name, "cat": cat, "ph": "X", "ts": (t_begin - self.t0) * 1e6,
+              "dur": max(t_end - t_begin, 0.0) * 1e6, "pid": os.getpid(), "tid": track, "args": args}
         with self._lock:
             self._events.append(ev)
 

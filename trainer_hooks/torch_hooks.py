@@ -22,7 +22,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -32,6 +32,7 @@ from torch import nn
 from asymstore.errors import ConfigError
 from asymstore.snapshot_plan import SnapshotPlan, WindowProfile, plan_all_at_step, plan_asymmetric, plan_uniform, \
     should_replan
+from asymstore.state import flatten
 from asymstore.store import PendingSnapshot, SaveHandle, Store
 
 from .executor import CopyExecutor, CopyRecord, CudaCopyExecutor, make_executor
@@ -85,8 +86,7 @@ class _Active:
     plan: SnapshotPlan
     offset: int  # stream offset where the planned (stable) region starts
     stats: CheckpointStats
-    fwd_next: int = 0
-    bwd_next: int = 0
+    issued: set[tuple[int, int]] = field(default_factory=set)  # (start, end) of submitted partitions
 
 
 class AsymCheckpointer:
@@ -132,8 +132,7 @@ class AsymCheckpointer:
         self._hooks: list[Any] = []
         self._active: _Active | None = None
         self._executor: CopyExecutor | None = None
-        self._profile_fwd = WindowProfile()
-        self._profile_bwd = WindowProfile()
+        self._profile = WindowProfile(max_iterations=8)
         self._iter_fwd: list[float] = []
         self._iter_bwd: list[float] = []
         self._last_mark: float | None = None
@@ -229,16 +228,24 @@ class AsymCheckpointer:
         if a is None or self._executor is None:
             return
         part = a.plan.forward_partition(idx) if where == "forward" else a.plan.backward_partition(idx)
-        if part is not None and part.end > part.start:
+        if part is not None and part.end > part.start and (part.start, part.end) not in a.issued:
+            a.issued.add((part.start, part.end))
             self._executor.submit(a.offset + part.start, a.offset + part.end, where)
             a.stats.hidden_bytes += part.end - part.start
 
     def _barrier_hook(self, _opt: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
         """Before the optimizer modifies anything: finish the snapshot of the previous step."""
         self._iterations += 1
-        if self._iter_fwd or self._iter_bwd:
-            self._profile_fwd.add(self._iter_fwd)
-            self._profile_bwd.add(self._iter_bwd)
+        now = time.perf_counter()
+        if self._last_mark is not None and self._iter_fwd:
+            self._iter_bwd.append(now - self._last_mark)  # the last backward window ends here
+            if len(self._iter_fwd) == len(self.blocks):
+                try:
+                    self._profile.add(self._iter_fwd, self._iter_bwd)
+                except ConfigError:  # the model's shape of hooks changed: start over
+                    self._profile.reset()
+        self._last_mark = None
+        self._iter_fwd, self._iter_bwd = [], []
         if self._active is not None:
             self._complete(time.perf_counter())
 
@@ -250,19 +257,14 @@ class AsymCheckpointer:
     # --- snapshot life -----------------------------------------------------------
     def _begin(self) -> None:
         t0 = time.perf_counter()
-        state = self.state()
+        flat = flatten(self.state())
         stable = self._stable_ids()
-        flat_first: Callable[[str], bool]
 
-        # names of volatile tensors go first; computed after flattening inside the store
-        def first(name: str) -> bool:
-            t = snap_tensors.get(name)
-            return t is None or t.numel() == 0 or t.untyped_storage().data_ptr() not in stable
+        def first(name: str) -> bool:  # volatile tensors go to the front and are copied at once
+            t = flat.tensors[name]
+            return t.numel() == 0 or t.untyped_storage().data_ptr() not in stable
 
-        from asymstore.state import flatten
-        snap_tensors = flatten(state).tensors
-        flat_first = first
-        snap = self.store.begin_snapshot(state, self.step, first=flat_first, user={"strategy": self.strategy})
+        snap = self.store.begin_snapshot(flat, self.step, first=first, user={"strategy": self.strategy})
         stats = CheckpointStats(self.step, self.strategy)
         if snap is None:
             stats.skipped = True
@@ -281,14 +283,16 @@ class AsymCheckpointer:
         self._active = _Active(snap, plan, offset, stats)
         stats.begin_s = time.perf_counter() - t0
         self.timeline.add(f"snapshot begin {self.step}", "snapshot", t0, t0 + stats.begin_s, "train")
-        if self.strategy in ("sync", "checkfreq"):
-            self._complete(t0 + stats.begin_s, blocking=self.strategy == "sync")
+        if self.strategy in ("sync", "checkfreq"):  # the whole copy now, at the step boundary
+            ex.copy_now(offset, snap.layout.total_bytes, "step")
+            stats.step_copy_bytes = snap.layout.total_bytes - offset
+            stats.begin_s = time.perf_counter() - t0
 
     def _plan(self, nbytes: int) -> SnapshotPlan:
-        if self.strategy in ("sync", "checkfreq") or self._iterations < self.warmup or self._copy_bw is None:
+        if (self.strategy in ("sync", "checkfreq") or self._iterations < self.warmup or self._copy_bw is None
+                or self._profile.iterations == 0):
             return plan_all_at_step(nbytes)
-        fwd = self._profile_fwd.estimate()
-        bwd = self._profile_bwd.estimate()
+        fwd, bwd = self._profile.estimate()
         windows = tuple(fwd) + tuple(bwd)
         if self._plan_cache is not None:
             (n, nf, planned), plan = self._plan_cache
@@ -303,17 +307,29 @@ class AsymCheckpointer:
         self._plan_cache = ((nbytes, len(fwd), windows), plan)
         return plan
 
-    def _complete(self, t_barrier: float, *, blocking: bool = False) -> None:
+    def _refresh_scheduler(self, a: _Active) -> None:
+        """Schedulers step after the optimizer: take their state as it is when the snapshot completes."""
+        if self.scheduler is None or not isinstance(a.snap.flat.skeleton, dict):
+            return
+        fs = flatten(self.scheduler.state_dict())
+        if not fs.tensors:  # JSON-only (all torch schedulers): update the skeleton in place
+            a.snap.flat.skeleton["scheduler"] = fs.skeleton
+
+    def _complete(self, t_barrier: float) -> None:
         """The barrier: copy the remainder, wait for every copy, hand the slot to persistence."""
         a = self._active
         assert a is not None and self._executor is not None
         self._active = None
         ex = self._executor
         rem = a.plan.remainder
+        self._refresh_scheduler(a)
         try:
-            if rem is not None and rem.end > rem.start:
-                ex.copy_now(a.offset + rem.start, a.offset + rem.end, "step")
-                a.stats.step_copy_bytes = rem.end - rem.start
+            # the remainder, plus any planned partition whose window did not come (a skipped block,
+            # or training ended): everything not yet copied is copied now
+            for p in a.plan.partitions:
+                if p.end > p.start and (p.start, p.end) not in a.issued:
+                    ex.copy_now(a.offset + p.start, a.offset + p.end, "step")
+                    a.stats.step_copy_bytes += p.end - p.start
             copies_done: Callable[[], None] | None = None
             if isinstance(ex, CudaCopyExecutor):
                 ex.barrier_on_device()
@@ -332,8 +348,9 @@ class AsymCheckpointer:
         self.history.append(a.stats)
         self.handles.append(handle)
         self._handles_stats.append((handle, a.stats))
-        if blocking:
+        if self.strategy == "sync":
             self._collect(handle, a.stats, wait=True)
+            a.stats.stall_s = time.perf_counter() - t_barrier
         self._collect_done()
 
     def _account(self, stats: CheckpointStats, records: list[CopyRecord]) -> None:

@@ -1,0 +1,5 @@
+"""Trainer integrations: one module per framework."""
+
+from .torch_hooks import STRATEGIES, AsymCheckpointer
+
+__all__ = ["STRATEGIES", "AsymCheckpointer"]
