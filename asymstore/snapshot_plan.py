@@ -314,6 +314,23 @@ class SnapshotPlan:
         end_of_windows, busy = _copy_queue_end(self.windows, self._window_sizes(), bw)
         return max(0.0, busy - end_of_windows) + self.remainder_bytes / bw
 
+    def predict_overrun_s(self, copy_bandwidth: float | None = None) -> float:
+        """Seconds the copy engine spends on in-pass partitions *after* their own window has closed.
+
+        Such copies compete with compute they were meant to stay clear of (PCIe, host memory, the GIL on CPU),
+        even when the queue still drains before the optimizer step and :attr:`predicted_stall_s` is 0. Zero for
+        a plan whose partitions respect their caps; the main cost of :func:`plan_uniform` on uneven windows.
+        """
+        bw = self._bandwidth(copy_bandwidth)
+        now = busy = overrun = 0.0
+        for t, nbytes in zip(self.windows, self._window_sizes(), strict=True):
+            if nbytes:
+                start = max(now, busy)
+                busy = start + nbytes / bw
+                overrun += max(0.0, busy - max(start, now + t))
+            now += t
+        return overrun
+
     @property
     def predicted_stall_s(self) -> float:
         """:meth:`predict_stall_s` at the plan's own bandwidth (``remainder_bytes / bw`` when caps hold)."""

@@ -163,8 +163,17 @@ def test_memory_price_shrinks_the_batch() -> None:
     free = optimal_batch_bytes(C, T_d, BW, stage_bandwidth=4e9)
     priced = optimal_batch_bytes(C, T_d, BW, stage_bandwidth=4e9, memory_cost_s_per_byte=1e-9)
     assert priced < free
-    kappa = 1 / 4e9 + 2 * 1e-9
-    assert priced == pytest.approx(math.sqrt(C * T_d / kappa), rel=0.1)
+    kappa = 1 / 4e9 + 2 * 1e-9  # staging fill + price of two staging buffers
+    b_c = continuous_optimal_batch_bytes(C, T_d, BW, stage_bandwidth=4e9, memory_cost_s_per_byte=1e-9)
+    assert b_c == pytest.approx(math.sqrt(C * T_d / kappa))
+    assert priced == pytest.approx(b_c, rel=0.1)
+    # one buffer: staging never overlaps writing, so only the memory price limits the batch
+    b_1 = continuous_optimal_batch_bytes(C, T_d, BW, stage_bandwidth=4e9, memory_cost_s_per_byte=1e-9, buffers=1)
+    assert b_1 == pytest.approx(math.sqrt(C * T_d / 1e-9))
+    assert optimal_batch_bytes(C, T_d, BW, stage_bandwidth=4e9, memory_cost_s_per_byte=1e-9, buffers=1) == (
+        pytest.approx(b_1, rel=0.1)
+    )
+    assert continuous_optimal_batch_bytes(C, T_d, BW, stage_bandwidth=4e9, buffers=1) == math.inf
 
 
 def test_beats_the_hard_coded_64_mib_when_latency_is_high() -> None:

@@ -296,7 +296,8 @@ def test_property_split_plan_invariants(
     assert plan.oversized == ()
     # hidden bytes never exceed what the windows can carry
     assert plan.hidden_bytes <= safety * bw * math.fsum(fwd + bwd) + 1
-    # with all caps honoured the only stall is the remainder
+    # with all caps honoured the only stall is the remainder, and no copy outlives its window
+    assert plan.predict_overrun_s() == 0.0
     assert plan.predicted_stall_s == pytest.approx(plan.remainder_bytes / bw, rel=1e-9, abs=1e-12)
     # small partitions only where no later window could have issued one of the minimum size
     windows = fwd + bwd
@@ -366,14 +367,14 @@ def test_property_huge_state_fills_every_window_to_its_cap(
 def tensor_layouts(draw: st.DrawFn) -> tuple[list[tuple[int, int]], int, int]:
     align = draw(st.sampled_from([1, 64, 256]))
     n = draw(st.integers(0, 25))
-    extents = []
+    extents: list[tuple[int, int]] = []
     pos = 0
     for _ in range(n):
         nbytes = draw(st.one_of(st.integers(0, 5000), st.integers(0, 10**7)))
         extents.append((pos, nbytes))
         pos = -(-(pos + nbytes) // align) * align
     total = max(pos, extents[-1][0] + extents[-1][1]) if extents else draw(st.integers(0, 1000))
-    if extents and draw(st.booleans()):
+    if extents and bool(draw(st.booleans())):
         total = extents[-1][0] + extents[-1][1]  # no padding after the last tensor
     return extents, total, align
 
@@ -424,6 +425,19 @@ def test_uniform_spill_is_predicted_and_asymmetric_avoids_it() -> None:
     asym = plan_asymmetric(fwd, bwd, 1000, bw, align=1)
     assert uniform.predicted_stall_s == pytest.approx(0.75)
     assert asym.predicted_stall_s == pytest.approx(0.1)  # the 10 % safety margin is the remainder
+
+
+def test_uniform_overruns_short_forward_windows_where_asymmetric_does_not() -> None:
+    fwd, bwd, bw = [0.01] * 4, [0.02] * 4, 1e9
+    total = int(0.8 * bw * 0.12)  # fits the windows with room to spare
+    uniform = plan_uniform(fwd, bwd, total, copy_bandwidth=bw)
+    asym = plan_asymmetric(fwd, bwd, total, bw)
+    # the queue drains before the step either way ...
+    assert uniform.predicted_stall_s == pytest.approx(0.0) and asym.predicted_stall_s == 0.0
+    # ... but uniform's 12 ms copies spill past every 10 ms forward window into the next one
+    assert asym.predict_overrun_s() == 0.0
+    # backlog grows 2 ms per forward window: 2 + 4 + 6 + 8 ms outside their windows, drained in backward
+    assert uniform.predict_overrun_s() == pytest.approx(0.002 + 0.004 + 0.006 + 0.008, abs=2e-6)
 
 
 @settings(max_examples=200, deadline=None)
@@ -534,6 +548,8 @@ def test_should_replan() -> None:
     # a tiny window doubling stays under the absolute floor
     assert not should_replan([0.0001, 0.02], [0.0002, 0.02])
     assert should_replan([0.0001, 0.02], [0.0002, 0.02], abs_tol_s=0.0)
+    # many tiny windows each drifting under the absolute floor still add up to a large total drift
+    assert should_replan([0.0001] * 100, [0.0019] * 100)
     # a tighter relative tolerance catches smaller drift
     assert should_replan(planned, [0.011, 0.009, 0.021, 0.019], rel_tol=0.05, abs_tol_s=0.0005)
     with pytest.raises(ConfigError):
