@@ -69,9 +69,10 @@ def set_rng_state(st: Mapping[str, Any]) -> None:
     random.setstate(_tupleize(st["python"]))
     np_state = st["numpy"]
     np.random.set_state(tuple(np_state))  # type: ignore[arg-type]
-    torch.set_rng_state(st["torch"].to(torch.uint8).cpu())
+    # restored tensors may be views into one buffer; the generators read from the storage start
+    torch.set_rng_state(st["torch"].to(torch.uint8).cpu().clone())
     if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([t.cpu() for t in st["cuda"]])
+        torch.cuda.set_rng_state_all([t.cpu().clone() for t in st["cuda"]])
 
 
 def _tupleize(v: Any) -> Any:
