@@ -14,12 +14,13 @@ from .errors import (AsymstoreError, BackendUnavailableError, CheckpointFailedEr
                      CorruptCheckpointError, SnapshotSlotsBusyError, StateMismatchError, StepExistsError,
                      StepNotFoundError, UnsupportedValueError)
 from .lazy import LazyCheckpoint, LazyTensor, open_checkpoint
-from .store import RestoreReport, SaveHandle, SaveResult, Store, open_store
+from .retention import ByteBudget, EveryN, KeepAll, LatestN
+from .store import RestoreReport, SaveHandle, SaveResult, Store, TierSpec, open_store
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AsymstoreError", "BackendUnavailableError", "CheckpointFailedError", "Config", "ConfigError",
+    "AsymstoreError", "BackendUnavailableError", "ByteBudget", "EveryN", "KeepAll", "LatestN", "TierSpec", "CheckpointFailedError", "Config", "ConfigError",
     "CorruptCheckpointError", "LazyCheckpoint", "LazyTensor", "RestoreReport", "SaveHandle", "SaveResult",
     "SnapshotSlotsBusyError", "StateMismatchError", "StepExistsError", "StepNotFoundError", "Store",
     "UnsupportedValueError", "open_checkpoint", "open_store",

@@ -36,6 +36,7 @@ class Slot:
     user: dict[str, Any] = field(default_factory=dict)
     persisting: bool = False
     ready_time: float = 0.0
+    leases: int = 0  # readers (promotions, restores) that must not see the slot reused
 
     @property
     def capacity(self) -> int:
@@ -77,10 +78,11 @@ class HostPool:
         waited = False
         with self._cv:
             while True:
-                same = [s for s in self.slots if s.step == step and s.state == "ready" and not s.persisting]
+                same = [s for s in self.slots if s.step == step and s.state == "ready" and not s.persisting
+                        and not s.leases]
                 free = [s for s in self.slots if s.state == "free"]
-                evictable = sorted((s for s in self.slots if s.state == "ready" and not s.persisting),
-                                   key=lambda s: s.ready_time)
+                evictable = sorted((s for s in self.slots if s.state == "ready" and not s.persisting
+                                    and not s.leases), key=lambda s: s.ready_time)
                 pick = (same or free or evictable or [None])[0]
                 if pick is not None:
                     break
@@ -128,6 +130,20 @@ class HostPool:
             for s in self.slots:
                 if s.step == step and s.state == "ready":
                     s.state, s.step = "free", None
+            self._cv.notify_all()
+
+    def lease(self, step: int) -> Slot | None:
+        """Pin the ready slot of ``step`` against reuse until :meth:`unlease`; ``None`` if absent."""
+        with self._cv:
+            for s in self.slots:
+                if s.step == step and s.state == "ready":
+                    s.leases += 1
+                    return s
+        return None
+
+    def unlease(self, slot: Slot) -> None:
+        with self._cv:
+            slot.leases -= 1
             self._cv.notify_all()
 
     def find(self, step: int) -> Slot | None:

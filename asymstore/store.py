@@ -27,6 +27,7 @@ from .layout import Layout, plan_layout
 from .manifest import Manifest
 from .snapshot import copy_all, dest_view
 from .state import FlatState, flatten, unflatten
+from .tiermanager import TierManager
 from .tiers import PersistentTier
 from .writer import WriteReport
 from . import dtypes
@@ -34,6 +35,16 @@ from . import dtypes
 log = logging.getLogger("asymstore")
 
 NameFilter = Iterable[str] | Callable[[str], bool] | None
+
+
+@dataclass(frozen=True)
+class TierSpec:
+    """A persistent tier and its retention: ``keep`` is an int (latest N), a policy or a list of them."""
+
+    url: str | ObjectStore
+    keep: Any = None
+    name: str | None = None
+    partition_bytes: int | None = None
 
 
 @dataclass
@@ -103,17 +114,19 @@ def _layout_of(flat: FlatState, first: Callable[[str], bool] | None = None) -> L
 class Store:
     """A tier chain: host memory (K slots), then persistent tiers, fastest first."""
 
-    def __init__(self, tiers: Sequence[str | ObjectStore] = (), *, config: Config | None = None,
+    def __init__(self, tiers: Sequence[str | ObjectStore | TierSpec] = (), *, config: Config | None = None,
                  **overrides: Any) -> None:
         self.config = Config.from_env(config, **overrides)
         self.host = HostPool(self.config.host_slots, pin_memory=self.config.pin_memory)
-        self.tiers = [PersistentTier(t, self.config) for t in tiers]
+        self.tiers = [PersistentTier(t.url, self.config, name=t.name, keep=t.keep, partition_bytes=t.partition_bytes)
+                      if isinstance(t, TierSpec) else PersistentTier(t, self.config) for t in tiers]
         names: dict[str, int] = {}
         for t in self.tiers:  # unique, readable tier names: file, file2, hdfs ...
             n = names.get(t.name, 0) + 1
             names[t.name] = n
             if n > 1:
                 t.name = f"{t.name}{n}"
+        self.manager = TierManager(self.tiers, self.host) if self.tiers else None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asymstore-persist")
         self._lock = threading.Lock()
         self._bg_error: BaseException | None = None
@@ -191,15 +204,10 @@ class Store:
                     self.host.release(snap.slot)
                     raise
                 self._mark_ready(snap)
-            stream = snap.slot.memview()
-            for tier in self.tiers:
-                with tier.lock:
-                    delta = tier.delta_for(snap.layout.signature)
-                    rep = tier.writer().write(snap.step, stream, snap.layout, snap.flat.skeleton,
-                                              numpy_names=sorted(snap.flat.numpy_names), user=snap.user,
-                                              delta_base=delta)
-                    tier.after_write(snap.step, stream, snap.layout.signature, rep.delta_base is not None)
-                result.reports[tier.name] = rep
+            assert self.manager is not None
+            rep = self.manager.persist_primary(snap.step, snap.slot.memview(), snap.layout, snap.flat.skeleton,
+                                               sorted(snap.flat.numpy_names), snap.user)
+            result.reports[self.tiers[0].name] = rep
             return result
         except BaseException as e:
             self._record_failure(snap.step, e)
@@ -235,9 +243,25 @@ class Store:
         return self.save(state, step, blocking=False, user=user)
 
     def wait(self, timeout: float | None = None) -> None:
-        """Wait until every background persistence has finished; re-raise a failure."""
+        """Wait until every snapshot is durable on the first persistent tier; re-raise a failure."""
         self._executor.submit(lambda: None).result(timeout)
         self._raise_background()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait for persistence and for every pending promotion down the tier chain.
+
+        Returns False if promotions are still pending at ``timeout`` (an unreachable tier
+        is retried in the background; :meth:`status` shows its last error).
+        """
+        self.wait(timeout)
+        return self.manager.flush(timeout) if self.manager else True
+
+    def status(self) -> dict[str, Any]:
+        """Where each step is complete, what is in flight, bytes and throughput per tier."""
+        host = [{"slot": s.index, "state": s.state, "step": s.step, "persisting": s.persisting,
+                 "bytes": s.capacity} for s in self.host.slots]
+        return {"host": host, "tiers": self.manager.status() if self.manager else [],
+                "memory": self.memory_report(), "failures": self.failures}
 
     # --- catalogue ---------------------------------------------------------------
     def steps(self) -> list[int]:
@@ -376,6 +400,8 @@ class Store:
             return
         self._executor.shutdown(wait=True)
         self._closed = True
+        if self.manager is not None:
+            self.manager.close()
         for t in self.tiers:
             t.close()
         self._raise_background()

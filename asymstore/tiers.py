@@ -5,43 +5,55 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from asymstore.backends import open_object_store, scheme_of
 from asymstore.backends.base import ObjectStore
 
+from .batch_plan import LatencyBandwidthModel, optimal_batch_bytes
 from .config import MiB, Config
+from .retention import Policy, parse_keep
 from .errors import CorruptCheckpointError
 from .manifest import COMMIT_KEY, parse_commit, parse_step_dir, step_dir
 from .reader import CheckpointReader
 from .writer import CheckpointWriter, DeltaBase, ensure_root_group
 
-_DEFAULT_PARTITION = {"file": 64 * MiB, "memory": 64 * MiB, "hdfs": 128 * MiB}
-
-
 @dataclass
 class WriteStats:
-    """Per-operation latency and bandwidth of a tier, from a start-up probe and real traffic."""
+    """Per-write latency and bandwidth of a tier: a start-up probe, then refreshed by real traffic."""
 
-    latency_s: float = 0.0
-    bandwidth: float = 0.0  # bytes/s
-    samples: int = 0
+    model: LatencyBandwidthModel = field(default_factory=lambda: LatencyBandwidthModel(max_samples=64))
+    stage_bandwidth: float = float("inf")  # bytes/s at which a batch is produced (checksum + encode)
+    writes: int = 0
     bytes_written: int = 0
     seconds_writing: float = 0.0
 
     def observe(self, nbytes: int, seconds: float) -> None:
+        self.writes += 1
         self.bytes_written += nbytes
         self.seconds_writing += seconds
-        self.samples += 1
-        if nbytes >= MiB and seconds > 0:
-            bw = nbytes / max(seconds - self.latency_s, seconds * 0.5)
-            self.bandwidth = bw if self.bandwidth == 0 else 0.8 * self.bandwidth + 0.2 * bw
+        if seconds > 0:
+            self.model.add(nbytes, seconds)
+
+    @property
+    def latency_s(self) -> float:
+        return self.model.latency_s if len(self.model) else 0.0
+
+    @property
+    def bandwidth(self) -> float:
+        return self.model.bandwidth if len(self.model) else 0.0
+
+    @property
+    def throughput(self) -> float:
+        """Average bytes/s of all writes so far (including per-write latency)."""
+        return self.bytes_written / self.seconds_writing if self.seconds_writing else 0.0
 
 
 class PersistentTier:
     """One tier below host memory (local directory, HDFS, ...)."""
 
-    def __init__(self, url_or_store: str | ObjectStore, config: Config, *, name: str | None = None) -> None:
+    def __init__(self, url_or_store: str | ObjectStore, config: Config, *, name: str | None = None,
+                 keep: int | Policy | list[Policy] | None = None, partition_bytes: int | None = None) -> None:
         if isinstance(url_or_store, ObjectStore):
             self.store = url_or_store
         else:
@@ -51,6 +63,8 @@ class PersistentTier:
         self.scheme = scheme_of(self.url)
         self.name = name or self.scheme
         self.config = config
+        self.policies = parse_keep(keep)
+        self.fixed_partition_bytes = partition_bytes or config.partition_bytes
         self.stats = WriteStats()
         self._probed = False
         self.lock = threading.Lock()  # one writer per tier at a time
@@ -64,36 +78,46 @@ class PersistentTier:
         """Measure per-write latency and bandwidth with real writes (once, then refreshed by traffic)."""
         if self._probed:
             return self.stats
+        import os
+
+        from .zarrfmt import crc32c
         key = f"_probe/{uuid.uuid4().hex}"
-        small = bytes(4096)
-        big = bytes(8 * MiB)
-        t0 = time.perf_counter()
-        for i in range(3):
-            self.store.put(f"{key}-s{i}", small)
-        lat = (time.perf_counter() - t0) / 3
-        t1 = time.perf_counter()
-        self.store.put(f"{key}-b", big)
-        dt = time.perf_counter() - t1
-        self.store.delete_prefix("_probe/")
-        self.stats.latency_s = lat
-        self.stats.bandwidth = len(big) / max(dt - lat, dt * 0.5, 1e-9)
+        big = os.urandom(8 * MiB)
+        try:
+            for i, n in enumerate((4096, 4096, 4096, 2 * MiB, 8 * MiB)):
+                t0 = time.perf_counter()
+                self.store.put(f"{key}-{i}", memoryview(big)[:n])
+                self.stats.model.add(n, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            crc32c(big)
+            self.stats.stage_bandwidth = len(big) / max(time.perf_counter() - t0, 1e-9)
+        finally:
+            self.store.delete_prefix("_probe/")
         self._probed = True
         return self.stats
 
     def bandwidth(self) -> float:
         if not self.store.durable and self.scheme == "memory":
             return float("inf")
-        return self.probe().bandwidth
+        return self.probe().bandwidth or float("inf")
 
-    def partition_bytes(self) -> int:
-        if self.config.partition_bytes:
-            return self.config.partition_bytes
-        p = _DEFAULT_PARTITION.get(self.scheme, 64 * MiB)
-        p = min(p, max(self.config.staging_budget_bytes // 2, self.config.chunk_bytes))
-        return max(p // self.config.chunk_bytes, 1) * self.config.chunk_bytes
+    def partition_bytes(self, checkpoint_bytes: int) -> int:
+        """B*: the batch (= stored object) size minimising the modelled flush time (design 2.3)."""
+        chunk = self.config.chunk_bytes
+        if self.fixed_partition_bytes:
+            return self.fixed_partition_bytes
+        if not self.store.durable and self.scheme == "memory":
+            b = min(max(checkpoint_bytes, chunk), self.config.staging_budget_bytes // 2)
+        else:
+            st = self.probe()
+            b = optimal_batch_bytes(max(checkpoint_bytes, 1), st.latency_s, st.bandwidth or 1e9,
+                                    stage_bandwidth=st.stage_bandwidth,
+                                    staging_budget_bytes=self.config.staging_budget_bytes,
+                                    min_batch_bytes=chunk, align=chunk)
+        return max(-(-b // chunk), 1) * chunk
 
-    def writer(self) -> CheckpointWriter:
-        return CheckpointWriter(self.store, partition_bytes=self.partition_bytes(),
+    def writer(self, checkpoint_bytes: int) -> CheckpointWriter:
+        return CheckpointWriter(self.store, partition_bytes=self.partition_bytes(checkpoint_bytes),
                                 chunk_bytes=self.config.chunk_bytes, compression=self.config.compression,
                                 tier_bandwidth=self.bandwidth, on_write=self.stats.observe)
 

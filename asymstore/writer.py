@@ -44,6 +44,29 @@ class DeltaBase:
     stream: memoryview
 
 
+class StreamSource:
+    """Where a writer reads the stream from when it is not one buffer (e.g. another tier)."""
+
+    total_bytes: int
+
+    def read(self, start: int, end: int) -> memoryview:
+        raise NotImplementedError
+
+
+class ReaderSource(StreamSource):
+    """Stream bytes read range by range from a committed checkpoint on another tier."""
+
+    def __init__(self, reader: Any, max_range: int) -> None:
+        self.reader = reader
+        self.total_bytes = reader.manifest.layout.total_bytes
+        self._buf = bytearray(max_range)
+
+    def read(self, start: int, end: int) -> memoryview:
+        out = memoryview(self._buf)[:end - start]
+        self.reader.read_range_into(start, end, out)
+        return out
+
+
 @dataclass
 class WriteReport:
     step: int
@@ -109,7 +132,8 @@ class CheckpointWriter:
         self.last_choices.append((choice.spec.label, ests))
         return choice.spec
 
-    def write(self, step: int, stream: memoryview, layout: Layout, skeleton: Any, *, numpy_names: list[str],
+    def write(self, step: int, stream: memoryview | StreamSource, layout: Layout, skeleton: Any, *,
+              numpy_names: list[str],
               user: dict[str, Any] | None = None, delta_base: DeltaBase | None = None,
               progress: Progress | None = None) -> WriteReport:
         t_start = time.perf_counter()
@@ -118,10 +142,15 @@ class CheckpointWriter:
             raise StepExistsError(f"step {step} is already committed in {self.store.url}; delete it first "
                                   "or save under another step")
         self.store.delete_prefix(prefix)  # leftovers of an interrupted attempt
-        stream = memoryview(stream).cast("B")
-        if len(stream) < layout.total_bytes:
-            raise ConfigError(f"snapshot buffer has {len(stream)} bytes, layout needs {layout.total_bytes}")
-        stream = stream[:layout.total_bytes]
+        if isinstance(stream, StreamSource):
+            src: StreamSource | memoryview = stream
+            have = stream.total_bytes
+            delta_base = None  # deltas need the whole stream at hand
+        else:
+            src = memoryview(stream).cast("B")
+            have = len(src)
+        if have < layout.total_bytes:
+            raise ConfigError(f"snapshot buffer has {have} bytes, layout needs {layout.total_bytes}")
         base = None
         if delta_base is not None and delta_base.signature == layout.signature and delta_base.step != step:
             base = delta_base.stream
@@ -135,7 +164,7 @@ class CheckpointWriter:
         scratch: np.ndarray | None = None
         self.last_choices = []
         for span in spans:
-            data = stream[span.start:span.end]
+            data = src[span.start:span.end] if isinstance(src, memoryview) else src.read(span.start, span.end)
             t0 = time.perf_counter()
             typesize = dominant_itemsize(layout, span.start, span.end, _ITEMSIZES)
             base_part = base[span.start:span.end] if base is not None else None
