@@ -268,12 +268,15 @@ class Store:
         if not candidates:
             raise StepNotFoundError("no complete checkpoint on any tier")
         events: list[str] = []
+        damaged: list[str] = []  # object keys named by the failures, for CorruptCheckpointError.objects
         t0 = time.perf_counter()
         for s in candidates:
             for source in self._sources(s):
                 try:
                     buf, meta = self._read_stream(s, source)
                 except (CorruptCheckpointError, StepNotFoundError) as e:
+                    if isinstance(e, CorruptCheckpointError):
+                        damaged += [o for o in e.objects if o not in damaged]
                     events.append(f"step {s} on {source}: {e}")
                     log.warning("restore: step %s on %s unusable (%s); trying the next source", s, source, e)
                     continue
@@ -284,7 +287,7 @@ class Store:
                 if events:
                     log.warning("restored step %s from %s after fallbacks: %s", s, source, "; ".join(events))
                 return self._materialise(buf, layout, skeleton, into, strict)
-        raise CorruptCheckpointError("no readable checkpoint: " + "; ".join(events))
+        raise CorruptCheckpointError("no readable checkpoint: " + "; ".join(events), tuple(damaged))
 
     def _materialise(self, buf: torch.Tensor, layout: Layout, skeleton: Any, into: Any, strict: bool) -> Any:
         entries = layout.by_name()
