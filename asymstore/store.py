@@ -21,7 +21,7 @@ from asymstore.backends.base import ObjectStore
 
 from .config import Config
 from .errors import (AsymstoreError, CheckpointFailedError, CorruptCheckpointError, SnapshotSlotsBusyError,
-                     StateMismatchError, StepNotFoundError)
+                     StateMismatchError, StepExistsError, StepNotFoundError)
 from .hostpool import HostPool, Slot
 from .layout import Layout, plan_layout
 from .manifest import Manifest
@@ -137,6 +137,7 @@ class Store:
         """Reserve a host slot for ``state`` at ``step``; ``None`` when the slot policy skips it."""
         self._check_open()
         self._raise_background()
+        self._check_new_step(step)
         flat = flatten(state)
         layout = _layout_of(flat)
         try:
@@ -145,6 +146,20 @@ class Store:
             log.warning("%s", e)
             return None
         return PendingSnapshot(step, slot, layout, flat, dict(user or {}), time.perf_counter())
+
+    def _check_new_step(self, step: int) -> None:
+        """Refuse a step that is already committed, before its host copy could be overwritten.
+
+        A host copy whose persistence failed may be saved again (a retry); one still being
+        persisted, or the only copy of a store without persistent tiers, may not.
+        """
+        where = [t.name for t in self.tiers if t.has(step)]
+        slot = self.host.find(step)
+        if slot is not None and (slot.persisting or not self.tiers):
+            where.insert(0, "host")
+        if where:
+            raise StepExistsError(f"step {step} is already committed (on {', '.join(where)}); delete it first "
+                                  "or save under another step")
 
     def abort_snapshot(self, snap: PendingSnapshot) -> None:
         self.host.release(snap.slot)
@@ -202,7 +217,15 @@ class Store:
             raise
         handle = self.commit_snapshot(snap)
         if blocking:
-            handle.result()
+            try:
+                handle.result()
+            except BaseException as e:
+                with self._lock:  # delivered here: do not raise it again on the next call
+                    if self._bg_error is e:
+                        self._bg_error = None
+                if self.config.non_fatal:
+                    return handle  # logged and counted by _record_failure; training goes on
+                raise
         return handle
 
     def save_async(self, state: Any, step: int, *, user: dict[str, Any] | None = None) -> SaveHandle:
