@@ -64,8 +64,8 @@ class HostPool:
         return sum(s.capacity for s in self.slots)
 
     def _alloc(self, slot: Slot, nbytes: int) -> None:
-        if slot.capacity >= nbytes and slot.capacity <= max(2 * nbytes, 1 << 20):
-            return
+        if slot.buffer is not None and nbytes <= slot.capacity <= max(2 * nbytes, 1 << 20):
+            return  # reuse (a state without tensors still needs a buffer: capacity 0 is no buffer)
         slot.buffer = None
         size = max(nbytes, 64)
         slot.buffer = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)

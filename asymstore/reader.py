@@ -162,9 +162,27 @@ class CheckpointReader:
         a = np.frombuffer(out, np.uint8)
         np.bitwise_xor(a, np.frombuffer(base, np.uint8), out=a)
 
+    def _array_metadata_problems(self) -> list[tuple[str, str]]:
+        """Each codec array's ``zarr.json`` against the crc32c in the commit marker."""
+        want = dict(self.commit.get("arrays_crc32c", {}))  # type: ignore[call-overload]
+        out = []
+        for label in self.manifest.codecs:
+            key = f"{self.prefix}{label}/zarr.json"
+            raw = self.store.get(key)
+            if raw is None or crc32c(raw) != want.get(label):
+                out.append((key, "missing" if raw is None else "checksum mismatch"))
+        return out
+
     # --- public reads ------------------------------------------------------------
     def read_all_into(self, out: memoryview, progress: Progress | None = None) -> None:
-        """Read the whole stream into ``out`` (at least ``total_bytes`` long), verified."""
+        """Read the whole stream into ``out`` (at least ``total_bytes`` long), verified.
+
+        The arrays' ``zarr.json`` are checked too: a checkpoint that plain zarr readers
+        cannot open is damaged even though asymstore itself does not need those objects.
+        """
+        bad = self._array_metadata_problems()
+        if bad:
+            raise CorruptCheckpointError("; ".join(f"{k}: {m}" for k, m in bad), tuple(k for k, _ in bad))
         out = memoryview(out).cast("B")
         total = self.manifest.layout.total_bytes
         for span in self._spans:
@@ -206,13 +224,8 @@ class CheckpointReader:
     def verify(self, progress: Progress | None = None) -> VerifyReport:
         """Check every stored object of this step; never raises for damage, reports it."""
         rep = VerifyReport(self.step)
-        for label in self.manifest.codecs:
-            key = f"{self.prefix}{label}/zarr.json"
-            raw = self.store.get(key)
-            rep.checked_objects += 1
-            want = dict(self.commit.get("arrays_crc32c", {}))  # type: ignore[call-overload]
-            if raw is None or crc32c(raw) != want.get(label):
-                rep.problems.append((key, "missing" if raw is None else "checksum mismatch"))
+        rep.checked_objects += len(self.manifest.codecs)
+        rep.problems += self._array_metadata_problems()
         scratch = bytearray(self.manifest.partition_bytes)
         total = self.manifest.layout.total_bytes
         for span in self._spans:

@@ -78,6 +78,20 @@ def flatten(state: Any) -> FlatState:
         return name
 
     def enc(v: Any, path: str) -> JSON:
+        # first: np.float64, np.complex128 and np.str_ subclass the Python types
+        if isinstance(v, np.generic):
+            if isinstance(v, np.bool_):
+                return {"__npscalar__": ["bool", bool(v)]}
+            if v.dtype.kind in "fc" and v.dtype.itemsize > (8 if v.dtype.kind == "f" else 16):  # long double
+                raise UnsupportedValueError(f"{path}: numpy {v.dtype} scalars cannot be stored exactly; "
+                                            "convert to float64")
+            if isinstance(v, np.complexfloating):
+                return {"__npscalar__": [v.dtype.str, [_float(float(v.real)), _float(float(v.imag))]]}
+            if isinstance(v, (np.integer, np.floating, np.str_)):
+                item = v.item()
+                return {"__npscalar__": [v.dtype.str, _float(item) if isinstance(item, float) else item]}
+            raise UnsupportedValueError(f"{path}: numpy scalars of type {type(v).__name__} cannot be stored "
+                                        "(asymstore never pickles); convert it to a number or string")
         if v is None or isinstance(v, (bool, str)):
             return v
         if isinstance(v, int) and not isinstance(v, bool):
@@ -92,13 +106,6 @@ def flatten(state: Any) -> FlatState:
             name = add_tensor(torch.from_numpy(np.ascontiguousarray(v)), path)
             flat.numpy_names.add(name)
             return {"__ndarray__": name}
-        if isinstance(v, np.generic):
-            if isinstance(v, np.bool_):
-                return {"__npscalar__": ["bool", bool(v)]}
-            item = v.item()
-            if isinstance(item, float) and not math.isfinite(item):
-                item = repr(item)
-            return {"__npscalar__": [v.dtype.str, item]}
         if isinstance(v, torch.dtype):
             return {"__torch_dtype__": str(v).removeprefix("torch.")}
         if isinstance(v, torch.Size):
@@ -121,12 +128,17 @@ def flatten(state: Any) -> FlatState:
         )
 
     def enc_key(k: Any, path: str) -> JSON:
-        if isinstance(k, (str, int, float, bool)) or k is None or isinstance(k, tuple):
+        if isinstance(k, (str, int, float, bool, tuple, np.generic)) or k is None:
             return enc(k, path)
         raise UnsupportedValueError(f"{path}: dict key {k!r} of type {type(k).__name__} cannot be stored")
 
     flat.skeleton = enc(state, "")
     return flat
+
+
+def _float(x: float) -> float | str:
+    """A float for JSON: itself, or its repr ("nan", "inf", "-inf") when not finite."""
+    return x if math.isfinite(x) else repr(x)
 
 
 def _child(path: str, key: str) -> str:
@@ -169,7 +181,12 @@ def unflatten(skeleton: JSON, get_tensor: Callable[[str], torch.Tensor]) -> Any:
                 dt, val = x
                 if dt == "bool":
                     return np.bool_(val)
-                return np.dtype(dt).type(float(val) if isinstance(val, str) else val)
+                if isinstance(val, list):  # complex: [real, imag]
+                    re_, im_ = (float(p) for p in val)
+                    return np.dtype(dt).type(complex(re_, im_))
+                if isinstance(val, str) and np.dtype(dt).kind == "f":
+                    return np.dtype(dt).type(float(val))
+                return np.dtype(dt).type(val)
         return {(k[2:] if k.startswith("____") else k): dec(x) for k, x in v.items()}
 
     return dec(skeleton)

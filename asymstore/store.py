@@ -21,7 +21,7 @@ from asymstore.backends.base import ObjectStore
 
 from .config import Config
 from .errors import (AsymstoreError, CheckpointFailedError, CorruptCheckpointError, SnapshotSlotsBusyError,
-                     StateMismatchError, StepNotFoundError)
+                     StateMismatchError, StepExistsError, StepNotFoundError)
 from .hostpool import HostPool, Slot
 from .layout import Layout, plan_layout
 from .manifest import Manifest
@@ -159,6 +159,7 @@ class Store:
         """
         self._check_open()
         self._raise_background()
+        self._check_new_step(step)
         flat = state if isinstance(state, FlatState) else flatten(state)
         layout = _layout_of(flat, first)
         try:
@@ -167,6 +168,20 @@ class Store:
             log.warning("%s", e)
             return None
         return PendingSnapshot(step, slot, layout, flat, dict(user or {}), time.perf_counter())
+
+    def _check_new_step(self, step: int) -> None:
+        """Refuse a step that is already committed, before its host copy could be overwritten.
+
+        A host copy whose persistence failed may be saved again (a retry); one still being
+        persisted, or the only copy of a store without persistent tiers, may not.
+        """
+        where = [t.name for t in self.tiers[:1] if t.has(step)]  # slow lower tiers are never asked here
+        slot = self.host.find(step)
+        if slot is not None and (slot.persisting or not self.tiers):
+            where.insert(0, "host")
+        if where:
+            raise StepExistsError(f"step {step} is already committed (on {', '.join(where)}); delete it first "
+                                  "or save under another step")
 
     def abort_snapshot(self, snap: PendingSnapshot) -> None:
         self.host.release(snap.slot)
@@ -236,7 +251,15 @@ class Store:
             raise
         handle = self.commit_snapshot(snap)
         if blocking:
-            handle.result()
+            try:
+                handle.result()
+            except BaseException as e:
+                with self._lock:  # delivered here: do not raise it again on the next call
+                    if self._bg_error is e:
+                        self._bg_error = None
+                if self.config.non_fatal:
+                    return handle  # logged and counted by _record_failure; training goes on
+                raise
         return handle
 
     def save_async(self, state: Any, step: int, *, user: dict[str, Any] | None = None) -> SaveHandle:
@@ -318,12 +341,15 @@ class Store:
         if not candidates:
             raise StepNotFoundError("no complete checkpoint on any tier")
         events: list[str] = []
+        damaged: list[str] = []  # object keys named by the failures, for CorruptCheckpointError.objects
         t0 = time.perf_counter()
         for s in candidates:
             for source in self._sources(s):
                 try:
                     buf, meta = self._read_stream(s, source)
                 except (CorruptCheckpointError, StepNotFoundError) as e:
+                    if isinstance(e, CorruptCheckpointError):
+                        damaged += [o for o in e.objects if o not in damaged]
                     events.append(f"step {s} on {source}: {e}")
                     log.warning("restore: step %s on %s unusable (%s); trying the next source", s, source, e)
                     continue
@@ -334,7 +360,7 @@ class Store:
                 if events:
                     log.warning("restored step %s from %s after fallbacks: %s", s, source, "; ".join(events))
                 return self._materialise(buf, layout, skeleton, into, strict)
-        raise CorruptCheckpointError("no readable checkpoint: " + "; ".join(events))
+        raise CorruptCheckpointError("no readable checkpoint: " + "; ".join(events), tuple(damaged))
 
     def _materialise(self, buf: torch.Tensor, layout: Layout, skeleton: Any, into: Any, strict: bool) -> Any:
         entries = layout.by_name()
