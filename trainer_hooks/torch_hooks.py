@@ -29,9 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from asymstore import dtypes
 from asymstore.errors import ConfigError
 from asymstore.snapshot_plan import SnapshotPlan, WindowProfile, plan_all_at_step, plan_asymmetric, plan_uniform, \
     should_replan
+from asymstore.snapshot import dest_view
 from asymstore.state import flatten
 from asymstore.store import PendingSnapshot, SaveHandle, Store
 
@@ -308,13 +310,39 @@ class AsymCheckpointer:
         self._plan_cache = ((nbytes, len(fwd), windows), plan)
         return plan
 
-    def _refresh_scheduler(self, a: _Active) -> None:
-        """Schedulers step after the optimizer: take their state as it is when the snapshot completes."""
-        if self.scheduler is None or not isinstance(a.snap.flat.skeleton, dict):
+    def _refresh_after_step(self, a: _Active) -> None:
+        """Take the parts that change *after* the optimizer step as they are when the snapshot completes.
+
+        ``scheduler.step()`` runs after ``optimizer.step()`` (the post-step hook that began this snapshot):
+        it changes the scheduler's state and the optimizers' ``param_groups`` (``lr``, momentum, ...). The
+        state "right after step t" includes both, so both are taken again at the barrier of step t+1 (or
+        at ``detach``). JSON values replace the skeleton's; tensor values (e.g. a tensor ``lr``) are copied
+        again into their place in the slot.
+        """
+        sk = a.snap.flat.skeleton
+        if not isinstance(sk, dict):
             return
-        fs = flatten(self.scheduler.state_dict())
-        if not fs.tensors:  # JSON-only (all torch schedulers): update the skeleton in place
-            a.snap.flat.skeleton["scheduler"] = fs.skeleton
+        part: dict[str, Any] = {}
+        if self.scheduler is not None and "scheduler" in sk:
+            part["scheduler"] = self.scheduler.state_dict()
+        if isinstance(sk.get("optimizers"), list) and len(sk["optimizers"]) == len(self.optimizers):
+            part["optimizers"] = [{"param_groups": o.state_dict()["param_groups"]} for o in self.optimizers]
+        fs = flatten(part)  # same key paths as in state(), so the same tensor names
+        entries = a.snap.layout.by_name()
+        for name, t in fs.tensors.items():
+            e = entries.get(name)
+            if e is None or e.shape != tuple(t.shape) or dtypes.info(t.dtype).torch_name != e.dtype:
+                log.warning("cannot refresh %s at the end of the snapshot (its layout changed); the checkpoint "
+                            "of step %s keeps its value from right after the optimizer step", name, a.stats.step)
+                return
+        with torch.no_grad():
+            for name, t in fs.tensors.items():
+                if t.numel():
+                    dest_view(a.snap.buffer, entries[name]).copy_(t)
+        if "scheduler" in fs.skeleton:
+            sk["scheduler"] = fs.skeleton["scheduler"]
+        for i, o_sk in enumerate(fs.skeleton.get("optimizers", [])):
+            sk["optimizers"][i]["param_groups"] = o_sk["param_groups"]
 
     def _complete(self, t_barrier: float) -> None:
         """The barrier: copy the remainder, wait for every copy, hand the slot to persistence."""
@@ -323,7 +351,7 @@ class AsymCheckpointer:
         self._active = None
         ex = self._executor
         rem = a.plan.remainder
-        self._refresh_scheduler(a)
+        self._refresh_after_step(a)
         try:
             # the remainder, plus any planned partition whose window did not come (a skipped block,
             # or training ended): everything not yet copied is copied now
