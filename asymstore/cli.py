@@ -1,0 +1,531 @@
+"""The ``asymstore`` command: inspect, verify and export checkpoints on any tier.
+
+::
+
+    asymstore ls URL [URL ...] [--json]          steps, sizes, codecs, and where each is complete
+    asymstore show URL [--step N] [--filter G]   tensors, partitions and their codecs, metadata
+    asymstore verify URL [--step N | --all]      read and check every stored object
+    asymstore export URL OUT.safetensors         write the tensors to a safetensors file
+
+The CLI only reads: it never creates directories or writes to a tier. Exit codes: 0 ok,
+1 a checkpoint is damaged (``verify``, or a read that failed its checksums), 2 usage
+errors, bad URLs and missing steps. ``--debug`` shows tracebacks for user errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import fnmatch
+import json
+import os
+import struct
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from .errors import AsymstoreError, ConfigError, CorruptCheckpointError, StepNotFoundError
+
+EXIT_OK, EXIT_DAMAGED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(AsymstoreError):
+    """A user error reported with exit code 2 (bad URL, missing step, bad option)."""
+
+
+# --- opening tiers (read-only) ------------------------------------------------------
+def _open_store(url: str) -> Any:
+    """Open a tier's object store without creating or writing anything."""
+    from asymstore.backends import open_object_store, scheme_of
+
+    if scheme_of(url) == "file":
+        from asymstore.backends.local import path_from_url
+        path = path_from_url(url)
+        if not os.path.exists(path):
+            raise UsageError(f"{url}: no such directory")
+        if not os.path.isdir(path):
+            raise UsageError(f"{url}: not a directory (give the checkpoint root, the directory that holds "
+                             "step_<N>/ directories)")
+    return open_object_store(url)
+
+
+def _committed(store: Any) -> list[int]:
+    from .lazy import committed_steps
+    return committed_steps(store)
+
+
+def _partial_steps(store: Any) -> list[int]:
+    """Step directories without a commit marker (interrupted or in-flight saves)."""
+    from .manifest import COMMIT_KEY, parse_step_dir
+    out = []
+    for d in store.list_dirs(""):
+        s = parse_step_dir(d)
+        if s is not None and not store.exists(f"{d}/{COMMIT_KEY}"):
+            out.append(s)
+    return sorted(out)
+
+
+def _reader(store: Any, step: int) -> Any:
+    from .reader import CheckpointReader
+
+    def factory(s: int) -> CheckpointReader:
+        return CheckpointReader.open(store, s, base_reader=factory)
+
+    return factory(step)
+
+
+def _pick_step(store: Any, url: str, step: int | None) -> int:
+    steps = _committed(store)
+    if not steps:
+        partial = _partial_steps(store)
+        extra = f" (uncommitted step directories: {partial})" if partial else ""
+        raise StepNotFoundError(f"no committed checkpoint in {url}{extra}")
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        near = ", ".join(map(str, steps[-10:]))
+        raise StepNotFoundError(f"step {step} is not committed in {url}; committed steps: {near}"
+                                + (" (last 10)" if len(steps) > 10 else ""))
+    return step
+
+
+# --- formatting helpers -------------------------------------------------------------
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"  # pragma: no cover
+
+
+def _time_str(t: float | None) -> str:
+    if not t:
+        return "-"
+    return _dt.datetime.fromtimestamp(t).isoformat(sep=" ", timespec="seconds")
+
+
+def _console(args: argparse.Namespace) -> Any:
+    from rich.console import Console
+    # a pipe or a file gets wide tables (not rich's 80 columns) and no colour codes
+    width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200
+    return Console(highlight=False, soft_wrap=False, width=width)
+
+
+def _err_console() -> Any:
+    from rich.console import Console
+    return Console(stderr=True, highlight=False)
+
+
+@contextmanager
+def _progress(args: argparse.Namespace, description: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A bytes progress bar on stderr; a no-op when quiet or stderr is not a terminal."""
+    if args.quiet or not sys.stderr.isatty() or total <= 0:
+        yield lambda done: None
+        return
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=_err_console(), transient=True) as p:
+        task = p.add_task(description, total=total)
+        yield lambda done: p.update(task, completed=done)
+
+
+def _codec_summary(manifest: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for p in manifest.partitions:
+        out[p.label] = out.get(p.label, 0) + 1
+    return out
+
+
+def _tier_headers(urls: Sequence[str]) -> list[str]:
+    """Short, unique column names for tier URLs: the last path component, numbered on clashes."""
+    heads = []
+    for i, u in enumerate(urls, 1):
+        base = u.rstrip("/").rsplit("/", 1)[-1] or u
+        h = base if len(base) <= 20 else base[:19] + "…"
+        heads.append(h if h not in heads else f"{h} ({i})")
+    return heads
+
+
+# --- ls -----------------------------------------------------------------------------
+def cmd_ls(args: argparse.Namespace) -> int:
+    stores = [(u, _open_store(u)) for u in args.urls]
+    status: dict[str, dict[int, str]] = {}
+    for url, st in stores:
+        s: dict[int, str] = {}
+        for step in _partial_steps(st):
+            s[step] = "partial"
+        for step in _committed(st):
+            s[step] = "complete"
+        status[url] = s
+    all_steps = sorted({s for d in status.values() for s in d})
+    rows = []
+    for step in all_steps:
+        row: dict[str, Any] = {"step": step, "raw_bytes": None, "stored_bytes": None, "ratio": None,
+                               "codecs": {}, "time": None, "delta_base": None,
+                               "tiers": {u: status[u].get(step, "absent") for u, _ in stores}}
+        for url, st in stores:  # details from the first tier where the step is complete and readable
+            if status[url].get(step) != "complete":
+                continue
+            try:
+                r = _reader(st, step)
+            except CorruptCheckpointError as e:
+                row["tiers"][url] = "damaged"
+                row.setdefault("problems", []).append(f"{url}: {e}")
+                continue
+            m = r.manifest
+            raw, stored = m.layout.total_bytes, m.stored_bytes
+            row.update(raw_bytes=raw, stored_bytes=stored, ratio=(stored / raw if raw else 1.0),
+                       codecs=_codec_summary(m), time=float(r.commit.get("time") or m.created),
+                       delta_base=m.delta_base, tensors=len(m.layout.tensors))
+            break
+        rows.append(row)
+
+    if args.json:
+        print(json.dumps({"tiers": list(args.urls), "steps": rows}, indent=2))
+        return EXIT_OK
+
+    from rich.table import Table
+    con = _console(args)
+    if not rows:
+        con.print(f"no checkpoints in {', '.join(args.urls)}")
+        return EXIT_OK
+    table = Table(title="checkpoints", title_justify="left")
+    table.add_column("step", justify="right")
+    table.add_column("tensors", justify="right")
+    table.add_column("raw", justify="right")
+    table.add_column("stored", justify="right")
+    table.add_column("ratio", justify="right")
+    table.add_column("codecs (partitions)")
+    table.add_column("time")
+    marks = {"complete": "[green]yes[/]", "partial": "[yellow]partial[/]", "absent": "[dim]-[/]",
+             "damaged": "[red]damaged[/]"}
+    heads = _tier_headers([u for u, _ in stores])
+    for h in heads:
+        table.add_column(h, justify="center")
+    for r in rows:
+        codecs = ", ".join(f"{k} ({v})" for k, v in r["codecs"].items())
+        if r["delta_base"] is not None:
+            codecs += f" [dim]delta of {r['delta_base']}[/]"
+        table.add_row(str(r["step"]), str(r.get("tensors", "-")),
+                      human_bytes(r["raw_bytes"]) if r["raw_bytes"] is not None else "-",
+                      human_bytes(r["stored_bytes"]) if r["stored_bytes"] is not None else "-",
+                      f"{r['ratio']:.3f}" if r["ratio"] is not None else "-", codecs or "-", _time_str(r["time"]),
+                      *(marks[r["tiers"][u]] for u, _ in stores))
+    con.print(table)
+    for h, (url, _) in zip(heads, stores):
+        con.print(f"  {h} = {url}", soft_wrap=True)
+    for r in rows:
+        for p in r.get("problems", []):
+            con.print(f"[red]step {r['step']}: {p}[/]")
+    return EXIT_OK
+
+
+# --- show ---------------------------------------------------------------------------
+def _skeleton_values(skeleton: Any) -> dict[str, Any]:
+    """Non-tensor leaves of a skeleton, by '/'-joined path, in their stored JSON form."""
+    out: dict[str, Any] = {}
+
+    def has_tensor(v: Any) -> bool:
+        if isinstance(v, list):
+            return any(has_tensor(x) for x in v)
+        if isinstance(v, dict):
+            if len(v) == 1 and next(iter(v)) in ("__tensor__", "__ndarray__"):
+                return True
+            return any(has_tensor(x) for x in v.values())
+        return False
+
+    def walk(v: Any, path: str) -> None:
+        if not has_tensor(v):
+            out[path or "<root>"] = v
+            return
+        if isinstance(v, list):
+            for i, x in enumerate(v):
+                walk(x, f"{path}/{i}" if path else str(i))
+        elif isinstance(v, dict):
+            if len(v) == 1 and next(iter(v)) in ("__tensor__", "__ndarray__"):
+                return
+            if len(v) == 1 and next(iter(v)) in ("__tuple__", "__dict__"):
+                tag, x = next(iter(v.items()))
+                items = enumerate(x) if tag == "__tuple__" else ((json.dumps(k), y) for k, y in x)
+                for k, y in items:
+                    walk(y, f"{path}/{k}" if path else str(k))
+                return
+            for k, x in v.items():
+                k = k[2:] if k.startswith("____") else k
+                walk(x, f"{path}/{k}" if path else k)
+
+    walk(skeleton, "")
+    return out
+
+
+def _match(name: str, pattern: str | None) -> bool:
+    return pattern is None or fnmatch.fnmatchcase(name, pattern)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from .dtypes import from_name
+
+    st = _open_store(args.url)
+    step = _pick_step(st, args.url, args.step)
+    r = _reader(st, step)
+    m = r.manifest
+    tensors = [t for t in m.layout.tensors if _match(t.name, args.filter)]
+    if args.filter and not tensors:
+        raise UsageError(f"no tensor of step {step} matches {args.filter!r}")
+    parts = []
+    for p in m.partitions:
+        spec = m.codecs[p.label]
+        parts.append({"index": p.span.index, "start": p.span.start, "raw_bytes": p.span.nbytes,
+                      "stored_bytes": p.stored_bytes, "ratio": p.stored_bytes / p.span.nbytes if p.span.nbytes else 1.0,
+                      "codec": p.label, "chain": [c["name"] for c in spec.zarr_chunk_codecs()],
+                      "object": f"{r.prefix}{p.label}/c/{p.shard}",
+                      "tensors": [t.name for t in m.layout.tensors if t.offset < p.span.end and t.end > p.span.start
+                                  and _match(t.name, args.filter)]})
+    if args.filter:
+        parts = [p for p in parts if p["tensors"]]
+    values = _skeleton_values(m.skeleton)
+    if args.json:
+        print(json.dumps({
+            "step": step, "url": args.url, "time": r.commit.get("time"), "raw_bytes": m.layout.total_bytes,
+            "stored_bytes": m.stored_bytes, "delta_base": m.delta_base, "chunk_bytes": m.chunk_bytes,
+            "partition_bytes": m.partition_bytes,
+            "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "bytes": t.nbytes,
+                         "offset": t.offset} for t in tensors],
+            "partitions": [{k: v for k, v in p.items() if k != "tensors"} | {"tensors": len(p["tensors"])}
+                           for p in parts],
+            "user": m.user, "values": values}, indent=2))
+        return EXIT_OK
+
+    con = _console(args)
+    raw, stored = m.layout.total_bytes, m.stored_bytes
+    con.print(f"[bold]step {step}[/] in {args.url}  ({_time_str(float(r.commit.get('time') or m.created))})")
+    con.print(f"{len(m.layout.tensors)} tensors, raw {human_bytes(raw)}, stored {human_bytes(stored)} "
+              f"(ratio {stored / raw if raw else 1.0:.3f}), {len(m.partitions)} partitions of "
+              f"{human_bytes(m.partition_bytes)} in chunks of {human_bytes(m.chunk_bytes)}"
+              + (f", XOR delta of step {m.delta_base}" if m.delta_base is not None else ""))
+    tt = Table(title=f"tensors ({len(tensors)}" + (f" matching {args.filter!r}" if args.filter else "") + ")",
+               title_justify="left")
+    tt.add_column("name", overflow="fold")
+    tt.add_column("dtype")
+    tt.add_column("shape")
+    tt.add_column("bytes", justify="right")
+    for t in tensors:
+        dt = t.dtype
+        try:
+            from_name(dt)
+        except AsymstoreError:
+            dt += " (unknown to this torch)"
+        tt.add_row(t.name, dt, "(" + ", ".join(map(str, t.shape)) + ("," if len(t.shape) == 1 else "") + ")",
+                   human_bytes(t.nbytes))
+    con.print(tt)
+    pt = Table(title="partitions", title_justify="left")
+    for c, j in (("#", "right"), ("stream offset", "right"), ("raw", "right"), ("stored", "right"),
+                 ("ratio", "right"), ("codec chain", "left"), ("tensors", "right")):
+        pt.add_column(c, justify=j)  # type: ignore[arg-type]
+    for p in parts:
+        pt.add_row(str(p["index"]), str(p["start"]), human_bytes(p["raw_bytes"]), human_bytes(p["stored_bytes"]),
+                   f"{p['ratio']:.3f}", f"{p['codec']}: " + " -> ".join(p["chain"]), str(len(p["tensors"])))
+    con.print(pt)
+    con.print("[bold]user metadata[/]: " + (json.dumps(m.user, indent=2) if m.user else "(none)"))
+    if values:
+        vt = Table(title="non-tensor values", title_justify="left")
+        vt.add_column("path", overflow="fold")
+        vt.add_column("value (JSON)", overflow="fold")
+        for k, v in values.items():
+            s = json.dumps(v)
+            vt.add_row(k, s if len(s) <= 200 else s[:197] + "...")
+        con.print(vt)
+    return EXIT_OK
+
+
+# --- verify -------------------------------------------------------------------------
+def cmd_verify(args: argparse.Namespace) -> int:
+    st = _open_store(args.url)
+    if args.all:
+        steps = _committed(st)
+        if not steps:
+            raise StepNotFoundError(f"no committed checkpoint in {args.url}")
+    else:
+        steps = [_pick_step(st, args.url, args.step)]
+    con = _console(args)
+    bad = 0
+    for step in steps:
+        problems: list[tuple[str, str]] = []
+        checked = nbytes = 0
+        try:
+            r = _reader(st, step)
+        except CorruptCheckpointError as e:
+            problems.append((e.objects[0] if e.objects else f"step {step}", str(e)))
+        else:
+            with _progress(args, f"verify step {step}", r.manifest.layout.total_bytes) as bar:
+                rep = r.verify(progress=lambda done, total: bar(done))
+            problems += rep.problems
+            checked, nbytes = rep.checked_objects + 2, rep.checked_bytes  # + commit marker and group
+        if problems:
+            bad += 1
+            con.print(f"[red]step {step}: {len(problems)} problem(s)[/]")
+            for key, msg in problems:
+                con.print(f"  [red]{key}[/]: {msg}", soft_wrap=True)
+        elif not args.quiet:
+            con.print(f"[green]step {step}: ok[/] ({checked} objects, {human_bytes(nbytes)} checked)")
+    if len(steps) > 1 and not args.quiet:
+        con.print(f"{len(steps) - bad} of {len(steps)} steps ok")
+    return EXIT_DAMAGED if bad else EXIT_OK
+
+
+# --- export -------------------------------------------------------------------------
+_ST_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+              "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "uint16": "U16",
+              "uint32": "U32", "uint64": "U64", "complex64": "C64", "float8_e4m3fn": "F8_E4M3",
+              "float8_e5m2": "F8_E5M2", "float8_e4m3fnuz": "F8_E4M3FNUZ", "float8_e5m2fnuz": "F8_E5M2FNUZ"}
+_PIECE = 64 << 20
+
+
+def safetensors_metadata(step: int, skeleton: Any, user: dict[str, Any]) -> dict[str, str]:
+    """String metadata: ``format``, each non-tensor value as JSON, the step, user metadata, the skeleton."""
+    meta = {"format": "pt"}
+    for k, v in _skeleton_values(skeleton).items():
+        meta[k] = json.dumps(v)
+    meta["asymstore.step"] = json.dumps(step)
+    meta["asymstore.user"] = json.dumps(user)
+    meta["asymstore.skeleton"] = json.dumps(skeleton, separators=(",", ":"))
+    return meta
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    st = _open_store(args.url)
+    step = _pick_step(st, args.url, args.step)
+    r = _reader(st, step)
+    m = r.manifest
+    tensors = [t for t in m.layout.tensors if _match(t.name, args.filter)]
+    if not tensors:
+        raise UsageError(f"no tensor of step {step} matches {args.filter!r}" if args.filter
+                         else f"step {step} has no tensors to export")
+    unsupported = [f"{t.name} ({t.dtype})" for t in tensors if t.dtype not in _ST_DTYPES]
+    if unsupported:
+        raise UsageError("safetensors has no dtype for: " + ", ".join(unsupported[:10]) +
+                         "; leave them out with --filter")
+    # safetensors' own order: larger element sizes first, then by name, so every tensor is aligned
+    from .dtypes import from_name, info
+    order = sorted(tensors, key=lambda t: (-info(from_name(t.dtype)).itemsize, t.name))
+    header: dict[str, Any] = {}
+    off = 0
+    for t in order:
+        header[t.name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
+        off += t.nbytes
+    header["__metadata__"] = safetensors_metadata(step, m.skeleton, m.user)
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    out_path = args.out
+    tmp = f"{out_path}.tmp-{os.getpid()}"
+    total = off
+    buf = bytearray(min(max((t.nbytes for t in order), default=0), _PIECE))
+    mv = memoryview(buf)
+    try:
+        with open(tmp, "wb") as f, _progress(args, f"export step {step}", total) as bar:
+            f.write(struct.pack("<Q", len(hb)))
+            f.write(hb)
+            done = 0
+            for t in order:  # tensor by tensor, in pieces: memory stays at one piece
+                pos = t.offset
+                while pos < t.end:
+                    n = min(_PIECE, t.end - pos)
+                    r.read_range_into(pos, pos + n, mv[:n])
+                    f.write(mv[:n])
+                    pos += n
+                    done += n
+                    bar(done)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out_path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if not args.quiet:
+        _console(args).print(f"wrote {len(order)} tensors ({human_bytes(total)}) of step {step} to {out_path}")
+    return EXIT_OK
+
+
+# --- entry point --------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="asymstore", description="Inspect, verify and export asymstore checkpoints. "
+                                "URLs are tier roots: a directory, file:///path, memory://name or hdfs://host:port/path.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:  # also accepted after the subcommand
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        sp.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    ls = sub.add_parser("ls", help="list steps and the tiers each is complete on")
+    ls.add_argument("urls", nargs="+", metavar="URL", help="tier roots, fastest first (one column each)")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    common(ls)
+
+    sh = sub.add_parser("show", help="tensors, partitions with their codecs, and metadata of one step")
+    sh.add_argument("url", metavar="URL")
+    sh.add_argument("--step", type=int, help="step to show (default: newest committed)")
+    sh.add_argument("--filter", metavar="GLOB", help="only tensors whose name matches, e.g. 'model/*'")
+    sh.add_argument("--json", action="store_true", help="machine-readable output")
+    common(sh)
+
+    ve = sub.add_parser("verify", help="read every stored object and check its checksum (exit 1 on damage)")
+    ve.add_argument("url", metavar="URL")
+    g = ve.add_mutually_exclusive_group()
+    g.add_argument("--step", type=int, help="step to verify (default: newest committed)")
+    g.add_argument("--all", action="store_true", help="verify every committed step")
+    common(ve)
+
+    ex = sub.add_parser("export", help="write a step's tensors to a .safetensors file")
+    ex.add_argument("url", metavar="URL")
+    ex.add_argument("out", metavar="OUT.safetensors")
+    ex.add_argument("--step", type=int, help="step to export (default: newest committed)")
+    ex.add_argument("--filter", metavar="GLOB", help="only tensors whose name matches")
+    common(ex)
+    return p
+
+
+_COMMANDS = {"ls": cmd_ls, "show": cmd_show, "verify": cmd_verify, "export": cmd_export}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: 0 for --help, 2 for usage errors
+        return int(e.code or 0)
+    try:
+        return _COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("asymstore: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `asymstore ls ... | head`
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
+        except OSError:
+            pass
+        return EXIT_OK
+    except (AsymstoreError, OSError) as e:
+        if args.debug:
+            raise
+        code = EXIT_DAMAGED if isinstance(e, CorruptCheckpointError) else EXIT_USAGE
+        if isinstance(e, OSError) and not isinstance(e, (ConfigError,)):
+            msg = f"{e.strerror or e}" + (f": {e.filename}" if getattr(e, "filename", None) else "")
+        else:
+            msg = str(e)
+        print(f"asymstore {args.command}: error: {msg}", file=sys.stderr)
+        if code == EXIT_DAMAGED:
+            print("  (run `asymstore verify` for a full report)", file=sys.stderr)
+        return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

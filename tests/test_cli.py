@@ -1,0 +1,242 @@
+"""The ``asymstore`` command line: ls, show, verify, export, and its exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import asymstore
+from asymstore.cli import main
+
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+
+def _state(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "model": {
+            "wte.weight": torch.randn(512, 256, generator=g),  # 512 KiB: several chunks
+            "h.0.attn.weight": torch.randn(64, 64, generator=g).to(torch.bfloat16),
+            "h.0.attn.bias": torch.randn(64, generator=g).to(torch.float16),
+            "h.0.mlp.weight": torch.randn(32, 16, generator=g).to(torch.float8_e4m3fn),
+            "tokens": torch.arange(100, dtype=torch.int64),
+            "mask": torch.rand(33, generator=g) > 0.5,
+        },
+        "optimizer": {"state": {0: {"step": torch.tensor(7.0), "exp_avg": torch.randn(100, generator=g)}},
+                      "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.95), "params": [0]}]},
+        "step": 7,
+        "epoch": 1,
+        "note": "hello",
+    }
+
+
+@pytest.fixture
+def ckpt(tmp_path: Path) -> tuple[Path, Path, dict]:
+    """Two tiers; steps 1 and 2 on both, step 3 only on the first; step 2 compressible."""
+    a, b = tmp_path / "nvme", tmp_path / "shared"
+    st = _state()
+    with asymstore.open_store([str(a), str(b)], chunk_bytes=64 * 1024, partition_bytes=256 * 1024) as s:
+        s.save(st, step=1, user={"run": "test", "tokens_seen": 123})
+        st2 = _state()
+        st2["model"]["wte.weight"] = torch.zeros(512, 256)
+        s.save(st2, step=2)
+    with asymstore.open_store([str(a)], chunk_bytes=64 * 1024, partition_bytes=256 * 1024) as s:
+        s.save(_state(1), step=3)
+    return a, b, st
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_ls_table_and_tiers(ckpt, capsys):
+    a, b, _ = ckpt
+    rc, out, _ = _run(["ls", str(a), str(b)], capsys)
+    assert rc == 0
+    assert str(a) in out and str(b) in out
+    lines = {ln.split()[1]: ln for ln in out.splitlines() if ln.startswith("│")}
+    assert set(lines) == {"1", "2", "3"}
+    assert lines["1"].count("yes") == 2 and lines["3"].count("yes") == 1
+
+
+def test_ls_json(ckpt, capsys):
+    a, b, _ = ckpt
+    os.makedirs(b / "step_000000000009")  # an interrupted save: a step directory without a commit marker
+    rc, out, _ = _run(["ls", "--json", str(a), str(b)], capsys)
+    assert rc == 0
+    doc = json.loads(out)
+    steps = {r["step"]: r for r in doc["steps"]}
+    assert sorted(steps) == [1, 2, 3, 9]
+    assert steps[3]["tiers"] == {str(a): "complete", str(b): "absent"}
+    assert steps[9]["tiers"] == {str(a): "absent", str(b): "partial"}
+    assert steps[9]["raw_bytes"] is None
+    r1 = steps[1]
+    assert r1["raw_bytes"] > 0 and r1["stored_bytes"] > 0 and r1["tensors"] == 8
+    assert sum(r1["codecs"].values()) >= 2  # several partitions
+    assert steps[2]["ratio"] < steps[1]["ratio"]  # zeros compress
+    assert isinstance(r1["time"], float)
+
+
+def test_show(ckpt, capsys):
+    a, _, st = ckpt
+    rc, out, _ = _run(["show", str(a), "--step", "1"], capsys)
+    assert rc == 0
+    for name in ("model/wte.weight", "model/h.0.attn.weight", "optimizer/state/0/exp_avg"):
+        assert name in out
+    assert "bfloat16" in out and "float8_e4m3fn" in out and "(512, 256)" in out
+    assert "partitions" in out and "bytes" in out  # codec chain of each partition
+    assert '"tokens_seen": 123' in out  # user metadata
+    assert "optimizer/param_groups" in out and '"hello"' in out  # non-tensor values
+
+
+def test_show_filter_and_json(ckpt, capsys):
+    a, _, _ = ckpt
+    rc, out, _ = _run(["show", str(a), "--filter", "model/h.0.*", "--json"], capsys)
+    assert rc == 0
+    doc = json.loads(out)
+    assert doc["step"] == 3  # newest by default
+    assert sorted(t["name"] for t in doc["tensors"]) == ["model/h.0.attn.bias", "model/h.0.attn.weight",
+                                                        "model/h.0.mlp.weight"]
+    assert all(p["tensors"] > 0 and p["chain"] for p in doc["partitions"])
+    assert doc["values"]["step"] == 7
+    rc, _, err = _run(["show", str(a), "--filter", "nothing*"], capsys)
+    assert rc == 2 and "matches" in err
+
+
+def test_verify_ok_and_all(ckpt, capsys):
+    a, _, _ = ckpt
+    rc, out, _ = _run(["verify", str(a)], capsys)
+    assert rc == 0 and "step 3: ok" in out
+    rc, out, _ = _run(["verify", str(a), "--all"], capsys)
+    assert rc == 0 and "3 of 3 steps ok" in out
+
+
+def _first_shard(root: Path, step: int) -> Path:
+    d = root / f"step_{step:012d}"
+    shards = sorted(p for p in d.rglob("c/*") if p.is_file())
+    assert shards
+    return shards[0]
+
+
+def test_verify_detects_corrupted_byte(ckpt, capsys):
+    a, b, _ = ckpt
+    shard = _first_shard(a, 1)
+    raw = bytearray(shard.read_bytes())
+    raw[100] ^= 0x01  # one flipped bit in a data chunk
+    shard.write_bytes(bytes(raw))
+    key = shard.relative_to(a).as_posix()
+    rc, out, _ = _run(["verify", str(a), "--step", "1"], capsys)
+    assert rc == 1
+    assert key in out and "checksum" in out
+    rc, out, _ = _run(["verify", str(a), "--all"], capsys)
+    assert rc == 1 and "2 of 3 steps ok" in out
+    rc, _, _ = _run(["verify", str(b), "--step", "1"], capsys)  # the other tier's copy is intact
+    assert rc == 0
+
+
+def test_verify_detects_damaged_metadata(ckpt, capsys):
+    a, _, _ = ckpt
+    marker = a / "step_000000000002" / "COMMIT"
+    marker.write_bytes(marker.read_bytes().replace(b'"step":2', b'"step":4'))
+    rc, out, _ = _run(["verify", str(a), "--step", "2"], capsys)
+    assert rc == 1 and "step_000000000002/COMMIT" in out
+
+
+def test_export_round_trip_bit_exact(ckpt, tmp_path, capsys):
+    a, _, st = ckpt
+    out_file = tmp_path / "out.safetensors"
+    rc, _, _ = _run(["export", str(a), str(out_file), "--step", "1", "-q"], capsys)
+    assert rc == 0
+    loaded = safetensors_torch.load_file(str(out_file))
+    ck = asymstore.open_checkpoint(str(a), 1)
+    assert set(loaded) == set(ck)
+    for name, lt in ck.items():
+        t = loaded[name]
+        assert t.dtype == lt.dtype and tuple(t.shape) == tuple(lt.shape), name
+        assert torch.equal(t.view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8),
+                           lt.read().view(torch.uint8) if t.dim() else lt.read().reshape(1).view(torch.uint8)), name
+    assert torch.equal(loaded["model/wte.weight"], st["model"]["wte.weight"])
+    assert loaded["model/h.0.attn.weight"].dtype == torch.bfloat16
+    assert loaded["model/h.0.mlp.weight"].dtype == torch.float8_e4m3fn
+    from safetensors import safe_open
+    with safe_open(str(out_file), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["step"]) == 7 and json.loads(meta["note"]) == "hello"
+    assert json.loads(meta["optimizer/param_groups"])[0]["lr"] == 1e-3
+    assert json.loads(meta["asymstore.user"])["tokens_seen"] == 123
+    assert json.loads(meta["asymstore.step"]) == 1
+
+
+def test_export_filter(ckpt, tmp_path, capsys):
+    a, _, _ = ckpt
+    out_file = tmp_path / "model.safetensors"
+    rc, _, _ = _run(["export", str(a), str(out_file), "--filter", "model/*", "-q"], capsys)
+    assert rc == 0
+    loaded = safetensors_torch.load_file(str(out_file))
+    assert loaded and all(k.startswith("model/") for k in loaded)
+    rc, _, err = _run(["export", str(a), str(tmp_path / "none.safetensors"), "--filter", "zzz"], capsys)
+    assert rc == 2 and "zzz" in err and not (tmp_path / "none.safetensors").exists()
+
+
+def test_export_damaged_fails_without_output(ckpt, tmp_path, capsys):
+    a, _, _ = ckpt
+    shard = _first_shard(a, 3)
+    raw = bytearray(shard.read_bytes())
+    raw[10] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    out_file = tmp_path / "bad.safetensors"
+    rc, _, err = _run(["export", str(a), str(out_file)], capsys)
+    assert rc == 1 and "checksum" in err and "Traceback" not in err
+    assert not out_file.exists() and not list(tmp_path.glob("bad.safetensors.tmp-*"))
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["show", "{a}", "--step", "42"], "step 42 is not committed"),
+    (["verify", "{a}", "--step", "42"], "step 42 is not committed"),
+    (["export", "{a}", "{tmp}/x.safetensors", "--step", "42"], "step 42 is not committed"),
+    (["ls", "{tmp}/does-not-exist"], "no such directory"),
+    (["show", "{tmp}/empty"], "no committed checkpoint"),
+    (["verify", "nosuchscheme://x"], "no asymstore backend"),
+    (["verify", "{a}", "--step", "1", "--all"], "not allowed"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_user_errors_exit_2_without_traceback(ckpt, tmp_path, capsys, argv, needle):
+    a, _, _ = ckpt
+    (tmp_path / "empty").mkdir()
+    argv = [x.format(a=a, tmp=tmp_path) for x in argv]
+    rc, out, err = _run(argv, capsys)
+    assert rc == 2
+    assert needle in err and "Traceback" not in err
+    assert not (tmp_path / "does-not-exist").exists()  # the CLI never creates a tier
+
+
+def test_debug_shows_traceback(ckpt):
+    a, _, _ = ckpt
+    with pytest.raises(asymstore.StepNotFoundError):
+        main(["--debug", "show", str(a), "--step", "42"])
+    with pytest.raises(asymstore.StepNotFoundError):
+        main(["show", str(a), "--step", "42", "--debug"])
+
+
+def test_python_dash_m_and_exit_codes(ckpt):
+    a, _, _ = ckpt
+    env = dict(os.environ, PYTHONPATH=str(Path(asymstore.__file__).parent.parent))
+    ok = subprocess.run([sys.executable, "-m", "asymstore", "ls", str(a)], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0 and "step" in ok.stdout
+    assert "\x1b[" not in ok.stdout  # no colour codes or progress bars into a pipe
+    missing = subprocess.run([sys.executable, "-m", "asymstore", "verify", str(a), "--step", "99"],
+                             capture_output=True, text=True, env=env)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+
+
+def test_help(capsys):
+    rc, out, _ = _run(["--help"], capsys)
+    assert rc == 0 and all(c in out for c in ("ls", "show", "verify", "export"))
