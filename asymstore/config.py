@@ -36,6 +36,8 @@ class Config:
     non_fatal: bool = False
     #: Verify chunk checksums on every read (always on for restore; lazy reads may skip for speed).
     verify_reads: bool = True
+    #: How long ``close()`` waits for pending promotions down the tier chain (seconds).
+    close_timeout_s: float = 120.0
     #: Options passed to backends, per URL scheme (e.g. {"hdfs": {"retries": 3}}).
     backend_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -70,6 +72,8 @@ class Config:
             try:
                 if isinstance(cur, bool) or f.name in ("pin_memory", "non_fatal", "verify_reads"):
                     changes[f.name] = raw.lower() in ("1", "true", "yes", "on")
+                elif isinstance(cur, float):
+                    changes[f.name] = float(raw)
                 elif isinstance(cur, int) or f.name == "partition_bytes":
                     changes[f.name] = int(raw)
                 else:

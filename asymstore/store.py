@@ -427,6 +427,10 @@ class Store:
         self._executor.shutdown(wait=True)
         self._closed = True
         if self.manager is not None:
+            if not self.manager.flush(self.config.close_timeout_s):
+                log.warning("closing with promotions still pending (%s)",
+                            "; ".join(f"{t['name']}: {t['last_error']}" for t in self.manager.status()
+                                      if t["pending"]))
             self.manager.close()
         for t in self.tiers:
             t.close()
