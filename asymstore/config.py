@@ -36,6 +36,12 @@ class Config:
     non_fatal: bool = False
     #: Verify chunk checksums on every read (always on for restore; lazy reads may skip for speed).
     verify_reads: bool = True
+    #: This process's rank and the number of ranks writing each checkpoint (each writes its shard;
+    #: rank 0 commits the step once every rank's shard is durable).
+    rank: int = 0
+    world_size: int = 1
+    #: How long rank 0 waits for the other ranks' shards before giving the step up (seconds).
+    commit_timeout_s: float = 300.0
     #: How long ``close()`` waits for pending promotions down the tier chain (seconds).
     close_timeout_s: float = 120.0
     #: Options passed to backends, per URL scheme (e.g. {"hdfs": {"retries": 3}}).
@@ -54,6 +60,8 @@ class Config:
                               f"({self.chunk_bytes})")
         if self.delta_every < 0:
             raise ConfigError("delta_every must be >= 0")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ConfigError(f"need 0 <= rank < world_size, got rank={self.rank}, world_size={self.world_size}")
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)

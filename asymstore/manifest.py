@@ -26,6 +26,24 @@ def step_dir(step: int) -> str:
     return f"step_{step:012d}"
 
 
+def shard_dir(step: int, rank: int, world_size: int) -> str:
+    """Where one rank's part of a step lives: the step itself for one rank, ``step_X/rNNNNN`` otherwise."""
+    return step_dir(step) if world_size == 1 else f"{step_dir(step)}/r{rank:05d}"
+
+
+def global_commit_record(step: int, ranks: int, markers: dict[int, dict[str, Any]],
+                         marker_bytes: dict[int, bytes]) -> bytes:
+    """The step-level marker of a multi-rank checkpoint: written by rank 0 after every rank's marker."""
+    body = {"format": FORMAT, "step": step, "time": time.time(), "ranks": ranks,
+            "shards_crc32c": {str(r): crc32c(b) for r, b in sorted(marker_bytes.items())},
+            "stored_bytes": sum(int(m.get("stored_bytes", 0)) for m in markers.values()),
+            "raw_bytes": sum(int(m.get("raw_bytes", 0)) for m in markers.values()),
+            "objects": sum(int(m.get("objects", 0)) for m in markers.values()) + 2,
+            "delta_base": None}
+    body["crc32c"] = crc32c(dumps(body))
+    return dumps(body)
+
+
 def parse_step_dir(name: str) -> int | None:
     m = _STEP_RE.match(name)
     return int(m.group(1)) if m else None

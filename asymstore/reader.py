@@ -37,12 +37,12 @@ class CheckpointReader:
     """A committed step on one object store. Open with :meth:`open`."""
 
     def __init__(self, store: ObjectStore, manifest: Manifest, commit: dict[str, object],
-                 base_reader: Callable[[int], CheckpointReader] | None = None) -> None:
+                 base_reader: Callable[[int], CheckpointReader] | None = None, prefix: str | None = None) -> None:
         self.store = store
         self.manifest = manifest
         self.commit = commit
         self.step = manifest.step
-        self.prefix = step_dir(manifest.step) + "/"
+        self.prefix = prefix or step_dir(manifest.step) + "/"
         self._spans = cut_stream(manifest.layout.total_bytes, manifest.partition_bytes, manifest.chunk_bytes)
         self._records = {r.span.index: r for r in manifest.partitions}
         self._indexes: dict[int, np.ndarray] = {}
@@ -52,13 +52,27 @@ class CheckpointReader:
 
     # --- opening -----------------------------------------------------------------
     @classmethod
-    def open(cls, store: ObjectStore, step: int,
-             base_reader: Callable[[int], CheckpointReader] | None = None) -> CheckpointReader:
+    def open(cls, store: ObjectStore, step: int, base_reader: Callable[[int], CheckpointReader] | None = None,
+             *, rank: int | None = None) -> CheckpointReader:
+        """Open a committed step; for a multi-rank step, the shard of ``rank`` (default 0)."""
         prefix = step_dir(step) + "/"
         raw_commit = store.get(prefix + COMMIT_KEY)
         if raw_commit is None:
             raise StepNotFoundError(f"step {step} is not committed in {store.url}")
         commit = parse_commit(raw_commit, prefix + COMMIT_KEY)
+        if "ranks" in commit:  # multi-rank: the global marker vouches for each rank's marker
+            ranks = int(commit["ranks"])  # type: ignore[call-overload]
+            r = 0 if rank is None else rank
+            if not 0 <= r < ranks:
+                raise StepNotFoundError(f"step {step} has ranks 0..{ranks - 1}, not rank {r}")
+            prefix = f"{prefix}r{r:05d}/"
+            raw_shard = store.get(prefix + COMMIT_KEY)
+            want = dict(commit["shards_crc32c"]).get(str(r))  # type: ignore[call-overload]
+            if raw_shard is None or crc32c(raw_shard) != want:
+                raise CorruptCheckpointError(f"{prefix}{COMMIT_KEY}: missing or does not match the step's marker",
+                                             (prefix + COMMIT_KEY,))
+            commit = parse_commit(raw_shard, prefix + COMMIT_KEY)
+            commit["ranks"] = ranks
         group = store.get(prefix + GROUP_KEY)
         if group is None:
             raise CorruptCheckpointError(f"{prefix}{GROUP_KEY} is missing although step {step} is committed",
@@ -69,7 +83,7 @@ class CheckpointReader:
             manifest = Manifest.from_json(json.loads(group)["attributes"]["asymstore"])
         except (KeyError, ValueError, TypeError) as e:
             raise CorruptCheckpointError(f"{prefix}{GROUP_KEY}: invalid manifest ({e})", (prefix + GROUP_KEY,)) from e
-        return cls(store, manifest, commit, base_reader)
+        return cls(store, manifest, commit, base_reader, prefix)
 
     def _key(self, rec: PartitionRecord) -> str:
         return self.prefix + shard_key(rec.label, rec.shard)

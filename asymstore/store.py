@@ -294,6 +294,14 @@ class Store:
             s.update(t.committed_steps())
         return sorted(s)
 
+    @property
+    def rank(self) -> int:
+        return self.config.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.config.world_size
+
     def where(self, step: int) -> list[str]:
         out = ["host"] if self.host.find(step) is not None else []
         return out + [t.name for t in self.tiers if t.has(step)]
@@ -306,7 +314,20 @@ class Store:
     def _sources(self, step: int) -> list[str]:
         return self.where(step)
 
-    def _read_stream(self, step: int, source: str) -> tuple[torch.Tensor, Manifest | Slot]:
+    def _shard_rank(self, step: int, source: str, rank: int | None) -> int:
+        """Which rank's shard to read: the given one; else ours when the world size matches the
+        checkpoint's, else rank 0's (a replicated or consolidated state on another world size)."""
+        if rank is not None:
+            return rank
+        if source == "host":
+            return self.rank
+        ranks = int(self._tier(source).commit_info(step).get("ranks", 1))  # type: ignore[call-overload]
+        return self.rank if ranks == self.world_size else 0
+
+    def _read_stream(self, step: int, source: str, rank: int | None = None) -> tuple[torch.Tensor, Manifest | Slot]:
+        r = self._shard_rank(step, source, rank)
+        if source == "host" and r != self.rank:
+            raise StepNotFoundError(f"host memory holds rank {self.rank}'s shard, not rank {r}'s")
         if source == "host":
             slot = self.host.find(step)
             if slot is None or slot.layout is None or slot.buffer is None:
@@ -316,7 +337,7 @@ class Store:
                 raise StepNotFoundError(f"step {step} left host memory")
             return buf, slot
         tier = self._tier(source)
-        reader = tier.reader(step)
+        reader = tier.reader(step, r)
         buf = torch.empty(max(reader.manifest.layout.total_bytes, 1), dtype=torch.uint8)
         reader.read_all_into(memoryview(buf.numpy()))
         return buf, reader.manifest
@@ -327,7 +348,8 @@ class Store:
                 return t
         raise AsymstoreError(f"no tier named {name!r}")
 
-    def restore(self, step: int | None = None, *, into: Any = None, strict: bool = True) -> Any:
+    def restore(self, step: int | None = None, *, into: Any = None, strict: bool = True,
+                rank: int | None = None) -> Any:
         """Restore ``step`` (default: the newest complete one) as a new state, or in place ``into``.
 
         Falls back to the next tier on damage, and (when ``step`` is None) to older steps.
@@ -346,7 +368,7 @@ class Store:
         for s in candidates:
             for source in self._sources(s):
                 try:
-                    buf, meta = self._read_stream(s, source)
+                    buf, meta = self._read_stream(s, source, rank)
                 except (CorruptCheckpointError, StepNotFoundError) as e:
                     if isinstance(e, CorruptCheckpointError):
                         damaged += [o for o in e.objects if o not in damaged]

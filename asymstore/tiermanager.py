@@ -65,8 +65,10 @@ class TierManager:
                 writer = tier.writer(layout.total_bytes)
                 act.last_partition_bytes = writer.partition_bytes
                 rep = writer.write(step, stream, layout, skeleton, numpy_names=numpy_names, user=user,
-                                   delta_base=tier.delta_for(layout.signature))
+                                   delta_base=tier.delta_for(layout.signature), prefix=tier.shard_prefix(step))
                 tier.after_write(step, stream, layout.signature, rep.delta_base is not None)
+            if tier.multi_rank and tier.config.rank == 0:
+                tier.finalize(step)
             act.history.append((step, rep.seconds, rep.stored_bytes))
             del act.history[:-100]
         finally:
@@ -88,8 +90,10 @@ class TierManager:
         if not steps:
             return []
         newest = steps[-1]
-        return sorted((s for s in steps if s not in have and
-                       promotion_wanted(dst.policies, s, newest=s == newest)), reverse=True)
+        todo = [s for s in steps if s not in have and promotion_wanted(dst.policies, s, newest=s == newest)]
+        if dst.multi_rank and dst.config.rank > 0:  # a rank > 0 is done once its own shard is there
+            todo = [s for s in todo if not dst.has_shard(s)]
+        return sorted(todo, reverse=True)
 
     def _promoter(self, k: int) -> None:
         dst = self.tiers[k]
@@ -129,6 +133,12 @@ class TierManager:
         dst = self.tiers[k]
         act = self.activity[dst.name]
         act.in_flight = step
+        if dst.multi_rank and dst.has_shard(step):  # only the global marker is missing (rank 0)
+            try:
+                dst.finalize(step)
+                return WriteReport(step, 0, 0, 0)
+            finally:
+                act.in_flight = None
         slot = self.host.lease(step)
         try:
             if slot is not None and slot.layout is not None:
@@ -147,9 +157,12 @@ class TierManager:
                     delta = None
                 else:
                     delta = dst.delta_for(layout.signature)
-                rep = writer.write(step, source, layout, skeleton, numpy_names=names, user=user, delta_base=delta)
+                rep = writer.write(step, source, layout, skeleton, numpy_names=names, user=user, delta_base=delta,
+                                   prefix=dst.shard_prefix(step))
                 if isinstance(source, memoryview):
                     dst.after_write(step, source, layout.signature, rep.delta_base is not None)
+            if dst.multi_rank and dst.config.rank == 0:
+                dst.finalize(step)
             act.promoted += 1
             act.history.append((step, rep.seconds, rep.stored_bytes))
             del act.history[:-100]

@@ -14,7 +14,10 @@ from .batch_plan import LatencyBandwidthModel, optimal_batch_bytes
 from .config import MiB, Config
 from .retention import Policy, parse_keep
 from .errors import CorruptCheckpointError
-from .manifest import COMMIT_KEY, parse_commit, parse_step_dir, step_dir
+from .errors import CheckpointFailedError
+from .manifest import (COMMIT_KEY, GROUP_KEY, global_commit_record, parse_commit, parse_step_dir, shard_dir,
+                       step_dir)
+from .zarrfmt import dumps, group_metadata
 from .reader import CheckpointReader
 from .writer import CheckpointWriter, DeltaBase, ensure_root_group
 
@@ -156,14 +159,54 @@ class PersistentTier:
     def has(self, step: int) -> bool:
         return self.store.exists(f"{step_dir(step)}/{COMMIT_KEY}")
 
+    # --- multi-rank ----------------------------------------------------------------
+    @property
+    def multi_rank(self) -> bool:
+        return self.config.world_size > 1
+
+    def shard_prefix(self, step: int) -> str:
+        return shard_dir(step, self.config.rank, self.config.world_size) + "/"
+
+    def has_shard(self, step: int) -> bool:
+        return self.store.exists(self.shard_prefix(step) + COMMIT_KEY)
+
+    def finalize(self, step: int, *, timeout: float | None = None) -> None:
+        """Rank 0: once every rank's shard marker is durable, write the step's global marker."""
+        n = self.config.world_size
+        deadline = time.monotonic() + (self.config.commit_timeout_s if timeout is None else timeout)
+        keys = {r: f"{shard_dir(step, r, n)}/{COMMIT_KEY}" for r in range(n)}
+        raw: dict[int, bytes] = {}
+        delay = 0.01
+        while len(raw) < n:
+            for r, k in keys.items():
+                if r not in raw:
+                    b = self.store.get(k)
+                    if b is not None:
+                        raw[r] = b
+            if len(raw) == n:
+                break
+            if time.monotonic() > deadline:
+                missing = sorted(set(keys) - set(raw))
+                raise CheckpointFailedError(f"step {step} not committed on {self.name}: ranks {missing} did not "
+                                            f"finish their shards within {self.config.commit_timeout_s:.0f} s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+        markers = {r: parse_commit(b, keys[r]) for r, b in raw.items()}
+        prefix = step_dir(step) + "/"
+        self.store.put(prefix + GROUP_KEY, dumps(group_metadata({"asymstore": {"step": step, "ranks": n}})))
+        self.store.barrier(prefix)
+        self.store.put_atomic(prefix + COMMIT_KEY, global_commit_record(step, n, markers, raw))
+
     def commit_info(self, step: int) -> dict[str, object]:
         raw = self.store.get(f"{step_dir(step)}/{COMMIT_KEY}")
         if raw is None:
             return {}
         return parse_commit(raw, f"{step_dir(step)}/{COMMIT_KEY}")
 
-    def reader(self, step: int) -> CheckpointReader:
-        return CheckpointReader.open(self.store, step, base_reader=self.reader)
+    def reader(self, step: int, rank: int | None = None) -> CheckpointReader:
+        """A reader of ``step``; multi-rank steps open ``rank``'s shard (default: this store's rank)."""
+        r = self.config.rank if rank is None else rank
+        return CheckpointReader.open(self.store, step, base_reader=lambda s: self.reader(s, r), rank=r)
 
     def dependents(self, step: int) -> list[int]:
         out = []
@@ -176,10 +219,13 @@ class PersistentTier:
         return out
 
     def delete(self, step: int) -> None:
-        """Un-commit first (marker), then remove the objects."""
+        """Un-commit first (marker), then remove the objects (a rank > 0 removes only its shard)."""
         prefix = step_dir(step) + "/"
-        self.store.delete(prefix + COMMIT_KEY)
-        self.store.delete_prefix(prefix)
+        if self.config.rank == 0:
+            self.store.delete(prefix + COMMIT_KEY)
+            self.store.delete_prefix(prefix if not self.multi_rank else self.shard_prefix(step))
+        else:
+            self.store.delete_prefix(self.shard_prefix(step))
 
     def close(self) -> None:
         self.store.close()

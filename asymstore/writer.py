@@ -135,12 +135,15 @@ class CheckpointWriter:
     def write(self, step: int, stream: memoryview | StreamSource, layout: Layout, skeleton: Any, *,
               numpy_names: list[str],
               user: dict[str, Any] | None = None, delta_base: DeltaBase | None = None,
-              progress: Progress | None = None) -> WriteReport:
+              progress: Progress | None = None, prefix: str | None = None) -> WriteReport:
+        """Write ``step`` under ``prefix`` (default: the step's directory; a rank's shard directory
+        for multi-rank checkpoints)."""
         t_start = time.perf_counter()
-        prefix = step_dir(step) + "/"
-        if self.store.exists(prefix + COMMIT_KEY):
-            raise StepExistsError(f"step {step} is already committed in {self.store.url}; delete it first "
-                                  "or save under another step")
+        prefix = prefix or step_dir(step) + "/"
+        for marker in {step_dir(step) + "/" + COMMIT_KEY, prefix + COMMIT_KEY}:
+            if self.store.exists(marker):
+                raise StepExistsError(f"step {step} is already committed in {self.store.url} ({marker}); delete "
+                                      "it first or save under another step")
         self.store.delete_prefix(prefix)  # leftovers of an interrupted attempt
         if isinstance(stream, StreamSource):
             src: StreamSource | memoryview = stream
