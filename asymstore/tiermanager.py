@@ -89,8 +89,9 @@ class TierManager:
         steps = src.committed_steps()
         if not steps:
             return []
-        newest = steps[-1]
-        todo = [s for s in steps if s not in have and promotion_wanted(dst.policies, s, newest=s == newest)]
+        n = len(steps)
+        todo = [s for i, s in enumerate(steps)
+                if s not in have and promotion_wanted(dst.policies, s, age=n - 1 - i)]
         if dst.multi_rank and dst.config.rank > 0:  # a rank > 0 is done once its own shard is there
             todo = [s for s in todo if not dst.has_shard(s)]
         return sorted(todo, reverse=True)
