@@ -219,10 +219,10 @@ class CheckpointWriter:
 
 
 def effective_chunk_bytes(total_bytes: int, chunk_bytes: int) -> int:
-    """Small checkpoints get smaller chunks, so the zero padding of the edge chunk stays small."""
-    if total_bytes >= 4 * chunk_bytes:
+    """Small checkpoints get smaller chunks, so the zero padding of the edge chunk stays under 1/16."""
+    if total_bytes >= 16 * chunk_bytes:
         return chunk_bytes
-    want = max(total_bytes // 4, 4096)
+    want = max(total_bytes // 16, 4096)
     return min(chunk_bytes, 1 << (want - 1).bit_length())
 
 
