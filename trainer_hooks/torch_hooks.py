@@ -71,9 +71,11 @@ def set_rng_state(st: Mapping[str, Any]) -> None:
     random.setstate(_tupleize(st["python"]))
     np_state = st["numpy"]
     np.random.set_state(tuple(np_state))  # type: ignore[arg-type]
-    torch.set_rng_state(st["torch"].to(torch.uint8).cpu())
+    # clone: a restored state is a view into the restore buffer, and torch.set_rng_state ignores a
+    # storage offset (it reads from the start of the storage: "Invalid mt19937 state", or a crash)
+    torch.set_rng_state(st["torch"].to(torch.uint8).cpu().clone())
     if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([t.cpu() for t in st["cuda"]])
+        torch.cuda.set_rng_state_all([t.to(torch.uint8).cpu().clone() for t in st["cuda"]])
 
 
 def _tupleize(v: Any) -> Any:
