@@ -210,6 +210,7 @@ class AsymCheckpointer:
                 self._iter_fwd, self._iter_bwd, self._bwd_seen = [], [], set()
             elif self._last_mark is not None and len(self._iter_fwd) < len(self.blocks):
                 self._iter_fwd.append(now - self._last_mark)
+                self._window("forward", len(self._iter_fwd) - 1, self._last_mark, now)
             self._last_mark = now
             self._issue("forward", i)
         return hook
@@ -221,11 +222,19 @@ class AsymCheckpointer:
             self._bwd_seen.add(i)
             now = time.perf_counter()
             if self._last_mark is not None:
-                (self._iter_fwd if not self._iter_bwd and len(self._iter_fwd) < len(self.blocks)
-                 else self._iter_bwd).append(now - self._last_mark)
+                fwd = not self._iter_bwd and len(self._iter_fwd) < len(self.blocks)
+                windows = self._iter_fwd if fwd else self._iter_bwd
+                windows.append(now - self._last_mark)
+                self._window("forward" if fwd else "backward", len(windows) - 1, self._last_mark, now)
             self._last_mark = now
             self._issue("backward", len(self._bwd_seen) - 1)
         return hook
+
+    def _window(self, kind: str, idx: int, t0: float, t1: float, iteration: int | None = None) -> None:
+        """A measured compute window on the timeline's "compute" track (only when tracing)."""
+        if self.timeline.enabled:
+            it = self._iterations + 1 if iteration is None else iteration  # counted at the barrier
+            self.timeline.add(f"{kind} {idx}", "compute", t0, t1, "compute", iteration=it)
 
     def _issue(self, where: str, idx: int) -> None:
         a = self._active
@@ -243,6 +252,7 @@ class AsymCheckpointer:
         now = time.perf_counter()
         if self._last_mark is not None and self._iter_fwd:
             self._iter_bwd.append(now - self._last_mark)  # the last backward window ends here
+            self._window("backward", len(self._iter_bwd) - 1, self._last_mark, now, self._iterations)
             if len(self._iter_fwd) == len(self.blocks):
                 try:
                     self._profile.add(self._iter_fwd, self._iter_bwd)
