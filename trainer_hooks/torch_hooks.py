@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from asymstore import dtypes
-from asymstore.errors import ConfigError
+from asymstore.errors import CheckpointFailedError, ConfigError
 from asymstore.snapshot_plan import SnapshotPlan, WindowProfile, plan_all_at_step, plan_asymmetric, plan_uniform, \
     should_replan
 from asymstore.snapshot import dest_view
@@ -146,6 +146,7 @@ class AsymCheckpointer:
         self._copy_bw: float | None = None
         self._iterations = 0
         self.replans = 0
+        self._reported: list[BaseException] = []  # background failures already raised to the user
 
     # --- attach / detach ---------------------------------------------------------
     def attach(self) -> AsymCheckpointer:
@@ -278,7 +279,12 @@ class AsymCheckpointer:
             t = flat.tensors[name]
             return t.numel() == 0 or t.untyped_storage().data_ptr() not in stable
 
-        snap = self.store.begin_snapshot(flat, self.step, first=first, user={"strategy": self.strategy})
+        try:
+            snap = self.store.begin_snapshot(flat, self.step, first=first, user={"strategy": self.strategy})
+        except CheckpointFailedError as e:  # an earlier checkpoint failed in the background
+            if e.__cause__ is not None:
+                self._reported.append(e.__cause__)
+            raise
         stats = CheckpointStats(self.step, self.strategy)
         if snap is None:
             stats.skipped = True
@@ -411,9 +417,13 @@ class AsymCheckpointer:
             res = handle.result()
         except Exception as e:
             stats.error = str(e)
-            if not self.store.config.non_fatal:
-                raise
-            return
+            if self.store.config.non_fatal or any(e is r for r in self._reported):
+                return  # counted by the store / already raised (by begin_snapshot) once
+            # raised here, as CheckpointFailedError like every background failure, and only once:
+            # the store's own copy of it is dropped
+            self._reported.append(e)
+            self.store.forget_background_error(e)
+            raise CheckpointFailedError(f"the checkpoint of step {stats.step} failed: {e}") from e
         finally:
             self._handles_stats = [(h, s) for h, s in self._handles_stats if h is not handle]
         if res.reports:
