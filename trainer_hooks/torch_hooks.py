@@ -162,7 +162,8 @@ class AsymCheckpointer:
         return self
 
     def detach(self, *, finish: bool = True) -> None:
-        """Remove the hooks; with ``finish``, complete the snapshot in flight and wait for persistence."""
+        """Remove the hooks; with ``finish``, complete the snapshot in flight and wait for persistence;
+        without, abandon it (its host slot is released, nothing of it is stored)."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
@@ -170,6 +171,15 @@ class AsymCheckpointer:
             self._complete(time.perf_counter())
         if finish:
             self.wait()
+        elif self._active is not None:
+            a, self._active = self._active, None
+            try:
+                if self._executor is not None:
+                    self._executor.drain()  # no copy may still write into the slot
+            except BaseException as e:  # noqa: BLE001 - abandoning anyway
+                log.debug("abandoned snapshot of step %s: %s", a.stats.step, e)
+            finally:
+                self.store.abort_snapshot(a.snap)
         if self._executor is not None:
             self._executor.close()
             self._executor = None
