@@ -325,3 +325,19 @@ def test_copy_thread_errors_reach_the_barrier(tmp_path: Any) -> None:
     store.close()
     assert 4 not in store.steps()
     assert all(s.state != "filling" for s in store.host.slots)
+
+
+def test_exception_in_training_abandons_the_snapshot_in_flight(tmp_path: Any) -> None:
+    """Leaving ``with ck:`` by an exception drops the snapshot in flight and frees its host slot."""
+    model, opt, sched = build(0)
+    store = asymstore.open_store(str(tmp_path / "ck"), host_slots=1)
+    ck = AsymCheckpointer(model, opt, store, scheduler=sched, strategy="asym", warmup=1)
+    with pytest.raises(KeyboardInterrupt), ck:
+        train(ck, model, opt, sched, 3)
+        raise KeyboardInterrupt
+    assert ck._active is None
+    assert [s.state for s in store.host.slots] != ["filling"]
+    store.wait()
+    assert store.steps() == [1, 2]  # 3 was in flight: abandoned, not stored
+    store.save({"w": torch.ones(3)}, 10)  # the slot is usable again (no wait for a stuck slot)
+    store.close()
