@@ -141,6 +141,13 @@ class Store:
         if err is not None:
             raise CheckpointFailedError(f"a background checkpoint failed: {err}") from err
 
+    def forget_background_error(self, err: BaseException) -> None:
+        """``err`` was reported to the user another way (e.g. by a :class:`SaveHandle`): the next call
+        must not raise it a second time. A different pending failure is kept."""
+        with self._lock:
+            if self._bg_error is err:
+                self._bg_error = None
+
     def _record_failure(self, step: int, err: BaseException) -> None:
         self.failures += 1
         if self.config.non_fatal:
