@@ -357,7 +357,7 @@ class Store:
         tier = self._tier(source)
         reader = tier.reader(step, r)
         buf = torch.empty(max(reader.manifest.layout.total_bytes, 1), dtype=torch.uint8)
-        reader.read_all_into(memoryview(buf.numpy()))
+        reader.read_all_into(buf.numpy().data)
         return buf, reader.manifest, lambda: None
 
     def _tier(self, name: str) -> PersistentTier:

@@ -177,7 +177,7 @@ class CheckpointWriter:
                 if scratch is None:
                     scratch = np.empty(self.partition_bytes, np.uint8)
                 xor_into(scratch, data, base_part)
-                data = memoryview(scratch[:span.nbytes])
+                data = scratch[:span.nbytes].data
                 report.delta_base = delta_base.step if delta_base else None
             shard = shards.get(spec.label, 0)
             shards[spec.label] = shard + 1

@@ -8,6 +8,8 @@ makes an object appear whole or not at all (temporary name + rename).
 
 from __future__ import annotations
 
+import builtins
+
 import abc
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -96,7 +98,7 @@ class ObjectStore(abc.ABC):
     def list(self, prefix: str = "") -> Iterable[str]:
         """Keys starting with ``prefix`` (recursive), in no particular order."""
 
-    def list_dirs(self, prefix: str = "") -> list[str]:
+    def list_dirs(self, prefix: str = "") -> builtins.list[str]:
         """Immediate child 'directories' under ``prefix`` (names without trailing '/')."""
         out = set()
         plen = len(prefix)

@@ -70,7 +70,7 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(st: Mapping[str, Any]) -> None:
     random.setstate(_tupleize(st["python"]))
     np_state = st["numpy"]
-    np.random.set_state(tuple(np_state))  # type: ignore[arg-type]
+    np.random.set_state(tuple(np_state))
     # clone: a restored state is a view into the restore buffer, and torch.set_rng_state ignores a
     # storage offset (it reads from the start of the storage: "Invalid mt19937 state", or a crash)
     torch.set_rng_state(st["torch"].to(torch.uint8).cpu().clone())
