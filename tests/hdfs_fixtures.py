@@ -34,7 +34,7 @@ def hdfs_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MiniDFS]:
     except (MiniDFSError, OSError) as e:
         # Typically: Maven cannot reach Central to fill its cache.
         _unavailable(f"building hdfs-test-cluster failed: {e}")
-    dfs = MiniDFS()
+    dfs = MiniDFS(datanodes=2, replication=2)
     try:
         dfs.start(tmp_path_factory.mktemp("minidfs"))
         yield dfs

@@ -54,6 +54,7 @@ class MiniDFS:
         project_dir: str | os.PathLike[str] | None = None,
         block_size: int = 1 << 20,
         datanodes: int = 1,
+        replication: int = 1,
         heap: str = "512m",
         start_timeout: float = 120.0,
         command_timeout: float = 60.0,
@@ -62,6 +63,7 @@ class MiniDFS:
         self.project_dir = Path(project_dir) if project_dir else PROJECT_DIR
         self.block_size = block_size
         self.datanodes = datanodes
+        self.replication = replication
         self.heap = heap
         self.start_timeout = start_timeout
         self.command_timeout = command_timeout
@@ -119,6 +121,8 @@ class MiniDFS:
             str(self.block_size),
             "--datanodes",
             str(self.datanodes),
+            "--replication",
+            str(self.replication),
         ]
         t0 = time.monotonic()
         try:

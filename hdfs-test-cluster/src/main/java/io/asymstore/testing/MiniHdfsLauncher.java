@@ -47,13 +47,17 @@ public final class MiniHdfsLauncher {
     int port = 0;
     long blockSize = 8L << 20;
     int dataNodes = 1;
+    int closeCommitted = 1;
+    int replication = 1;
     for (int i = 0; i < args.length; i++) {
       switch (args[i]) {
         case "--port": port = Integer.parseInt(args[++i]); break;
         case "--block-size": blockSize = Long.parseLong(args[++i]); break;
         case "--datanodes": dataNodes = Integer.parseInt(args[++i]); break;
+        case "--close-committed": closeCommitted = Integer.parseInt(args[++i]); break;
+        case "--replication": replication = Integer.parseInt(args[++i]); break;
         case "-h": case "--help":
-          System.err.println("usage: MiniHdfsLauncher DATA_DIR [--port N] [--block-size BYTES] [--datanodes N]");
+          System.err.println("usage: MiniHdfsLauncher DATA_DIR [--port N] [--block-size BYTES] [--datanodes N] [--replication N] [--close-committed N]");
           System.exit(0);
           break;
         default:
@@ -65,7 +69,7 @@ public final class MiniHdfsLauncher {
       }
     }
     if (dataDir == null) {
-      System.err.println("usage: MiniHdfsLauncher DATA_DIR [--port N] [--block-size BYTES] [--datanodes N]");
+      System.err.println("usage: MiniHdfsLauncher DATA_DIR [--port N] [--block-size BYTES] [--datanodes N] [--replication N] [--close-committed N]");
       System.exit(2);
     }
 
@@ -79,7 +83,7 @@ public final class MiniHdfsLauncher {
     conf.set(DFSConfigKeys.DFS_DATANODE_IPC_ADDRESS_KEY, "127.0.0.1:0");
     conf.setBoolean("dfs.namenode.servicerpc-address.auto", false);
     // Small and quick.
-    conf.setInt(DFSConfigKeys.DFS_REPLICATION_KEY, 1);
+    conf.setInt(DFSConfigKeys.DFS_REPLICATION_KEY, replication);
     conf.setInt(DFSConfigKeys.DFS_NAMENODE_REPLICATION_MIN_KEY, 1);
     conf.setLong(DFSConfigKeys.DFS_BLOCK_SIZE_KEY, blockSize);
     conf.setLong(DFSConfigKeys.DFS_NAMENODE_MIN_BLOCK_SIZE_KEY, 4096);
@@ -93,6 +97,11 @@ public final class MiniHdfsLauncher {
     conf.setInt(DFSConfigKeys.DFS_DATANODE_DIRECTORYSCAN_INTERVAL_KEY, -1);
     conf.setLong(DFSConfigKeys.DFS_NAMENODE_DU_RESERVED_KEY, 0);
     conf.setBoolean("dfs.namenode.audit.log.async", false);
+    // Let a client close a file whose last block is acknowledged by the pipeline but not yet reported
+    // by the DataNode (HDFS-8999). Without it, close() often races the DataNode's incremental block
+    // report and the client sleeps ~0.5 s before retrying complete(). The NameNode only allows this
+    // when replication > dfs.namenode.replication.min (1), i.e. with --datanodes 2 --replication 2.
+    conf.setInt("dfs.namenode.file.close.num-committed-allowed", closeCommitted);
     conf.setBoolean("dfs.namenode.acls.enabled", false);
     // The DataNode retries a stopped NameNode quickly and quietly.
     conf.setInt("ipc.client.connect.max.retries", 1);
