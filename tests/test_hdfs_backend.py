@@ -50,6 +50,9 @@ def test_multi_buffer_put_is_concatenated(store: HdfsObjectStore) -> None:
     store.write_chunk = 1 * MiB  # force the slicing path
     store.put("a/multi", parts)
     assert store.get("a/multi") == expected
+    arr = np.arange(3 * MiB // 4 + 5, dtype=np.float32).reshape(-1, 1)  # one buffer, not a sequence
+    store.put("a/array", arr)
+    assert store.get("a/array") == arr.tobytes()
 
 
 def test_ranged_reads_and_get_into(store: HdfsObjectStore) -> None:
