@@ -59,6 +59,7 @@ class MiniDFS:
         start_timeout: float = 120.0,
         command_timeout: float = 60.0,
         java_opts: tuple[str, ...] = ("-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-Xshare:auto"),
+        cds: bool = True,
     ) -> None:
         self.project_dir = Path(project_dir) if project_dir else PROJECT_DIR
         self.block_size = block_size
@@ -68,6 +69,8 @@ class MiniDFS:
         self.start_timeout = start_timeout
         self.command_timeout = command_timeout
         self.java_opts = java_opts
+        self.cds = cds
+        self._cds_tmp: Path | None = None
         self.url: str | None = None
         self.start_seconds: float | None = None
         self.log_path: Path | None = None
@@ -114,6 +117,7 @@ class MiniDFS:
             java,
             f"-Xmx{self.heap}",
             *self.java_opts,
+            *self._cds_opts(jar),
             "-jar",
             str(jar),
             str(tmp / "data"),
@@ -147,6 +151,17 @@ class MiniDFS:
         self.url = line.split("=", 1)[1].strip()
         self.start_seconds = time.monotonic() - t0
         return self.url
+
+    def _cds_opts(self, jar: Path) -> list[str]:
+        """Application class-data sharing: the first run dumps the loaded classes at exit, later runs map
+        them (start-up ~2.5x faster on this machine type). A stale or foreign archive is ignored by the JVM."""
+        if not self.cds:
+            return []
+        jsa = jar.with_suffix(".jsa")
+        if jsa.exists() and jsa.stat().st_mtime >= jar.stat().st_mtime:
+            return [f"-XX:SharedArchiveFile={jsa}"]
+        self._cds_tmp = jsa.with_name(f"{jsa.name}.{os.getpid()}.{id(self)}.tmp")
+        return [f"-XX:ArchiveClassesAtExit={self._cds_tmp}"]
 
     def _pump(self, proc: subprocess.Popen[str]) -> None:
         assert proc.stdout is not None
@@ -203,11 +218,25 @@ class MiniDFS:
                 except (BrokenPipeError, OSError, ValueError):
                     pass
                 try:
-                    proc.wait(timeout=20)
+                    # Dumping the class-data archive at the first exit can take a few seconds more.
+                    proc.wait(timeout=60 if self._cds_tmp else 20)
                 except subprocess.TimeoutExpired:
                     pass
         finally:
             self._kill()
+            self._finish_cds()
+
+    def _finish_cds(self) -> None:
+        tmp, self._cds_tmp = self._cds_tmp, None
+        if tmp is None:
+            return
+        try:
+            if tmp.exists() and tmp.stat().st_size > 0:
+                os.replace(tmp, tmp.with_name(tmp.name.split(".jsa.", 1)[0] + ".jsa"))
+            else:
+                tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
 
     def _kill(self) -> None:
         proc = self._proc
