@@ -63,6 +63,12 @@ _TRANSIENT_MARKERS = (
     "could only be written to",
     "failed to connect",
     "no route to host",
+    "network is unreachable",
+    "os error 101",
+    "os error 113",
+    "failed to lookup address",
+    "name or service not known",
+    "temporary failure in name resolution",
 )
 # Of those, the ones that mean "the NameNode is not there" (reported as BackendUnavailableError).
 _UNREACHABLE_MARKERS = (
@@ -72,6 +78,12 @@ _UNREACHABLE_MARKERS = (
     "failed to connect",
     "timed out",
     "os error 110",
+    "network is unreachable",
+    "os error 101",
+    "os error 113",
+    "failed to lookup address",
+    "name or service not known",
+    "temporary failure in name resolution",
 )
 
 
@@ -121,6 +133,8 @@ class HdfsObjectStore(ObjectStore):
     * ``block_size`` / ``replication``: per-file HDFS settings (``None``: the cluster's defaults).
     * ``hsync`` (False): fsync on the DataNodes before closing each file (slower; close alone already
       means every replica acknowledged the data).
+    * ``visible_wait_s`` (10): how long a read waits for a just-closed file's last block to become
+      visible to readers (see ``_open_visible``; only matters with num-committed-allowed > 0).
     * ``config``: extra hdfs-native / Hadoop client settings, merged over the fail-fast defaults.
     """
 
@@ -138,6 +152,7 @@ class HdfsObjectStore(ObjectStore):
         block_size: int | None = None,
         replication: int | None = None,
         hsync: bool = False,
+        visible_wait_s: float = 10.0,
         config: dict[str, str] | None = None,
     ) -> None:
         super().__init__(url)
@@ -162,6 +177,7 @@ class HdfsObjectStore(ObjectStore):
         self.block_size = block_size
         self.replication = replication
         self.hsync = hsync
+        self.visible_wait_s = visible_wait_s
         cfg = {
             # Fail fast: hdfs-native's own NameNode retry loop would otherwise last about 3 minutes.
             "dfs.client.failover.max.attempts": "0",
@@ -334,6 +350,39 @@ class HdfsObjectStore(ObjectStore):
                 return None
             raise
 
+    def _open_visible(self, path: str, end: int | None) -> Any:
+        """Open ``path`` and make sure the reader sees the whole file when the read reaches its end.
+
+        A reader's length comes from the NameNode's block list, which leaves out a last block that was
+        committed but not yet reported by a DataNode (a NameNode with
+        ``dfs.namenode.file.close.num-committed-allowed`` > 0 lets ``close`` succeed in that state, and
+        hdfs-native does not ask the DataNode for the visible length): the file reads short although
+        ``get_file_info`` has the right length. When the read needs the end of the file (``end`` None or
+        past the reader's length), compare with ``get_file_info`` (one RPC) and reopen until they agree.
+        """
+        reader = self._open(path)
+        if reader is None or (end is not None and end <= len(reader)):
+            return reader
+        deadline = time.monotonic() + self.visible_wait_s
+        delay = 0.02
+        while True:
+            try:
+                st = self._client.get_file_info(path)
+            except FileNotFoundError:
+                return None
+            if int(st.length) <= len(reader):
+                return reader
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{path}: readers see {len(reader)} of {st.length} bytes after {self.visible_wait_s:.0f} s "
+                    "(last block not reported by any DataNode)"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+            reader = self._open(path)
+            if reader is None:
+                return None
+
     @staticmethod
     def _resolve(size: int, byte_range: ByteRange | None) -> tuple[int, int]:
         if byte_range is None:
@@ -347,8 +396,13 @@ class HdfsObjectStore(ObjectStore):
     def get(self, key: str, byte_range: ByteRange | None = None) -> bytes | None:
         path = self._path(key)
 
+        if byte_range is None or byte_range.start < 0:
+            end = None
+        else:
+            end = byte_range.start + byte_range.length
+
         def run() -> bytes | None:
-            reader = self._open(path)
+            reader = self._open_visible(path, end)
             if reader is None:
                 return None
             start, length = self._resolve(len(reader), byte_range)
@@ -365,7 +419,7 @@ class HdfsObjectStore(ObjectStore):
         want = len(out)
 
         def run() -> bool:
-            reader = self._open(path)
+            reader = self._open_visible(path, None if offset < 0 else offset + want)
             if reader is None:
                 return False
             size = len(reader)

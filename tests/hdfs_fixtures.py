@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from collections.abc import Iterator
 
 import pytest
@@ -24,17 +25,17 @@ def _unavailable(reason: str) -> None:
 
 @pytest.fixture(scope="session")
 def hdfs_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MiniDFS]:
-    missing = missing_tools()
-    if missing:
-        _unavailable(f"{' and '.join(missing)} not found on PATH (need JDK 17 and Maven 3.8)")
+    if shutil.which("java") is None:
+        missing = " and ".join(missing_tools())
+        _unavailable(f"{missing} not found on PATH (need JDK 17, and Maven 3.8 to build hdfs-test-cluster/)")
     if importlib.util.find_spec("hdfs_native") is None:
         _unavailable("hdfs-native is not installed (pip install 'asymstore[hdfs]')")
     try:
         MiniDFS.build()
     except (MiniDFSError, OSError) as e:
-        # Typically: Maven cannot reach Central to fill its cache.
+        # Typically: Maven missing, or it cannot reach Central to fill its cache.
         _unavailable(f"building hdfs-test-cluster failed: {e}")
-    dfs = MiniDFS(datanodes=2, replication=2)
+    dfs = MiniDFS()
     try:
         dfs.start(tmp_path_factory.mktemp("minidfs"))
         yield dfs

@@ -16,6 +16,7 @@ from asymstore.errors import BackendUnavailableError
 from asymstore.testing.minidfs import MiniDFS
 
 pytestmark = pytest.mark.hdfs
+pytest.importorskip("hdfs_native", reason="hdfs-native is not installed (pip install 'asymstore[hdfs]')")
 
 MiB = 1 << 20
 
@@ -143,11 +144,20 @@ def test_unreachable_namenode_fails_fast() -> None:
 
 def test_namenode_down_then_restarted(hdfs_cluster: MiniDFS, store: HdfsObjectStore) -> None:
     store.put("before", b"kept")
+    writer = store._client.create(store._path("open-while-down"), store._write_options())
+    writer.write(b"y" * 1000)
     hdfs_cluster.stop_namenode()
     try:
         t0 = time.monotonic()
-        with pytest.raises(BackendUnavailableError, match="unreachable"):
+        # Default retry policy (3 retries, 0.5 s doubling backoff): a clear error in seconds.
+        with pytest.raises(BackendUnavailableError, match="unreachable") as ei:
             store.put("during", b"x" * 1000)
+        assert time.monotonic() - t0 < 15
+        assert "NameNode" in str(ei.value) and store.url in str(ei.value)
+        # A file already open for writing cannot be completed either, and says so without hanging.
+        t0 = time.monotonic()
+        with pytest.raises(OSError):
+            writer.close()
         assert time.monotonic() - t0 < 15
         with pytest.raises(BackendUnavailableError):
             HdfsObjectStore(store.url, retries=0).get("before")

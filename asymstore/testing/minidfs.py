@@ -55,6 +55,7 @@ class MiniDFS:
         block_size: int = 1 << 20,
         datanodes: int = 1,
         replication: int = 1,
+        close_committed: int = 0,
         heap: str = "512m",
         start_timeout: float = 120.0,
         command_timeout: float = 60.0,
@@ -65,6 +66,7 @@ class MiniDFS:
         self.block_size = block_size
         self.datanodes = datanodes
         self.replication = replication
+        self.close_committed = close_committed
         self.heap = heap
         self.start_timeout = start_timeout
         self.command_timeout = command_timeout
@@ -127,6 +129,8 @@ class MiniDFS:
             str(self.datanodes),
             "--replication",
             str(self.replication),
+            "--close-committed",
+            str(self.close_committed),
         ]
         t0 = time.monotonic()
         try:
