@@ -21,6 +21,7 @@ Why these choices:
 
 from __future__ import annotations
 
+import builtins
 import posixpath
 import time
 import uuid
@@ -491,7 +492,7 @@ class HdfsObjectStore(ObjectStore):
 
         return iter(self._call(f"list {prefix!r}", run))
 
-    def list_dirs(self, prefix: str = "") -> list[str]:
+    def list_dirs(self, prefix: str = "") -> builtins.list[str]:
         """Immediate child directories under ``prefix`` from one (non-recursive) listing.
 
         Unlike the generic implementation this also reports empty directories.

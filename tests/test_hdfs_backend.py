@@ -7,6 +7,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -27,6 +28,12 @@ def store(hdfs_cluster: MiniDFS) -> Iterator[HdfsObjectStore]:
     yield s
     s.delete_prefix("")
     s.close()
+
+
+def _put_all(store: HdfsObjectStore, items: dict[str, bytes]) -> None:
+    # In parallel: a close() on a one-DataNode cluster often waits ~0.5 s for the block report.
+    with ThreadPoolExecutor(8) as ex:
+        list(ex.map(lambda kv: store.put(*kv), items.items()))
 
 
 def _free_closed_port() -> int:
@@ -87,8 +94,7 @@ def test_missing_key(store: HdfsObjectStore) -> None:
 
 def test_listing(store: HdfsObjectStore) -> None:
     keys = ["step_1/a", "step_1/sub/b", "step_2/c", "step_10/d", "top"]
-    for k in keys:
-        store.put(k, k.encode())
+    _put_all(store, {k: k.encode() for k in keys})
     assert sorted(store.list()) == sorted(keys)
     assert sorted(store.list("step_1/")) == ["step_1/a", "step_1/sub/b"]
     assert sorted(store.list("step_1")) == ["step_1/a", "step_1/sub/b", "step_10/d"]
@@ -100,8 +106,7 @@ def test_listing(store: HdfsObjectStore) -> None:
 
 
 def test_delete_and_delete_prefix(store: HdfsObjectStore) -> None:
-    for k in ["s1/a", "s1/b/c", "s10/a", "s2/a", "x"]:
-        store.put(k, b"v")
+    _put_all(store, {k: b"v" for k in ["s1/a", "s1/b/c", "s10/a", "s2/a", "x"]})
     store.delete("x")
     assert store.get("x") is None
     assert store.delete_prefix("s1/") == 2
