@@ -171,3 +171,22 @@ def test_namenode_down_then_restarted(hdfs_cluster: MiniDFS, store: HdfsObjectSt
     store.put("during", b"x" * 1000)
     assert store.get("during") == b"x" * 1000
     assert store.get("before") == b"kept"
+
+
+@pytest.mark.slow
+def test_reads_see_whole_file_with_committed_close(hdfs_cluster: MiniDFS, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """With num-committed-allowed=1 a close can return before any DataNode reported the last block;
+    hdfs-native then opens the file with a short length. Reads must still return every byte.
+    Block reports are delayed by 300 ms so that every read right after a put hits that window."""
+    with MiniDFS(datanodes=2, replication=2, close_committed=1, ibr_interval_ms=300) as dfs:
+        s = HdfsObjectStore(f"{dfs.start(tmp_path)}/cc")
+        for phase in ("steady", "after-restart"):
+            if phase == "after-restart":
+                dfs.stop_namenode()
+                dfs.start_namenode()
+            for i in range(5):
+                data = os.urandom(1000 + i)
+                s.put(f"{phase}/{i}", data)
+                assert s.get(f"{phase}/{i}") == data
+                buf = bytearray(len(data))
+                assert s.get_into(f"{phase}/{i}", memoryview(buf)) and bytes(buf) == data

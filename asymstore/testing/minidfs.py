@@ -56,6 +56,7 @@ class MiniDFS:
         datanodes: int = 1,
         replication: int = 1,
         close_committed: int = 0,
+        ibr_interval_ms: int = 0,
         heap: str = "512m",
         start_timeout: float = 120.0,
         command_timeout: float = 60.0,
@@ -67,6 +68,7 @@ class MiniDFS:
         self.datanodes = datanodes
         self.replication = replication
         self.close_committed = close_committed
+        self.ibr_interval_ms = ibr_interval_ms
         self.heap = heap
         self.start_timeout = start_timeout
         self.command_timeout = command_timeout
@@ -131,6 +133,8 @@ class MiniDFS:
             str(self.replication),
             "--close-committed",
             str(self.close_committed),
+            "--ibr-interval-ms",
+            str(self.ibr_interval_ms),
         ]
         t0 = time.monotonic()
         try:

@@ -49,6 +49,7 @@ public final class MiniHdfsLauncher {
     int dataNodes = 1;
     int closeCommitted = 0;
     int replication = 1;
+    long ibrIntervalMs = 0;
     for (int i = 0; i < args.length; i++) {
       switch (args[i]) {
         case "--port": port = Integer.parseInt(args[++i]); break;
@@ -56,8 +57,9 @@ public final class MiniHdfsLauncher {
         case "--datanodes": dataNodes = Integer.parseInt(args[++i]); break;
         case "--close-committed": closeCommitted = Integer.parseInt(args[++i]); break;
         case "--replication": replication = Integer.parseInt(args[++i]); break;
+        case "--ibr-interval-ms": ibrIntervalMs = Long.parseLong(args[++i]); break;
         case "-h": case "--help":
-          System.err.println("usage: MiniHdfsLauncher DATA_DIR [--port N] [--block-size BYTES] [--datanodes N] [--replication N] [--close-committed N]");
+          System.err.println("usage: MiniHdfsLauncher DATA_DIR [--port N] [--block-size BYTES] [--datanodes N] [--replication N] [--close-committed N] [--ibr-interval-ms MS]");
           System.exit(0);
           break;
         default:
@@ -69,7 +71,7 @@ public final class MiniHdfsLauncher {
       }
     }
     if (dataDir == null) {
-      System.err.println("usage: MiniHdfsLauncher DATA_DIR [--port N] [--block-size BYTES] [--datanodes N] [--replication N] [--close-committed N]");
+      System.err.println("usage: MiniHdfsLauncher DATA_DIR [--port N] [--block-size BYTES] [--datanodes N] [--replication N] [--close-committed N] [--ibr-interval-ms MS]");
       System.exit(2);
     }
 
@@ -103,6 +105,9 @@ public final class MiniHdfsLauncher {
     // file as truncated (it does not ask the DataNode for the last block's visible length): a read
     // right after a NameNode restart returned 0 bytes. Only for latency experiments.
     conf.setInt("dfs.namenode.file.close.num-committed-allowed", closeCommitted);
+    // --ibr-interval-ms (default 0 = immediate): batch the DataNodes' incremental block reports, i.e.
+    // delay the NameNode learning about finished blocks (fault injection for the case above).
+    conf.setLong("dfs.blockreport.incremental.intervalMsec", ibrIntervalMs);
     conf.setBoolean("dfs.namenode.acls.enabled", false);
     // The DataNode retries a stopped NameNode quickly and quietly.
     conf.setInt("ipc.client.connect.max.retries", 1);
