@@ -23,7 +23,8 @@ import time
 import weakref
 from pathlib import Path
 
-PROJECT_DIR = Path(__file__).resolve().parents[2] / "hdfs-test-cluster"
+#: The Maven project (in a source checkout); ASYMSTORE_HDFS_TEST_CLUSTER overrides it.
+PROJECT_DIR = Path(os.environ.get("ASYMSTORE_HDFS_TEST_CLUSTER") or Path(__file__).resolve().parents[2] / "hdfs-test-cluster")
 JAR_NAME = "hdfs-test-cluster.jar"
 
 _live: weakref.WeakSet[MiniDFS] = weakref.WeakSet()
