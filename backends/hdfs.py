@@ -116,7 +116,7 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 def _is_unreachable(exc: BaseException) -> bool:
-    if isinstance(exc, (ConnectionRefusedError, TimeoutError)):
+    if isinstance(exc, ConnectionRefusedError):
         return True
     msg = str(exc).lower()
     return any(m in msg for m in _UNREACHABLE_MARKERS)
