@@ -294,11 +294,19 @@ class Store:
                 "memory": self.memory_report(), "failures": self.failures}
 
     # --- catalogue ---------------------------------------------------------------
+    def _listing(self, tier: PersistentTier) -> list[int]:
+        """A tier's committed steps; an unreachable tier counts as empty (and says so)."""
+        try:
+            return tier.committed_steps()
+        except AsymstoreError as e:
+            log.warning("tier %s cannot be listed: %s", tier.name, e)
+            return []
+
     def steps(self) -> list[int]:
         """Steps complete on at least one tier, oldest first."""
         s = set(self.host.steps())
         for t in self.tiers:
-            s.update(t.committed_steps())
+            s.update(self._listing(t))
         return sorted(s)
 
     @property
@@ -311,7 +319,7 @@ class Store:
 
     def where(self, step: int) -> list[str]:
         out = ["host"] if self.host.find(step) is not None else []
-        return out + [t.name for t in self.tiers if t.has(step)]
+        return out + [t.name for t in self.tiers if step in self._listing(t)]
 
     def latest_step(self) -> int | None:
         s = self.steps()

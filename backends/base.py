@@ -122,10 +122,18 @@ class ObjectStore(abc.ABC):
         return f"{type(self).__name__}({self.url!r})"
 
 
-def as_buffers(data: Buffer | Sequence[Buffer]) -> list[memoryview]:
-    """Normalise ``put``'s argument to a list of byte memoryviews."""
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        parts: Sequence[Buffer] = [data]
-    else:
-        parts = data
-    return [memoryview(p).cast("B") if memoryview(p).format != "B" or memoryview(p).ndim != 1 else memoryview(p) for p in parts]
+def as_buffers(data: Buffer | Sequence[Buffer]) -> builtins.list[memoryview]:
+    """Normalise ``put``'s argument to a list of flat byte memoryviews.
+
+    One buffer-like object (bytes, bytearray, memoryview, a numpy array, ...) is one buffer;
+    anything else is a sequence of them.
+    """
+    try:
+        parts: Sequence[Buffer] = [memoryview(data)]  # type: ignore[arg-type]
+    except TypeError:
+        parts = data  # type: ignore[assignment]
+    out = []
+    for p in parts:
+        mv = memoryview(p)
+        out.append(mv if mv.format == "B" and mv.ndim == 1 and mv.c_contiguous else mv.cast("B"))
+    return out

@@ -115,6 +115,12 @@ def _is_transient(exc: BaseException) -> bool:
     return any(m in msg for m in _TRANSIENT_MARKERS)
 
 
+def _names_no_file(exc: BaseException) -> bool:
+    """A path that cannot be a file: a directory, or below a file ("... (is not a directory)")."""
+    msg = str(exc).lower()
+    return "is a directory" in msg or "not a file" in msg or "is not a directory" in msg
+
+
 def _is_unreachable(exc: BaseException) -> bool:
     if isinstance(exc, ConnectionRefusedError):
         return True
@@ -343,11 +349,10 @@ class HdfsObjectStore(ObjectStore):
     def _open(self, path: str) -> Any:
         try:
             return self._client.read(path)
-        except (FileNotFoundError, IsADirectoryError):
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
-        except OSError as e:
-            # Opening a directory is reported as a generic error by some versions.
-            if "is a directory" in str(e).lower() or "not a file" in str(e).lower():
+        except (OSError, RuntimeError) as e:
+            if _names_no_file(e):
                 return None
             raise
 
@@ -445,8 +450,12 @@ class HdfsObjectStore(ObjectStore):
         def run() -> int | None:
             try:
                 st = self._client.get_file_info(path)
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 return None
+            except (OSError, RuntimeError) as e:
+                if _names_no_file(e):
+                    return None
+                raise
             return None if st.isdir else int(st.length)
 
         return self._call(f"size {key!r}", run)
