@@ -302,7 +302,6 @@ class AsymStorageWriter(StorageWriter):
         try:
             info = plan.storage_data
             rank, n, step = int(info["rank"]), int(info["world_size"]), int(info["step"])
-            self.step = step
             if rank == 0 and not self.is_coordinator:
                 raise AsymstoreError("the DCP coordinator must be rank 0 of the process group")
             state: dict[str, Any] = {}
@@ -332,6 +331,7 @@ class AsymStorageWriter(StorageWriter):
                 self._held = (plan, state, step, n)  # written in finish, with the metadata
             else:
                 self._owner.store(rank, n).save(flat, step)  # blocking: durable before DCP's gather
+                self.last_step = step
             fut.set_result(results)
         except BaseException as e:
             fut.set_exception(e)
