@@ -1,4 +1,7 @@
-"""One rank of the multi-process DCP tests (run by tests/test_dcp.py with RANK/WORLD_SIZE set).
+"""One rank of the multi-process DCP tests (RANK/WORLD_SIZE/MASTER_* in the environment).
+
+tests/test_dcp.py forks the ranks (``main(argv)``, torch already imported); it also runs as a
+script: ``RANK=r WORLD_SIZE=n MASTER_ADDR=.. MASTER_PORT=.. python tests/_dcp_worker.py ...``.
 
 ``save <url> <step>``: every rank holds DTensor shards of the reference state and saves them.
 ``load <url> <step> <out>``: every rank loads into DTensor shards of its world size and
@@ -36,8 +39,10 @@ def digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def main() -> None:
-    mode, url, step = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv if argv is None else argv
+    mode, url, step = argv[1], argv[2], int(argv[3])
+    torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, n = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (n,))
@@ -50,7 +55,7 @@ def main() -> None:
         dcp.save(state, storage_writer=w, checkpoint_id=f"{url}/step_{step}")
         w.close()
     else:
-        out = sys.argv[4]
+        out = argv[4]
         state = {"model": {k: distribute_tensor(torch.zeros_like(v), mesh, [Shard(0)]) for k, v in ref.items()},
                  "meta": {"step": -1, "tag": ""}}
         dcp.load(state, storage_reader=AsymStorageReader(url), checkpoint_id=f"{url}/step_{step}")

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
+import multiprocessing as mp
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,6 @@ from asymstore.trainer_hooks.dcp import (AsymStorageReader, AsymStorageWriter, W
                                          metadata_from_json, metadata_to_json, parse_checkpoint_id)
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-WORKER = Path(__file__).with_name("_dcp_worker.py")
 
 
 def _model(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -151,28 +149,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _rank_main(env: dict[str, str], args: tuple[str, ...]) -> None:
+    os.environ.update(env)
+    from tests._dcp_worker import main
+    main(["_dcp_worker", *args])
+
+
 def _launch(n: int, *args: str) -> None:
-    env_base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-                "WORLD_SIZE": str(n), "PYTHONPATH": str(_worktree.ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(WORKER), *args], env={**env_base, "RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(n)]
-    outs = []
+    """Run ``n`` ranks of tests/_dcp_worker.py as forked processes (no re-import of torch)."""
+    ctx = mp.get_context("fork")
+    port = str(_free_port())
+    procs = [ctx.Process(target=_rank_main, args=({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                                                   "WORLD_SIZE": str(n), "RANK": str(r)}, args))
+             for r in range(n)]
     for p in procs:
-        try:
-            outs.append(p.communicate(timeout=120)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    for r, (p, o) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"rank {r} of {n} failed:\n{o[-4000:]}"
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, f"{len(alive)} of {n} ranks hung"
+    codes = [p.exitcode for p in procs]
+    assert codes == [0] * n, f"ranks of {n} exited with {codes} (see the captured output)"
 
 
 @pytest.mark.slow
 def test_two_ranks_save_then_load_on_one_and_three(tmp_path):
-    sys.path.insert(0, str(WORKER.parent))
-    from _dcp_worker import reference
+    from tests._dcp_worker import reference
     url = str(tmp_path / "ck")
     _launch(2, "save", url, "4")
 
