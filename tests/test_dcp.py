@@ -202,3 +202,15 @@ def test_two_ranks_save_then_load_on_one_and_three(tmp_path):
         assert got.pop("meta") == {"step": 4, "tag": "run-a"}
         for k, d in got.items():
             assert d["got"] == d["want"], f"rank {r} of 3: {k} differs"
+
+
+def test_two_tiers_metadata_travels_with_the_step(tmp_path):
+    """The DCP metadata lives in rank 0's manifest, so a lower tier alone can serve dcp.load."""
+    fast, slow = str(tmp_path / "nvme"), str(tmp_path / "hdfs-like")
+    saved = {"w": torch.arange(10, dtype=torch.float32), "cfg": {"a": 1}}
+    w = AsymStorageWriter([fast, slow])
+    dcp.save(saved, storage_writer=w, checkpoint_id=f"{fast}/step_3")
+    w.close()  # waits for the promotion to the second tier
+    got = {"w": torch.zeros(10), "cfg": {"a": 0}}
+    dcp.load(got, storage_reader=AsymStorageReader(slow, step=3))
+    assert torch.equal(got["w"], saved["w"]) and got["cfg"] == {"a": 1}

@@ -200,7 +200,7 @@ class _StoreOwner:
         if t is None:
             return None
         first = t if isinstance(t, (str, os.PathLike)) else t[0]
-        return os.fspath(first.url if isinstance(first, TierSpec) else first)  # type: ignore[arg-type]
+        return os.fspath(first.url if isinstance(first, TierSpec) else first)
 
     def set_url(self, url: str) -> None:
         if self.given is not None:
@@ -334,7 +334,7 @@ class AsymStorageWriter(StorageWriter):
                 self.last_step = step
             fut.set_result(results)
         except BaseException as e:
-            fut.set_exception(e)
+            fut.set_exception(e)  # type: ignore[arg-type]  # torch types it as the result type
         return fut
 
     # -- phase 6 --
@@ -479,7 +479,7 @@ class AsymStorageReader(StorageReader):
                 planner.commit_tensor(req, target)
             fut.set_result(None)
         except BaseException as e:
-            fut.set_exception(e)
+            fut.set_exception(e)  # type: ignore[arg-type]  # torch types it as the result type
         return fut
 
     def close(self) -> None:
