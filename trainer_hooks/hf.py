@@ -27,6 +27,10 @@ data loader only for its own ``resume_from_checkpoint`` directories, decided bef
 callback runs; after an asymstore resume the loader starts at the beginning of the data
 (like ``ignore_data_skip=True``). Use a map-style dataset with a sampler keyed on the step if
 the exact sample order matters.
+
+Steps are counted by the torch optimizer's step hooks. With gradient accumulation that is one
+per update, like ``global_step``; an update that a ``GradScaler`` skips (fp16 overflow) does not
+call the inner optimizer and is not counted, so ``every`` then drifts from ``global_step``.
 """
 
 from __future__ import annotations

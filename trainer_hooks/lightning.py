@@ -178,7 +178,14 @@ class AsymstoreCheckpointIO(CheckpointIO):
             fs.rm(path)
 
     def teardown(self) -> None:
-        self.store.wait()
+        """End of a fit/validate: wait until every checkpoint is durable (and promoted down the tier
+        chain, bounded by ``close_timeout_s``); re-raises a background failure. The plugin stays usable
+        (Lightning tears down after every stage); :meth:`close` closes a store this plugin opened."""
+        if not self.store.flush(self.store.config.close_timeout_s):
+            log.warning("teardown: promotions still pending down the tier chain (see store.status())")
+
+    def close(self) -> None:
+        self.teardown()
         if self._owns_store:
             self.store.close()
 
