@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import tests._worktree  # noqa: E402,F401
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests import _worktree  # noqa: F401  (this checkout's trainer_hooks first)
 from tests.helpers import assert_bitequal
 
 import torch.distributed.checkpoint as dcp  # noqa: E402

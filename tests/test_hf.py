@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests import _worktree  # noqa: F401  (this checkout's trainer_hooks first)
 from tests.helpers import assert_bitequal
 
 transformers = pytest.importorskip("transformers")
