@@ -382,15 +382,18 @@ class AsymCheckpointer:
         try:
             # the remainder, plus any planned partition whose window did not come (a skipped block,
             # or training ended): everything not yet copied is copied now
+            gpu = isinstance(ex, CudaCopyExecutor)
             for p in a.plan.partitions:
                 if p.end > p.start and (p.start, p.end) not in a.issued:
-                    ex.copy_now(a.offset + p.start, a.offset + p.end, "step")
+                    # GPU: queued on the copy stream; the compute stream waits for it on the device
+                    (ex.submit if gpu else ex.copy_now)(a.offset + p.start, a.offset + p.end, "step")
                     a.stats.step_copy_bytes += p.end - p.start
             copies_done: Callable[[], None] | None = None
+            records: list[CopyRecord] = []
             if isinstance(ex, CudaCopyExecutor):
-                ex.barrier_on_device()
-                records: list[CopyRecord] = []
-                copies_done = lambda: records.extend(ex.drain())  # noqa: E731 - runs on the persist thread
+                ex.barrier_on_device()  # the optimizer step runs after the copies, with no CPU wait
+                fence = ex.fence()  # this snapshot's copies, awaited on the persistence thread
+                copies_done = lambda: records.extend(fence())  # noqa: E731
             else:
                 records = ex.drain()
         except BaseException:
