@@ -446,6 +446,23 @@ class Store:
             return LazyCheckpoint.from_host(slot)
         raise StepNotFoundError(f"step {s} is not complete on any tier")
 
+    def discard_uncommitted(self) -> dict[str, list[int]]:
+        """Delete this rank's leftovers of checkpoints that never committed, on every reachable tier.
+
+        Call it when a job starts or resumes (the trainer hooks' ``resume`` does), never while
+        this process is saving. Returns the steps cleaned per tier.
+        """
+        out: dict[str, list[int]] = {}
+        for t in self.tiers:
+            try:
+                cleaned = t.discard_uncommitted()
+            except AsymstoreError as e:
+                log.warning("tier %s: leftovers not cleaned (%s)", t.name, e)
+                continue
+            if cleaned:
+                out[t.name] = cleaned
+        return out
+
     # --- deleting ----------------------------------------------------------------
     def delete(self, step: int) -> None:
         """Remove ``step`` from every tier (refused while a delta checkpoint depends on it)."""

@@ -140,11 +140,13 @@ class CheckpointWriter:
         for multi-rank checkpoints)."""
         t_start = time.perf_counter()
         prefix = prefix or step_dir(step) + "/"
-        for marker in {step_dir(step) + "/" + COMMIT_KEY, prefix + COMMIT_KEY}:
-            if self.store.exists(marker):
-                raise StepExistsError(f"step {step} is already committed in {self.store.url} ({marker}); delete "
-                                      "it first or save under another step")
-        self.store.delete_prefix(prefix)  # leftovers of an interrupted attempt
+        marker = step_dir(step) + "/" + COMMIT_KEY
+        if self.store.exists(marker):
+            raise StepExistsError(f"step {step} is already committed in {self.store.url} ({marker}); delete "
+                                  "it first or save under another step")
+        # leftovers of an interrupted attempt, including a rank's shard marker of a step that was
+        # never committed globally (another rank died): this attempt replaces them
+        self.store.delete_prefix(prefix)
         if isinstance(stream, StreamSource):
             src: StreamSource | memoryview = stream
             have = stream.total_bytes

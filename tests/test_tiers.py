@@ -180,3 +180,31 @@ def test_multi_rank_commit_needs_every_shard(tmp_path, rank_count) -> None:
                 s.close()
             except Exception:
                 pass
+
+
+def test_leftovers_of_a_rank_that_died_do_not_block_or_mix(tmp_path) -> None:
+    root = str(tmp_path)
+    s0 = Store([root], rank=0, world_size=2, commit_timeout_s=1, **SMALL)
+    s1 = Store([root], rank=1, world_size=2, commit_timeout_s=1, **SMALL)
+    try:
+        s1.save(_state(101), 1)  # rank 1 wrote its shard of step 1 ...
+        h = s0.save(_state(1), 1, blocking=False)
+        h.result(30)  # ... and rank 0 committed: step 1 is complete
+        # step 2: rank 1's shard exists, rank 0 died before writing: never committed
+        s1.save(_state(102), 2)
+        assert s0.tiers[0].committed_steps() == [1]
+        # after a restart every rank discards its uncommitted leftovers, then step 2 can be saved again
+        assert s1.discard_uncommitted() == {"file": [2]}
+        assert s0.discard_uncommitted() == {}
+        s1.save(_state(202), 2)
+        s0.save(_state(2), 2, blocking=False).result(30)
+        assert_bitequal(s1.restore(2), _state(202))
+        assert_bitequal(s0.restore(2), _state(2))
+        # a rank re-saving a step whose own shard marker is stale (never committed globally) replaces it
+        s1.save(_state(103), 3)
+        s1.save(_state(303), 3)  # no StepExistsError: step 3 was never committed
+        s0.save(_state(3), 3, blocking=False).result(30)
+        assert_bitequal(s1.restore(3), _state(303))
+    finally:
+        s0.close()
+        s1.close()

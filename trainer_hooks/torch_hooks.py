@@ -461,6 +461,7 @@ class AsymCheckpointer:
     # --- resume ------------------------------------------------------------------
     def resume(self, step: int | None = None) -> dict[str, Any]:
         """Restore model, optimizers, scheduler, RNG states and the step; returns the extras."""
+        self.store.discard_uncommitted()  # a crashed attempt's partial shards go before anything is saved again
         restored = self.store.restore(step)
         self.model.load_state_dict(restored["model"])
         for o, s in zip(self.optimizers, restored["optimizers"]):
