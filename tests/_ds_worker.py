@@ -155,7 +155,9 @@ def main() -> None:
             for s in range(1, args["steps"] + 1):
                 losses[s] = train_step(engine, s, rank)
                 torch.save(reference_state(engine), out / f"ref_r{rank}_s{s}.pt")
-                (out / f"losses_train_r{rank}.json").write_text(json.dumps(losses))
+                tmp = out / f".losses_train_r{rank}.json"
+                tmp.write_text(json.dumps(losses))
+                os.replace(tmp, out / f"losses_train_r{rank}.json")  # atomic: the test kills this process
         store.close()
         (out / f"summary_train_r{rank}.json").write_text(json.dumps(ck.summary()))
     elif mode == "resume":
