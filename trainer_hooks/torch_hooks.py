@@ -152,14 +152,22 @@ class AsymCheckpointer:
     def attach(self) -> AsymCheckpointer:
         if self._hooks:
             return self
+        self._attach_block_hooks()
+        self._attach_step_hooks()
+        return self
+
+    def _attach_block_hooks(self) -> None:
+        """Forward pre-hooks on the blocks, and a gradient hook on each block's last parameter."""
         for i, blk in enumerate(self.blocks):
             self._hooks.append(blk.register_forward_pre_hook(self._make_fwd_hook(i)))
             first_param = next((p for p in reversed(list(blk.parameters())) if p.requires_grad), None)
             if first_param is not None and hasattr(first_param, "register_post_accumulate_grad_hook"):
                 self._hooks.append(first_param.register_post_accumulate_grad_hook(self._make_bwd_hook(i)))
+
+    def _attach_step_hooks(self) -> None:
+        """The barrier before the first optimizer's step; the snapshot begins after the last one's."""
         self._hooks.append(self.optimizers[0].register_step_pre_hook(self._barrier_hook))
         self._hooks.append(self.optimizers[-1].register_step_post_hook(self._post_step_hook))
-        return self
 
     def detach(self, *, finish: bool = True) -> None:
         """Remove the hooks; with ``finish``, complete the snapshot in flight and wait for persistence;
