@@ -46,8 +46,6 @@ def _free_port() -> int:
 
 
 def rank_main(a: argparse.Namespace) -> None:
-    from tests._devpaths import use_repo_packages
-    use_repo_packages()
     import torch
     from torch import nn
 

@@ -23,10 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests._devpaths import use_repo_packages  # noqa: E402
-
-use_repo_packages()
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `tests.*` helpers
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402

@@ -388,7 +388,8 @@ def decode_deepspeed(obj: Any) -> Any:
             if tag == "fragment_address" and tag in known:
                 return known[tag](numel=obj["numel"], start=obj["start"])
             if tag in ("LossScaler", "DynamicLossScaler") and tag in known:
-                inst = known[tag].__new__(known[tag])
+                cls: Any = known[tag]
+                inst = cls.__new__(cls)
                 inst.__dict__.update(obj["attrs"])
                 return inst
         return {k: decode_deepspeed(v) for k, v in obj.items()}
@@ -411,10 +412,10 @@ def default_tag_to_step(tag: str) -> int:
 try:
     from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine as _DSCheckpointEngine
 except ImportError:  # pragma: no cover - deepspeed is optional
-    _DSCheckpointEngine = object  # type: ignore[assignment,misc]
+    _DSCheckpointEngine = object
 
 
-class AsymstoreCheckpointEngine(_DSCheckpointEngine):  # type: ignore[misc,valid-type]
+class AsymstoreCheckpointEngine(_DSCheckpointEngine):
     """A DeepSpeed checkpoint engine that stores through asymstore tiers.
 
     Mapping: a tag is one asymstore step (``tag_to_step``, default: its trailing integer; the tag
