@@ -42,6 +42,8 @@ class SaveResult:
     skipped: bool = False
     snapshot_seconds: float = 0.0
     reports: dict[str, WriteReport] = field(default_factory=dict)  # tier name -> report
+    persist_started: float = 0.0  # time.perf_counter() when persistence began and ended (0: none ran)
+    persist_finished: float = 0.0
 
     @property
     def raw_bytes(self) -> int:
@@ -182,7 +184,7 @@ class Store:
                              persisting=bool(self.tiers))
 
     def _persist(self, snap: PendingSnapshot, snap_s: float, copies_done: Callable[[], None] | None) -> SaveResult:
-        result = SaveResult(snap.step, snapshot_seconds=snap_s)
+        result = SaveResult(snap.step, snapshot_seconds=snap_s, persist_started=time.perf_counter())
         try:
             if copies_done is not None:
                 try:
@@ -200,6 +202,7 @@ class Store:
                                               delta_base=delta)
                     tier.after_write(snap.step, stream, snap.layout.signature, rep.delta_base is not None)
                 result.reports[tier.name] = rep
+            result.persist_finished = time.perf_counter()
             return result
         except BaseException as e:
             self._record_failure(snap.step, e)

@@ -381,8 +381,12 @@ class AsymCheckpointer:
             stats.persist_s = sum(r.seconds for r in res.reports.values())
             stats.stored_bytes = rep.stored_bytes
             stats.codecs = dict(rep.codecs)
-            start = time.perf_counter() - stats.persist_s
-            self.timeline.add(f"persist {stats.step}", "persist", start, start + stats.persist_s, "persist")
+            if res.persist_finished > res.persist_started > 0:  # where it really ran, not when it was collected
+                start, end = res.persist_started, res.persist_finished
+            else:
+                start = time.perf_counter() - stats.persist_s
+                end = start + stats.persist_s
+            self.timeline.add(f"persist {stats.step}", "persist", start, end, "persist")
 
     def _collect_done(self) -> None:
         for h, s in list(self._handles_stats):
