@@ -36,6 +36,9 @@ class Config:
     non_fatal: bool = False
     #: Verify chunk checksums on every read (always on for restore; lazy reads may skip for speed).
     verify_reads: bool = True
+    #: Nice increment of asymstore's background threads (snapshot copy, persistence) on Linux, so that they
+    #: take the cores only where training leaves them idle; 0 leaves their priority alone.
+    background_nice: int = 0
     #: Options passed to backends, per URL scheme (e.g. {"hdfs": {"retries": 3}}).
     backend_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -52,6 +55,8 @@ class Config:
                               f"({self.chunk_bytes})")
         if self.delta_every < 0:
             raise ConfigError("delta_every must be >= 0")
+        if not 0 <= self.background_nice <= 19:
+            raise ConfigError(f"background_nice must be in 0..19, got {self.background_nice}")
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)

@@ -27,6 +27,7 @@ from .layout import Layout, plan_layout
 from .manifest import Manifest
 from .snapshot import copy_all, dest_view
 from .state import FlatState, flatten, unflatten
+from .threads import lower_thread_priority
 from .tiers import PersistentTier
 from .writer import WriteReport
 from . import dtypes
@@ -116,7 +117,9 @@ class Store:
             names[t.name] = n
             if n > 1:
                 t.name = f"{t.name}{n}"
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asymstore-persist")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asymstore-persist",
+                                            initializer=lower_thread_priority,
+                                            initargs=(self.config.background_nice,))
         self._lock = threading.Lock()
         self._bg_error: BaseException | None = None
         self.failures = 0

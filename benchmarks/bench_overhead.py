@@ -81,7 +81,9 @@ import asymstore  # noqa: E402
 from asymstore.store import Store, open_store  # noqa: E402
 from asymstore.trainer_hooks import AsymCheckpointer  # noqa: E402
 
-VARIANTS = ("baseline", "sync", "checkfreq", "uniform", "asym", "torch.save", "dcp.async_save")
+VARIANTS = ("baseline", "sync", "checkfreq", "uniform", "asym", "asym+nice0", "torch.save", "dcp.async_save")
+#: variants that run by default (asym+nice0: asym with background_nice=0, for an A/B of the thread priorities)
+DEFAULT_VARIANTS = ("baseline", "sync", "checkfreq", "uniform", "asym", "torch.save", "dcp.async_save")
 ASYM_STRATEGIES = ("sync", "checkfreq", "uniform", "asym")
 
 
@@ -193,10 +195,10 @@ def prune_store(store: Store, keep: int) -> None:
 
 class AsymstoreVariant(Variant):
     def __init__(self, strategy: str, model: torch.nn.Module, opt: torch.optim.Optimizer, root: str, keep: int,
-                 warmup: int) -> None:
-        self.name = strategy
-        self.dir = os.path.join(root, strategy)
-        self.store = open_store(self.dir)
+                 warmup: int, name: str | None = None, **store_options: Any) -> None:
+        self.name = name or strategy
+        self.dir = os.path.join(root, self.name)
+        self.store = open_store(self.dir, **store_options)
         self.keep = keep
         self.ck = AsymCheckpointer(model, opt, self.store, every=1, strategy=strategy, warmup=warmup,  # type: ignore[arg-type]
                                    trace=True)
@@ -457,7 +459,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5, help="rounds of blocks, in rotation (default 5)")
     p.add_argument("--block", type=int, default=5, help="timed iterations per block (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations at the start of each block")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--embd", type=int, default=256)
@@ -500,6 +502,9 @@ def main(argv: list[str] | None = None) -> int:
             variants[n] = Baseline()
         elif n in ASYM_STRATEGIES:
             variants[n] = AsymstoreVariant(n, model, opt, root, args.keep, warmup=args.warmup)
+        elif n == "asym+nice0":
+            variants[n] = AsymstoreVariant("asym", model, opt, root, args.keep, warmup=args.warmup, name=n,
+                                           background_nice=0)
         elif n == "torch.save":
             variants[n] = TorchSave(model, opt, root, args.keep)
         else:
@@ -526,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
             per_iter[n].append(dt)
             cpu_iter[n].append(cpu)
             raw_iters[n].extend(its)
-            print(f"round {r + 1}/{args.rounds} {n:>15}: {dt * 1e3:8.1f} ms/iter  "
+            print(f"round {r + 1}/{args.rounds} {n:>15}: {dt * 1e3:8.1f} ms/iter, cpu {cpu * 1e3:6.0f} ms/iter  "
                   f"(iterations {', '.join(f'{x * 1e3:.0f}' for x in its)} ms)", flush=True)
 
     base = median(per_iter["baseline"])

@@ -273,7 +273,7 @@ class AsymCheckpointer:
         stats.bytes = snap.layout.total_bytes
         tensors = snap.flat.tensors
         if self._executor is None:
-            self._executor = make_executor(tensors)
+            self._executor = make_executor(tensors, nice=self.store.config.background_nice)
         ex = self._executor
         ex.bind(snap.buffer, snap.layout, tensors)
         offset = next((e.offset for e in snap.layout.tensors if not first(e.name)), snap.layout.total_bytes)
@@ -355,6 +355,9 @@ class AsymCheckpointer:
 
     def _account(self, stats: CheckpointStats, records: list[CopyRecord]) -> None:
         hidden = [r for r in records if r.where in ("forward", "backward")]
+        if records:  # the records say where each byte was really copied (the barrier may take over queued ones)
+            stats.hidden_bytes = sum(r.nbytes for r in hidden)
+            stats.step_copy_bytes = sum(r.nbytes for r in records if r.where == "step")
         stats.hidden_copy_s = sum(r.t_end - r.t_begin for r in hidden)
         for r in records:
             self.timeline.add(f"copy {r.where} {r.nbytes >> 10} KiB", "snapshot", r.t_begin, r.t_end, "copy",
