@@ -404,8 +404,9 @@ def plot_timeline(ck: AsymCheckpointer, spans: list[tuple[str, float, float]], w
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    t0 = ck.timeline.t0
-    lo, hi = (window[0] - t0) * 1e3, (window[1] - t0) * 1e3  # ms on the timeline's clock
+    t0 = window[0]  # x axis: ms from the start of the plotted window
+    lo, hi = 0.0, (window[1] - window[0]) * 1e3
+    shift = (ck.timeline.t0 - t0) * 1e3  # trace timestamps are relative to the timeline's own t0
     rows = ["compute", "snapshot (train thread)", "barrier stall", "copy thread", "persist thread"]
     y = {r: len(rows) - 1 - i for i, r in enumerate(rows)}
     colors = {"forward": "#4c72b0", "backward": "#55a868", "optimizer step": "#8172b2",
@@ -421,7 +422,7 @@ def plot_timeline(ck: AsymCheckpointer, spans: list[tuple[str, float, float]], w
     for name, a, b in spans:
         bar("compute", (a - t0) * 1e3, (b - t0) * 1e3, colors[name])
     for e in ck.timeline.events():
-        a = e["ts"] / 1e3
+        a = e["ts"] / 1e3 + shift
         b = a + e["dur"] / 1e3
         name = e["name"]
         if e["tid"] == "copy":
@@ -437,7 +438,7 @@ def plot_timeline(ck: AsymCheckpointer, spans: list[tuple[str, float, float]], w
     ax.set_xlim(lo, hi)
     ax.set_yticks([y[r] for r in rows])
     ax.set_yticklabels(rows)
-    ax.set_xlabel("time (ms)")
+    ax.set_xlabel("time from the start of the window (ms)")
     ax.set_title(title, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     legend = [Patch(color=colors[k], label=k) for k in ("forward", "backward", "optimizer step", "copy forward",
@@ -458,6 +459,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: 1 round of 3-iteration blocks")
     p.add_argument("--rounds", type=int, default=4, help="rounds of blocks, in rotation (default 4)")
     p.add_argument("--block", type=int, default=5, help="timed iterations per block (default 5)")
+    p.add_argument("--order", choices=("rotate", "shuffle"), default="rotate",
+                   help="block order per round: rotate (default) or a seeded shuffle")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations at the start of each block")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     p.add_argument("--batch", type=int, default=4)
@@ -519,7 +522,11 @@ def main(argv: list[str] | None = None) -> int:
     cpu_iter: dict[str, list[float]] = {n: [] for n in names}
     asym_window: tuple[float, float] | None = None
     for r in range(args.rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
+        if args.order == "shuffle":  # a fresh seeded permutation each round: no fixed neighbour for any variant
+            order = list(names)
+            np.random.default_rng(args.seed + r).shuffle(order)
+        else:  # rotation: the starting variant rotates, the cyclic neighbours stay the same
+            order = names[r % len(names):] + names[:r % len(names)]
         for n in order:
             v = variants[n]
             phases.spans.clear() if n == "asym" else None
@@ -647,8 +654,13 @@ def main(argv: list[str] | None = None) -> int:
             f"(encode incl. codec choice {extra['persist_encode_ms']:.0f} ms, writes incl. fsync "
             f"{extra['persist_write_ms']:.0f} ms), "
             f"replans {extra['replans']}\n")
+    cores = os.cpu_count() or 1
+    busy = max(load0[0], load1[0]) > cores
+    warn = (f"**Warning: the machine was busy with other work (1-min load average {load0[0]:.1f} at the start, "
+            f"{load1[0]:.1f} at the end, on {cores} cores): wall times are dominated by that contention; see the "
+            f"block min-max column before trusting small differences.**\n\n" if busy else "")
     md = (f"# Checkpointing overhead per iteration (checkpoint at every iteration)\n\n"
-          f"Measured {started:%Y-%m-%d %H:%M %Z} by `{cmd}` ({total_s / 60:.1f} min).\n\n"
+          f"Measured {started:%Y-%m-%d %H:%M %Z} by `{cmd}` ({total_s / 60:.1f} min).\n\n{warn}"
           f"{table}\n\n"
           f"Stall per checkpoint: training-thread time spent on it. asymstore: synchronous snapshot begin after the "
           f"step + wait at the barrier before the next optimizer step (for `sync` the barrier includes the "
