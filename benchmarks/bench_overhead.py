@@ -639,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
              f"- batch {args.batch} x sequence length {args.seq} synthetic tokens (seeded RNG); "
              f"baseline iteration **{base * 1e3:.0f} ms** (median)\n"
              f"- blocks: {args.warmup} untimed warm-up + {args.block} timed iterations (+ drain), {args.rounds} rounds "
-             f"in rotation; checkpoint every iteration; keep last {args.keep} per variant\n")
+             f"({args.order}); checkpoint every iteration; keep last {args.keep} per variant\n")
     goal_lines = "\n".join(f"- {'PASS' if ok else 'FAIL'}: {g} ({val})" for g, ok, val in goals)
     asym_lines = ""
     if extra:
