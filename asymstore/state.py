@@ -103,7 +103,8 @@ def flatten(state: Any) -> FlatState:
         if isinstance(v, np.ndarray):
             if v.dtype.hasobject:
                 raise UnsupportedValueError(f"{path}: numpy object arrays cannot be stored without pickle")
-            name = add_tensor(torch.from_numpy(np.ascontiguousarray(v)), path)
+            arr = v if v.flags.c_contiguous and v.flags.writeable else v.copy(order="C")  # keeps 0-d arrays 0-d
+            name = add_tensor(torch.from_numpy(arr), path)
             flat.numpy_names.add(name)
             return {"__ndarray__": name}
         if isinstance(v, torch.dtype):
