@@ -78,7 +78,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import asymstore  # noqa: E402
-from asymstore.store import Store, open_store  # noqa: E402
+from asymstore.store import Store, TierSpec  # noqa: E402
 from asymstore.trainer_hooks import AsymCheckpointer  # noqa: E402
 
 VARIANTS = ("baseline", "sync", "checkfreq", "uniform", "asym", "asym+nice0", "torch.save", "dcp.async_save")
@@ -187,18 +187,13 @@ class Baseline(Variant):
     checkpoints = False
 
 
-def prune_store(store: Store, keep: int) -> None:
-    committed = store.tiers[0].committed_steps()
-    for s in committed[:-keep] if keep > 0 else committed:
-        store.delete(s)
-
-
 class AsymstoreVariant(Variant):
     def __init__(self, strategy: str, model: torch.nn.Module, opt: torch.optim.Optimizer, root: str, keep: int,
                  warmup: int, name: str | None = None, **store_options: Any) -> None:
         self.name = name or strategy
         self.dir = os.path.join(root, self.name)
-        self.store = open_store(self.dir, **store_options)
+        # retention runs on the persistence thread after each commit, as a user would configure it
+        self.store = Store([TierSpec(self.dir, keep=max(keep, 1))], **store_options)
         self.keep = keep
         self.ck = AsymCheckpointer(model, opt, self.store, every=1, strategy=strategy, warmup=warmup,  # type: ignore[arg-type]
                                    trace=True)
@@ -207,10 +202,6 @@ class AsymstoreVariant(Variant):
 
     def before_block(self) -> None:
         self.ck.attach()
-
-    def after_iter(self) -> float:
-        prune_store(self.store, self.keep)
-        return 0.0
 
     def start_timed(self) -> None:
         self._mark = len(self.ck.history)
@@ -223,7 +214,6 @@ class AsymstoreVariant(Variant):
 
     def after_block(self) -> None:
         self.ck.detach(finish=True)
-        prune_store(self.store, self.keep)
 
     def timed_stats(self) -> list[Any]:
         return [self.ck.history[i] for i in self.timed if not self.ck.history[i].skipped]
@@ -463,8 +453,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="block order per round: rotate (default) or a seeded shuffle")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations at the start of each block")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
     p.add_argument("--embd", type=int, default=256)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--heads", type=int, default=8)
