@@ -380,3 +380,11 @@ def iter_batches(source: Source, start: int = 0) -> Iterator[Batch]:
 
 def to_device(b: Batch, device: torch.device | str) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) for k, v in b.items()}
+
+
+def count_classes(root: str | os.PathLike[str]) -> int:
+    """Number of class folders under an ImageNet-style root (or its ``train/``)."""
+    r = Path(root)
+    if (r / "train").is_dir():
+        r = r / "train"
+    return sum(1 for d in r.iterdir() if d.is_dir()) if r.is_dir() else 0
