@@ -3,6 +3,7 @@
     python examples/gpt2.py                                  # tiny GPT-2, synthetic tokens, 8 steps
     python examples/gpt2.py --kill-at 5 && python examples/gpt2.py --resume
     python examples/gpt2.py --preset small --data /data/wikitext-103-raw   # wiki.train.raw, byte tokens
+    python examples/gpt2.py --preset demo --steps 12         # what ./run.sh demo runs
     python examples/gpt2.py --list-presets                   # sizes up to a 10B-parameter GPT-2
 
 The model is built from a ``GPT2Config`` (random init, nothing downloaded).
@@ -19,6 +20,8 @@ from asymstore_examples.runner import Example, Preset, run
 # n_embd / n_layer / n_head; the 2.7B..10B sizes follow the seeds' "GPT-2 10B" runs (12 * L * d^2 parameters)
 PRESETS = {
     "tiny": Preset(dict(n_embd=64, n_layer=2, n_head=2, vocab_size=512, n_positions=128), 4, 64, "CI / laptop"),
+    # the model of `./run.sh demo` (and of python -m asymstore.demo): 4.2M parameters, 48.5 MiB of state
+    "demo": Preset(dict(n_embd=256, n_layer=4, n_head=4, vocab_size=4096, n_positions=128), 8, 128, "./run.sh demo"),
     "small": Preset(dict(n_embd=768, n_layer=12, n_head=12), 8, 1024, "GPT-2 124M"),
     "medium": Preset(dict(n_embd=1024, n_layer=24, n_head=16), 8, 1024, "GPT-2 355M"),
     "large": Preset(dict(n_embd=1280, n_layer=36, n_head=20), 4, 1024, "GPT-2 774M"),

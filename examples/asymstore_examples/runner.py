@@ -34,6 +34,8 @@ from torch import nn
 
 from .data import Source, to_device
 
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # configs built from scratch: no warnings about hub files
+
 STRATEGIES = ("sync", "checkfreq", "uniform", "asym")
 
 
@@ -321,7 +323,7 @@ def run(ex: Example, argv: list[str] | None = None) -> int:
         "checkpoints": summ["checkpoints"], "skipped": summ["skipped"],
         "median_stall_s": summ["median_stall_s"], "hidden_fraction": summ["hidden_fraction"],
         "bytes_per_checkpoint": summ["bytes_per_checkpoint"],
-        "state_hash": final_hash, "steps": store.steps(),
+        "state_hash": final_hash, "steps": store.steps(), "memory": store.memory_report(),
         "where": {str(s): store.where(s) for s in store.steps()},
         "tiers": [{k: t[k] for k in ("name", "url", "steps", "bytes_written", "errors", "last_error")}
                   for t in store.status()["tiers"]],
@@ -395,6 +397,7 @@ def _print_summary(con: Any, ex: Example, args: argparse.Namespace, r: dict[str,
     if "stored_bytes" in r:
         tab.add_row("stored / compression", f"{_fmt_bytes(r['stored_bytes'])}, ratio {r['compression_ratio']:.3f} "
                                             f"(codecs {escape(str(r['codecs']))})")
+    tab.add_row("host memory reserved", ", ".join(f"{k}={_fmt_bytes(v)}" for k, v in r["memory"].items()))
     for steps, where in where_summary(store):
         tab.add_row(f"steps {steps}", f"complete on {where}")
     for t in r["tiers"]:
