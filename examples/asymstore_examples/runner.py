@@ -395,7 +395,7 @@ def _print_summary(con: Any, ex: Example, args: argparse.Namespace, r: dict[str,
     tab.add_row("bytes copied inside fwd/bwd", f"{r['hidden_fraction'] * 100:.0f}%")
     tab.add_row("checkpoint size", _fmt_bytes(r["bytes_per_checkpoint"]))
     if "stored_bytes" in r:
-        tab.add_row("stored / compression", f"{_fmt_bytes(r['stored_bytes'])}, ratio {r['compression_ratio']:.3f} "
+        tab.add_row("stored, stored/raw", f"{_fmt_bytes(r['stored_bytes'])}, {r['compression_ratio']:.3f} "
                                             f"(codecs {escape(str(r['codecs']))})")
     tab.add_row("host memory reserved", ", ".join(f"{k}={_fmt_bytes(v)}" for k, v in r["memory"].items()))
     for steps, where in where_summary(store):
