@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -180,7 +180,7 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def _die(msg: str, code: int = 2) -> None:
+def _die(msg: str, code: int = 2) -> NoReturn:
     print(f"error: {msg}", file=sys.stderr)
     raise SystemExit(code)
 
@@ -197,13 +197,11 @@ def resolve_dir(ex: Example, args: argparse.Namespace) -> tuple[str, bool]:
 
 
 def open_tiers(args: argparse.Namespace, ckpt_dir: str, *, rank: int = 0, world_size: int = 1) -> Any:
-    import asymstore
     from asymstore.store import Store, TierSpec
 
     tiers = [TierSpec(ckpt_dir, keep=args.keep)]
     if args.hdfs:
         tiers.append(TierSpec(args.hdfs, keep=args.keep_hdfs))
-    del asymstore
     return Store(tiers, host_slots=args.host_slots, compression=args.compression, rank=rank, world_size=world_size)
 
 
@@ -426,7 +424,7 @@ def run_deepspeed(ex: Example, args: argparse.Namespace, preset: Preset) -> int:
     except ImportError:
         _die("--deepspeed needs DeepSpeed: pip install 'asymstore[deepspeed]'")
     try:
-        from asymstore.trainer_hooks import deepspeed_hooks  # type: ignore[attr-defined]
+        from asymstore.trainer_hooks import deepspeed_hooks
     except ImportError as e:
         _die("--deepspeed needs asymstore.trainer_hooks.deepspeed_hooks, which this asymstore installation does "
              f"not have ({e}). Update asymstore, or run without --deepspeed (plain PyTorch, one process).")
