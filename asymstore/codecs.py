@@ -126,7 +126,7 @@ def encode_chunk(spec: CodecSpec, data: memoryview) -> memoryview | bytes:
         ts = spec.typesize
         if len(data) % ts:
             ts = 1
-        arr = np.frombuffer(data, dtype=_NP_TYPESIZE[ts])
+        arr: np.ndarray = np.frombuffer(data, dtype=_NP_TYPESIZE[ts])
         return bytes(_codec(spec).encode(arr))
     return bytes(_codec(spec).encode(np.frombuffer(data, dtype=np.uint8)))
 

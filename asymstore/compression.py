@@ -107,7 +107,7 @@ def measure_candidates(specs: Sequence[CodecSpec], data: memoryview, base: memor
                 if scratch is None or len(scratch) < b - a:
                     scratch = np.empty(b - a, np.uint8)
                 xor_into(scratch, piece, base[a:b])
-                piece = memoryview(scratch[:b - a])
+                piece = scratch[:b - a].data
             stored += len(encode_chunk(spec, piece))
             raw_total += b - a
         dt = max(time.perf_counter() - t0, 1e-7)

@@ -22,11 +22,14 @@ import asymstore
 from asymstore.trainer_hooks import AsymCheckpointer
 
 
+VOCAB = 4096
+
+
 def build_model(seed: int = 0) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(n_embd=256, n_layer=4, n_head=4, n_positions=128, vocab_size=4096,
+    cfg = GPT2Config(n_embd=256, n_layer=4, n_head=4, n_positions=128, vocab_size=VOCAB,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(cfg)
 
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     with ck:
         for _ in range(args.steps):
             gen = torch.Generator().manual_seed(1234 + pos["batch"])  # batch k is a function of k
-            x = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=gen)
+            x = torch.randint(0, VOCAB, (args.batch, args.seq), generator=gen)
             loss = model(input_ids=x, labels=x).loss
             loss.backward()
             pos["batch"] += 1

@@ -44,7 +44,7 @@ class Slot:
 
     def memview(self) -> memoryview:
         assert self.buffer is not None and self.layout is not None
-        return memoryview(self.buffer.numpy()).cast("B")[:self.layout.total_bytes]
+        return self.buffer.numpy().data.cast("B")[:self.layout.total_bytes]
 
 
 class HostPool:
@@ -83,8 +83,9 @@ class HostPool:
                 free = [s for s in self.slots if s.state == "free"]
                 evictable = sorted((s for s in self.slots if s.state == "ready" and not s.persisting
                                     and not s.leases), key=lambda s: s.ready_time)
-                pick = (same or free or evictable or [None])[0]
-                if pick is not None:
+                candidates = same or free or evictable
+                if candidates:
+                    pick = candidates[0]
                     break
                 if policy == "skip":
                     self.skips += 1

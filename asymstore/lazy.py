@@ -31,7 +31,7 @@ class _HostSource:
         self.bytes_read = 0
 
     def read_range_into(self, start: int, end: int, out: memoryview) -> None:
-        out[:] = memoryview(self.buffer[start:end].numpy()).cast("B")
+        out[:] = self.buffer[start:end].numpy().data.cast("B")
         self.bytes_read += end - start
 
 
@@ -62,7 +62,7 @@ class LazyTensor:
     def _read_bytes(self, start: int, end: int) -> torch.Tensor:
         buf = torch.empty(max(end - start, 1), dtype=torch.uint8)
         if end > start:
-            self._src.read_range_into(self.entry.offset + start, self.entry.offset + end, memoryview(buf.numpy()))
+            self._src.read_range_into(self.entry.offset + start, self.entry.offset + end, buf.numpy().data)
         return buf[:end - start]
 
     def read(self) -> torch.Tensor:

@@ -61,13 +61,13 @@ class CheckpointReader:
             raise StepNotFoundError(f"step {step} is not committed in {store.url}")
         commit = parse_commit(raw_commit, prefix + COMMIT_KEY)
         if "ranks" in commit:  # multi-rank: the global marker vouches for each rank's marker
-            ranks = int(commit["ranks"])  # type: ignore[call-overload]
+            ranks = int(commit["ranks"])
             r = 0 if rank is None else rank
             if not 0 <= r < ranks:
                 raise StepNotFoundError(f"step {step} has ranks 0..{ranks - 1}, not rank {r}")
             prefix = f"{prefix}r{r:05d}/"
             raw_shard = store.get(prefix + COMMIT_KEY)
-            want = dict(commit["shards_crc32c"]).get(str(r))  # type: ignore[call-overload]
+            want = dict(commit["shards_crc32c"]).get(str(r))
             if raw_shard is None or crc32c(raw_shard) != want:
                 raise CorruptCheckpointError(f"{prefix}{COMMIT_KEY}: missing or does not match the step's marker",
                                              (prefix + COMMIT_KEY,))

@@ -19,8 +19,9 @@ class Policy:
     def keep(self, steps: Sequence[int], sizes: Mapping[int, int]) -> set[int]:
         raise NotImplementedError
 
-    def wants(self, step: int) -> bool:
-        """Whether a newly committed ``step`` should be promoted to a tier with this policy."""
+    def wants(self, step: int, age: int) -> bool:
+        """Whether ``step`` should be promoted to a tier with this policy; ``age`` is its position
+        among the source tier's steps counted from the newest (0 = newest)."""
         return True
 
 
@@ -34,6 +35,9 @@ class LatestN(Policy):
 
     def keep(self, steps: Sequence[int], sizes: Mapping[int, int]) -> set[int]:
         return set(sorted(steps)[-self.n:])
+
+    def wants(self, step: int, age: int) -> bool:
+        return age < self.n
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ class EveryN(Policy):
         hits = sorted(s for s in steps if s % self.n == 0)
         return set(hits if self.limit is None else hits[-self.limit:])
 
-    def wants(self, step: int) -> bool:
+    def wants(self, step: int, age: int) -> bool:
         return step % self.n == 0
 
 
@@ -70,6 +74,9 @@ class ByteBudget(Policy):
                 break
             out.add(s)
         return out
+
+    def wants(self, step: int, age: int) -> bool:
+        return age == 0
 
 
 @dataclass(frozen=True)
@@ -92,12 +99,10 @@ def parse_keep(keep: int | Policy | Iterable[Policy] | None) -> tuple[Policy, ..
     return pols
 
 
-def promotion_wanted(policies: Sequence[Policy], step: int, *, newest: bool) -> bool:
-    """A tier receives a step its policies would keep: the newest one always (it may become a
-    LatestN survivor), others only when a non-latest policy (EveryN, KeepAll, budget) wants them."""
-    if newest:
-        return True
-    return any(not isinstance(p, LatestN) and p.wants(step) for p in policies)
+def promotion_wanted(policies: Sequence[Policy], step: int, *, age: int) -> bool:
+    """A tier receives a step that one of its policies would keep; ``age`` counts the step's
+    position among the source's steps from the newest (0 = newest)."""
+    return any(p.wants(step, age) for p in policies)
 
 
 def plan_deletions(steps: Sequence[int], sizes: Mapping[int, int], policies: Sequence[Policy], *,

@@ -59,7 +59,7 @@ def flatten(state: Any) -> FlatState:
     cannot be represented without pickle.
     """
     flat = FlatState(skeleton=None)
-    seen: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype, str], str] = {}
+    seen: dict[tuple[Any, ...], str] = {}
 
     def add_tensor(t: torch.Tensor, path: str) -> str:
         if t.layout != torch.strided:

@@ -141,6 +141,13 @@ class Store:
         if err is not None:
             raise CheckpointFailedError(f"a background checkpoint failed: {err}") from err
 
+    def forget_background_error(self, err: BaseException) -> None:
+        """``err`` was reported to the user another way (e.g. by a :class:`SaveHandle`): the next call
+        must not raise it a second time. A different pending failure is kept."""
+        with self._lock:
+            if self._bg_error is err:
+                self._bg_error = None
+
     def _record_failure(self, step: int, err: BaseException) -> None:
         self.failures += 1
         if self.config.non_fatal:
@@ -287,11 +294,19 @@ class Store:
                 "memory": self.memory_report(), "failures": self.failures}
 
     # --- catalogue ---------------------------------------------------------------
+    def _listing(self, tier: PersistentTier) -> list[int]:
+        """A tier's committed steps; an unreachable tier counts as empty (and says so)."""
+        try:
+            return tier.committed_steps()
+        except AsymstoreError as e:
+            log.warning("tier %s cannot be listed: %s", tier.name, e)
+            return []
+
     def steps(self) -> list[int]:
         """Steps complete on at least one tier, oldest first."""
         s = set(self.host.steps())
         for t in self.tiers:
-            s.update(t.committed_steps())
+            s.update(self._listing(t))
         return sorted(s)
 
     @property
@@ -304,7 +319,7 @@ class Store:
 
     def where(self, step: int) -> list[str]:
         out = ["host"] if self.host.find(step) is not None else []
-        return out + [t.name for t in self.tiers if t.has(step)]
+        return out + [t.name for t in self.tiers if step in self._listing(t)]
 
     def latest_step(self) -> int | None:
         s = self.steps()
@@ -324,23 +339,34 @@ class Store:
         ranks = int(self._tier(source).commit_info(step).get("ranks", 1))  # type: ignore[call-overload]
         return self.rank if ranks == self.world_size else 0
 
-    def _read_stream(self, step: int, source: str, rank: int | None = None) -> tuple[torch.Tensor, Manifest | Slot]:
+    def _read_stream(self, step: int, source: str, rank: int | None = None, *, copy: bool = True
+                     ) -> tuple[torch.Tensor, Manifest | Slot, Callable[[], None]]:
+        """The step's stream from ``source`` and a function to call when done with it.
+
+        From host memory with ``copy=False`` the slot itself is returned, leased against
+        reuse until the release function is called (an in-place restore copies straight
+        out of it, with no intermediate buffer).
+        """
         r = self._shard_rank(step, source, rank)
-        if source == "host" and r != self.rank:
-            raise StepNotFoundError(f"host memory holds rank {self.rank}'s shard, not rank {r}'s")
         if source == "host":
-            slot = self.host.find(step)
+            if r != self.rank:
+                raise StepNotFoundError(f"host memory holds rank {self.rank}'s shard, not rank {r}'s")
+            slot = self.host.lease(step)
             if slot is None or slot.layout is None or slot.buffer is None:
+                if slot is not None:
+                    self.host.unlease(slot)
                 raise StepNotFoundError(f"step {step} left host memory")
-            buf = slot.buffer[:slot.layout.total_bytes].clone()
-            if self.host.find(step) is not slot:  # evicted while copying
-                raise StepNotFoundError(f"step {step} left host memory")
-            return buf, slot
+            view = slot.buffer[:max(slot.layout.total_bytes, 1)]
+            if copy:
+                buf = view.clone()
+                self.host.unlease(slot)
+                return buf, slot, lambda: None
+            return view, slot, lambda: self.host.unlease(slot)
         tier = self._tier(source)
         reader = tier.reader(step, r)
         buf = torch.empty(max(reader.manifest.layout.total_bytes, 1), dtype=torch.uint8)
-        reader.read_all_into(memoryview(buf.numpy()))
-        return buf, reader.manifest
+        reader.read_all_into(buf.numpy().data)
+        return buf, reader.manifest, lambda: None
 
     def _tier(self, name: str) -> PersistentTier:
         for t in self.tiers:
@@ -368,7 +394,7 @@ class Store:
         for s in candidates:
             for source in self._sources(s):
                 try:
-                    buf, meta = self._read_stream(s, source, rank)
+                    buf, meta, release = self._read_stream(s, source, rank, copy=into is None)
                 except (CorruptCheckpointError, StepNotFoundError) as e:
                     if isinstance(e, CorruptCheckpointError):
                         damaged += [o for o in e.objects if o not in damaged]
@@ -381,7 +407,10 @@ class Store:
                 self.last_restore = RestoreReport(s, source, time.perf_counter() - t0, events)
                 if events:
                     log.warning("restored step %s from %s after fallbacks: %s", s, source, "; ".join(events))
-                return self._materialise(buf, layout, skeleton, into, strict)
+                try:
+                    return self._materialise(buf, layout, skeleton, into, strict)
+                finally:
+                    release()
         raise CorruptCheckpointError("no readable checkpoint: " + "; ".join(events), tuple(damaged))
 
     def _materialise(self, buf: torch.Tensor, layout: Layout, skeleton: Any, into: Any, strict: bool) -> Any:
@@ -394,7 +423,8 @@ class Store:
             if name in entries:
                 with torch.no_grad():
                     t.copy_(dest_view(buf, entries[name]))
-        return unflatten(skeleton, lambda n: target[n] if n in target else dest_view(buf, entries[n]))
+        # tensors the target does not hold are copied out: ``buf`` may be a host slot
+        return unflatten(skeleton, lambda n: target[n] if n in target else dest_view(buf, entries[n]).clone())
 
     def restore_tensors(self, names: NameFilter, step: int | None = None) -> dict[str, torch.Tensor]:
         """Read only the named tensors (partial restore), touching only the chunks that hold them."""
@@ -415,6 +445,23 @@ class Store:
         if slot is not None:
             return LazyCheckpoint.from_host(slot)
         raise StepNotFoundError(f"step {s} is not complete on any tier")
+
+    def discard_uncommitted(self) -> dict[str, list[int]]:
+        """Delete this rank's leftovers of checkpoints that never committed, on every reachable tier.
+
+        Call it when a job starts or resumes (the trainer hooks' ``resume`` does), never while
+        this process is saving. Returns the steps cleaned per tier.
+        """
+        out: dict[str, list[int]] = {}
+        for t in self.tiers:
+            try:
+                cleaned = t.discard_uncommitted()
+            except AsymstoreError as e:
+                log.warning("tier %s: leftovers not cleaned (%s)", t.name, e)
+                continue
+            if cleaned:
+                out[t.name] = cleaned
+        return out
 
     # --- deleting ----------------------------------------------------------------
     def delete(self, step: int) -> None:

@@ -48,6 +48,10 @@ class TierManager:
         self._cv = threading.Condition()
         self._closed = False
         self._commit_cache: dict[tuple[str, int], dict[str, Any]] = {}
+        # committed steps per tier as this manager knows them: listing a slow tier happens only on
+        # its own promotion thread, never on the persistence path of the first tier
+        self._known: dict[str, set[int]] = {}
+        self._known_lock = threading.Lock()
         self._threads = [threading.Thread(target=self._promoter, args=(k,), daemon=True,
                                           name=f"asymstore-promote-{t.name}")
                          for k, t in enumerate(self.tiers) if k > 0]
@@ -73,9 +77,30 @@ class TierManager:
             del act.history[:-100]
         finally:
             act.in_flight = None
-        self.apply_retention(0)
+        self._mark(tier, step, True)
+        try:
+            self.apply_retention(0)
+        except Exception as e:  # retention is housekeeping: it never fails a checkpoint
+            log.warning("retention on %s failed: %s", tier.name, e)
         self.notify()
         return rep
+
+    # --- what each tier holds ------------------------------------------------------
+    def steps_of(self, tier: PersistentTier, *, refresh: bool = False) -> list[int]:
+        """Committed steps of ``tier``: listed once (or on ``refresh``), then kept current."""
+        with self._known_lock:
+            known = self._known.get(tier.name)
+        if known is None or refresh:
+            listed = set(tier.committed_steps())
+            with self._known_lock:
+                self._known[tier.name] = known = listed
+        return sorted(known)
+
+    def _mark(self, tier: PersistentTier, step: int, present: bool) -> None:
+        with self._known_lock:
+            known = self._known.get(tier.name)
+            if known is not None:
+                (known.add if present else known.discard)(step)
 
     def notify(self) -> None:
         with self._cv:
@@ -85,12 +110,13 @@ class TierManager:
     def pending(self, k: int) -> list[int]:
         """Steps complete on tier k-1 that tier k should receive, newest first."""
         src, dst = self.tiers[k - 1], self.tiers[k]
-        have = set(dst.committed_steps())
-        steps = src.committed_steps()
+        have = set(self.steps_of(dst))
+        steps = self.steps_of(src)
         if not steps:
             return []
-        newest = steps[-1]
-        todo = [s for s in steps if s not in have and promotion_wanted(dst.policies, s, newest=s == newest)]
+        n = len(steps)
+        todo = [s for i, s in enumerate(steps)
+                if s not in have and promotion_wanted(dst.policies, s, age=n - 1 - i)]
         if dst.multi_rank and dst.config.rank > 0:  # a rank > 0 is done once its own shard is there
             todo = [s for s in todo if not dst.has_shard(s)]
         return sorted(todo, reverse=True)
@@ -110,6 +136,7 @@ class TierManager:
                 if time.monotonic() < act.retry_at:
                     continue
             try:
+                self.steps_of(dst, refresh=True)  # this thread owns the (possibly slow) listing
                 todo = self.pending(k)
                 for step in todo[:1]:  # re-evaluate after each step: newer ones may have arrived
                     self.promote(k, step)
@@ -136,6 +163,7 @@ class TierManager:
         if dst.multi_rank and dst.has_shard(step):  # only the global marker is missing (rank 0)
             try:
                 dst.finalize(step)
+                self._mark(dst, step, True)
                 return WriteReport(step, 0, 0, 0)
             finally:
                 act.in_flight = None
@@ -163,6 +191,7 @@ class TierManager:
                     dst.after_write(step, source, layout.signature, rep.delta_base is not None)
             if dst.multi_rank and dst.config.rank == 0:
                 dst.finalize(step)
+            self._mark(dst, step, True)
             act.promoted += 1
             act.history.append((step, rep.seconds, rep.stored_bytes))
             del act.history[:-100]
@@ -182,7 +211,7 @@ class TierManager:
     def apply_retention(self, j: int) -> list[int]:
         """Delete steps of tier ``j`` that its policies do not keep, unless deleting would lose data."""
         tier = self.tiers[j]
-        steps = tier.committed_steps()
+        steps = self.steps_of(tier)
         if not steps:
             return []
         try:
@@ -191,7 +220,8 @@ class TierManager:
             durable_elsewhere = set()
             for t in self.tiers:
                 if t is not tier and t.store.durable:
-                    durable_elsewhere |= set(t.committed_steps())
+                    with self._known_lock:  # what is known; an unlisted tier protects everything
+                        durable_elsewhere |= self._known.get(t.name, set())
             newest = max(steps)
             if newest not in durable_elsewhere:
                 protected.add(newest)  # never delete the only complete copy of the newest step
@@ -207,6 +237,7 @@ class TierManager:
             log.warning("retention on %s skipped: %s", tier.name, e)
             return []
         for s in doomed:
+            self._mark(tier, s, False)
             tier.delete(s)
             self._commit_cache.pop((tier.name, s), None)
             self.activity[tier.name].deleted += 1
@@ -218,8 +249,10 @@ class TierManager:
         for k, t in enumerate(self.tiers):
             act = self.activity[t.name]
             st = t.stats
+            with self._known_lock:
+                known = sorted(self._known.get(t.name, set()))
             out.append({
-                "name": t.name, "url": t.url, "steps": t.committed_steps(),
+                "name": t.name, "url": t.url, "steps": known,
                 "pending": self.pending(k) if k else [], "in_flight": act.in_flight,
                 "bytes_written": st.bytes_written, "writes": st.writes, "throughput": st.throughput,
                 "latency_s": st.latency_s, "bandwidth": st.bandwidth, "partition_bytes": act.last_partition_bytes,

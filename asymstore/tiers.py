@@ -218,6 +218,23 @@ class PersistentTier:
                 continue
         return out
 
+    def discard_uncommitted(self) -> list[int]:
+        """Remove this rank's objects of steps that were never committed (crashed attempts).
+
+        Only this process writes them, so this is safe whenever it is not saving right now,
+        e.g. when a job starts or resumes. Returns the steps cleaned.
+        """
+        out = []
+        for d in self.store.list_dirs(""):
+            s = parse_step_dir(d)
+            if s is None or self.store.exists(f"{d}/{COMMIT_KEY}"):
+                continue
+            prefix = self.shard_prefix(s)
+            if self.store.list_dirs(prefix) or any(True for _ in self.store.list(prefix)):
+                self.store.delete_prefix(prefix)
+                out.append(s)
+        return out
+
     def delete(self, step: int) -> None:
         """Un-commit first (marker), then remove the objects (a rank > 0 removes only its shard)."""
         prefix = step_dir(step) + "/"

@@ -140,11 +140,13 @@ class CheckpointWriter:
         for multi-rank checkpoints)."""
         t_start = time.perf_counter()
         prefix = prefix or step_dir(step) + "/"
-        for marker in {step_dir(step) + "/" + COMMIT_KEY, prefix + COMMIT_KEY}:
-            if self.store.exists(marker):
-                raise StepExistsError(f"step {step} is already committed in {self.store.url} ({marker}); delete "
-                                      "it first or save under another step")
-        self.store.delete_prefix(prefix)  # leftovers of an interrupted attempt
+        marker = step_dir(step) + "/" + COMMIT_KEY
+        if self.store.exists(marker):
+            raise StepExistsError(f"step {step} is already committed in {self.store.url} ({marker}); delete "
+                                  "it first or save under another step")
+        # leftovers of an interrupted attempt, including a rank's shard marker of a step that was
+        # never committed globally (another rank died): this attempt replaces them
+        self.store.delete_prefix(prefix)
         if isinstance(stream, StreamSource):
             src: StreamSource | memoryview = stream
             have = stream.total_bytes
@@ -177,7 +179,7 @@ class CheckpointWriter:
                 if scratch is None:
                     scratch = np.empty(self.partition_bytes, np.uint8)
                 xor_into(scratch, data, base_part)
-                data = memoryview(scratch[:span.nbytes])
+                data = scratch[:span.nbytes].data
                 report.delta_base = delta_base.step if delta_base else None
             shard = shards.get(spec.label, 0)
             shards[spec.label] = shard + 1
@@ -219,10 +221,10 @@ class CheckpointWriter:
 
 
 def effective_chunk_bytes(total_bytes: int, chunk_bytes: int) -> int:
-    """Small checkpoints get smaller chunks, so the zero padding of the edge chunk stays small."""
-    if total_bytes >= 4 * chunk_bytes:
+    """Small checkpoints get smaller chunks, so the zero padding of the edge chunk stays under 1/16."""
+    if total_bytes >= 16 * chunk_bytes:
         return chunk_bytes
-    want = max(total_bytes // 4, 4096)
+    want = max(total_bytes // 16, 4096)
     return min(chunk_bytes, 1 << (want - 1).bit_length())
 
 

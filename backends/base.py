@@ -8,6 +8,8 @@ makes an object appear whole or not at all (temporary name + rename).
 
 from __future__ import annotations
 
+import builtins
+
 import abc
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -96,7 +98,7 @@ class ObjectStore(abc.ABC):
     def list(self, prefix: str = "") -> Iterable[str]:
         """Keys starting with ``prefix`` (recursive), in no particular order."""
 
-    def list_dirs(self, prefix: str = "") -> list[str]:
+    def list_dirs(self, prefix: str = "") -> builtins.list[str]:
         """Immediate child 'directories' under ``prefix`` (names without trailing '/')."""
         out = set()
         plen = len(prefix)
@@ -120,10 +122,18 @@ class ObjectStore(abc.ABC):
         return f"{type(self).__name__}({self.url!r})"
 
 
-def as_buffers(data: Buffer | Sequence[Buffer]) -> list[memoryview]:
-    """Normalise ``put``'s argument to a list of byte memoryviews."""
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        parts: Sequence[Buffer] = [data]
-    else:
-        parts = data
-    return [memoryview(p).cast("B") if memoryview(p).format != "B" or memoryview(p).ndim != 1 else memoryview(p) for p in parts]
+def as_buffers(data: Buffer | Sequence[Buffer]) -> builtins.list[memoryview]:
+    """Normalise ``put``'s argument to a list of flat byte memoryviews.
+
+    One buffer-like object (bytes, bytearray, memoryview, a numpy array, ...) is one buffer;
+    anything else is a sequence of them.
+    """
+    try:
+        parts: Sequence[Buffer] = [memoryview(data)]  # type: ignore[arg-type]
+    except TypeError:
+        parts = data  # type: ignore[assignment]
+    out = []
+    for p in parts:
+        mv = memoryview(p)
+        out.append(mv if mv.format == "B" and mv.ndim == 1 and mv.c_contiguous else mv.cast("B"))
+    return out

@@ -7,6 +7,8 @@ written afterwards is only ever visible after the data it describes is durable.
 
 from __future__ import annotations
 
+import builtins
+
 import os
 import shutil
 import uuid
@@ -178,7 +180,7 @@ class LocalObjectStore(ObjectStore):
                     out.append(k)
         return out
 
-    def list_dirs(self, prefix: str = "") -> list[str]:
+    def list_dirs(self, prefix: str = "") -> builtins.list[str]:
         top = os.path.join(self.root, prefix) if prefix else self.root
         try:
             return sorted(e.name for e in os.scandir(top) if e.is_dir())

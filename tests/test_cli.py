@@ -57,7 +57,8 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str,
     return rc, out, err
 
 
-def test_ls_table_and_tiers(ckpt, capsys):
+def test_ls_table_and_tiers(ckpt, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # long tmp paths (e.g. under xdist) must not wrap table rows
     a, b, _ = ckpt
     rc, out, _ = _run(["ls", str(a), str(b)], capsys)
     assert rc == 0

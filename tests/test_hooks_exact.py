@@ -17,7 +17,7 @@ import asymstore
 from asymstore.trainer_hooks import STRATEGIES, AsymCheckpointer
 from asymstore.trainer_hooks.executor import CopyRecord, ThreadCopyExecutor
 
-from _hooktest_util import assert_identical, build, deterministic_cpu, full_state, iteration
+from tests._hooktest_util import assert_identical, build, deterministic_cpu, full_state, iteration
 
 N_STEPS = 8
 WARMUP = 2

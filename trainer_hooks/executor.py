@@ -13,7 +13,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,7 +135,7 @@ class CudaCopyExecutor(CopyExecutor):
         self._tensors: Mapping[str, torch.Tensor] = {}
 
     def bind(self, buffer: torch.Tensor, layout: Layout, tensors: Mapping[str, torch.Tensor]) -> None:
-        self.drain()
+        # no drain: the previous snapshot's copies are ordered on the stream and awaited by its fence
         self._buffer, self._layout, self._tensors = buffer, layout, tensors
         self._records = []
         # copies must not start before the optimizer step that produced this state has run
@@ -167,15 +167,33 @@ class CudaCopyExecutor(CopyExecutor):
         """Make the compute stream wait for all copies (a GPU-side wait: no CPU stall)."""
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
 
+    def fence(self) -> Callable[[], list[CopyRecord]]:
+        """Close this snapshot's copies: the returned function (safe to call from another thread,
+        after the executor has been bound to the next snapshot) waits for them and returns their records."""
+        end = torch.cuda.Event()
+        end.record(self.stream)
+        records = list(self._records)
+
+        def wait() -> list[CopyRecord]:
+            end.synchronize()
+            return _timed(records)
+
+        return wait
+
     def drain(self) -> list[CopyRecord]:
         self.stream.synchronize()
-        out = []
-        for rec, begin, done in self._records:
-            ms = begin.elapsed_time(done)
-            rec.t_begin = rec.t_submit
-            rec.t_end = rec.t_submit + ms / 1000.0
-            out.append(rec)
-        return out
+        return _timed(self._records)
+
+
+def _timed(records: list[tuple[CopyRecord, Any, Any]]) -> list[CopyRecord]:
+    """Fill in device-measured copy times (the events have completed)."""
+    out = []
+    for rec, begin, done in records:
+        ms = begin.elapsed_time(done)
+        rec.t_begin = rec.t_submit
+        rec.t_end = rec.t_submit + ms / 1000.0
+        out.append(rec)
+    return out
 
 
 def make_executor(tensors: Mapping[str, torch.Tensor]) -> CopyExecutor:

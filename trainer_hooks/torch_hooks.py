@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from asymstore import dtypes
-from asymstore.errors import ConfigError
+from asymstore.errors import CheckpointFailedError, ConfigError
 from asymstore.snapshot_plan import SnapshotPlan, WindowProfile, plan_all_at_step, plan_asymmetric, plan_uniform, \
     should_replan
 from asymstore.snapshot import dest_view
@@ -70,11 +70,12 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(st: Mapping[str, Any]) -> None:
     random.setstate(_tupleize(st["python"]))
     np_state = st["numpy"]
-    np.random.set_state(tuple(np_state))  # type: ignore[arg-type]
-    # restored tensors may be views into one buffer; the generators read from the storage start
+    np.random.set_state(tuple(np_state))
+    # clone: a restored state is a view into the restore buffer, and torch.set_rng_state ignores a
+    # storage offset (it reads from the start of the storage: "Invalid mt19937 state", or a crash)
     torch.set_rng_state(st["torch"].to(torch.uint8).cpu().clone())
     if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([t.cpu().clone() for t in st["cuda"]])
+        torch.cuda.set_rng_state_all([t.to(torch.uint8).cpu().clone() for t in st["cuda"]])
 
 
 def _tupleize(v: Any) -> Any:
@@ -145,22 +146,32 @@ class AsymCheckpointer:
         self._copy_bw: float | None = None
         self._iterations = 0
         self.replans = 0
+        self._reported: list[BaseException] = []  # background failures already raised to the user
 
     # --- attach / detach ---------------------------------------------------------
     def attach(self) -> AsymCheckpointer:
         if self._hooks:
             return self
+        self._attach_block_hooks()
+        self._attach_step_hooks()
+        return self
+
+    def _attach_block_hooks(self) -> None:
+        """Forward pre-hooks on the blocks, and a gradient hook on each block's last parameter."""
         for i, blk in enumerate(self.blocks):
             self._hooks.append(blk.register_forward_pre_hook(self._make_fwd_hook(i)))
             first_param = next((p for p in reversed(list(blk.parameters())) if p.requires_grad), None)
             if first_param is not None and hasattr(first_param, "register_post_accumulate_grad_hook"):
                 self._hooks.append(first_param.register_post_accumulate_grad_hook(self._make_bwd_hook(i)))
+
+    def _attach_step_hooks(self) -> None:
+        """The barrier before the first optimizer's step; the snapshot begins after the last one's."""
         self._hooks.append(self.optimizers[0].register_step_pre_hook(self._barrier_hook))
         self._hooks.append(self.optimizers[-1].register_step_post_hook(self._post_step_hook))
-        return self
 
     def detach(self, *, finish: bool = True) -> None:
-        """Remove the hooks; with ``finish``, complete the snapshot in flight and wait for persistence."""
+        """Remove the hooks; with ``finish``, complete the snapshot in flight and wait for persistence;
+        without, abandon it (its host slot is released, nothing of it is stored)."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
@@ -168,6 +179,15 @@ class AsymCheckpointer:
             self._complete(time.perf_counter())
         if finish:
             self.wait()
+        elif self._active is not None:
+            a, self._active = self._active, None
+            try:
+                if self._executor is not None:
+                    self._executor.drain()  # no copy may still write into the slot
+            except BaseException as e:  # noqa: BLE001 - abandoning anyway
+                log.debug("abandoned snapshot of step %s: %s", a.stats.step, e)
+            finally:
+                self.store.abort_snapshot(a.snap)
         if self._executor is not None:
             self._executor.close()
             self._executor = None
@@ -209,6 +229,7 @@ class AsymCheckpointer:
                 self._iter_fwd, self._iter_bwd, self._bwd_seen = [], [], set()
             elif self._last_mark is not None and len(self._iter_fwd) < len(self.blocks):
                 self._iter_fwd.append(now - self._last_mark)
+                self._window("forward", len(self._iter_fwd) - 1, self._last_mark, now)
             self._last_mark = now
             self._issue("forward", i)
         return hook
@@ -220,11 +241,19 @@ class AsymCheckpointer:
             self._bwd_seen.add(i)
             now = time.perf_counter()
             if self._last_mark is not None:
-                (self._iter_fwd if not self._iter_bwd and len(self._iter_fwd) < len(self.blocks)
-                 else self._iter_bwd).append(now - self._last_mark)
+                fwd = not self._iter_bwd and len(self._iter_fwd) < len(self.blocks)
+                windows = self._iter_fwd if fwd else self._iter_bwd
+                windows.append(now - self._last_mark)
+                self._window("forward" if fwd else "backward", len(windows) - 1, self._last_mark, now)
             self._last_mark = now
             self._issue("backward", len(self._bwd_seen) - 1)
         return hook
+
+    def _window(self, kind: str, idx: int, t0: float, t1: float, iteration: int | None = None) -> None:
+        """A measured compute window on the timeline's "compute" track (only when tracing)."""
+        if self.timeline.enabled:
+            it = self._iterations + 1 if iteration is None else iteration  # counted at the barrier
+            self.timeline.add(f"{kind} {idx}", "compute", t0, t1, "compute", iteration=it)
 
     def _issue(self, where: str, idx: int) -> None:
         a = self._active
@@ -242,6 +271,7 @@ class AsymCheckpointer:
         now = time.perf_counter()
         if self._last_mark is not None and self._iter_fwd:
             self._iter_bwd.append(now - self._last_mark)  # the last backward window ends here
+            self._window("backward", len(self._iter_bwd) - 1, self._last_mark, now, self._iterations)
             if len(self._iter_fwd) == len(self.blocks):
                 try:
                     self._profile.add(self._iter_fwd, self._iter_bwd)
@@ -267,7 +297,12 @@ class AsymCheckpointer:
             t = flat.tensors[name]
             return t.numel() == 0 or t.untyped_storage().data_ptr() not in stable
 
-        snap = self.store.begin_snapshot(flat, self.step, first=first, user={"strategy": self.strategy})
+        try:
+            snap = self.store.begin_snapshot(flat, self.step, first=first, user={"strategy": self.strategy})
+        except CheckpointFailedError as e:  # an earlier checkpoint failed in the background
+            if e.__cause__ is not None:
+                self._reported.append(e.__cause__)
+            raise
         stats = CheckpointStats(self.step, self.strategy)
         if snap is None:
             stats.skipped = True
@@ -355,15 +390,18 @@ class AsymCheckpointer:
         try:
             # the remainder, plus any planned partition whose window did not come (a skipped block,
             # or training ended): everything not yet copied is copied now
+            gpu = isinstance(ex, CudaCopyExecutor)
             for p in a.plan.partitions:
                 if p.end > p.start and (p.start, p.end) not in a.issued:
-                    ex.copy_now(a.offset + p.start, a.offset + p.end, "step")
+                    # GPU: queued on the copy stream; the compute stream waits for it on the device
+                    (ex.submit if gpu else ex.copy_now)(a.offset + p.start, a.offset + p.end, "step")
                     a.stats.step_copy_bytes += p.end - p.start
             copies_done: Callable[[], None] | None = None
+            records: list[CopyRecord] = []
             if isinstance(ex, CudaCopyExecutor):
-                ex.barrier_on_device()
-                records: list[CopyRecord] = []
-                copies_done = lambda: records.extend(ex.drain())  # noqa: E731 - runs on the persist thread
+                ex.barrier_on_device()  # the optimizer step runs after the copies, with no CPU wait
+                fence = ex.fence()  # this snapshot's copies, awaited on the persistence thread
+                copies_done = lambda: records.extend(fence())  # noqa: E731
             else:
                 records = ex.drain()
         except BaseException:
@@ -400,9 +438,13 @@ class AsymCheckpointer:
             res = handle.result()
         except Exception as e:
             stats.error = str(e)
-            if not self.store.config.non_fatal:
-                raise
-            return
+            if self.store.config.non_fatal or any(e is r for r in self._reported):
+                return  # counted by the store / already raised (by begin_snapshot) once
+            # raised here, as CheckpointFailedError like every background failure, and only once:
+            # the store's own copy of it is dropped
+            self._reported.append(e)
+            self.store.forget_background_error(e)
+            raise CheckpointFailedError(f"the checkpoint of step {stats.step} failed: {e}") from e
         finally:
             self._handles_stats = [(h, s) for h, s in self._handles_stats if h is not handle]
         if res.reports:
@@ -427,6 +469,7 @@ class AsymCheckpointer:
     # --- resume ------------------------------------------------------------------
     def resume(self, step: int | None = None) -> dict[str, Any]:
         """Restore model, optimizers, scheduler, RNG states and the step; returns the extras."""
+        self.store.discard_uncommitted()  # a crashed attempt's partial shards go before anything is saved again
         restored = self.store.restore(step)
         self.model.load_state_dict(restored["model"])
         for o, s in zip(self.optimizers, restored["optimizers"]):

@@ -1,0 +1,210 @@
+"""Tier chain: promotion in the background, retention, B*-sized objects, recovery across tiers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+import uuid
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from asymstore import EveryN, LatestN, Store, TierSpec
+from asymstore.backends.memory import MemoryObjectStore
+from asymstore.retention import ByteBudget, plan_deletions, promotion_wanted
+
+from .helpers import assert_bitequal
+
+SMALL = dict(chunk_bytes=4096)
+
+
+def _state(step: int, n: int = 20000) -> dict:
+    g = torch.Generator().manual_seed(step)
+    return {"w": torch.randn(n, generator=g), "b": torch.randint(0, 9, (7,), generator=g), "step": step}
+
+
+# --- pure policies -------------------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 200), min_size=0, max_size=40, unique=True), st.integers(1, 6), st.integers(1, 7),
+       st.sets(st.integers(0, 200), max_size=5))
+def test_plan_deletions_respects_policies_and_protection(steps, n, every, protected) -> None:
+    steps = sorted(steps)
+    pols = [LatestN(n), EveryN(every)]
+    doomed = plan_deletions(steps, {}, pols, protected=protected)
+    kept = set(steps) - set(doomed)
+    assert set(sorted(steps)[-n:]) <= kept
+    assert {s for s in steps if s % every == 0} <= kept
+    assert not (set(doomed) & set(protected))
+    assert set(doomed) <= set(steps)
+    # deleted steps are exactly those no policy keeps
+    assert all(s not in sorted(steps)[-n:] and s % every for s in doomed)
+
+
+def test_byte_budget_keeps_newest_within_budget() -> None:
+    sizes = {1: 10, 2: 10, 3: 10, 4: 10}
+    assert plan_deletions([1, 2, 3, 4], sizes, [ByteBudget(25)]) == [1, 2]
+    assert plan_deletions([1, 2], {1: 100, 2: 100}, [ByteBudget(10)]) == [1]  # the newest always stays
+
+
+def test_promotion_wanted() -> None:
+    pols = [EveryN(10), LatestN(1)]
+    assert promotion_wanted(pols, 20, age=4)
+    assert not promotion_wanted(pols, 21, age=1)
+    assert promotion_wanted(pols, 21, age=0)
+    assert promotion_wanted([LatestN(3)], 5, age=2)
+    assert not promotion_wanted([LatestN(3)], 5, age=3)
+
+
+# --- the chain on real local tiers ------------------------------------------------------------
+
+def test_promotion_and_retention(tmp_path) -> None:
+    a, b = str(tmp_path / "nvme"), str(tmp_path / "far")
+    with Store([TierSpec(a, keep=3), TierSpec(b, keep=[EveryN(5), LatestN(1)])], **SMALL) as s:
+        for step in range(1, 13):
+            s.save(_state(step), step)
+        assert s.flush(30)
+        status = {t["name"]: t for t in s.status()["tiers"]}
+    assert status["file"]["steps"] == [10, 11, 12]
+    assert status["file2"]["steps"] == [5, 10, 12]
+    assert status["file2"]["promoted"] >= 3 and status["file2"]["errors"] == 0
+    with Store([b]) as far:
+        for step in (5, 10, 12):
+            assert_bitequal(far.restore(step), _state(step))
+
+
+def test_node_loss_recovers_from_the_lower_tier(tmp_path) -> None:
+    a, b = str(tmp_path / "nvme"), str(tmp_path / "far")
+    with Store([TierSpec(a, keep=2), TierSpec(b, keep=2)], **SMALL) as s:
+        for step in range(1, 5):
+            s.save(_state(step), step)
+    shutil.rmtree(a)  # the node is gone: its local tier with it
+    with Store([a, b], **SMALL) as s2:
+        assert s2.steps() == [3, 4] and s2.where(4) == ["file2"]
+        got = s2.restore()
+        assert s2.last_restore.step == 4 and s2.last_restore.tier == "file2"
+        assert_bitequal(got, _state(4))
+
+
+class GatedStore(MemoryObjectStore):
+    """A slow tier: every put waits for ``gate``; failures can be injected."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.gate = threading.Event()
+        self.fail = 0
+
+    def put(self, key, data) -> None:  # type: ignore[no-untyped-def]
+        if key.startswith("step_") and not self.gate.wait(60):  # probes and the root group pass
+            raise TimeoutError("gate never opened")
+        if key.startswith("step_") and self.fail > 0:
+            self.fail -= 1
+            raise ConnectionError("injected: tier unreachable")
+        super().put(key, data)
+
+    put_atomic = put
+
+
+def test_a_blocked_lower_tier_never_blocks_training(tmp_path) -> None:
+    slow = GatedStore(f"memory://gated-{uuid.uuid4().hex}")
+    slow.durable = True  # act like a remote durable tier
+    with Store([TierSpec(str(tmp_path), keep=2), TierSpec(slow, keep=None)], **SMALL, host_slots=2,
+               partition_bytes=1 << 16) as s:
+        t0 = time.perf_counter()
+        for step in range(1, 7):
+            s.save(_state(step), step)  # blocking save: durable on the first tier
+        elapsed = time.perf_counter() - t0
+        st_ = {t["name"]: t for t in s.status()["tiers"]}
+        assert st_["file"]["steps"][-1] == 6
+        assert st_["memory"]["steps"] == []  # nothing reached the blocked tier
+        # the first tier keeps what the lower tier still has to receive, despite keep=2
+        assert st_["file"]["steps"] == [1, 2, 3, 4, 5, 6]
+        assert elapsed < 30
+        slow.fail = 2  # the tier comes back flaky: two failed writes, then fine
+        slow.gate.set()
+        assert s.flush(60)
+        st_ = {t["name"]: t for t in s.status()["tiers"]}
+        assert st_["memory"]["steps"] == [1, 2, 3, 4, 5, 6]
+        assert st_["memory"]["errors"] >= 1
+        assert st_["file"]["steps"] == [5, 6]  # retention caught up once promoted
+
+
+def test_objects_per_checkpoint_follow_the_batch_size(tmp_path) -> None:
+    part = 1 << 18
+    with Store([TierSpec(str(tmp_path), partition_bytes=part)], chunk_bytes=1 << 16, compression="none") as s:
+        state = {f"t{i}": torch.randn(1000 + i) for i in range(300)}  # many small tensors
+        state["big"] = torch.randn(1 << 20)
+        rep = s.save(state, 1).result().reports["file"]
+    files = [f for _, _, fs in os.walk(tmp_path / "step_000000000001") for f in fs]
+    bound = -(-rep.raw_bytes // part) + 5  # partitions + array metadata + group + commit
+    assert len(files) <= bound, (len(files), bound)
+    assert rep.objects == -(-rep.raw_bytes // part)
+
+
+def test_b_star_is_derived_from_measurements(tmp_path) -> None:
+    with Store([str(tmp_path)]) as s:
+        tier = s.tiers[0]
+        b = tier.partition_bytes(1 << 30)
+        st_ = tier.stats
+        assert st_.bandwidth > 0 and st_.latency_s >= 0 and len(st_.model) >= 5
+        assert b % s.config.chunk_bytes == 0 and s.config.chunk_bytes <= b <= s.config.staging_budget_bytes
+        assert tier.partition_bytes(1 << 20) <= max(1 << 20, s.config.chunk_bytes)  # never beyond the checkpoint
+
+
+@pytest.mark.parametrize("rank_count", [2, 3])
+def test_multi_rank_commit_needs_every_shard(tmp_path, rank_count) -> None:
+    root = str(tmp_path)
+    stores = [Store([root], rank=r, world_size=rank_count, commit_timeout_s=3, **SMALL) for r in range(rank_count)]
+    try:
+        handles = [s.save(_state(10 * i + 1), 1, blocking=False) for i, s in enumerate(stores)]
+        for h in handles:
+            h.result(30)
+        assert stores[0].tiers[0].committed_steps() == [1]
+        for r, s in enumerate(stores):
+            assert_bitequal(s.restore(1), _state(10 * r + 1))
+        # rank > 0 never writes: rank 0 gives the step up, nothing lists as complete
+        h = stores[0].save(_state(2), 2, blocking=False)
+        with pytest.raises(Exception, match="did not finish"):
+            h.result(30)
+        assert stores[0].tiers[0].committed_steps() == [1]
+        # another world size reads rank 0's shard (replicated/consolidated state)
+        with Store([root]) as one:
+            assert_bitequal(one.restore(1), _state(1))
+    finally:
+        for s in stores:
+            try:
+                s.close()
+            except Exception:
+                pass
+
+
+def test_leftovers_of_a_rank_that_died_do_not_block_or_mix(tmp_path) -> None:
+    root = str(tmp_path)
+    s0 = Store([root], rank=0, world_size=2, commit_timeout_s=1, **SMALL)
+    s1 = Store([root], rank=1, world_size=2, commit_timeout_s=1, **SMALL)
+    try:
+        s1.save(_state(101), 1)  # rank 1 wrote its shard of step 1 ...
+        h = s0.save(_state(1), 1, blocking=False)
+        h.result(30)  # ... and rank 0 committed: step 1 is complete
+        # step 2: rank 1's shard exists, rank 0 died before writing: never committed
+        s1.save(_state(102), 2)
+        assert s0.tiers[0].committed_steps() == [1]
+        # after a restart every rank discards its uncommitted leftovers, then step 2 can be saved again
+        assert s1.discard_uncommitted() == {"file": [2]}
+        assert s0.discard_uncommitted() == {}
+        s1.save(_state(202), 2)
+        s0.save(_state(2), 2, blocking=False).result(30)
+        assert_bitequal(s1.restore(2), _state(202))
+        assert_bitequal(s0.restore(2), _state(2))
+        # a rank re-saving a step whose own shard marker is stale (never committed globally) replaces it
+        s1.save(_state(103), 3)
+        s1.save(_state(303), 3)  # no StepExistsError: step 3 was never committed
+        s0.save(_state(3), 3, blocking=False).result(30)
+        assert_bitequal(s1.restore(3), _state(303))
+    finally:
+        s0.close()
+        s1.close()

@@ -1,0 +1,540 @@
+"""DeepSpeed integration: asymmetric snapshots of each rank's shard, and an asymstore checkpoint engine.
+
+:class:`DeepSpeedAsymCheckpointer` (ZeRO stages 0-3, plain fp32/bf16 engines without offload)
+copies what *this rank owns* to a host slot during its forward and backward passes, with the
+barrier right before the engine's inner (torch) optimizer modifies anything; every rank writes
+its shard under ``step_X/rNNNNN/`` of a multi-rank :class:`~asymstore.store.Store` and rank 0
+commits the step once every shard is durable. What a rank owns, per stage:
+
+=========  ==================================================================================
+stage 0    the whole (replicated) module state_dict and the torch optimizer's state_dict
+stage 1/2  its low-precision parameter partition (a slice of DeepSpeed's flat bit16 group),
+           its fp32 master partition(s) ``single_partition_of_fp32_groups`` and the inner
+           optimizer state of those partitions; module buffers (replicated)
+stage 3    its parameter partitions (the flat buffers that every ``param.ds_tensor`` is a view
+           of, ``fp16_partitioned_groups_flat``), its fp32 partitions
+           ``fp32_partitioned_groups_flat`` and their optimizer state; never gathered params
+all        engine counters (global_steps/samples, skipped_steps, micro_steps), the lr scheduler,
+           the inner optimizer's hyper-parameters, the loss scaler's numbers, RNG states, extras
+=========  ==================================================================================
+
+Hook placement: the snapshot begins after ``engine._take_model_step`` (optimizer step, zero_grad,
+lr scheduler step, ``global_steps += 1``: the whole state "after step t"); the barrier is a step
+pre-hook on the inner ``torch.optim.Optimizer``, which every stage calls only after its gradient
+reduction, norm and overflow checks (stage 1/2: ``_optimizer_step`` per group, stage 3: per
+sub-group, before the fp32 -> parameter partition copy and the all-gather). Resume restores each
+rank's shard into the engine on the same world size (stage 1/2 then all-gathers the parameter
+partitions, stage 3 re-gathers persistent parameters).
+
+:class:`AsymstoreCheckpointEngine` plugs asymstore under ``engine.save_checkpoint`` /
+``engine.load_checkpoint`` (``engine.checkpoint_engine = AsymstoreCheckpointEngine(store)``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from asymstore.errors import ConfigError, StateMismatchError, StepNotFoundError, UnsupportedValueError
+from asymstore.manifest import parse_step_dir
+from asymstore.state import flatten
+from asymstore.store import Store
+
+from .torch_hooks import AsymCheckpointer, Strategy, rng_state, set_rng_state
+
+log = logging.getLogger("asymstore.hooks.deepspeed")
+
+__all__ = ["DeepSpeedAsymCheckpointer", "AsymstoreCheckpointEngine", "encode_deepspeed", "decode_deepspeed"]
+
+
+class _Undo:
+    """A removable handle for a patched attribute (same interface as torch's hook handles)."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self._fn: Callable[[], None] | None = fn
+
+    def remove(self) -> None:
+        if self._fn is not None:
+            self._fn()
+            self._fn = None
+
+
+def _dist() -> Any:
+    import torch.distributed as td
+    return td if td.is_available() and td.is_initialized() else None
+
+
+def base_optimizer(engine: Any) -> torch.optim.Optimizer:
+    """The torch optimizer that modifies the rank's state: the engine's own (stage 0) or the one
+    inside DeepSpeed's ZeRO optimizer."""
+    opt = engine.optimizer
+    if isinstance(opt, torch.optim.Optimizer):
+        return opt
+    inner = getattr(opt, "optimizer", None)
+    if isinstance(inner, torch.optim.Optimizer):
+        return inner
+    raise ConfigError(f"unsupported DeepSpeed optimizer {type(opt).__name__}: no inner torch.optim.Optimizer")
+
+
+class DeepSpeedAsymCheckpointer(AsymCheckpointer):
+    """Asymmetric checkpointing of a DeepSpeed engine; each rank snapshots its own shard.
+
+    Use (on every rank)::
+
+        store = Store([url], rank=dist.get_rank(), world_size=dist.get_world_size())
+        ck = DeepSpeedAsymCheckpointer(engine, store, every=1)
+        with ck:
+            for batch in data:
+                loss = engine(batch); engine.backward(loss); engine.step()
+        # after a restart, same world size:
+        ck.resume()            # the newest step complete on every rank
+    """
+
+    def __init__(self, engine: Any, store: Store, *, every: int = 1, strategy: Strategy = "asym", warmup: int = 2,
+                 extras: Callable[[], dict[str, Any]] | None = None, blocks: Sequence[torch.nn.Module] | None = None,
+                 trace: bool = False, replan_tolerance: float = 0.25, min_partition_bytes: int = 1 << 16) -> None:
+        self.engine = engine
+        self.stage = int(engine.zero_optimization_stage())
+        if self.stage not in (0, 1, 2, 3):
+            raise ConfigError(f"unsupported ZeRO stage {self.stage}")
+        offload = getattr(engine, "zero_cpu_offload", lambda: False)() or \
+            getattr(engine, "zero_offload_param", lambda: None)() is not None
+        if offload:
+            raise ConfigError("ZeRO offload (optimizer/parameters on CPU or NVMe) is not supported by the "
+                              "asymmetric DeepSpeed hooks; use AsymstoreCheckpointEngine with save_checkpoint")
+        if self.stage == 0 and not isinstance(engine.optimizer, torch.optim.Optimizer):
+            raise ConfigError(f"ZeRO stage 0 with a wrapped optimizer ({type(engine.optimizer).__name__}, e.g. "
+                              "fp16/bf16) is not supported; use ZeRO stage >= 1 or fp32")
+        d = _dist()
+        rank, world = (d.get_rank(), d.get_world_size()) if d else (0, 1)
+        if (store.rank, store.world_size) != (rank, world):
+            raise ConfigError(f"the store is rank {store.rank} of {store.world_size}, the process group rank {rank} "
+                              f"of {world}: open it as Store([...], rank={rank}, world_size={world})")
+        self.inner = base_optimizer(engine)
+        self._in_step = False
+        super().__init__(engine.module, self.inner, store, every=every, scheduler=engine.lr_scheduler,
+                         strategy=strategy, warmup=warmup, extras=extras, blocks=blocks, trace=trace,
+                         start_step=int(engine.global_steps), replan_tolerance=replan_tolerance,
+                         min_partition_bytes=min_partition_bytes)
+
+    # --- what this rank owns ------------------------------------------------------
+    def _partition_ids(self) -> list[int]:
+        eo = self.engine.optimizer
+        d = _dist()
+        return [d.get_rank(group=g) if d else 0 for g in eo.real_dp_process_group]
+
+    def lp_partitions(self) -> list[torch.Tensor]:
+        """This rank's parameter partitions (stage 1/2: slices of the flat bit16 groups; stage 3: the
+        flat buffers behind every ``ds_tensor``)."""
+        eo = self.engine.optimizer
+        if self.stage in (1, 2):
+            return [g[pid] for g, pid in zip(eo.parallel_partitioned_bit16_groups, self._partition_ids())]
+        if self.stage == 3:
+            return list(eo.fp16_partitioned_groups_flat)
+        return []
+
+    def master_partitions(self) -> list[torch.Tensor]:
+        """This rank's fp32 master partitions: the tensors the inner optimizer steps on."""
+        eo = self.engine.optimizer
+        if self.stage in (1, 2):
+            return list(eo.single_partition_of_fp32_groups)
+        if self.stage == 3:
+            return list(eo.fp32_partitioned_groups_flat)
+        return []
+
+    def _loss_scaler(self) -> dict[str, Any]:
+        sc = getattr(self.engine.optimizer, "loss_scaler", None)
+        if sc is None:
+            return {}
+        return {k: v for k, v in vars(sc).items() if isinstance(v, (bool, int, float))}
+
+    def state(self) -> dict[str, Any]:
+        e = self.engine
+        st: dict[str, Any] = {
+            "rng": rng_state(), "step": int(e.global_steps), "extras": self.extras() if self.extras else {},
+            "engine": {"global_steps": int(e.global_steps), "global_samples": int(e.global_samples),
+                       "skipped_steps": int(e.skipped_steps), "micro_steps": int(e.micro_steps)},
+            "deepspeed": {"zero_stage": self.stage, "world_size": self.store.world_size, "rank": self.store.rank},
+        }
+        if self.scheduler is not None:
+            st["scheduler"] = self.scheduler.state_dict()
+        if self.stage == 0:
+            st["model"] = self.model.state_dict()
+            st["optimizers"] = [self.inner.state_dict()]
+            return st
+        masters = self.master_partitions()
+        st["buffers"] = dict(self.model.named_buffers())
+        st["zero"] = {
+            "lp": self.lp_partitions(),
+            "fp32": masters,
+            "optimizer_state": [dict(self.inner.state.get(p, {})) for p in masters],
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.inner.param_groups],
+            "loss_scaler": self._loss_scaler(),
+        }
+        return st
+
+    def _stable_ids(self) -> set[int]:
+        ids = super()._stable_ids()
+        for t in self.lp_partitions() + self.master_partitions():
+            ids.add(t.untyped_storage().data_ptr())
+            for v in self.inner.state.get(t, {}).values():
+                if isinstance(v, torch.Tensor) and v.numel() > 0 and v.dim() > 0:
+                    ids.add(v.untyped_storage().data_ptr())
+        return ids
+
+    # --- hooks -------------------------------------------------------------------
+    def _attach_step_hooks(self) -> None:
+        self._hooks.append(self.inner.register_step_pre_hook(self._ds_barrier))
+        engine = self.engine
+        orig = engine._take_model_step
+        patched = "_take_model_step" in vars(engine)
+
+        def take_model_step(*args: Any, **kwargs: Any) -> Any:
+            out = orig(*args, **kwargs)
+            self._ds_post_step()
+            return out
+
+        engine._take_model_step = take_model_step
+
+        def undo() -> None:
+            if patched:
+                engine._take_model_step = orig
+            else:
+                vars(engine).pop("_take_model_step", None)
+
+        self._hooks.append(_Undo(undo))
+
+    def _ds_barrier(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._in_step:  # stage 1/2 steps once per group, stage 3 once per sub-group: the first one counts
+            return
+        self._in_step = True
+        self._barrier_hook(opt, args, kwargs)
+
+    def _ds_post_step(self) -> None:
+        self._in_step = False
+        if self._active is not None:  # the inner optimizer never ran (overflow): the state did not change
+            self._complete(time.perf_counter())
+        self.step = int(self.engine.global_steps)
+        if self.step % self.every == 0:
+            self._begin()
+
+    # --- resume ------------------------------------------------------------------
+    def agreed_latest_step(self) -> int:
+        """The newest step complete for every rank (the minimum over the ranks' views)."""
+        s = self.store.latest_step()
+        d = _dist()
+        if d is not None:
+            t = torch.tensor([-1 if s is None else s], dtype=torch.int64)
+            d.all_reduce(t, op=d.ReduceOp.MIN)
+            s = int(t.item())
+        if s is None or s < 0:
+            raise StepNotFoundError("no checkpoint is complete for every rank")
+        return s
+
+    def resume(self, step: int | None = None) -> dict[str, Any]:
+        """Restore this rank's shard of ``step`` (default: the newest complete one) into the engine.
+
+        Collective: every rank calls it. Shards of newer, uncommitted steps left by the crashed run are
+        removed (each rank its own), so that saving those steps again starts clean.
+        """
+        e = self.engine
+        if step is None:
+            step = self.agreed_latest_step()
+        restored = self.store.restore(step)
+        ds = restored.get("deepspeed", {})
+        want = {"zero_stage": self.stage, "world_size": self.store.world_size, "rank": self.store.rank}
+        if ds != want:
+            raise StateMismatchError(f"step {step} was saved as {ds}, this engine is {want}: the asymmetric "
+                                     "DeepSpeed snapshots restore on the same ZeRO stage and world size only")
+        if self.stage == 3 and hasattr(e.optimizer, "checkpoint_event_prologue"):
+            e.optimizer.checkpoint_event_prologue()  # all parameters partitioned, as load_checkpoint does
+        with torch.no_grad():
+            if self.stage == 0:
+                self.model.load_state_dict(restored["model"])
+                self.inner.load_state_dict(restored["optimizers"][0])
+            else:
+                self._load_zero(restored, step)
+        if self.scheduler is not None and "scheduler" in restored:
+            self.scheduler.load_state_dict(restored["scheduler"])
+        for k, v in restored["engine"].items():
+            setattr(e, k, int(v))
+        set_rng_state(restored["rng"])
+        self.step = int(restored["step"])
+        self._discard_uncommitted_after(step)
+        d = _dist()
+        if d is not None:
+            d.barrier()
+        extras: dict[str, Any] = restored.get("extras", {})
+        return extras
+
+    def _load_zero(self, restored: Mapping[str, Any], step: int) -> None:
+        z = restored["zero"]
+        lp, masters = self.lp_partitions(), self.master_partitions()
+        if len(z["lp"]) != len(lp) or len(z["fp32"]) != len(masters):
+            raise StateMismatchError(f"step {step}: {len(z['fp32'])} partitions saved, the engine has {len(masters)}")
+        for dst, src in list(zip(lp, z["lp"])) + list(zip(masters, z["fp32"])):
+            if dst.shape != src.shape or dst.dtype != src.dtype:
+                raise StateMismatchError(f"step {step}: partition {tuple(src.shape)} {src.dtype} saved, the engine "
+                                         f"has {tuple(dst.shape)} {dst.dtype}")
+            dst.data.copy_(src)
+        for p, s in zip(masters, z["optimizer_state"]):
+            self.inner.state[p] = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+        for g, saved in zip(self.inner.param_groups, z["param_groups"]):
+            g.update(saved)
+        bufs = dict(self.model.named_buffers())
+        for name, b in restored.get("buffers", {}).items():
+            if name in bufs:
+                bufs[name].copy_(b)
+        sc = getattr(self.engine.optimizer, "loss_scaler", None)
+        for k, v in z.get("loss_scaler", {}).items():
+            setattr(sc, k, v)
+        eo = self.engine.optimizer
+        if self.stage in (1, 2):  # every rank restored its partition: gather the full parameters
+            from deepspeed.runtime.utils import all_gather_dp_groups
+            all_gather_dp_groups(groups_flat=eo.bit16_groups_flat,
+                                 partitioned_param_groups=eo.parallel_partitioned_bit16_groups,
+                                 dp_process_group=eo.real_dp_process_group,
+                                 start_alignment_factor=eo.nccl_start_alignment_factor,
+                                 allgather_bucket_size=eo.allgather_bucket_size)
+        elif hasattr(eo, "checkpoint_event_epilogue"):
+            eo.checkpoint_event_epilogue()  # persistent (never partitioned) parameters are gathered again
+
+    def _discard_uncommitted_after(self, step: int) -> None:
+        for tier in self.store.tiers:
+            for d in tier.store.list_dirs(""):
+                s = parse_step_dir(d.rstrip("/"))
+                if s is not None and s > step and not tier.has(s):
+                    n = tier.store.delete_prefix(tier.shard_prefix(s))
+                    if n:
+                        log.info("removed %d objects of rank %d's shard of the uncommitted step %d on %s",
+                                 n, self.store.rank, s, tier.name)
+
+
+# --- the checkpoint engine ---------------------------------------------------------
+
+_TAG = "__asymstore_ds__"
+
+
+def _known_classes() -> dict[str, type]:
+    out: dict[str, type] = {}
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        out["LossScaler"], out["DynamicLossScaler"] = LossScaler, DynamicLossScaler
+    except ImportError:  # pragma: no cover - depends on the DeepSpeed version
+        pass
+    try:
+        from deepspeed.utils.tensor_fragment import fragment_address
+        out["fragment_address"] = fragment_address
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        out["ZeroStageEnum"] = ZeroStageEnum
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+def encode_deepspeed(obj: Any, path: str = "") -> Any:
+    """Replace the DeepSpeed objects found in its checkpoint state dicts by tagged JSON-able dicts.
+
+    Converted explicitly (nothing else): ``LossScaler`` / ``DynamicLossScaler`` (their numeric
+    attributes), ``fragment_address`` (numel, start), ``ZeroStageEnum`` (its value). ``OrderedDict``
+    becomes a dict. Any other object is left for :func:`asymstore.state.flatten`, which refuses it
+    with its path (asymstore never pickles).
+    """
+    known = _known_classes()
+    if isinstance(obj, torch.Tensor) or obj is None or isinstance(obj, (str, bytes, float, bool)):
+        return obj
+    cls = type(obj)
+    if cls is known.get("ZeroStageEnum"):
+        return {_TAG: "ZeroStageEnum", "value": int(obj)}
+    if cls is known.get("fragment_address"):
+        return {_TAG: "fragment_address", "numel": int(obj.numel), "start": int(obj.start)}
+    if cls in (known.get("LossScaler"), known.get("DynamicLossScaler")) and cls is not None:
+        attrs = {}
+        for k, v in vars(obj).items():
+            if isinstance(v, (bool, int, float, str, torch.dtype)) or v is None:
+                attrs[k] = v
+            else:
+                raise UnsupportedValueError(f"{path}/{k}: {cls.__name__} attribute of type {type(v).__name__} "
+                                            "cannot be stored")
+        return {_TAG: cls.__name__, "attrs": attrs}
+    if isinstance(obj, Mapping):
+        return {k: encode_deepspeed(v, f"{path}/{k}") for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [encode_deepspeed(v, f"{path}/{i}") for i, v in enumerate(obj)]
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(encode_deepspeed(v, f"{path}/{i}") for i, v in enumerate(obj))
+    return obj
+
+
+def decode_deepspeed(obj: Any) -> Any:
+    """The inverse of :func:`encode_deepspeed` (only the classes it names are rebuilt)."""
+    if isinstance(obj, dict):
+        tag = obj.get(_TAG)
+        if isinstance(tag, str):
+            known = _known_classes()
+            if tag == "ZeroStageEnum" and tag in known:
+                return known[tag](obj["value"])
+            if tag == "fragment_address" and tag in known:
+                return known[tag](numel=obj["numel"], start=obj["start"])
+            if tag in ("LossScaler", "DynamicLossScaler") and tag in known:
+                cls: Any = known[tag]
+                inst = cls.__new__(cls)
+                inst.__dict__.update(obj["attrs"])
+                return inst
+        return {k: decode_deepspeed(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [decode_deepspeed(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(decode_deepspeed(v) for v in obj)
+    return obj
+
+
+def default_tag_to_step(tag: str) -> int:
+    """``"global_step12"`` -> 12, ``"7"`` -> 7: the trailing integer of the tag."""
+    m = re.search(r"(\d+)$", tag)
+    if m is None:
+        raise ConfigError(f"cannot map the checkpoint tag {tag!r} to an asymstore step: give tags that end in the "
+                          "step number (DeepSpeed's default 'global_stepN' does) or pass tag_to_step=")
+    return int(m.group(1))
+
+
+try:
+    from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine as _DSCheckpointEngine
+except ImportError:  # pragma: no cover - deepspeed is optional
+    _DSCheckpointEngine = object
+
+
+class AsymstoreCheckpointEngine(_DSCheckpointEngine):
+    """A DeepSpeed checkpoint engine that stores through asymstore tiers.
+
+    Mapping: a tag is one asymstore step (``tag_to_step``, default: its trailing integer; the tag
+    is recorded and checked on load); every file DeepSpeed writes under ``save_dir/tag/`` becomes a
+    top-level key (its path relative to the tag directory) of this rank's shard of that step. Each
+    rank stores the files it was asked to save; ``commit(info)`` saves them as one asymstore
+    checkpoint (rank 0 commits globally once every rank's shard is durable). With ``blocking``
+    (default) rank 0's commit returns only after the global commit, so DeepSpeed's ``latest`` file,
+    written right after, never names a step that is not durable. After the commit each rank writes
+    a small JSON *pointer file* at each DeepSpeed path (DeepSpeed globs for and checks those paths
+    when loading); :meth:`load` reads the pointer and restores the state from asymstore.
+
+    State dict contents: tensors and JSON values through :func:`asymstore.state.flatten`; DeepSpeed
+    objects are converted by :func:`encode_deepspeed`; anything else raises
+    :class:`~asymstore.errors.UnsupportedValueError` at ``save`` naming the file and the key.
+    """
+
+    POINTER_FORMAT = "asymstore-deepspeed-pointer/1"
+
+    def __init__(self, store: Store, *, blocking: bool = True, tag_to_step: Callable[[str], int] | None = None,
+                 config_params: Any = None) -> None:
+        if _DSCheckpointEngine is object:
+            raise ConfigError("deepspeed is not installed (pip install asymstore[deepspeed])")
+        super().__init__(config_params)
+        self.name = "AsymstoreCheckpointEngine"
+        self.store = store
+        self.blocking = blocking
+        self.tag_to_step = tag_to_step or default_tag_to_step
+        self._files: dict[str, Any] = {}
+        self._paths: dict[str, str] = {}
+        self._tag: str | None = None
+        self._cache: OrderedDict[tuple[int, int], Any] = OrderedDict()
+        self.handles: list[Any] = []
+        self.last_commit_s = 0.0
+
+    def create(self, info: Any) -> None:
+        self._tag = str(info.tag)
+        self._files, self._paths = {}, {}
+
+    def _key(self, path: str) -> tuple[str, str]:
+        path = os.path.normpath(str(path))
+        parts = path.split(os.sep)
+        if self._tag is not None and self._tag in parts:
+            i = len(parts) - 1 - parts[::-1].index(self._tag)
+            return self._tag, "/".join(parts[i + 1:])
+        return parts[-2] if len(parts) > 1 else "", parts[-1]
+
+    def save(self, state_dict: Any, path: str) -> None:
+        tag, key = self._key(path)
+        if self._tag is None:
+            self._tag = tag
+        enc = encode_deepspeed(state_dict, key)
+        try:
+            flatten(enc)  # fail here, naming the file, rather than at commit
+        except UnsupportedValueError as e:
+            raise UnsupportedValueError(f"{path}: {e}") from e
+        self._files[key] = enc
+        self._paths[key] = str(path)
+
+    def commit(self, info: Any) -> bool:
+        t0 = time.perf_counter()
+        tag = str(info.tag)
+        step = self.tag_to_step(tag)
+        state = {"deepspeed_tag": tag, "files": self._files}
+        handle = self.store.save(state, step, blocking=False, user={"deepspeed_tag": tag})
+        self.handles.append(handle)
+        if self.blocking:
+            handle.result()
+        for key, path in self._paths.items():
+            ptr = {"format": self.POINTER_FORMAT, "step": step, "tag": tag, "rank": self.store.rank,
+                   "world_size": self.store.world_size, "key": key}
+            tmp = f"{path}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(ptr, f)
+            os.replace(tmp, path)
+        self._files, self._paths, self._tag = {}, {}, None
+        self.last_commit_s = time.perf_counter() - t0
+        return True
+
+    def wait(self) -> None:
+        for h in self.handles:
+            h.result()
+        self.handles = []
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        try:
+            with open(path) as f:
+                ptr = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise StepNotFoundError(f"{path} is not an asymstore checkpoint pointer ({e}); was it saved with "
+                                    "AsymstoreCheckpointEngine?") from e
+        if not isinstance(ptr, dict) or ptr.get("format") != self.POINTER_FORMAT:
+            raise StepNotFoundError(f"{path} is not an asymstore checkpoint pointer")
+        step, rank = int(ptr["step"]), int(ptr["rank"])
+        if (step, rank) not in self._cache:
+            shard = self.store.restore(step, rank=rank)
+            self._cache[(step, rank)] = shard
+            while len(self._cache) > 2:
+                self._cache.popitem(last=False)
+        shard = self._cache[(step, rank)]
+        if shard.get("deepspeed_tag") != ptr["tag"]:
+            raise StateMismatchError(f"step {step} holds DeepSpeed tag {shard.get('deepspeed_tag')!r}, the pointer "
+                                     f"{path} names {ptr['tag']!r}")
+        out = decode_deepspeed(shard["files"][ptr["key"]])
+        if isinstance(map_location, (str, torch.device)) and str(map_location) != "cpu":
+            out = _map_tensors(out, lambda t: t.to(map_location))
+        return out
+
+    def preserves_storage_sharing(self) -> bool:
+        return False  # the state is copied into a host slot anyway: no need for DeepSpeed's clone
+
+
+def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_map_tensors(v, fn) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_map_tensors(v, fn) for v in obj)
+    return obj
