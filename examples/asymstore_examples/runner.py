@@ -428,10 +428,7 @@ def run_deepspeed(ex: Example, args: argparse.Namespace, preset: Preset) -> int:
     except ImportError as e:
         _die("--deepspeed needs asymstore.trainer_hooks.deepspeed_hooks, which this asymstore installation does "
              f"not have ({e}). Update asymstore, or run without --deepspeed (plain PyTorch, one process).")
-    checkpointer = getattr(deepspeed_hooks, "DeepSpeedCheckpointer", None)
-    if checkpointer is None:
-        _die("asymstore.trainer_hooks.deepspeed_hooks has no DeepSpeedCheckpointer(engine, store, every=, strategy=, "
-             "extras=) - the interface these examples expect")
+    checkpointer = deepspeed_hooks.DeepSpeedAsymCheckpointer
 
     with open(args.deepspeed) as f:
         ds_cfg = json.load(f)
@@ -446,6 +443,8 @@ def run_deepspeed(ex: Example, args: argparse.Namespace, preset: Preset) -> int:
     torch.manual_seed(args.seed)
     stage = int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
     if stage == 3:  # partition the parameters while they are created: a 10B model never exists whole on one rank
+        with torch.device("meta"):  # import the model's modules first: imports inside zero.Init break torch._dynamo
+            ex.make_model(cfg)
         with deepspeed.zero.Init(config_dict_or_path=ds_cfg):
             model = ex.make_model(cfg)
     else:
@@ -457,16 +456,17 @@ def run_deepspeed(ex: Example, args: argparse.Namespace, preset: Preset) -> int:
         _die("--deepspeed needs --dir (a directory every rank can write, e.g. node-local NVMe)")
     store = open_tiers(args, args.dir, rank=rank, world_size=world)
     pos = {"batch": 0}
-    ck = checkpointer(engine, store, every=args.every, strategy=args.strategy, extras=lambda: dict(pos))
+    ck = checkpointer(engine, store, every=args.every, strategy=args.strategy, warmup=args.warmup,
+                      extras=lambda: dict(pos), trace=bool(args.trace))
     start = 0
     if args.resume and store.steps():
         extras = ck.resume()
         pos["batch"] = int(extras.get("batch", 0))
-        start = int(getattr(ck, "step", 0))
+        start = ck.step
         if rank == 0:
             print(f"resumed from step {start}", flush=True)
     t0 = time.perf_counter()
-    step = start
+    step = ck.step
     with ck:
         while step < args.steps:
             # each rank reads its own batches: global batch k of rank r is source batch k * world + r
