@@ -44,6 +44,9 @@ class Config:
     commit_timeout_s: float = 300.0
     #: How long ``close()`` waits for pending promotions down the tier chain (seconds).
     close_timeout_s: float = 120.0
+    #: Nice increment of asymstore's background threads (snapshot copy, persistence) on Linux, so that they
+    #: take the cores only where training leaves them idle; 0 leaves their priority alone.
+    background_nice: int = 0
     #: Options passed to backends, per URL scheme (e.g. {"hdfs": {"retries": 3}}).
     backend_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -62,6 +65,8 @@ class Config:
             raise ConfigError("delta_every must be >= 0")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise ConfigError(f"need 0 <= rank < world_size, got rank={self.rank}, world_size={self.world_size}")
+        if not 0 <= self.background_nice <= 19:
+            raise ConfigError(f"background_nice must be in 0..19, got {self.background_nice}")
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)

@@ -27,6 +27,7 @@ from .layout import Layout, plan_layout
 from .manifest import Manifest
 from .snapshot import copy_all, dest_view
 from .state import FlatState, flatten, unflatten
+from .threads import lower_thread_priority
 from .tiermanager import TierManager
 from .tiers import PersistentTier
 from .writer import WriteReport
@@ -53,6 +54,8 @@ class SaveResult:
     skipped: bool = False
     snapshot_seconds: float = 0.0
     reports: dict[str, WriteReport] = field(default_factory=dict)  # tier name -> report
+    persist_started: float = 0.0  # time.perf_counter() when persistence began and ended (0: none ran)
+    persist_finished: float = 0.0
 
     @property
     def raw_bytes(self) -> int:
@@ -127,7 +130,9 @@ class Store:
             if n > 1:
                 t.name = f"{t.name}{n}"
         self.manager = TierManager(self.tiers, self.host) if self.tiers else None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asymstore-persist")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asymstore-persist",
+                                            initializer=lower_thread_priority,
+                                            initargs=(self.config.background_nice,))
         self._lock = threading.Lock()
         self._bg_error: BaseException | None = None
         self.failures = 0
@@ -217,7 +222,7 @@ class Store:
                              persisting=bool(self.tiers))
 
     def _persist(self, snap: PendingSnapshot, snap_s: float, copies_done: Callable[[], None] | None) -> SaveResult:
-        result = SaveResult(snap.step, snapshot_seconds=snap_s)
+        result = SaveResult(snap.step, snapshot_seconds=snap_s, persist_started=time.perf_counter())
         try:
             if copies_done is not None:
                 try:
@@ -230,6 +235,7 @@ class Store:
             rep = self.manager.persist_primary(snap.step, snap.slot.memview(), snap.layout, snap.flat.skeleton,
                                                sorted(snap.flat.numpy_names), snap.user)
             result.reports[self.tiers[0].name] = rep
+            result.persist_finished = time.perf_counter()
             return result
         except BaseException as e:
             self._record_failure(snap.step, e)
@@ -469,6 +475,7 @@ class Store:
         self._check_open()
         if step not in self.steps():
             raise StepNotFoundError(f"step {step} is not complete on any tier")
+        self._executor.submit(lambda: None).result()  # a slot being persisted is never freed under its writer
         for t in self.tiers:
             deps = t.dependents(step)
             if deps:

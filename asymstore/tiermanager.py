@@ -21,6 +21,7 @@ from .errors import CorruptCheckpointError
 from .hostpool import HostPool
 from .layout import Layout
 from .retention import plan_deletions, promotion_wanted
+from .threads import lower_thread_priority
 from .tiers import PersistentTier
 from .writer import ReaderSource, WriteReport
 
@@ -123,6 +124,7 @@ class TierManager:
 
     def _promoter(self, k: int) -> None:
         dst = self.tiers[k]
+        lower_thread_priority(dst.config.background_nice)
         act = self.activity[dst.name]
         backoff = 0.5
         while True:

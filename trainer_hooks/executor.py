@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from asymstore.layout import Layout
+from asymstore.threads import lower_thread_priority
 from asymstore.snapshot import copy_range
 
 
@@ -59,7 +60,10 @@ class CopyExecutor:
 
 
 class ThreadCopyExecutor(CopyExecutor):
-    def __init__(self) -> None:
+    """One background copy thread (at a lower priority: ``nice``); the barrier copies what it has not started."""
+
+    def __init__(self, nice: int = 0) -> None:
+        self._nice = nice
         self._q: queue.Queue[CopyRecord | None] = queue.Queue()
         self._done = threading.Condition()
         self._pending = 0
@@ -86,6 +90,7 @@ class ThreadCopyExecutor(CopyExecutor):
         rec.t_end = time.perf_counter()
 
     def _run(self) -> None:
+        lower_thread_priority(self._nice)
         while True:
             rec = self._q.get()
             if rec is None:
@@ -111,6 +116,23 @@ class ThreadCopyExecutor(CopyExecutor):
         self._copy(rec)
 
     def drain(self) -> list[CopyRecord]:
+        # partitions the copy thread has not started yet are copied here, at full priority: a low-priority
+        # copy thread must never make the barrier wait for the scheduler
+        while True:
+            try:
+                rec = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if rec is None:  # close() raced with drain(): keep the sentinel for the thread
+                self._q.put(None)
+                break
+            rec.where = "step"
+            try:
+                self._copy(rec)
+            except BaseException as e:
+                self._error = e
+            with self._done:
+                self._pending -= 1
         with self._done:
             self._done.wait_for(lambda: self._pending == 0)
         if self._error is not None:
@@ -196,7 +218,7 @@ def _timed(records: list[tuple[CopyRecord, Any, Any]]) -> list[CopyRecord]:
     return out
 
 
-def make_executor(tensors: Mapping[str, torch.Tensor]) -> CopyExecutor:
+def make_executor(tensors: Mapping[str, torch.Tensor], *, nice: int = 0) -> CopyExecutor:
     if any(t.is_cuda for t in tensors.values()):
         return CudaCopyExecutor()
-    return ThreadCopyExecutor()
+    return ThreadCopyExecutor(nice=nice)

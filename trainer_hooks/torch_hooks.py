@@ -311,7 +311,7 @@ class AsymCheckpointer:
         stats.bytes = snap.layout.total_bytes
         tensors = snap.flat.tensors
         if self._executor is None:
-            self._executor = make_executor(tensors)
+            self._executor = make_executor(tensors, nice=self.store.config.background_nice)
         ex = self._executor
         ex.bind(snap.buffer, snap.layout, tensors)
         offset = next((e.offset for e in snap.layout.tensors if not first(e.name)), snap.layout.total_bytes)
@@ -422,6 +422,9 @@ class AsymCheckpointer:
 
     def _account(self, stats: CheckpointStats, records: list[CopyRecord]) -> None:
         hidden = [r for r in records if r.where in ("forward", "backward")]
+        if records:  # the records say where each byte was really copied (the barrier may take over queued ones)
+            stats.hidden_bytes = sum(r.nbytes for r in hidden)
+            stats.step_copy_bytes = sum(r.nbytes for r in records if r.where == "step")
         stats.hidden_copy_s = sum(r.t_end - r.t_begin for r in hidden)
         for r in records:
             self.timeline.add(f"copy {r.where} {r.nbytes >> 10} KiB", "snapshot", r.t_begin, r.t_end, "copy",
@@ -452,8 +455,12 @@ class AsymCheckpointer:
             stats.persist_s = sum(r.seconds for r in res.reports.values())
             stats.stored_bytes = rep.stored_bytes
             stats.codecs = dict(rep.codecs)
-            start = time.perf_counter() - stats.persist_s
-            self.timeline.add(f"persist {stats.step}", "persist", start, start + stats.persist_s, "persist")
+            if res.persist_finished > res.persist_started > 0:  # where it really ran, not when it was collected
+                start, end = res.persist_started, res.persist_finished
+            else:
+                start = time.perf_counter() - stats.persist_s
+                end = start + stats.persist_s
+            self.timeline.add(f"persist {stats.step}", "persist", start, end, "persist")
 
     def _collect_done(self) -> None:
         for h, s in list(self._handles_stats):
@@ -485,7 +492,7 @@ class AsymCheckpointer:
     def summary(self) -> dict[str, Any]:
         self._collect_done()
         done = [s for s in self.history if not s.skipped]
-        stalls = sorted(s.stall_s + (s.begin_s if self.strategy != "sync" else 0.0) for s in done)
+        stalls = sorted(s.stall_s + s.begin_s for s in done)  # both are time the training thread waited
         return {
             "strategy": self.strategy,
             "checkpoints": len(done),
