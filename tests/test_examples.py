@@ -1,0 +1,139 @@
+"""CI smoke test of examples/: every family trains a few steps with checkpointing and resumes.
+
+Each example runs as a subprocess (as a user runs it), tiny preset, 3-4 steps, with a timeout.
+GPT-2 and ResNet are SIGKILLed mid-run (``--kill-at``), resumed (``--resume``) and must end
+bit-identical to an uninterrupted run; the others run, then resume from their last checkpoint.
+The independent chains run concurrently (most of a run is interpreter and transformers start-up).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+TIMEOUT = 240
+STEPS = 4
+
+
+def _run(name: str, *args: str, tmp: Path, tag: str) -> dict[str, Any]:
+    out = tmp / f"{name}-{tag}.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               COLUMNS="120", TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, str(EXAMPLES / f"{name}.py"), "--threads", "1", "--summary-json", str(out), *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=ROOT)
+    res: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
+    res["_rc"], res["_stdout"], res["_stderr"] = p.returncode, p.stdout, p.stderr
+    return res
+
+
+def _straight(name: str, tmp: Path) -> dict[str, dict[str, Any]]:
+    """An uninterrupted run, the reference for the killed one."""
+    return {"straight": _run(name, "--steps", str(STEPS), "--dir", str(tmp / f"{name}-straight"), tmp=tmp,
+                             tag="straight")}
+
+
+def _kill_chain(name: str, tmp: Path) -> dict[str, dict[str, Any]]:
+    """A run SIGKILLed at step 3, then resumed to the last step."""
+    d = tmp / f"{name}-killed"
+    return {
+        "killed": _run(name, "--steps", str(STEPS), "--kill-at", "3", "--dir", str(d), tmp=tmp, tag="killed"),
+        "resumed": _run(name, "--steps", str(STEPS), "--resume", "--dir", str(d), tmp=tmp, tag="resumed"),
+    }
+
+
+def _resume_chain(name: str, tmp: Path) -> dict[str, dict[str, Any]]:
+    """3 steps, a clean exit, then ``--resume`` to step 4 (another strategy, to cover them all)."""
+    d = tmp / name
+    strategy = {"bert": "sync", "roberta": "checkfreq", "bloom": "uniform", "vit": "asym"}[name]
+    return {
+        "first": _run(name, "--steps", "3", "--strategy", strategy, "--dir", str(d), tmp=tmp, tag="first"),
+        "resumed": _run(name, "--steps", str(STEPS), "--resume", "--strategy", strategy, "--dir", str(d),
+                        tmp=tmp, tag="resumed"),
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, dict[str, Any]]]:
+    tmp = tmp_path_factory.mktemp("examples")
+    jobs = [(n, f, n) for n in ("gpt2", "resnet") for f in (_kill_chain, _straight)]
+    jobs += [(n, _resume_chain, n) for n in ("bert", "roberta", "bloom", "vit")]
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    # chains of at most two runs, four at a time: about 3 minutes on a busy 2-core machine
+    with ThreadPoolExecutor(max_workers=int(os.environ.get("ASYMSTORE_EXAMPLE_JOBS", "4"))) as pool:
+        futs = [(n, pool.submit(f, arg, tmp)) for n, f, arg in jobs]
+        for n, fut in futs:
+            out.setdefault(n, {}).update(fut.result())
+    return out
+
+
+def _ok(r: dict[str, Any]) -> None:
+    assert r["_rc"] == 0, f"rc={r['_rc']}\nstdout:\n{r['_stdout'][-3000:]}\nstderr:\n{r['_stderr'][-3000:]}"
+    assert r["check"]["bit_identical"] and r["check"]["verify_ok"], r["check"]
+    assert "summary" in r["_stdout"] and "median stall per checkpoint" in r["_stdout"]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "resnet"])
+def test_kill_and_resume_is_bit_identical(runs: dict[str, Any], name: str) -> None:
+    r = runs[name]
+    _ok(r["straight"])
+    k = r["killed"]
+    assert k["_rc"] == -signal.SIGKILL, (k["_rc"], k["_stdout"][-2000:], k["_stderr"][-2000:])
+    assert "[kill-at] SIGKILL at step 3" in k["_stdout"]
+    durable = json.loads(k["_stdout"].split("durable checkpoints:")[1].splitlines()[0])
+    res = r["resumed"]
+    _ok(res)
+    assert res["resumed_from"] is not None and res["resumed_from"] >= max(durable, default=0)
+    assert res["resumed_from"] < 3  # step 3's snapshot was still in flight when the process died
+    assert f"resumed from step {res['resumed_from']}" in res["_stdout"]
+    assert res["final_step"] == STEPS and res["iterations"] == STEPS - res["resumed_from"]
+    # same batches, same RNG (dropout), same optimizer and scheduler state: the same model
+    assert res["state_hash"] == r["straight"]["state_hash"]
+
+
+@pytest.mark.parametrize("name", ["bert", "roberta", "bloom", "vit"])
+def test_run_then_resume(runs: dict[str, Any], name: str) -> None:
+    first, res = runs[name]["first"], runs[name]["resumed"]
+    _ok(first)
+    assert first["iterations"] == 3 and first["checkpoints"] == 3 and first["steps"] == [1, 2, 3]
+    assert first["bytes_per_checkpoint"] > 0 and first["where"]["3"][0] == "host"
+    _ok(res)
+    assert res["resumed_from"] == 3 and res["iterations"] == 1 and res["steps"][-1] == STEPS
+    assert "file" in res["where"][str(STEPS)]
+
+
+def test_list_presets_reach_the_seeds_sizes() -> None:
+    """The large presets are the seeds' sizes (counted on the meta device, nothing allocated)."""
+    import argparse
+    import importlib.util
+
+    sys.path.insert(0, str(EXAMPLES))  # for asymstore_examples
+    from asymstore_examples.runner import count_params
+
+    def load(name: str) -> Any:  # under a private name: no top-level module "gpt2" in sys.modules
+        spec = importlib.util.spec_from_file_location(f"_asymstore_example_{name}", EXAMPLES / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    def n(name: str, preset: str) -> float:
+        mod = load(name)
+        p = mod.PRESETS[preset]
+        return count_params(mod.EXAMPLE, p, argparse.Namespace(size=p.size, data=None)) / 1e9
+
+    assert 9.0 < n("gpt2", "10b") < 11.0 and 0.12 < n("gpt2", "small") < 0.13
+    assert 9.0 < n("bloom", "10b") < 11.0 and 0.55 < n("bloom", "560m") < 0.57
+    assert 9.0 < n("bert", "10b") < 11.0 and 0.33 < n("bert", "large") < 0.34
+    assert 9.0 < n("roberta", "10b") < 11.0
+    assert 0.6 < n("vit", "huge") < 0.65
+    assert 0.05 < n("resnet", "resnet152") < 0.07
