@@ -160,8 +160,11 @@ class CheckpointWriter:
         if delta_base is not None and delta_base.signature == layout.signature and delta_base.step != step:
             base = delta_base.stream
         chunk = effective_chunk_bytes(layout.total_bytes, self.chunk_bytes)
-        spans = cut_stream(layout.total_bytes, self.partition_bytes, chunk)
-        cps = self.partition_bytes // chunk
+        # a checkpoint smaller than one partition gets one partition of its own (rounded to chunks),
+        # so the shard index (16 bytes per chunk slot) stays proportional to the data
+        part = min(self.partition_bytes, -(-max(layout.total_bytes, 1) // chunk) * chunk)
+        spans = cut_stream(layout.total_bytes, part, chunk)
+        cps = part // chunk
         report = WriteReport(step, layout.total_bytes, 0, 0)
         records: list[PartitionRecord] = []
         used: dict[str, CodecSpec] = {}
@@ -177,7 +180,7 @@ class CheckpointWriter:
             if spec.delta:
                 assert base_part is not None
                 if scratch is None:
-                    scratch = np.empty(self.partition_bytes, np.uint8)
+                    scratch = np.empty(part, np.uint8)
                 xor_into(scratch, data, base_part)
                 data = scratch[:span.nbytes].data
                 report.delta_base = delta_base.step if delta_base else None
@@ -199,13 +202,13 @@ class CheckpointWriter:
             if progress:
                 progress(span.end, layout.total_bytes)
         manifest = Manifest(step=step, layout=layout, skeleton=skeleton, numpy_names=sorted(numpy_names),
-                            partition_bytes=self.partition_bytes, chunk_bytes=chunk, partitions=records,
+                            partition_bytes=part, chunk_bytes=chunk, partitions=records,
                             codecs=used, delta_base=report.delta_base, user=dict(user or {}))
         array_meta: dict[str, bytes] = {}
         for label, spec in used.items():
             attrs = {"asymstore": {"codec": spec.to_json(),
                                    "transform": {"xor_with_step": report.delta_base} if spec.delta else None}}
-            meta = dumps(array_metadata(nbytes=manifest.array_nbytes(label), partition_bytes=self.partition_bytes,
+            meta = dumps(array_metadata(nbytes=manifest.array_nbytes(label), partition_bytes=part,
                                         chunk_bytes=chunk, spec=spec, attributes=attrs))
             self.store.put(prefix + f"{label}/zarr.json", meta)
             array_meta[label] = meta
