@@ -158,6 +158,11 @@ class HostPool:
         with self._cv:
             return sorted(s.step for s in self.slots if s.state == "ready" and s.step is not None)
 
+    def wait_persisted(self, step: int, timeout: float | None = None) -> bool:
+        """Wait until no slot holding ``step`` is still being persisted."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not any(s.step == step and s.persisting for s in self.slots), timeout)
+
     def wait_idle(self, timeout: float | None = None) -> bool:
         with self._cv:
             return self._cv.wait_for(lambda: not any(s.persisting for s in self.slots), timeout)

@@ -475,7 +475,7 @@ class Store:
         self._check_open()
         if step not in self.steps():
             raise StepNotFoundError(f"step {step} is not complete on any tier")
-        self._executor.submit(lambda: None).result()  # a slot being persisted is never freed under its writer
+        self.host.wait_persisted(step)  # a slot being persisted is never freed under its writer
         for t in self.tiers:
             deps = t.dependents(step)
             if deps:

@@ -208,3 +208,18 @@ def test_leftovers_of_a_rank_that_died_do_not_block_or_mix(tmp_path) -> None:
     finally:
         s0.close()
         s1.close()
+
+
+def test_delete_waits_for_the_step_being_persisted() -> None:
+    slow = GatedStore(f"memory://gated-{uuid.uuid4().hex}")
+    with Store([slow], **SMALL) as s:
+        h = s.save(_state(1), 1, blocking=False)
+        deleted = threading.Event()
+        t = threading.Thread(target=lambda: (s.delete(1), deleted.set()))
+        t.start()
+        time.sleep(0.3)
+        assert not deleted.is_set()  # the slot is still being written: delete waits
+        slow.gate.set()
+        h.result(30)
+        t.join(30)
+        assert deleted.is_set() and s.steps() == []

@@ -232,7 +232,31 @@ class _StoreOwner:
             s.close()
 
 
-class AsymStorageWriter(StorageWriter):
+class _CheckpointIdMixin:
+    """The checkpoint-id handling DCP asks of both the writer and the reader."""
+
+    _owner: _StoreOwner
+    _fixed_step: int | None
+    step: int | None
+
+    def _use_checkpoint_id(self, checkpoint_id: str | os.PathLike | None) -> None:
+        self.step = self._fixed_step
+        if checkpoint_id is not None:
+            url, step = parse_checkpoint_id(checkpoint_id)
+            self._owner.set_url(url)
+            self.step = step
+
+    @property
+    def checkpoint_id(self) -> str | None:
+        url = self._owner.url
+        return None if url is None or self.step is None else f"{url}/step_{self.step}"
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        return _ID_RE.match(os.fspath(checkpoint_id)) is not None
+
+
+class AsymStorageWriter(_CheckpointIdMixin, StorageWriter):
     """DCP ``StorageWriter`` writing a step of an asymstore tier chain (see the module docstring).
 
     ``tiers``: a tier URL, a list of tier URLs/``TierSpec``s, or an open :class:`Store` (whose
@@ -256,20 +280,7 @@ class AsymStorageWriter(StorageWriter):
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         self.save_id = uuid.uuid4().hex
         self._held = None
-        self.step = self._fixed_step
-        if checkpoint_id is not None:
-            url, step = parse_checkpoint_id(checkpoint_id)
-            self._owner.set_url(url)
-            self.step = step
-
-    @property
-    def checkpoint_id(self) -> str | None:
-        url = self._owner.url
-        return None if url is None or self.step is None else f"{url}/step_{self.step}"
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
-        return _ID_RE.match(os.fspath(checkpoint_id)) is not None
+        self._use_checkpoint_id(checkpoint_id)
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=self.checkpoint_id, save_id=self.save_id)
@@ -358,7 +369,7 @@ class AsymStorageWriter(StorageWriter):
         self._owner.close()
 
 
-class AsymStorageReader(StorageReader):
+class AsymStorageReader(_CheckpointIdMixin, StorageReader):
     """DCP ``StorageReader`` reading a step of an asymstore tier chain, on any world size.
 
     ``step``: default from the checkpoint id, else the newest committed step. Reads come from
@@ -378,20 +389,7 @@ class AsymStorageReader(StorageReader):
         self.load_id = uuid.uuid4().hex
         self.storage_data = {}
         self._shards = {}
-        self.step = self._fixed_step
-        if checkpoint_id is not None:
-            url, step = parse_checkpoint_id(checkpoint_id)
-            self._owner.set_url(url)
-            self.step = step
-
-    @property
-    def checkpoint_id(self) -> str | None:
-        url = self._owner.url
-        return None if url is None or self.step is None else f"{url}/step_{self.step}"
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
-        return _ID_RE.match(os.fspath(checkpoint_id)) is not None
+        self._use_checkpoint_id(checkpoint_id)
 
     def _store(self) -> Store:
         if self._owner.given is not None:
