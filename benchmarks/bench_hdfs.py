@@ -225,7 +225,8 @@ class Bench:
                     name = f"asym {int(tok)} MiB"
                     out.append((name, self.v_fixed(p, name)))
         out += [("per-tensor", self.v_per_tensor), ("single write", self.v_single)]
-        return out
+        skip = self.args.skip or []
+        return [(n, f) for n, f in out if n in ("asym B*", "single write") or not any(s in n for s in skip)]
 
     def settle(self) -> None:
         """Outside any timing: let the DataNodes drop deleted blocks, then flush dirty pages."""
@@ -362,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settle-s", type=float, default=2.0)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "hdfs.md"),
                    help="markdown report path ('-': print only)")
+    p.add_argument("--skip", action="append", help="skip variants whose name contains this (repeatable; B* and "
+                   "single write always run)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     command = "python benchmarks/bench_hdfs.py" + ("" if argv is None and len(sys.argv) == 1 else " " +
