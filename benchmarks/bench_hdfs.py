@@ -20,9 +20,9 @@ compress; ``auto`` would add codec trials). Throughput is raw state bytes / wall
 durable on HDFS (writer variants: data + zarr metadata + barrier + commit marker).
 
 Method (design section 8): one untimed warm-up write (B* and single), then all variants in rotation
-``--repeats`` times (the starting variant shifts by one each round); medians reported. After each variant,
-outside its timing: its objects are counted and deleted, and the script waits for the DataNodes to drop the
-deleted blocks and runs ``sync`` (the DataNodes do not fsync; their dirty pages must not be flushed on the next
+``--repeats`` times (a different seeded order each round, so no variant always runs after the same one);
+medians reported. After each variant, outside its timing: its objects are counted and deleted, and the
+script waits for the DataNodes to drop the deleted blocks and runs ``sync`` (the DataNodes do not fsync; their dirty pages must not be flushed on the next
 variant's time).
 
     python benchmarks/bench_hdfs.py                          # ~0.5 GiB state, 3 rounds, 2 DataNodes, repl. 2
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import random
 import os
 import statistics
 import sys
@@ -246,7 +247,8 @@ class Bench:
         self.fits.clear()
         self.parts.clear()
         for r in range(self.args.repeats):
-            order = vs[r % len(vs):] + vs[:r % len(vs)]
+            order = list(vs)
+            random.Random(r).shuffle(order)  # a new order each round: no variant always follows the same one
             for name, fn in order:
                 dt, n = fn()
                 self.times.setdefault(name, []).append(dt)
@@ -274,7 +276,7 @@ class Bench:
         L.append(f"- state: GPT-2-like (n_embd={n_embd}, n_layer={n_layer}, vocab 50257), params + 2 Adam moments, "
                  f"fp32 random: {self.n_tensors} tensors, {self.C / GiB:.3f} GiB ({self.C} bytes), largest tensor "
                  f"{fmt_bytes(self.largest)}; promoted from the host slot")
-        L.append(f"- method: warm-up (B*, single write), then {a.repeats} rounds of all variants in rotation, medians; "
+        L.append(f"- method: warm-up (B*, single write), then {a.repeats} rounds of all variants in rotation (seeded shuffle per round), medians; "
                  f"after each variant (untimed) its files are deleted, {a.settle_s:.0f} s pause and `sync`")
         L.append("")
         L.append("## Fitted model (probe writes of the HDFS tier)")
