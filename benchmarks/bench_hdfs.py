@@ -156,7 +156,7 @@ class Bench:
         self.log(f"fitted T_d = {self.fit0.latency_s * 1e3:.1f} ms, BW = {self.fit0.bandwidth / 1e6:.0f} MB/s, "
                  f"stage BW (crc32c) = {self.stage_bw / 1e9:.2f} GB/s -> B* = {fmt_bytes(self.bstar0)} "
                  f"(closed form {fmt_bytes(cont) if cont != float('inf') else 'inf'}, staging budget "
-                 f"{fmt_bytes(self.cfg.staging_budget_bytes)} / 2 buffers)")
+                 f"{fmt_bytes(self.cfg.staging_budget_bytes)})")
 
     # --- variants ----------------------------------------------------------------------
     def v_bstar(self) -> tuple[float, int]:
@@ -235,8 +235,10 @@ class Bench:
         os.sync()
 
     def run(self) -> None:
+        self.load0 = os.getloadavg()
         self.probe()
         vs = self.variants()
+        self.names = [n for n, _ in vs]
         self.log("warm-up (untimed): asym B*, single write")
         for name, fn in vs:
             if name in ("asym B*", "single write"):
@@ -256,6 +258,7 @@ class Bench:
                 self.log(f"round {r + 1}/{self.args.repeats} {name:24s} {dt:7.2f} s  {self.C / dt / 1e9:.3f} GB/s  "
                          f"{n} files")
                 self.settle()
+        self.load1 = os.getloadavg()
 
     # --- report ------------------------------------------------------------------------
     def med(self, name: str) -> float:
@@ -278,6 +281,10 @@ class Bench:
                  f"{fmt_bytes(self.largest)}; promoted from the host slot")
         L.append(f"- method: warm-up (B*, single write), then {a.repeats} rounds of all variants in rotation (seeded shuffle per round), medians; "
                  f"after each variant (untimed) its files are deleted, {a.settle_s:.0f} s pause and `sync`")
+        l0, l1 = self.load0, self.load1
+        L.append(f"- load average (1/5/15 min) at start {l0[0]:.2f}/{l0[1]:.2f}/{l0[2]:.2f}, at end "
+                 f"{l1[0]:.2f}/{l1[1]:.2f}/{l1[2]:.2f} (the cluster JVM, the client and the rest of the machine share "
+                 f"{os.cpu_count()} cores)")
         L.append("")
         L.append("## Fitted model (probe writes of the HDFS tier)")
         L.append("")
@@ -285,8 +292,9 @@ class Bench:
         cont = "inf" if self.cont0 == float("inf") else fmt_bytes(self.cont0)
         L.append(f"- fit: T_d = {self.fit0.latency_s * 1e3:.1f} ms, BW = {self.fit0.bandwidth / 1e6:.0f} MB/s; "
                  f"staging bandwidth (crc32c of 8 MiB) = {self.stage_bw / 1e9:.2f} GB/s")
-        L.append(f"- B* for C = {fmt_bytes(self.C)}: **{fmt_bytes(self.bstar0)}** (closed form min(B_c, B_x) = {cont}; "
-                 f"feasible max = staging budget {fmt_bytes(self.cfg.staging_budget_bytes)} / 2 buffers)")
+        L.append(f"- B* for C = {fmt_bytes(self.C)}: **{fmt_bytes(self.bstar0)}** = {-(-self.C // self.bstar0)} partitions "
+                 f"(closed form of the pipelined model min(B_c, B_x) = {cont}; staging budget "
+                 f"{fmt_bytes(self.cfg.staging_budget_bytes)})")
         seen = sorted(set(self.bstar_seen))
         L.append(f"- B* used in the timed rounds (the model is refreshed by the tier's own writes): "
                  f"{', '.join(fmt_bytes(b) for b in seen)}")
@@ -298,7 +306,7 @@ class Bench:
         L.append("| variant | files / checkpoint | median s | GB/s | vs single write | min..max s |")
         L.append("|---|---:|---:|---:|---:|---:|")
         single = self.med("single write")
-        for name in self.times:
+        for name in self.names:
             m = self.med(name)
             xs = self.times[name]
             L.append(f"| {name} | {self.files[name]} | {m:.3f} | {self.C / m / 1e9:.3f} | {single / m:.2f}x | "
@@ -313,7 +321,8 @@ class Bench:
         L.append("")
         L.append("| variant | data puts | encode | rest | data-put throughput GB/s |")
         L.append("|---|---:|---:|---:|---:|")
-        for name, xs in self.parts.items():
+        for name in (n for n in self.names if n in self.parts):
+            xs = self.parts[name]
             d, e, r = (statistics.median(x[i] for x in xs) for i in range(3))
             L.append(f"| {name} | {d:.3f} | {e:.3f} | {r:.3f} | {self.C / d / 1e9:.3f} |")
         L.append("")
