@@ -91,6 +91,8 @@ def measure_candidates(specs: Sequence[CodecSpec], data: memoryview, base: memor
                        sample_bytes: int = 256 << 10) -> list[CodecEstimate]:
     """Encode a sample of ``data`` with each spec; delta specs XOR against ``base`` first."""
     out: list[CodecEstimate] = []
+    # at most 1/16 of the partition, so sampling stays a small fraction of the encode work
+    sample_bytes = min(sample_bytes, max(len(data) // 16, 16 << 10))
     ranges = sample_slices(data, sample_bytes=sample_bytes)
     if not ranges:
         return out

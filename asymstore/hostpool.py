@@ -20,6 +20,9 @@ from .errors import SnapshotSlotsBusyError
 from .layout import Layout
 
 
+_PAGE = 4096
+
+
 def cuda_available() -> bool:
     return torch.cuda.is_available()
 
@@ -68,7 +71,10 @@ class HostPool:
             return  # reuse (a state without tensors still needs a buffer: capacity 0 is no buffer)
         slot.buffer = None
         size = max(nbytes, 64)
-        slot.buffer = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
+        # page-aligned, so partitions can be written with direct I/O straight from the slot
+        raw = torch.empty(size + _PAGE, dtype=torch.uint8, pin_memory=self.pin)
+        skip = -raw.data_ptr() % _PAGE
+        slot.buffer = raw[skip:skip + size]
 
     # --- slot life ---------------------------------------------------------------
     def acquire(self, nbytes: int, step: int, *, policy: Literal["wait", "skip"] = "wait",

@@ -30,6 +30,9 @@ class WriteStats:
     writes: int = 0
     bytes_written: int = 0
     seconds_writing: float = 0.0
+    #: Median time of the probe's small writes: a direct measurement of the per-write cost, and a
+    #: floor under the fitted intercept (a least-squares fit over large writes can put it at ~0)
+    small_write_s: float = 0.0
 
     def observe(self, nbytes: int, seconds: float) -> None:
         self.writes += 1
@@ -40,7 +43,8 @@ class WriteStats:
 
     @property
     def latency_s(self) -> float:
-        return self.model.latency_s if len(self.model) else 0.0
+        fitted = self.model.latency_s if len(self.model) else 0.0
+        return max(fitted, self.small_write_s)
 
     @property
     def bandwidth(self) -> float:
@@ -86,11 +90,16 @@ class PersistentTier:
         from .zarrfmt import crc32c
         key = f"_probe/{uuid.uuid4().hex}"
         big = os.urandom(8 * MiB)
+        small: list[float] = []
         try:
             for i, n in enumerate((4096, 4096, 4096, 2 * MiB, 8 * MiB)):
                 t0 = time.perf_counter()
                 self.store.put(f"{key}-{i}", memoryview(big)[:n])
-                self.stats.model.add(n, time.perf_counter() - t0)
+                dt = time.perf_counter() - t0
+                self.stats.model.add(n, dt)
+                if n == 4096:
+                    small.append(dt)
+            self.stats.small_write_s = sorted(small)[len(small) // 2]
             t0 = time.perf_counter()
             crc32c(big)
             self.stats.stage_bandwidth = len(big) / max(time.perf_counter() - t0, 1e-9)

@@ -56,26 +56,28 @@ def encode_shard(spec: CodecSpec, data: memoryview, chunk_bytes: int, chunks_per
     if nchunks > chunks_per_shard:
         raise ValueError(f"partition of {n} bytes does not fit {chunks_per_shard} chunks of {chunk_bytes}")
     index = np.full((chunks_per_shard, 2), MISSING, dtype="<u8")
-    parts: list[Any] = []
     crcs: list[int] = []
-    off = 0
-    for k in range(nchunks):
-        piece = data[k * chunk_bytes:(k + 1) * chunk_bytes]
-        pad = chunk_bytes - len(piece)
-        if spec.compresses and pad:
-            piece = memoryview(bytes(piece) + zeros(pad))
-            pad = 0
-        stored = encode_chunk(spec, piece)
-        crc = crc32c(stored)
-        size = len(stored)
-        parts.append(stored)
-        if pad:  # raw: the edge chunk is stored full size, zero-padded (zarr fill value)
-            crc = crc32c(zeros(pad), crc)
-            parts.append(zeros(pad))
-            size += pad
-        index[k] = (off, size)
-        crcs.append(crc)
-        off += size
+    pad = nchunks * chunk_bytes - n  # the edge chunk is stored full size, zero-padded (zarr fill value)
+    if not spec.compresses:
+        # raw: the partition's bytes are the chunks, back to back: one run, written without a copy
+        for k in range(nchunks):
+            piece = data[k * chunk_bytes:(k + 1) * chunk_bytes]
+            crcs.append(crc32c(zeros(pad), crc32c(piece)) if len(piece) < chunk_bytes else crc32c(piece))
+            index[k] = (k * chunk_bytes, chunk_bytes)
+        parts: list[Any] = [data] + ([zeros(pad)] if pad else [])
+        off = nchunks * chunk_bytes
+    else:
+        parts = []
+        off = 0
+        for k in range(nchunks):
+            piece = data[k * chunk_bytes:(k + 1) * chunk_bytes]
+            if len(piece) < chunk_bytes:
+                piece = memoryview(bytes(piece) + zeros(chunk_bytes - len(piece)))
+            stored = encode_chunk(spec, piece)
+            parts.append(stored)
+            crcs.append(crc32c(stored))
+            index[k] = (off, len(stored))
+            off += len(stored)
     ib = index.tobytes()
     parts.append(ib + struct.pack("<I", crc32c(ib)))
     return EncodedShard(parts, off + len(ib) + 4, crcs)
