@@ -91,8 +91,9 @@ def measure_candidates(specs: Sequence[CodecSpec], data: memoryview, base: memor
                        sample_bytes: int = 256 << 10) -> list[CodecEstimate]:
     """Encode a sample of ``data`` with each spec; delta specs XOR against ``base`` first."""
     out: list[CodecEstimate] = []
-    # at most 1/16 of the partition, so sampling stays a small fraction of the encode work
-    sample_bytes = min(sample_bytes, max(len(data) // 16, 16 << 10))
+    # 1/16 of a large partition (64 KiB at least, for stable speed estimates), so sampling stays a
+    # small fraction of the encode work
+    sample_bytes = min(sample_bytes, max(len(data) // 16, 64 << 10))
     ranges = sample_slices(data, sample_bytes=sample_bytes)
     if not ranges:
         return out

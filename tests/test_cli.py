@@ -43,6 +43,9 @@ def ckpt(tmp_path: Path) -> tuple[Path, Path, dict]:
     st = _state()
     with asymstore.open_store([str(a), str(b)], chunk_bytes=64 * 1024, partition_bytes=256 * 1024) as s:
         s.save(st, step=1, user={"run": "test", "tokens_seen": 123})
+    # step 2 compressed on purpose ("auto" decides from measured speeds, which vary from run to run)
+    with asymstore.open_store([str(a), str(b)], chunk_bytes=64 * 1024, partition_bytes=256 * 1024,
+                              compression="zstd3") as s:
         st2 = _state()
         st2["model"]["wte.weight"] = torch.zeros(512, 256)
         s.save(st2, step=2)
