@@ -1,0 +1,96 @@
+"""Selective compression: the pure planner, the sampler, and the decision on real tiers."""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from asymstore import Store
+from asymstore.backends.memory import MemoryObjectStore
+from asymstore.codecs import LZ4, RAW, ZSTD1, CodecSpec, blosc_shuffle
+from asymstore.compression import (CodecEstimate, candidate_specs, choose_codec, measure_candidates,
+                                   predicted_time, sample_slices)
+from asymstore.errors import ConfigError
+
+from .helpers import assert_bitequal
+
+MB = 1e6
+
+
+def test_compress_only_when_it_is_faster_end_to_end() -> None:
+    n = 64 << 20
+    good = CodecEstimate(ZSTD1, ratio=0.2, encode_bw=800 * MB)
+    # slow tier (50 MB/s): 0.08 s encode + 0.27 s write beats 1.34 s raw
+    c = choose_codec(n, [good], 50 * MB)
+    assert c.spec == ZSTD1 and c.predicted_s < c.raw_s
+    # fast tier (2 GB/s): raw 0.034 s beats 0.084 s encode + 0.007 s write
+    assert choose_codec(n, [good], 2000 * MB).spec == RAW
+    # incompressible data never pays
+    assert choose_codec(n, [CodecEstimate(ZSTD1, 0.99, 800 * MB)], 50 * MB).spec == RAW
+    # memory: nothing is worth compressing
+    assert choose_codec(n, [good], math.inf).spec == RAW
+    with pytest.raises(ConfigError):
+        choose_codec(n, [good], 0.0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 1 << 30), st.floats(1e6, 1e10), st.lists(
+    st.tuples(st.sampled_from([ZSTD1, LZ4, blosc_shuffle(4)]), st.floats(0.01, 1.5), st.floats(1e6, 1e10)),
+    max_size=4))
+def test_choice_is_the_fastest_and_beats_raw(n, bw, raw_ests) -> None:
+    ests = [CodecEstimate(s, r, e) for s, r, e in raw_ests]
+    c = choose_codec(n, ests, bw, min_gain=0.05)
+    raw = n / bw
+    if c.spec == RAW:
+        assert all(predicted_time(n, e, bw) >= raw * 0.95 * (1 - 1e-12) for e in ests)
+    else:
+        assert c.predicted_s < raw * 0.95
+        assert all(c.predicted_s <= predicted_time(n, e, bw) * (1 + 1e-12) for e in ests)
+
+
+def test_sampler_measures_ratio_and_speed() -> None:
+    zeros = memoryview(bytes(4 << 20))
+    noise = memoryview(np.random.default_rng(0).integers(0, 256, 4 << 20, dtype=np.uint8).tobytes())
+    for est in measure_candidates(candidate_specs(4, delta=False), zeros):
+        assert est.ratio < 0.05 and est.encode_bw > 0
+    for est in measure_candidates([ZSTD1], noise):
+        assert est.ratio > 0.95
+    # deltas against an identical base are all zeros
+    d = measure_candidates(candidate_specs(4, delta=True), noise, base=noise)
+    assert any(e.spec.delta and e.ratio < 0.05 for e in d)
+    # samples are spread over the partition and small next to it
+    sl = sample_slices(memoryview(bytes(64 << 20)))
+    assert len(sl) == 4 and sl[0][0] == 0 and sl[-1][1] > 60 << 20
+    assert sum(b - a for a, b in sl) <= 256 << 10
+
+
+class SlowTier(MemoryObjectStore):
+    """A tier with a real, slow write path: every byte costs time (about 20 MB/s)."""
+
+    bytes_per_s = 20e6
+
+    def put(self, key, data) -> None:  # type: ignore[no-untyped-def]
+        super().put(key, data)
+        time.sleep(self.size(key) / self.bytes_per_s)
+
+    put_atomic = put
+
+
+def test_auto_compresses_what_pays_on_a_slow_tier() -> None:
+    slow = SlowTier(f"memory://slow-{uuid.uuid4().hex}")
+    slow.durable = True
+    noise = torch.from_numpy(np.random.default_rng(1).integers(0, 256, 4 << 20, dtype=np.uint8))  # incompressible
+    state = {"zeros": torch.zeros(1 << 20), "noise": noise}
+    with Store([slow], chunk_bytes=1 << 16, partition_bytes=4 << 20) as s:
+        rep = s.save(state, 1).result().reports["memory"]
+        assert_bitequal(s.restore(1), state)
+    assert rep.codecs.get("raw", 0) == 1  # the random half does not pay
+    assert sum(v for k, v in rep.codecs.items() if k != "raw") == 1  # the zeros half does
+    assert rep.stored_bytes < 0.6 * rep.raw_bytes
