@@ -81,8 +81,10 @@ import asymstore  # noqa: E402
 from asymstore.store import Store, TierSpec  # noqa: E402
 from asymstore.trainer_hooks import AsymCheckpointer  # noqa: E402
 
-VARIANTS = ("baseline", "sync", "checkfreq", "uniform", "asym", "asym+nice0", "torch.save", "dcp.async_save")
-#: variants that run by default (asym+nice0: asym with background_nice=0, for an A/B of the thread priorities)
+VARIANTS = ("baseline", "sync", "checkfreq", "uniform", "asym", "asym-host", "asym+nice19", "torch.save",
+            "dcp.async_save")
+#: variants that run by default. Extra ones: asym-host = asym into host memory only (no persistent tier: the
+#: snapshot mechanism alone, without the disk writes); asym+nice19 = asym with background threads at nice 19
 DEFAULT_VARIANTS = ("baseline", "sync", "checkfreq", "uniform", "asym", "torch.save", "dcp.async_save")
 ASYM_STRATEGIES = ("sync", "checkfreq", "uniform", "asym")
 
@@ -189,11 +191,12 @@ class Baseline(Variant):
 
 class AsymstoreVariant(Variant):
     def __init__(self, strategy: str, model: torch.nn.Module, opt: torch.optim.Optimizer, root: str, keep: int,
-                 warmup: int, name: str | None = None, **store_options: Any) -> None:
+                 warmup: int, name: str | None = None, host_only: bool = False, **store_options: Any) -> None:
         self.name = name or strategy
         self.dir = os.path.join(root, self.name)
         # retention runs on the persistence thread after each commit, as a user would configure it
-        self.store = Store([TierSpec(self.dir, keep=max(keep, 1))], **store_options)
+        tiers = [] if host_only else [TierSpec(self.dir, keep=max(keep, 1))]
+        self.store = Store(tiers, **store_options)
         self.keep = keep
         self.ck = AsymCheckpointer(model, opt, self.store, every=1, strategy=strategy, warmup=warmup,  # type: ignore[arg-type]
                                    trace=True)
@@ -495,9 +498,12 @@ def main(argv: list[str] | None = None) -> int:
             variants[n] = Baseline()
         elif n in ASYM_STRATEGIES:
             variants[n] = AsymstoreVariant(n, model, opt, root, args.keep, warmup=args.warmup)
-        elif n == "asym+nice0":
+        elif n == "asym-host":
             variants[n] = AsymstoreVariant("asym", model, opt, root, args.keep, warmup=args.warmup, name=n,
-                                           background_nice=0)
+                                           host_only=True)
+        elif n == "asym+nice19":
+            variants[n] = AsymstoreVariant("asym", model, opt, root, args.keep, warmup=args.warmup, name=n,
+                                           background_nice=19)
         elif n == "torch.save":
             variants[n] = TorchSave(model, opt, root, args.keep)
         else:
