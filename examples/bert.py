@@ -27,7 +27,7 @@ PRESETS = {
     "large": Preset(dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
                     8, 384, "BERT-large 340M"),
     "10b": Preset(dict(hidden_size=4096, num_hidden_layers=48, num_attention_heads=32, intermediate_size=16384),
-                  2, 384, "ZeRO-3, multi-node (the seeds' BERT 10B)"),
+                  2, 384, "ZeRO-3, multi-node (the reference BERT 10B)"),
 }
 
 

@@ -23,7 +23,7 @@ PRESETS = {
     "1b7": Preset(dict(hidden_size=2048, n_layer=24, n_head=16), 4, 1024, "BLOOM-1B7"),
     "3b": Preset(dict(hidden_size=2560, n_layer=30, n_head=32), 4, 1024, "BLOOM-3B, ZeRO-3"),
     "7b1": Preset(dict(hidden_size=4096, n_layer=30, n_head=32), 2, 1024, "BLOOM-7B1, ZeRO-3 multi-node"),
-    "10b": Preset(dict(hidden_size=4096, n_layer=44, n_head=32), 2, 1024, "ZeRO-3 multi-node (the seeds' BLOOM 10B)"),
+    "10b": Preset(dict(hidden_size=4096, n_layer=44, n_head=32), 2, 1024, "ZeRO-3 multi-node (the reference BLOOM 10B)"),
 }
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from asymstore_examples.data import Source, causal_lm_source
 from asymstore_examples.runner import Example, Preset, run
 
-# n_embd / n_layer / n_head; the 2.7B..10B sizes follow the seeds' "GPT-2 10B" runs (12 * L * d^2 parameters)
+# n_embd / n_layer / n_head; the 2.7B..10B sizes follow the reference "GPT-2 10B" runs (12 * L * d^2 parameters)
 PRESETS = {
     "tiny": Preset(dict(n_embd=64, n_layer=2, n_head=2, vocab_size=512, n_positions=128), 4, 64, "CI / laptop"),
     # the model of `./run.sh demo` (and of python -m asymstore.demo): 4.2M parameters, 48.5 MiB of state
@@ -28,7 +28,7 @@ PRESETS = {
     "xl": Preset(dict(n_embd=1600, n_layer=48, n_head=25), 4, 1024, "GPT-2 1.5B"),
     "2.7b": Preset(dict(n_embd=2560, n_layer=32, n_head=32), 4, 1024, "ZeRO-3, multi-GPU"),
     "6.7b": Preset(dict(n_embd=4096, n_layer=32, n_head=32), 2, 1024, "ZeRO-3, multi-node"),
-    "10b": Preset(dict(n_embd=4096, n_layer=48, n_head=32), 2, 1024, "ZeRO-3, multi-node (the seeds' GPT-2 10B)"),
+    "10b": Preset(dict(n_embd=4096, n_layer=48, n_head=32), 2, 1024, "ZeRO-3, multi-node (the reference GPT-2 10B)"),
 }
 
 

@@ -24,7 +24,7 @@ PRESETS = {
     "large": Preset(dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
                     8, 512, "RoBERTa-large 355M"),
     "10b": Preset(dict(hidden_size=4096, num_hidden_layers=48, num_attention_heads=32, intermediate_size=16384),
-                  2, 512, "ZeRO-3, multi-node (the seeds' RoBERTa 10B)"),
+                  2, 512, "ZeRO-3, multi-node (the reference RoBERTa 10B run)"),
 }
 
 
