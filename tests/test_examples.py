@@ -111,8 +111,8 @@ def test_run_then_resume(runs: dict[str, Any], name: str) -> None:
     assert "file" in res["where"][str(STEPS)]
 
 
-def test_list_presets_reach_the_seeds_sizes() -> None:
-    """The large presets are the seeds' sizes (counted on the meta device, nothing allocated)."""
+def test_list_presets_reach_the_reference_sizes() -> None:
+    """The large presets are the reference runs' sizes (counted on the meta device, nothing allocated)."""
     import argparse
     import importlib.util
 
