@@ -641,22 +641,27 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP without a process group
     command = "python benchmarks/bench_format.py" + ("" if argv is None and len(sys.argv) == 1 else " " +
                                                      " ".join(sys.argv[1:] if argv is None else argv))
-    t0 = time.perf_counter()
     bench = Bench(args)
+    run_and_report(bench, bench.dir, command, args.out)
+    return 0
+
+
+def run_and_report(bench: Any, workdir: str, command: str, out: str) -> None:
+    """Run a benchmark object (``run``/``report``/``close``), print its report and write it to ``out``."""
+    t0 = time.perf_counter()
     try:
-        info = machine_info(bench.dir)
+        info = machine_info(workdir)
         bench.run()
         text = bench.report(info, command)
     finally:
         bench.close()
     text += f"\nTotal run time: {time.perf_counter() - t0:.0f} s.\n"
     print(text)
-    if args.out != "-":
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
+    if out != "-":
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
             f.write(text)
-        print(f"(written to {args.out})", file=sys.stderr)
-    return 0
+        print(f"(written to {out})", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ from asymstore.testing.minidfs import MiniDFS  # noqa: E402
 from asymstore.tiermanager import TierManager  # noqa: E402
 from asymstore.tiers import PersistentTier  # noqa: E402
 from asymstore.writer import CheckpointWriter  # noqa: E402
-from bench_format import build_state, gpt2_shapes, machine_info  # noqa: E402
+from bench_format import build_state, gpt2_shapes, run_and_report  # noqa: E402
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -380,21 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     command = "python benchmarks/bench_hdfs.py" + ("" if argv is None and len(sys.argv) == 1 else " " +
                                                    " ".join(sys.argv[1:] if argv is None else argv))
-    t0 = time.perf_counter()
     bench = Bench(args)
-    try:
-        info = machine_info(bench.tmp)
-        bench.run()
-        text = bench.report(info, command)
-    finally:
-        bench.close()
-    text += f"\nTotal run time: {time.perf_counter() - t0:.0f} s.\n"
-    print(text)
-    if args.out != "-":
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text)
-        print(f"(written to {args.out})", file=sys.stderr)
+    run_and_report(bench, bench.tmp, command, args.out)
     return 0
 
 
