@@ -51,7 +51,7 @@ def _open_store(url: str) -> Any:
 
 
 def _committed(store: Any) -> list[int]:
-    from .lazy import committed_steps
+    from .reader import committed_steps
     return committed_steps(store)
 
 

@@ -16,8 +16,7 @@ from .dtypes import from_name, info
 from .errors import StepNotFoundError
 from .hostpool import Slot
 from .layout import Layout, TensorEntry
-from .manifest import COMMIT_KEY, parse_step_dir
-from .reader import CheckpointReader
+from .reader import CheckpointReader, committed_steps
 from .state import unflatten
 
 
@@ -147,15 +146,6 @@ class LazyCheckpoint(Mapping[str, LazyTensor]):
         """The whole state, as :meth:`Store.restore` would return it."""
         cache = {n: self[n].read() for n in self._entries}
         return unflatten(self.skeleton, cache.__getitem__)
-
-
-def committed_steps(store: ObjectStore) -> list[int]:
-    out = []
-    for d in store.list_dirs(""):
-        s = parse_step_dir(d)
-        if s is not None and store.exists(f"{d}/{COMMIT_KEY}"):
-            out.append(s)
-    return sorted(out)
 
 
 def open_checkpoint(url: str | ObjectStore, step: int | None = None) -> LazyCheckpoint:

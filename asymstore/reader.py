@@ -18,7 +18,7 @@ from asymstore.backends.base import ByteRange, ObjectStore
 from .codecs import decode_chunk
 from .errors import CorruptCheckpointError, StepNotFoundError
 from .layout import PartitionSpan, cut_stream, overlapping
-from .manifest import COMMIT_KEY, GROUP_KEY, Manifest, PartitionRecord, parse_commit, step_dir
+from .manifest import COMMIT_KEY, GROUP_KEY, Manifest, PartitionRecord, parse_commit, parse_step_dir, step_dir
 from .zarrfmt import crc32c, decode_index, index_nbytes, shard_key
 
 Progress = Callable[[int, int], None]
@@ -256,3 +256,13 @@ class CheckpointReader:
         return rep
 
 
+
+
+def committed_steps(store: ObjectStore) -> list[int]:
+    """Steps with a commit marker on ``store``, oldest first."""
+    out = []
+    for d in store.list_dirs(""):
+        s = parse_step_dir(d)
+        if s is not None and store.exists(f"{d}/{COMMIT_KEY}"):
+            out.append(s)
+    return sorted(out)

@@ -18,7 +18,7 @@ from .errors import CheckpointFailedError
 from .manifest import (COMMIT_KEY, GROUP_KEY, global_commit_record, parse_commit, parse_step_dir, shard_dir,
                        step_dir)
 from .zarrfmt import dumps, group_metadata
-from .reader import CheckpointReader
+from .reader import CheckpointReader, committed_steps
 from .writer import CheckpointWriter, DeltaBase, ensure_root_group
 
 @dataclass
@@ -163,12 +163,7 @@ class PersistentTier:
 
     # --- catalogue ---------------------------------------------------------------
     def committed_steps(self) -> list[int]:
-        out = []
-        for d in self.store.list_dirs(""):
-            s = parse_step_dir(d)
-            if s is not None and self.store.exists(f"{d}/{COMMIT_KEY}"):
-                out.append(s)
-        return sorted(out)
+        return committed_steps(self.store)
 
     def has(self, step: int) -> bool:
         return self.store.exists(f"{step_dir(step)}/{COMMIT_KEY}")

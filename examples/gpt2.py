@@ -20,7 +20,7 @@ from asymstore_examples.runner import Example, Preset, run
 # n_embd / n_layer / n_head; the 2.7B..10B sizes follow the reference "GPT-2 10B" runs (12 * L * d^2 parameters)
 PRESETS = {
     "tiny": Preset(dict(n_embd=64, n_layer=2, n_head=2, vocab_size=512, n_positions=128), 4, 64, "CI / laptop"),
-    # the model of `./run.sh demo` (and of python -m asymstore.demo): 4.2M parameters, 48.5 MiB of state
+    # the model of `./run.sh demo`: 4.2M parameters, 48.5 MiB of state
     "demo": Preset(dict(n_embd=256, n_layer=4, n_head=4, vocab_size=4096, n_positions=128), 8, 128, "./run.sh demo"),
     "small": Preset(dict(n_embd=768, n_layer=12, n_head=12), 8, 1024, "GPT-2 124M"),
     "medium": Preset(dict(n_embd=1024, n_layer=24, n_head=16), 8, 1024, "GPT-2 355M"),
