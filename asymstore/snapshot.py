@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Mapping
 
 import torch
@@ -24,6 +25,25 @@ def byte_view(t: torch.Tensor) -> torch.Tensor:
     return flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8, device=t.device)
 
 
+def _copy(dst: torch.Tensor, src: torch.Tensor, *, non_blocking: bool, single_threaded: bool) -> None:
+    """``dst.copy_(src)``; with ``single_threaded``, plain host tensors are copied by one ``memmove`` instead.
+
+    On CPU, ``Tensor.copy_`` of a large tensor runs on an OpenMP team as wide as the training's intra-op
+    pool. Issued from a background copy thread that team competes with the training's own threads for every
+    core, and a training thread preempted inside a parallel region makes its siblings spin: the copy then
+    slows training far more than its own CPU time. One ``memmove`` (the GIL released by ctypes) uses one
+    core at memory speed and nothing else.
+    """
+    if (single_threaded and dst.device.type == "cpu" and src.device.type == "cpu" and dst.dtype == src.dtype
+            and dst.is_contiguous() and src.is_contiguous() and not src.is_conj() and not src.is_neg()
+            and dst.shape == src.shape):
+        n = src.numel() * src.element_size()
+        if n:
+            ctypes.memmove(dst.data_ptr(), src.data_ptr(), n)
+        return
+    dst.copy_(src, non_blocking=non_blocking)
+
+
 def copy_all(buffer: torch.Tensor, layout: Layout, tensors: Mapping[str, torch.Tensor], *,
              non_blocking: bool = False) -> None:
     """Copy every tensor of ``layout`` into ``buffer``."""
@@ -33,11 +53,12 @@ def copy_all(buffer: torch.Tensor, layout: Layout, tensors: Mapping[str, torch.T
 
 
 def copy_range(buffer: torch.Tensor, layout: Layout, tensors: Mapping[str, torch.Tensor], start: int, end: int,
-               *, non_blocking: bool = False, first: int = 0) -> int:
+               *, non_blocking: bool = False, first: int = 0, single_threaded: bool = False) -> int:
     """Copy the stream bytes ``[start, end)``; tensors may be cut at ``align``-ed byte offsets.
 
     ``first`` is an index into ``layout.tensors`` to start scanning from; returns the index
-    of the first tensor not fully copied (to resume the next range cheaply).
+    of the first tensor not fully copied (to resume the next range cheaply). ``single_threaded``: host
+    copies use one core (for copies that run beside training, see :func:`_copy`).
     """
     ts = layout.tensors
     i = first
@@ -49,11 +70,12 @@ def copy_range(buffer: torch.Tensor, layout: Layout, tensors: Mapping[str, torch
         if hi > lo:
             src = tensors[e.name]
             if lo == e.offset and hi == e.end:
-                dest_view(buffer, e).copy_(src, non_blocking=non_blocking)
+                _copy(dest_view(buffer, e), src, non_blocking=non_blocking, single_threaded=single_threaded)
             else:
-                if not src.is_contiguous():
-                    src = src.contiguous()
-                buffer[lo:hi].copy_(byte_view(src)[lo - e.offset:hi - e.offset], non_blocking=non_blocking)
+                if not src.is_contiguous() or src.is_conj() or src.is_neg():  # a byte view needs plain memory
+                    src = src.resolve_conj().resolve_neg().contiguous()
+                _copy(buffer[lo:hi], byte_view(src)[lo - e.offset:hi - e.offset], non_blocking=non_blocking,
+                      single_threaded=single_threaded)
         if e.end > end:
             break
         i += 1

@@ -1,11 +1,11 @@
-"""Shared pieces of the trainer-hook tests: a small model with buffers and dropout, a deterministic
-training iteration that draws from every RNG (python, numpy, torch), and a strict comparison."""
+"""Shared pieces of the trainer-hook tests: a small model with buffers and dropout and a deterministic
+training iteration that draws from every RNG (python, numpy, torch); the strict comparison of states is
+``tests.helpers.assert_bitequal``."""
 
 from __future__ import annotations
 
 import copy
 import random
-import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -102,46 +102,3 @@ def deterministic_cpu(threads: int = 1) -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(old_det)
         torch.set_num_threads(old_threads)
-
-
-def _float_bits(v: float) -> bytes:
-    return struct.pack("<d", v)
-
-
-def assert_identical(got: Any, want: Any, path: str = "") -> None:
-    """Bit-exact, type-exact comparison of nested states (tensors by dtype, shape and raw bytes;
-    floats by their bits, so NaN == NaN and 0.0 != -0.0)."""
-    where = path or "<root>"
-    if isinstance(want, torch.Tensor):
-        assert isinstance(got, torch.Tensor), f"{where}: got {type(got).__name__}, want a tensor"
-        assert got.dtype == want.dtype, f"{where}: dtype {got.dtype} != {want.dtype}"
-        assert tuple(got.shape) == tuple(want.shape), f"{where}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-        g = got.detach().cpu().contiguous().reshape(-1)
-        w = want.detach().cpu().contiguous().reshape(-1)
-        if g.dtype == torch.bool:
-            g, w = g.to(torch.uint8), w.to(torch.uint8)
-        if g.numel() and not torch.equal(g.view(torch.uint8), w.view(torch.uint8)):
-            diff = (g.view(torch.uint8) != w.view(torch.uint8)).nonzero().reshape(-1)
-            raise AssertionError(f"{where}: {diff.numel()} bytes differ (first at byte {int(diff[0])})")
-        return
-    if isinstance(want, np.ndarray):
-        assert isinstance(got, np.ndarray), f"{where}: got {type(got).__name__}, want an ndarray"
-        assert got.dtype == want.dtype and got.shape == want.shape, f"{where}: {got.dtype}{got.shape} != " \
-                                                                    f"{want.dtype}{want.shape}"
-        assert got.tobytes() == want.tobytes(), f"{where}: ndarray bytes differ"
-        return
-    assert type(got) is type(want), f"{where}: type {type(got).__name__} != {type(want).__name__} " \
-                                    f"({got!r} vs {want!r})"
-    if isinstance(want, float):
-        assert _float_bits(got) == _float_bits(want), f"{where}: {got!r} != {want!r}"
-    elif isinstance(want, dict):
-        assert set(got) == set(want), f"{where}: keys {sorted(map(str, got))} != {sorted(map(str, want))}"
-        for k in want:
-            assert_identical(got[k], want[k], f"{path}/{k}")
-    elif isinstance(want, (list, tuple)):
-        assert len(got) == len(want), f"{where}: length {len(got)} != {len(want)}"
-        for i, (g, w) in enumerate(zip(got, want)):
-            assert_identical(g, w, f"{path}/{i}")
-    else:
-        assert got == want, f"{where}: {got!r} != {want!r}"
-

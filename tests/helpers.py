@@ -44,7 +44,10 @@ def assert_bitequal(got: Any, want: Any, path: str = "<root>") -> None:
         assert isinstance(got, torch.Tensor), f"{path}: expected a tensor, got {type(got)}"
         assert got.dtype == want.dtype, f"{path}: dtype {got.dtype} != {want.dtype}"
         assert tuple(got.shape) == tuple(want.shape), f"{path}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-        assert tensor_bytes(got) == tensor_bytes(want), f"{path}: tensor bytes differ"
+        g, w = tensor_bytes(got), tensor_bytes(want)
+        if g != w:
+            first = next(i for i, (a, b) in enumerate(zip(g, w)) if a != b)
+            raise AssertionError(f"{path}: tensor bytes differ (first at byte {first})")
         return
     if isinstance(want, np.ndarray):
         assert isinstance(got, np.ndarray), f"{path}: expected ndarray, got {type(got)}"

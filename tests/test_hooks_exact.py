@@ -17,7 +17,8 @@ import asymstore
 from asymstore.trainer_hooks import STRATEGIES, AsymCheckpointer
 from asymstore.trainer_hooks.executor import CopyRecord, ThreadCopyExecutor
 
-from tests._hooktest_util import assert_identical, build, deterministic_cpu, full_state, iteration
+from tests.helpers import assert_bitequal
+from tests._hooktest_util import build, deterministic_cpu, full_state, iteration
 
 N_STEPS = 8
 WARMUP = 2
@@ -80,7 +81,7 @@ def check_all_steps(path: str, ref: dict[int, dict[str, Any]], n: int = N_STEPS)
             got = store.restore(t)
             assert store.last_restore is not None and store.last_restore.tier == "file"
             try:
-                assert_identical(got, ref[t])
+                assert_bitequal(got, ref[t])
             except AssertionError as e:
                 raise AssertionError(f"checkpoint of step {t}: {e}") from None
 
@@ -90,7 +91,7 @@ def test_every_checkpoint_is_bit_identical_to_a_synchronous_copy(tmp_path: Any, 
     ref = reference()
     ck, final = checkpointed_run(str(tmp_path / "ck"), strategy)
     # the hooks do not perturb training: the live state after N steps equals the reference's
-    assert_identical(final, ref[N_STEPS])
+    assert_bitequal(final, ref[N_STEPS])
     assert [s.step for s in ck.history] == list(range(1, N_STEPS + 1))
     assert not any(s.skipped or s.error for s in ck.history)
     check_all_steps(str(tmp_path / "ck"), ref)
@@ -157,5 +158,5 @@ def test_barrier_waits_for_slow_copies(tmp_path: Any, strategy: str) -> None:
     assert slow.delayed > 0, "no partition was copied in a window: the test proves nothing"
     assert len(observed) == N_STEPS
     assert all(idle and pending == 0 for _, idle, pending in observed), observed
-    assert_identical(final, ref[N_STEPS])
+    assert_bitequal(final, ref[N_STEPS])
     check_all_steps(str(tmp_path / "ck"), ref)

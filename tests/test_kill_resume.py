@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests._hooktest_util import assert_identical
+from tests.helpers import assert_bitequal
 
 N_STEPS = 12
 TESTS_DIR = str(Path(__file__).resolve().parent)
@@ -138,7 +138,7 @@ def test_sigkill_at_random_steps_then_resume_is_bit_identical(tmp_path: Path) ->
     final = torch.load(tmp_path / "resumed.pt", weights_only=False)
     want = torch.load(tmp_path / "full.pt", weights_only=False)
     try:
-        assert_identical(final, want)
+        assert_bitequal(final, want)
     except AssertionError as e:
         raise AssertionError(f"seed {seed}, kills (step, delay, resumed from) {history}: {e}") from None
 

@@ -85,8 +85,10 @@ class ThreadCopyExecutor(CopyExecutor):
     def _copy(self, rec: CopyRecord) -> None:
         assert self._buffer is not None and self._layout is not None
         rec.t_begin = time.perf_counter()
+        # on the copy thread, beside training: one core; at the barrier training waits anyway: all cores
+        background = threading.current_thread() is self._thread
         with torch.no_grad():
-            copy_range(self._buffer, self._layout, self._tensors, rec.start, rec.end)
+            copy_range(self._buffer, self._layout, self._tensors, rec.start, rec.end, single_threaded=background)
         rec.t_end = time.perf_counter()
 
     def _run(self) -> None:
