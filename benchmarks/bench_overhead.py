@@ -10,27 +10,32 @@ Variants, measured in ONE run, interleaved in rotation (design section 8):
 * ``torch.save``    ``torch.save`` of model + optimizer state, ``fsync``, every iteration
 * ``dcp.async_save`` ``torch.distributed.checkpoint.async_save`` (thread mode, no process group); the previous
   future is waited for before the next save, as a user would
+* ``write-floor``   not a checkpointer: the same number of bytes written per iteration to the same disk by a
+  background thread (``O_DIRECT`` from one prepared buffer, ``fsync``), nothing else: what writing a checkpoint
+  per iteration to this disk costs the training at least, whoever writes it
 
 Method: each variant runs a *block*: ``--warmup`` untimed iterations (checkpointing on), then its background work
 is drained, then ``--block`` timed iterations, then the timer stops only after its background work is drained
 again (so each timed block holds exactly ``--block`` complete checkpoints, persisted). Blocks are repeated in
-rotation for ``--rounds`` rounds (the starting variant rotates too); we report medians of the per-block
-per-iteration times. Old steps are deleted inside the timed loop, keeping the last ``--keep``, for every
+rotation for ``--rounds`` rounds (the starting variant rotates too, or a seeded shuffle), after
+``--warmup-rounds`` untimed rounds that run every variant once (first file creation on the checkpoint disk,
+allocator, the profiling warm-up of asym/uniform); we report medians of the per-block per-iteration times. Old steps are deleted inside the timed loop, keeping the last ``--keep``, for every
 checkpointing variant alike.
 
 The asymstore checkpointers are created once and attached for each of their blocks (detached in between), so the
-profiling warm-up of asym/uniform happens once, in their first block's untimed warm-up, as in a real run where a
-checkpointer stays attached; detaching finishes the snapshot in flight outside the timed region.
+profiling warm-up of asym/uniform happens once, in the warm-up round, as in a real run where a checkpointer stays
+attached; detaching finishes the snapshot in flight outside the timed region.
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_overhead.py            # full run (~15-20 min on 2 cores)
+    PYTHONPATH=. python benchmarks/bench_overhead.py            # full run (~15 min on 2 cores)
     PYTHONPATH=. python benchmarks/bench_overhead.py --quick    # smoke run (~2 min)
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime as _dt
 import gc
 import importlib.util
@@ -82,10 +87,12 @@ from asymstore.store import Store, TierSpec  # noqa: E402
 from asymstore.trainer_hooks import AsymCheckpointer  # noqa: E402
 
 VARIANTS = ("baseline", "sync", "checkfreq", "uniform", "asym", "asym-host", "asym+nice19", "torch.save",
-            "dcp.async_save")
+            "dcp.async_save", "write-floor")
 #: variants that run by default. Extra ones: asym-host = asym into host memory only (no persistent tier: the
-#: snapshot mechanism alone, without the disk writes); asym+nice19 = asym with background threads at nice 19
-DEFAULT_VARIANTS = ("baseline", "sync", "checkfreq", "uniform", "asym", "torch.save", "dcp.async_save")
+#: snapshot mechanism alone, without the disk writes); asym+nice19 = asym with background threads at nice 19.
+#: write-floor is a reference, not a checkpointer: see :class:`WriteFloor`.
+DEFAULT_VARIANTS = ("baseline", "sync", "checkfreq", "uniform", "asym", "torch.save", "dcp.async_save",
+                    "write-floor")
 ASYM_STRATEGIES = ("sync", "checkfreq", "uniform", "asym")
 
 
@@ -319,22 +326,75 @@ class DcpAsync(Variant):
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class WriteFloor(Variant):
+    """Reference: the cost of only *moving the bytes*. After each iteration a background thread writes as many
+    bytes as the state holds to the same disk, with ``O_DIRECT`` from one page-aligned buffer prepared once,
+    and fsyncs: no copy of the state, no format, no checksums. What this costs the training is what writing a
+    checkpoint per iteration to this disk costs at least, whatever does it; it is measured so that the
+    checkpointers' overheads can be read against it."""
+
+    name = "write-floor"
+
+    def __init__(self, nbytes: int, root: str) -> None:
+        import mmap
+        self.nbytes = -(-nbytes // 4096) * 4096
+        self.buf = mmap.mmap(-1, self.nbytes)  # page-aligned, as a host snapshot slot is
+        for off in range(0, self.nbytes, 1 << 20):  # not zero pages: real bytes to write
+            self.buf[off:off + 16] = os.urandom(16)
+        self.dir = os.path.join(root, "write_floor")
+        os.makedirs(self.dir, exist_ok=True)
+        self.pending: Any = None
+        self.i = 0
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="write-floor")
+
+    def _write(self, path: str) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_DIRECT", 0)
+        try:
+            fd = os.open(path, flags, 0o644)
+        except OSError:  # no direct I/O on this file system
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            mv, off = memoryview(self.buf), 0
+            while off < self.nbytes:
+                off += os.pwrite(fd, mv[off:off + (64 << 20)], off)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def after_iter(self) -> float:
+        t0 = time.perf_counter()
+        self.drain()  # one write in flight, as the checkpointers with K=2 slots have at most
+        self.i += 1
+        self.pending = self.pool.submit(self._write, os.path.join(self.dir, f"w{self.i % 2}"))
+        return time.perf_counter() - t0
+
+    def drain(self) -> None:
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
+
+    def close(self) -> None:
+        self.drain()
+        self.pool.shutdown()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # running
 
 
 def run_block(v: Variant, model: torch.nn.Module, opt: torch.optim.Optimizer, data: Data, phases: PhaseLog,
-              warmup: int, block: int) -> tuple[float, list[float], tuple[float, float], float]:
+              warmup: int, block: int, record: bool = True) -> tuple[float, list[float], tuple[float, float], float]:
     gc.collect()
     v.before_block()
     for _ in range(warmup):
         train_step(model, opt, data.next(), phases)
         v.after_iter()
     v.drain()  # the warm-up's background work must not land in the timed region
-    if isinstance(v, AsymstoreVariant):
+    if isinstance(v, AsymstoreVariant) and record:
         v.start_timed()
     if isinstance(v, (TorchSave, DcpAsync)):
-        v.timed = True
+        v.timed = record
     iters: list[float] = []
     phases.enabled = True
     c0 = time.process_time()
@@ -348,7 +408,7 @@ def run_block(v: Variant, model: torch.nn.Module, opt: torch.optim.Optimizer, da
     t1 = time.perf_counter()
     c1 = time.process_time()
     phases.enabled = False
-    if isinstance(v, AsymstoreVariant):
+    if isinstance(v, AsymstoreVariant) and record:
         v.end_timed()
     if isinstance(v, (TorchSave, DcpAsync)):
         v.timed = False
@@ -450,13 +510,15 @@ def plot_timeline(ck: AsymCheckpointer, spans: list[tuple[str, float, float]], w
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: 1 round of 3-iteration blocks")
-    p.add_argument("--rounds", type=int, default=4, help="rounds of blocks, in rotation (default 4)")
+    p.add_argument("--rounds", type=int, default=5, help="measured rounds of blocks (default 5)")
+    p.add_argument("--warmup-rounds", type=int, default=1,
+                   help="untimed rounds first, every variant once (file system, allocator, profiling warm-up)")
     p.add_argument("--block", type=int, default=5, help="timed iterations per block (default 5)")
     p.add_argument("--order", choices=("rotate", "shuffle"), default="rotate",
                    help="block order per round: rotate (default) or a seeded shuffle")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations at the start of each block")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--embd", type=int, default=256)
     p.add_argument("--layers", type=int, default=8)
@@ -469,7 +531,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tag", default="", help="suffix for the output file names (e.g. _before)")
     a = p.parse_args(argv)
     if a.quick:
-        a.rounds, a.block, a.warmup = 1, 3, 2
+        a.rounds, a.block, a.warmup, a.warmup_rounds = 1, 3, 2, 0
     return a
 
 
@@ -506,6 +568,8 @@ def main(argv: list[str] | None = None) -> int:
                                            background_nice=19)
         elif n == "torch.save":
             variants[n] = TorchSave(model, opt, root, args.keep)
+        elif n == "write-floor":
+            variants[n] = WriteFloor(p_bytes + o_bytes, root)
         else:
             variants[n] = DcpAsync(model, opt, root, args.keep)
 
@@ -517,16 +581,20 @@ def main(argv: list[str] | None = None) -> int:
     raw_iters: dict[str, list[float]] = {n: [] for n in names}
     cpu_iter: dict[str, list[float]] = {n: [] for n in names}
     asym_window: tuple[float, float] | None = None
-    for r in range(args.rounds):
+    for r in range(-args.warmup_rounds, args.rounds):
+        record = r >= 0
         if args.order == "shuffle":  # a fresh seeded permutation each round: no fixed neighbour for any variant
             order = list(names)
-            np.random.default_rng(args.seed + r).shuffle(order)
+            np.random.default_rng([args.seed, r + args.warmup_rounds]).shuffle(order)
         else:  # rotation: the starting variant rotates, the cyclic neighbours stay the same
             order = names[r % len(names):] + names[:r % len(names)]
         for n in order:
             v = variants[n]
             phases.spans.clear() if n == "asym" else None
-            dt, its, win, cpu = run_block(v, model, opt, data, phases, args.warmup, args.block)
+            dt, its, win, cpu = run_block(v, model, opt, data, phases, args.warmup, args.block, record)
+            if not record:
+                print(f"warm-up round {n:>15}: {dt * 1e3:8.1f} ms/iter (not counted)", flush=True)
+                continue
             if n == "asym":
                 asym_window = win
                 asym_spans = list(phases.spans)
@@ -635,8 +703,12 @@ def main(argv: list[str] | None = None) -> int:
              f"- batch {args.batch} x sequence length {args.seq} synthetic tokens (seeded RNG); "
              f"baseline iteration **{base * 1e3:.0f} ms** (median)\n"
              f"- blocks: {args.warmup} untimed warm-up + {args.block} timed iterations (+ drain), {args.rounds} rounds "
-             f"({args.order}); checkpoint every iteration; keep last {args.keep} per variant\n")
+             f"({args.order}) after {args.warmup_rounds} untimed warm-up round(s); checkpoint every iteration; keep last {args.keep} per variant\n")
     goal_lines = "\n".join(f"- {'PASS' if ok else 'FAIL'}: {g} ({val})" for g, ok, val in goals)
+    if "write-floor" in by and "asym" in by:
+        floor = by["write-floor"]["overhead_pct"]
+        goal_lines += (f"\n- for reference (not a goal): writing the same bytes alone each iteration (`write-floor`) "
+                       f"cost {floor:+.2f}%; asym's overhead beyond that: {by['asym']['overhead_pct'] - floor:+.2f}%")
     asym_lines = ""
     if extra:
         asym_lines = (
@@ -651,10 +723,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{extra['persist_write_ms']:.0f} ms), "
             f"replans {extra['replans']}\n")
     cores = os.cpu_count() or 1
-    busy = max(load0[0], load1[0]) > cores
-    warn = (f"**Warning: the machine was busy with other work (1-min load average {load0[0]:.1f} at the start, "
-            f"{load1[0]:.1f} at the end, on {cores} cores): wall times are dominated by that contention; see the "
-            f"block min-max column before trusting small differences.**\n\n" if busy else "")
+    busy = load0[0] > 0.5 * cores  # at the start: during the run, training and checkpoint threads load it
+    warn = (f"**Warning: the machine was busy with other work when the run started (1-min load average "
+            f"{load0[0]:.1f} on {cores} cores): wall times include that contention; see the block min-max column "
+            f"before trusting small differences.**\n\n" if busy else "")
     md = (f"# Checkpointing overhead per iteration (checkpoint at every iteration)\n\n"
           f"Measured {started:%Y-%m-%d %H:%M %Z} by `{cmd}` ({total_s / 60:.1f} min).\n\n{warn}"
           f"{table}\n\n"
