@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,3 +116,51 @@ def measure_candidates(specs: Sequence[CodecSpec], data: memoryview, base: memor
         dt = max(time.perf_counter() - t0, 1e-7)
         out.append(CodecEstimate(spec, stored / raw_total, raw_total / dt))
     return out
+
+
+@dataclass(frozen=True)
+class _Decision:
+    spec: CodecSpec
+    estimates: tuple[CodecEstimate, ...]
+    tier_bw: float
+    made_at: int  # the decisions' checkpoint counter when it was measured
+
+
+class CodecDecisions:
+    """Codec choices remembered per partition across checkpoints.
+
+    A partition's bytes change every step, its compressibility hardly (a float32 moment stays a float32
+    moment): re-sampling every partition of every checkpoint costs CPU beside training for nothing. A choice
+    is reused for ``reuse`` checkpoints and measured again sooner when the tier's measured bandwidth has moved
+    by more than ``bw_tolerance`` since (that can flip it). ``reuse=1`` measures every checkpoint. Only
+    speed depends on it: every codec is lossless.
+    """
+
+    def __init__(self, *, reuse: int = 8, bw_tolerance: float = 0.25, max_entries: int = 4096) -> None:
+        if reuse < 1:
+            raise ConfigError(f"codec reuse must be >= 1 checkpoint, got {reuse}")
+        self.reuse = reuse
+        self.bw_tolerance = bw_tolerance
+        self.max_entries = max_entries
+        self.checkpoints = 0
+        self.hits = 0
+        self.measured = 0
+        self._d: dict[Hashable, _Decision] = {}
+
+    def next_checkpoint(self) -> None:
+        self.checkpoints += 1
+
+    def get(self, key: Hashable, tier_bw: float) -> CodecSpec | None:
+        d = self._d.get(key)
+        if d is None or self.checkpoints - d.made_at >= self.reuse:
+            return None
+        if abs(tier_bw - d.tier_bw) > self.bw_tolerance * d.tier_bw:
+            return None
+        self.hits += 1
+        return d.spec
+
+    def put(self, key: Hashable, spec: CodecSpec, estimates: Sequence[CodecEstimate], tier_bw: float) -> None:
+        if len(self._d) >= self.max_entries and key not in self._d:
+            self._d.clear()  # a new layout: the old one's partitions will not come back
+        self._d[key] = _Decision(spec, tuple(estimates), tier_bw, self.checkpoints)
+        self.measured += 1

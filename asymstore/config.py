@@ -28,6 +28,9 @@ class Config:
     chunk_bytes: int = 1 * MiB
     #: "auto" (selective, measured), "none", or a forced chain ("zstd3", "lz4", "blosc-shuffle", "xor-zstd").
     compression: str = "auto"
+    #: A partition's measured codec choice ("auto") is reused for this many checkpoints, then measured
+    #: again (sooner when the tier's bandwidth moved by more than 25%); 1 measures every checkpoint.
+    codec_reuse: int = 8
     #: Exact XOR deltas against a full base written every ``delta_every`` checkpoints (0: off).
     delta_every: int = 0
     #: Host memory allowed for encode staging (caps partition sizes).
@@ -61,6 +64,8 @@ class Config:
                                                  or self.partition_bytes % self.chunk_bytes):
             raise ConfigError(f"partition_bytes ({self.partition_bytes}) must be a multiple of chunk_bytes "
                               f"({self.chunk_bytes})")
+        if self.codec_reuse < 1:
+            raise ConfigError(f"codec_reuse must be >= 1 (checkpoints), got {self.codec_reuse}")
         if self.delta_every < 0:
             raise ConfigError("delta_every must be >= 0")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:

@@ -11,6 +11,7 @@ from asymstore.backends import open_object_store, scheme_of
 from asymstore.backends.base import ObjectStore
 
 from .batch_plan import LatencyBandwidthModel, optimal_batch_bytes
+from .compression import CodecDecisions
 from .config import MiB, Config
 from .retention import Policy, parse_keep
 from .errors import CorruptCheckpointError
@@ -73,6 +74,7 @@ class PersistentTier:
         self.policies = parse_keep(keep)
         self.fixed_partition_bytes = partition_bytes or config.partition_bytes
         self.stats = WriteStats()
+        self.codec_decisions = CodecDecisions(reuse=config.codec_reuse)
         self._probed = False
         self.lock = threading.Lock()  # one writer per tier at a time
         self.delta: DeltaBase | None = None
@@ -136,7 +138,8 @@ class PersistentTier:
     def writer(self, checkpoint_bytes: int) -> CheckpointWriter:
         return CheckpointWriter(self.store, partition_bytes=self.partition_bytes(checkpoint_bytes),
                                 chunk_bytes=self.config.chunk_bytes, compression=self.config.compression,
-                                tier_bandwidth=self.bandwidth, on_write=self.stats.observe)
+                                tier_bandwidth=self.bandwidth, on_write=self.stats.observe,
+                                decisions=self.codec_decisions)
 
     # --- delta bases -------------------------------------------------------------
     def delta_for(self, signature: str) -> DeltaBase | None:

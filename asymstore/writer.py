@@ -26,7 +26,7 @@ from asymstore.backends.base import ObjectStore
 
 from . import dtypes
 from .codecs import RAW, CodecSpec, xor_into
-from .compression import CodecEstimate, candidate_specs, choose_codec, measure_candidates
+from .compression import CodecDecisions, CodecEstimate, candidate_specs, choose_codec, measure_candidates
 from .errors import ConfigError, StepExistsError
 from .layout import Layout, cut_stream, dominant_itemsize
 from .manifest import COMMIT_KEY, GROUP_KEY, Manifest, PartitionRecord, commit_record, step_dir
@@ -104,7 +104,8 @@ _ITEMSIZES = {dtypes.info(d).torch_name: dtypes.info(d).itemsize for d in dtypes
 class CheckpointWriter:
     def __init__(self, store: ObjectStore, *, partition_bytes: int, chunk_bytes: int,
                  compression: str | CodecSpec = "auto", tier_bandwidth: Callable[[], float] = lambda: float("inf"),
-                 on_write: Callable[[int, float], None] | None = None, min_gain: float = 0.05) -> None:
+                 on_write: Callable[[int, float], None] | None = None, min_gain: float = 0.05,
+                 decisions: CodecDecisions | None = None) -> None:
         if partition_bytes % chunk_bytes:
             raise ConfigError("partition_bytes must be a multiple of chunk_bytes")
         self.store = store
@@ -114,9 +115,11 @@ class CheckpointWriter:
         self.tier_bandwidth = tier_bandwidth
         self.on_write = on_write
         self.min_gain = min_gain
+        #: the tier's remembered choices (``None``: measure every partition of every checkpoint)
+        self.decisions = decisions
         self.last_choices: list[tuple[str, list[CodecEstimate]]] = []
 
-    def _choose(self, data: memoryview, typesize: int, base: memoryview | None) -> CodecSpec:
+    def _choose(self, data: memoryview, typesize: int, base: memoryview | None, key: Any = None) -> CodecSpec:
         if isinstance(self.compression, CodecSpec):
             if self.compression.delta and base is None:
                 return CodecSpec(self.compression.kind, self.compression.level, self.compression.cname,
@@ -127,9 +130,15 @@ class CheckpointWriter:
         bw = self.tier_bandwidth()
         if bw == float("inf"):
             return RAW
+        if self.decisions is not None and key is not None:
+            known = self.decisions.get(key, bw)
+            if known is not None:
+                return known
         ests = measure_candidates(candidate_specs(typesize, delta=base is not None), data, base)
         choice = choose_codec(len(data), ests, bw, min_gain=self.min_gain)
         self.last_choices.append((choice.spec.label, ests))
+        if self.decisions is not None and key is not None:
+            self.decisions.put(key, choice.spec, ests, bw)
         return choice.spec
 
     def write(self, step: int, stream: memoryview | StreamSource, layout: Layout, skeleton: Any, *,
@@ -171,12 +180,14 @@ class CheckpointWriter:
         shards: dict[str, int] = {}
         scratch: np.ndarray | None = None
         self.last_choices = []
+        if self.decisions is not None:
+            self.decisions.next_checkpoint()
         for span in spans:
             data = src[span.start:span.end] if isinstance(src, memoryview) else src.read(span.start, span.end)
             t0 = time.perf_counter()
             typesize = dominant_itemsize(layout, span.start, span.end, _ITEMSIZES)
             base_part = base[span.start:span.end] if base is not None else None
-            spec = self._choose(data, typesize, base_part)
+            spec = self._choose(data, typesize, base_part, key=(layout.signature, span.start, span.end, base is not None))
             if spec.delta:
                 assert base_part is not None
                 if scratch is None:

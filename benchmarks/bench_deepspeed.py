@@ -24,7 +24,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -37,6 +36,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from _machine import machine_line  # noqa: E402  (benchmarks/, the script's directory)
 
 
 def _free_port() -> int:
@@ -172,8 +173,7 @@ def main() -> None:
     lines = [
         "# DeepSpeed ZeRO-2 checkpointing: default engine vs asymstore (asymmetric hooks)",
         "",
-        f"- date: {dt.datetime.now().isoformat(timespec='seconds')}; machine: {platform.node()}, "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        f"- date: {dt.datetime.now().isoformat(timespec='seconds')}; machine: {machine_line()}",
         f"- torch {__import__('torch').__version__}, deepspeed {__import__('deepspeed').__version__}; 2 ranks, gloo on "
         "CPU, OMP_NUM_THREADS=1 per rank",
         f"- model: MLP {a.depth} x Linear({a.width}, {a.width}) + GELU, {res[0]['params'] / 1e6:.2f} M params "

@@ -29,7 +29,6 @@ import warnings
 import gc
 import math
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -44,6 +43,8 @@ import torch
 
 import asymstore
 from asymstore.state import flatten
+
+import _machine  # noqa: E402  (benchmarks/, the script's directory)
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -171,23 +172,9 @@ def rm(path: str) -> None:
 
 
 def machine_info(bench_dir: str) -> dict[str, str]:
-    info = {}
-    model = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info["cpu"] = f"{model}, {os.cpu_count()} cores (torch threads {torch.get_num_threads()})"
-    try:
-        with open("/proc/meminfo") as f:
-            mem = int(f.readline().split()[1]) * 1024
-        info["ram"] = f"{mem / GiB:.1f} GiB"
-    except OSError:
-        info["ram"] = "?"
+    mi = _machine.machine_info()
+    info = {"cpu": f"{mi['cpu']}, {mi['cores']} cores (torch threads {mi['torch_threads']})",
+            "ram": f"{mi['ram_gib']:.1f} GiB"}
     try:
         src = subprocess.run(["findmnt", "-no", "SOURCE,FSTYPE", "--target", bench_dir], capture_output=True,
                              text=True, timeout=10).stdout.strip()
@@ -203,9 +190,9 @@ def machine_info(bench_dir: str) -> dict[str, str]:
         info["disk"] = f"{bench_dir} on {src or '?'}{extra}, {du.free / GiB:.0f} GiB free"
     except (OSError, subprocess.SubprocessError):
         info["disk"] = bench_dir
-    info["os"] = platform.platform()
-    info["python"] = platform.python_version()
-    info["torch"] = torch.__version__
+    info["os"] = mi["os"]
+    info["python"] = mi["python"]
+    info["torch"] = mi["torch"]
     try:
         import safetensors
         info["safetensors"] = safetensors.__version__

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from asymstore import Store
 from asymstore.backends.memory import MemoryObjectStore
 from asymstore.codecs import LZ4, RAW, ZSTD1, CodecSpec, blosc_shuffle
-from asymstore.compression import (CodecEstimate, candidate_specs, choose_codec, measure_candidates,
-                                   predicted_time, sample_slices)
+from asymstore.compression import (CodecDecisions, CodecEstimate, candidate_specs, choose_codec,
+                                   measure_candidates, predicted_time, sample_slices)
 from asymstore.errors import ConfigError
 
 from .helpers import assert_bitequal
@@ -94,3 +94,50 @@ def test_auto_compresses_what_pays_on_a_slow_tier() -> None:
     assert rep.codecs.get("raw", 0) == 1  # the random half does not pay
     assert sum(v for k, v in rep.codecs.items() if k != "raw") == 1  # the zeros half does
     assert rep.stored_bytes < 0.6 * rep.raw_bytes
+
+
+def test_codec_decisions_are_reused_then_measured_again() -> None:
+    d = CodecDecisions(reuse=3, bw_tolerance=0.25)
+    key = ("layout", 0, 1 << 20, False)
+    d.next_checkpoint()
+    assert d.get(key, 1e9) is None  # nothing known yet
+    d.put(key, ZSTD1, [], 1e9)
+    for _ in range(2):  # the next two checkpoints reuse it
+        d.next_checkpoint()
+        assert d.get(key, 1e9) == ZSTD1
+    d.next_checkpoint()
+    assert d.get(key, 1e9) is None  # three checkpoints old: measure again
+    d.put(key, RAW, [], 1e9)
+    d.next_checkpoint()
+    assert d.get(key, 1.2e9) == RAW  # bandwidth within 25%
+    assert d.get(key, 1.3e9) is None  # moved by 30%: the choice may flip, measure again
+    assert d.get(("layout", 1 << 20, 2 << 20, False), 1e9) is None  # another partition
+    assert (d.hits, d.measured) == (3, 2)
+    with pytest.raises(ConfigError):
+        CodecDecisions(reuse=0)
+
+
+@pytest.mark.parametrize("reuse", [1, 4])
+def test_writer_measures_each_partition_once_per_reuse_window(monkeypatch, reuse) -> None:
+    import asymstore.writer as writer_mod
+
+    calls = []
+    real = writer_mod.measure_candidates
+    monkeypatch.setattr(writer_mod, "measure_candidates", lambda *a, **k: calls.append(1) or real(*a, **k))
+    slow = SlowTier(f"memory://slow-{uuid.uuid4().hex}")
+    slow.bytes_per_s = 200e6
+    slow.durable = True
+    noise = torch.from_numpy(np.random.default_rng(1).integers(0, 256, 1 << 20, dtype=np.uint8))
+    state = {"zeros": torch.zeros(1 << 18), "noise": noise}
+    with Store([slow], chunk_bytes=1 << 16, partition_bytes=1 << 20, codec_reuse=reuse) as s:
+        for step in range(1, 9):
+            state["noise"][step] = step  # the state changes a little every step
+            rep = s.save(state, step).result().reports["memory"]
+            assert rep.codecs.get("raw", 0) == 1 and sum(rep.codecs.values()) == 2, rep.codecs
+            assert_bitequal(s.restore(step), state)
+        tier = s.tiers[0]
+        if reuse == 1:
+            assert len(calls) == 16 and tier.codec_decisions.hits == 0
+        else:
+            # measured at checkpoints 1 and 5 (sooner only if the bandwidth estimate moved by > 25%)
+            assert 4 <= len(calls) < 16 and tier.codec_decisions.hits == 16 - len(calls)

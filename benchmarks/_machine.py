@@ -1,0 +1,44 @@
+"""The machine a benchmark ran on, for its report (one place for every script)."""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+
+def _first(path: str, prefix: str) -> str | None:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(prefix):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, RAM, OS, Python and (when imported) torch with its intra-op threads."""
+    mem = _first("/proc/meminfo", "MemTotal")
+    info: dict[str, Any] = {
+        "cpu": _first("/proc/cpuinfo", "model name") or platform.processor() or platform.machine(),
+        "cores": os.cpu_count(), "ram_gib": int(mem.split()[0]) / 2**20 if mem else float("nan"),
+        "os": platform.platform(), "python": platform.python_version(),
+    }
+    import sys
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    return info
+
+
+def machine_line(info: dict[str, Any] | None = None) -> str:
+    """``CPU, N cores, X GiB RAM; OS; Python v[, torch v (T intra-op threads)]``."""
+    mi = info or machine_info()
+    line = (f"CPU: {mi['cpu']}, {mi['cores']} cores, {mi['ram_gib']:.1f} GiB RAM; {mi['os']}; "
+            f"Python {mi['python']}")
+    if "torch" in mi:
+        line += f", torch {mi['torch']} ({mi['torch_threads']} intra-op threads)"
+    return line
