@@ -121,7 +121,6 @@ def measure_candidates(specs: Sequence[CodecSpec], data: memoryview, base: memor
 @dataclass(frozen=True)
 class _Decision:
     spec: CodecSpec
-    estimates: tuple[CodecEstimate, ...]
     tier_bw: float
     made_at: int  # the decisions' checkpoint counter when it was measured
 
@@ -159,8 +158,8 @@ class CodecDecisions:
         self.hits += 1
         return d.spec
 
-    def put(self, key: Hashable, spec: CodecSpec, estimates: Sequence[CodecEstimate], tier_bw: float) -> None:
+    def put(self, key: Hashable, spec: CodecSpec, tier_bw: float) -> None:
         if len(self._d) >= self.max_entries and key not in self._d:
             self._d.clear()  # a new layout: the old one's partitions will not come back
-        self._d[key] = _Decision(spec, tuple(estimates), tier_bw, self.checkpoints)
+        self._d[key] = _Decision(spec, tier_bw, self.checkpoints)
         self.measured += 1

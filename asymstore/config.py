@@ -50,6 +50,9 @@ class Config:
     #: Nice increment of asymstore's background threads (snapshot copy, persistence) on Linux, so that they
     #: take the cores only where training leaves them idle; 0 leaves their priority alone.
     background_nice: int = 0
+    #: Linux: run asymstore's background threads (snapshot copy, persistence, promotion) under ``SCHED_IDLE``,
+    #: on cores training leaves idle only; they never preempt a training thread (see ``threads.py``).
+    background_idle: bool = True
     #: Options passed to backends, per URL scheme (e.g. {"hdfs": {"retries": 3}}).
     backend_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 

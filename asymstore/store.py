@@ -132,7 +132,7 @@ class Store:
         self.manager = TierManager(self.tiers, self.host) if self.tiers else None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asymstore-persist",
                                             initializer=lower_thread_priority,
-                                            initargs=(self.config.background_nice,))
+                                            initargs=(self.config.background_nice, self.config.background_idle))
         self._lock = threading.Lock()
         self._bg_error: BaseException | None = None
         self.failures = 0

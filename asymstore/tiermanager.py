@@ -124,7 +124,7 @@ class TierManager:
 
     def _promoter(self, k: int) -> None:
         dst = self.tiers[k]
-        lower_thread_priority(dst.config.background_nice)
+        lower_thread_priority(dst.config.background_nice, dst.config.background_idle)
         act = self.activity[dst.name]
         backoff = 0.5
         while True:

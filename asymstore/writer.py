@@ -138,7 +138,7 @@ class CheckpointWriter:
         choice = choose_codec(len(data), ests, bw, min_gain=self.min_gain)
         self.last_choices.append((choice.spec.label, ests))
         if self.decisions is not None and key is not None:
-            self.decisions.put(key, choice.spec, ests, bw)
+            self.decisions.put(key, choice.spec, bw)
         return choice.spec
 
     def write(self, step: int, stream: memoryview | StreamSource, layout: Layout, skeleton: Any, *,

@@ -86,10 +86,11 @@ from _machine import machine_info, machine_line  # noqa: E402
 from asymstore.store import Store, TierSpec  # noqa: E402
 from asymstore.trainer_hooks import AsymCheckpointer  # noqa: E402
 
-VARIANTS = ("baseline", "sync", "checkfreq", "uniform", "asym", "asym-host", "asym+nice19", "torch.save",
+VARIANTS = ("baseline", "sync", "checkfreq", "uniform", "asym", "asym-host", "asym-no-idle", "torch.save",
             "dcp.async_save", "write-floor")
 #: variants that run by default. Extra ones: asym-host = asym into host memory only (no persistent tier: the
-#: snapshot mechanism alone, without the disk writes); asym+nice19 = asym with background threads at nice 19.
+#: snapshot mechanism alone, without the disk writes); asym-no-idle = asym with its background threads at normal
+#: priority (``background_idle=False``: the ablation of ``SCHED_IDLE``).
 #: write-floor is a reference, not a checkpointer: see :class:`WriteFloor`.
 DEFAULT_VARIANTS = ("baseline", "sync", "checkfreq", "uniform", "asym", "torch.save", "dcp.async_save",
                     "write-floor")
@@ -541,9 +542,9 @@ def main(argv: list[str] | None = None) -> int:
         elif n == "asym-host":
             variants[n] = AsymstoreVariant("asym", model, opt, root, args.keep, warmup=args.warmup, name=n,
                                            host_only=True)
-        elif n == "asym+nice19":
+        elif n == "asym-no-idle":
             variants[n] = AsymstoreVariant("asym", model, opt, root, args.keep, warmup=args.warmup, name=n,
-                                           background_nice=19)
+                                           background_idle=False)
         elif n == "torch.save":
             variants[n] = TorchSave(model, opt, root, args.keep)
         elif n == "write-floor":

@@ -101,13 +101,13 @@ def test_codec_decisions_are_reused_then_measured_again() -> None:
     key = ("layout", 0, 1 << 20, False)
     d.next_checkpoint()
     assert d.get(key, 1e9) is None  # nothing known yet
-    d.put(key, ZSTD1, [], 1e9)
+    d.put(key, ZSTD1, 1e9)
     for _ in range(2):  # the next two checkpoints reuse it
         d.next_checkpoint()
         assert d.get(key, 1e9) == ZSTD1
     d.next_checkpoint()
     assert d.get(key, 1e9) is None  # three checkpoints old: measure again
-    d.put(key, RAW, [], 1e9)
+    d.put(key, RAW, 1e9)
     d.next_checkpoint()
     assert d.get(key, 1.2e9) == RAW  # bandwidth within 25%
     assert d.get(key, 1.3e9) is None  # moved by 30%: the choice may flip, measure again

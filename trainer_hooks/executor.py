@@ -60,10 +60,12 @@ class CopyExecutor:
 
 
 class ThreadCopyExecutor(CopyExecutor):
-    """One background copy thread (at a lower priority: ``nice``); the barrier copies what it has not started."""
+    """One background copy thread (at a lower priority: ``nice``, ``SCHED_IDLE``); the barrier copies what it has
+    not started."""
 
-    def __init__(self, nice: int = 0) -> None:
+    def __init__(self, nice: int = 0, idle: bool = False) -> None:
         self._nice = nice
+        self._idle = idle
         self._q: queue.Queue[CopyRecord | None] = queue.Queue()
         self._done = threading.Condition()
         self._pending = 0
@@ -92,7 +94,7 @@ class ThreadCopyExecutor(CopyExecutor):
         rec.t_end = time.perf_counter()
 
     def _run(self) -> None:
-        lower_thread_priority(self._nice)
+        lower_thread_priority(self._nice, self._idle)
         while True:
             rec = self._q.get()
             if rec is None:
@@ -220,7 +222,7 @@ def _timed(records: list[tuple[CopyRecord, Any, Any]]) -> list[CopyRecord]:
     return out
 
 
-def make_executor(tensors: Mapping[str, torch.Tensor], *, nice: int = 0) -> CopyExecutor:
+def make_executor(tensors: Mapping[str, torch.Tensor], *, nice: int = 0, idle: bool = False) -> CopyExecutor:
     if any(t.is_cuda for t in tensors.values()):
         return CudaCopyExecutor()
-    return ThreadCopyExecutor(nice=nice)
+    return ThreadCopyExecutor(nice=nice, idle=idle)

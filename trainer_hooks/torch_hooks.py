@@ -311,7 +311,8 @@ class AsymCheckpointer:
         stats.bytes = snap.layout.total_bytes
         tensors = snap.flat.tensors
         if self._executor is None:
-            self._executor = make_executor(tensors, nice=self.store.config.background_nice)
+            self._executor = make_executor(tensors, nice=self.store.config.background_nice,
+                                           idle=self.store.config.background_idle)
         ex = self._executor
         ex.bind(snap.buffer, snap.layout, tensors)
         offset = next((e.offset for e in snap.layout.tensors if not first(e.name)), snap.layout.total_bytes)
