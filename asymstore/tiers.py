@@ -90,13 +90,14 @@ class PersistentTier:
         import os
 
         from .zarrfmt import crc32c
-        key = f"_probe/{uuid.uuid4().hex}"
+        # a prefix of its own: other ranks (or processes) sharing this tier probe it at the same time
+        prefix = f"_probe/{uuid.uuid4().hex}/"
         big = os.urandom(8 * MiB)
         small: list[float] = []
         try:
             for i, n in enumerate((4096, 4096, 4096, 2 * MiB, 8 * MiB)):
                 t0 = time.perf_counter()
-                self.store.put(f"{key}-{i}", memoryview(big)[:n])
+                self.store.put(f"{prefix}{i}", memoryview(big)[:n])
                 dt = time.perf_counter() - t0
                 self.stats.model.add(n, dt)
                 if n == 4096:
@@ -106,7 +107,7 @@ class PersistentTier:
             crc32c(big)
             self.stats.stage_bandwidth = len(big) / max(time.perf_counter() - t0, 1e-9)
         finally:
-            self.store.delete_prefix("_probe/")
+            self.store.delete_prefix(prefix)
         self._probed = True
         return self.stats
 

@@ -223,3 +223,25 @@ def test_delete_waits_for_the_step_being_persisted() -> None:
         h.result(30)
         t.join(30)
         assert deleted.is_set() and s.steps() == []
+
+
+def test_a_probe_deletes_only_its_own_files(tmp_path) -> None:
+    """Ranks sharing a tier directory probe it at the same time: one probe's clean-up must not remove the
+    files another is writing (a rank once failed with FileNotFoundError on its probe file)."""
+    from asymstore.backends.local import LocalObjectStore
+    from asymstore.config import Config
+    from asymstore.tiers import PersistentTier
+
+    seen: list[bool] = []
+
+    class Interleaved(LocalObjectStore):
+        def put(self, key, data) -> None:  # type: ignore[no-untyped-def]
+            super().put(key, data)
+            if key.startswith("_probe/") and not seen:
+                seen.append(True)
+                PersistentTier(str(tmp_path), Config()).probe()  # the other rank probes now
+                seen.append(os.path.exists(os.path.join(self.root, key)))
+
+    PersistentTier(Interleaved(str(tmp_path)), Config()).probe()
+    assert seen == [True, True], "the other probe removed this probe's file"
+    assert not [f for _, _, fs in os.walk(tmp_path / "_probe") for f in fs]  # both cleaned up after themselves
