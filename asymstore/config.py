@@ -47,8 +47,8 @@ class Config:
     commit_timeout_s: float = 300.0
     #: How long ``close()`` waits for pending promotions down the tier chain (seconds).
     close_timeout_s: float = 120.0
-    #: Nice increment of asymstore's background threads (snapshot copy, persistence) on Linux, so that they
-    #: take the cores only where training leaves them idle; 0 leaves their priority alone.
+    #: Nice increment of asymstore's background threads (snapshot copy, persistence) on Linux: a smaller
+    #: share of contended cores; 0 leaves their nice value alone.
     background_nice: int = 0
     #: Linux: run asymstore's background threads (snapshot copy, persistence, promotion) under ``SCHED_IDLE``,
     #: on cores training leaves idle only; they never preempt a training thread (see ``threads.py``).
