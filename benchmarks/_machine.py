@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from typing import Any
 
 
@@ -26,7 +27,6 @@ def machine_info() -> dict[str, Any]:
         "cores": os.cpu_count(), "ram_gib": int(mem.split()[0]) / 2**20 if mem else float("nan"),
         "os": platform.platform(), "python": platform.python_version(),
     }
-    import sys
     torch = sys.modules.get("torch")
     if torch is not None:
         info["torch"] = torch.__version__

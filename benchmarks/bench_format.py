@@ -45,6 +45,7 @@ import asymstore
 from asymstore.state import flatten
 
 import _machine  # noqa: E402  (benchmarks/, the script's directory)
+from _rawio import write_direct  # noqa: E402
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -291,23 +292,9 @@ class Bench:
         if getattr(self, "_aligned", None) is None:
             self._aligned = mmap.mmap(-1, self.nbytes)
             self._aligned[:] = self.flatbuf.numpy().tobytes()
-        mv = memoryview(self._aligned)
-        head = len(mv) // 4096 * 4096
         path = os.path.join(self.dir, "raw3.bin")
         t0 = time.perf_counter()
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
-        except (OSError, AttributeError):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        pos = 0
-        while pos < head:
-            pos += os.pwrite(fd, mv[pos:min(pos + 64 * MiB, head)], pos)
-        os.close(fd)
-        fd = os.open(path, os.O_WRONLY)
-        while pos < len(mv):
-            pos += os.pwrite(fd, mv[pos:], pos)
-        os.fsync(fd)
-        os.close(fd)
+        write_direct(path, memoryview(self._aligned))
         dt_ = time.perf_counter() - t0
         os.unlink(path)
         return dt_

@@ -9,10 +9,11 @@ after every iteration the process's resident set (``VmRSS``) is sampled. Variant
 * ``dcp.async_save`` ``torch.distributed.checkpoint.async_save`` (thread mode), the previous save awaited
   before the next, old checkpoints deleted as for asym
 
-Reported per variant: the resident set before the first checkpoint, after the warm-up checkpoints, at the end
-and at its peak; the growth from the end of the warm-up to the end, and its slope (least squares, MiB per 100
-checkpoints). For asym also what the store reports it holds (``Store.memory_report()``) against the bound
-K x state bytes (+ delta bases), checked after every checkpoint.
+Reported per variant: the resident set before the first checkpoint, its mean over the first and over the last
+50 checkpoints after the warm-up (one sample swings with the allocator's page use), their difference, its peak,
+and its slope (least squares, MiB per 100 checkpoints). For asym also what the store reports it holds
+(``Store.memory_report()``) against the bound K x checkpoint bytes (+ delta bases), checked after every
+checkpoint.
 
 Usage::
 
@@ -41,18 +42,12 @@ from _machine import machine_line  # noqa: E402
 VARIANTS = ("baseline", "asym", "dcp.async_save")
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/self/status has no VmRSS (Linux only)")
-
-
 def child(args: argparse.Namespace) -> dict[str, Any]:
     """One variant in this (fresh) process; returns its samples."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
+
+    from asymstore.testing.process import rss_bytes
 
     torch.manual_seed(args.seed)
     cfg = GPT2Config(vocab_size=args.vocab, n_positions=args.seq, n_embd=args.embd, n_layer=args.layers,
@@ -180,28 +175,26 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown variants {bad}; choose from {VARIANTS}")
     started = _dt.datetime.now().astimezone()
     results: dict[str, dict[str, Any]] = {}
+    summaries: dict[str, dict[str, float]] = {}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
-    fwd = [a for a in (argv if argv is not None else sys.argv[1:])]
+    fwd = list(argv if argv is not None else sys.argv[1:])
     for n in names:
         print(f"[bench_memory] {n}: {args.checkpoints} iterations, a checkpoint at each ...", flush=True)
         out = subprocess.run([sys.executable, os.path.abspath(__file__), *fwd, "--variant", n], env=env,
                              check=True, stdout=subprocess.PIPE, text=True).stdout
         results[n] = json.loads(out.strip().splitlines()[-1])
-        s = summarize(results[n], args.warm)
+        s = summaries[n] = summarize(results[n], args.warm)
         print(f"[bench_memory] {n}: RSS {s['warm'] / 2**20:.0f} -> {s['end'] / 2**20:.0f} MiB, "
               f"slope {s['slope'] / 2**20:+.2f} MiB/100 checkpoints ({results[n]['seconds']:.0f} s)", flush=True)
 
     state = next(iter(results.values()))["state_bytes"]
-    w = int(summarize(next(iter(results.values())), args.warm)["window"])
+    w = int(next(iter(summaries.values()))["window"])
     rows = [f"| variant | RSS before 1st checkpoint (MiB) | first {w} after warm-up, mean (MiB) | last {w}, mean (MiB) | "
             f"peak (MiB) | growth first -> last {w} (MiB) | slope (MiB / 100 checkpoints) | above baseline, last {w} "
             "(MiB) |",
             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    base_end = summarize(results["baseline"], args.warm)["end"] if "baseline" in results else None
-    summaries = {}
-    for n, r in results.items():
-        s = summarize(r, args.warm)
-        summaries[n] = s
+    base_end = summaries["baseline"]["end"] if "baseline" in summaries else None
+    for n, s in summaries.items():
         above = "-" if base_end is None or n == "baseline" else f"{(s['end'] - base_end) / 2**20:+.0f}"
         rows.append(f"| {n} | {s['start'] / 2**20:.0f} | {s['warm'] / 2**20:.0f} | {s['end'] / 2**20:.0f} | "
                     f"{s['peak'] / 2**20:.0f} | {s['growth'] / 2**20:+.1f} | {s['slope'] / 2**20:+.2f} | {above} |")

@@ -83,6 +83,7 @@ import torch  # noqa: E402
 
 import asymstore  # noqa: E402
 from _machine import machine_info, machine_line  # noqa: E402
+from _rawio import write_direct  # noqa: E402
 from asymstore.store import Store, TierSpec  # noqa: E402
 from asymstore.trainer_hooks import AsymCheckpointer  # noqa: E402
 
@@ -338,7 +339,7 @@ class WriteFloor(Variant):
 
     def __init__(self, nbytes: int, root: str) -> None:
         import mmap
-        self.nbytes = -(-nbytes // 4096) * 4096
+        self.nbytes = nbytes
         self.buf = mmap.mmap(-1, self.nbytes)  # page-aligned, as a host snapshot slot is
         for off in range(0, self.nbytes, 1 << 20):  # not zero pages: real bytes to write
             self.buf[off:off + 16] = os.urandom(16)
@@ -348,25 +349,11 @@ class WriteFloor(Variant):
         self.i = 0
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="write-floor")
 
-    def _write(self, path: str) -> None:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_DIRECT", 0)
-        try:
-            fd = os.open(path, flags, 0o644)
-        except OSError:  # no direct I/O on this file system
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            mv, off = memoryview(self.buf), 0
-            while off < self.nbytes:
-                off += os.pwrite(fd, mv[off:off + (64 << 20)], off)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
     def after_iter(self) -> float:
         t0 = time.perf_counter()
         self.drain()  # one write in flight, as the checkpointers with K=2 slots have at most
         self.i += 1
-        self.pending = self.pool.submit(self._write, os.path.join(self.dir, f"w{self.i % 2}"))
+        self.pending = self.pool.submit(write_direct, os.path.join(self.dir, f"w{self.i % 2}"), memoryview(self.buf))
         return time.perf_counter() - t0
 
     def drain(self) -> None:

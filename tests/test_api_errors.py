@@ -13,6 +13,7 @@ import torch
 from asymstore import (BackendUnavailableError, CheckpointFailedError, ConfigError, StateMismatchError, Store,
                        StepExistsError, StepNotFoundError, open_store)
 from asymstore.backends.memory import MemoryObjectStore, drop_namespace
+from asymstore.testing.process import rss_bytes
 
 from .helpers import assert_bitequal
 
@@ -205,14 +206,6 @@ def test_slot_policy_wait(flaky) -> None:
         assert s.tiers[0].committed_steps() == [1, 2]
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
-
-
 def test_host_memory_flat_over_200_checkpoints(tmp_path) -> None:
     state = {"w": torch.randn(256 * 1024), "m": torch.randn(64, 1024), "step": 0}  # 1.25 MiB
     with Store([str(tmp_path)], chunk_bytes=1 << 18, partition_bytes=1 << 20, compression="none",
@@ -224,7 +217,7 @@ def test_host_memory_flat_over_200_checkpoints(tmp_path) -> None:
                 s.delete(step - 3)
         s.wait()
         report0 = s.memory_report()
-        rss0 = _rss_bytes()
+        rss0 = rss_bytes()
         for step in range(20, 220):
             state["w"][step] = step
             state["step"] = step
@@ -233,7 +226,7 @@ def test_host_memory_flat_over_200_checkpoints(tmp_path) -> None:
                 s.delete(step - 3)
             assert s.memory_report() == report0, f"step {step}: {s.memory_report()} != {report0}"
         s.wait()
-        growth = _rss_bytes() - rss0
+        growth = rss_bytes() - rss0
         assert report0["host_slots"] <= 2 * 2 * (1 << 21)
         assert growth < 24 * (1 << 20), f"RSS grew by {growth / 2**20:.1f} MiB over 200 checkpoints"
         got = s.restore(219)
