@@ -13,7 +13,8 @@ PY=${PYTHON:-python3}
 setup() {
   local stamp="$VENV/.asymstore-setup"
   local want
-  want=$(cat pyproject.toml | sha256sum | cut -c1-16)
+  # the install builds asymstore/_native.c too: a change to it (or to the build files) means set-up again
+  want=$(cat pyproject.toml setup.py asymstore/_native.c | sha256sum | cut -c1-16)
   if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then return; fi
   echo "[asymstore] setting up $VENV (first run downloads torch and friends; later runs reuse it)" >&2
   [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"

@@ -10,6 +10,33 @@ import torch
 from .dtypes import from_name
 from .layout import Layout, TensorEntry
 
+try:
+    from . import _native
+except ImportError:  # built without a C compiler: memmove it is
+    _native = None  # type: ignore[assignment]
+
+#: copies at least this long use streaming stores when :mod:`asymstore._native` is built (below it the
+#: call overhead dominates and cached stores are as fast)
+STREAM_MIN_BYTES = 64 << 10
+
+
+def streaming_copy_available() -> bool:
+    """Whether host copies beside training use non-temporal stores (the native module is built)."""
+    return _native is not None and bool(_native.STREAMING)
+
+
+def host_copy(dst: int, src: int, n: int) -> None:
+    """Copy ``n`` bytes between host addresses on the calling thread, the GIL released.
+
+    Large copies use non-temporal stores where :mod:`asymstore._native` is built: no read of the destination
+    before it is overwritten, and the caches the training threads use are left alone (1.5x ``memmove``'s
+    speed for 1-14 MiB pieces: ``benchmarks/results/hostcopy.md``). Otherwise one ``ctypes.memmove``.
+    """
+    if n >= STREAM_MIN_BYTES and _native is not None:
+        _native.copy(dst, src, n)
+    elif n:
+        ctypes.memmove(dst, src, n)
+
 
 def dest_view(buffer: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
     """The typed, shaped view of ``buffer`` where ``entry`` lives."""
@@ -26,20 +53,18 @@ def byte_view(t: torch.Tensor) -> torch.Tensor:
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor, *, non_blocking: bool, single_threaded: bool) -> None:
-    """``dst.copy_(src)``; with ``single_threaded``, plain host tensors are copied by one ``memmove`` instead.
+    """``dst.copy_(src)``; with ``single_threaded``, plain host tensors are copied by :func:`host_copy` instead.
 
     On CPU, ``Tensor.copy_`` of a large tensor runs on an OpenMP team as wide as the training's intra-op
     pool. Issued from a background copy thread that team competes with the training's own threads for every
     core, and a training thread preempted inside a parallel region makes its siblings spin: the copy then
-    slows training far more than its own CPU time. One ``memmove`` (the GIL released by ctypes) uses one
+    slows training far more than its own CPU time. One single-threaded copy (the GIL released) uses one
     core at memory speed and nothing else.
     """
     if (single_threaded and dst.device.type == "cpu" and src.device.type == "cpu" and dst.dtype == src.dtype
             and dst.is_contiguous() and src.is_contiguous() and not src.is_conj() and not src.is_neg()
             and dst.shape == src.shape):
-        n = src.numel() * src.element_size()
-        if n:
-            ctypes.memmove(dst.data_ptr(), src.data_ptr(), n)
+        host_copy(dst.data_ptr(), src.data_ptr(), src.numel() * src.element_size())
         return
     dst.copy_(src, non_blocking=non_blocking)
 

@@ -4,8 +4,10 @@ and neither puts a top-level ``backends`` or ``trainer_hooks`` package into the 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -47,6 +49,10 @@ def test_wheel_contents_and_install(tmp_path) -> None:
     assert "backends" not in tops and "trainer_hooks" not in tops, tops
     assert "asymstore/backends/local.py" in names and "asymstore/trainer_hooks/torch_hooks.py" in names
     assert not any(n.endswith(".pyc") for n in names)
+    assert "asymstore/_native.pyi" in names
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(cc):  # the streaming copy is built where a compiler is (optional elsewhere)
+        assert any(n.startswith("asymstore/_native.") and n.endswith(".so") for n in names), names
     target = tmp_path / "site"
     r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(whl)],
                        capture_output=True, text=True, timeout=600)

@@ -1,0 +1,3 @@
+STREAMING: int
+
+def copy(dst: int, src: int, n: int, /) -> None: ...
