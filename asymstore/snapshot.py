@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .dtypes import from_name
+from .dtypes import from_name, info
 from .layout import Layout, TensorEntry
 
 try:
@@ -69,6 +69,12 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, *, non_blocking: bool, single_th
     dst.copy_(src, non_blocking=non_blocking)
 
 
+def _plain_host(src: torch.Tensor, e: TensorEntry) -> bool:
+    """Whether ``src`` is host memory holding exactly ``e``'s bytes in order (copyable by address)."""
+    return (src.device.type == "cpu" and src.is_contiguous() and not src.is_conj() and not src.is_neg()
+            and src.numel() * src.element_size() == e.nbytes and info(src.dtype).torch_name == e.dtype)
+
+
 def copy_all(buffer: torch.Tensor, layout: Layout, tensors: Mapping[str, torch.Tensor], *,
              non_blocking: bool = False) -> None:
     """Copy every tensor of ``layout`` into ``buffer``."""
@@ -87,6 +93,8 @@ def copy_range(buffer: torch.Tensor, layout: Layout, tensors: Mapping[str, torch
     """
     ts = layout.tensors
     i = first
+    on_host = buffer.device.type == "cpu"
+    base = buffer.data_ptr() if on_host else 0
     while i < len(ts) and ts[i].end <= start:
         i += 1
     while i < len(ts) and ts[i].offset < end:
@@ -94,7 +102,11 @@ def copy_range(buffer: torch.Tensor, layout: Layout, tensors: Mapping[str, torch
         lo, hi = max(e.offset, start), min(e.end, end)
         if hi > lo:
             src = tensors[e.name]
-            if lo == e.offset and hi == e.end:
+            if on_host and (single_threaded or hi - lo < STREAM_MIN_BYTES) and _plain_host(src, e):
+                # straight from the tensor's memory: no view tensors to build (most of a state's tensors are
+                # small, and this runs on the training thread for the volatile ones)
+                host_copy(base + lo, src.data_ptr() + (lo - e.offset), hi - lo)
+            elif lo == e.offset and hi == e.end:
                 _copy(dest_view(buffer, e), src, non_blocking=non_blocking, single_threaded=single_threaded)
             else:
                 if not src.is_contiguous() or src.is_conj() or src.is_neg():  # a byte view needs plain memory

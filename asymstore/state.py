@@ -67,8 +67,7 @@ def flatten(state: Any) -> FlatState:
         dtypes.info(t.dtype)  # raises for unsupported dtypes
         name = path or "<root>"
         if t.numel() > 0 and t.device.type != "meta":
-            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype,
-                   str(t.device))
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
             if key in seen:
                 return seen[key]
             seen[key] = name
@@ -78,7 +77,16 @@ def flatten(state: Any) -> FlatState:
         return name
 
     def enc(v: Any, path: str) -> JSON:
-        # first: np.float64, np.complex128 and np.str_ subclass the Python types
+        # the common cases first (a state is mostly tensors in dicts and lists); numpy scalars before the
+        # Python number checks: np.float64, np.complex128 and np.str_ subclass the Python types
+        if isinstance(v, torch.Tensor):
+            return {"__tensor__": add_tensor(v.detach() if v.requires_grad else v, path)}
+        if isinstance(v, Mapping):
+            if all(isinstance(k, str) for k in v):
+                return {(("__" + k) if k.startswith("__") else k): enc(x, _child(path, k)) for k, x in v.items()}
+            return {"__dict__": [[enc_key(k, path), enc(x, _child(path, str(k)))] for k, x in v.items()]}
+        if isinstance(v, list):
+            return [enc(x, f"{path}/{i}") for i, x in enumerate(v)]
         if isinstance(v, np.generic):
             if isinstance(v, np.bool_):
                 return {"__npscalar__": ["bool", bool(v)]}
@@ -94,12 +102,10 @@ def flatten(state: Any) -> FlatState:
                                         "(asymstore never pickles); convert it to a number or string")
         if v is None or isinstance(v, (bool, str)):
             return v
-        if isinstance(v, int) and not isinstance(v, bool):
+        if isinstance(v, int):
             return int(v)
         if isinstance(v, float):
             return v if math.isfinite(v) else {"__float__": repr(v)}
-        if isinstance(v, torch.Tensor):
-            return {"__tensor__": add_tensor(v.detach(), path)}
         if isinstance(v, np.ndarray):
             if v.dtype.hasobject:
                 raise UnsupportedValueError(f"{path}: numpy object arrays cannot be stored without pickle")
@@ -115,13 +121,6 @@ def flatten(state: Any) -> FlatState:
             return {"__bytes__": base64.b64encode(bytes(v)).decode("ascii")}
         if isinstance(v, tuple):
             return {"__tuple__": [enc(x, f"{path}/{i}") for i, x in enumerate(v)]}
-        if isinstance(v, list):
-            return [enc(x, f"{path}/{i}") for i, x in enumerate(v)]
-        if isinstance(v, Mapping):
-            plain = all(isinstance(k, str) for k in v)
-            if plain:
-                return {(("__" + k) if k.startswith("__") else k): enc(x, _child(path, k)) for k, x in v.items()}
-            return {"__dict__": [[enc_key(k, path), enc(x, _child(path, str(k)))] for k, x in v.items()]}
         raise UnsupportedValueError(
             f"{path or '<root>'}: values of type {type(v).__module__}.{type(v).__qualname__} cannot be stored "
             "(asymstore never pickles); convert it to tensors, numbers, strings, lists or dicts "

@@ -292,10 +292,9 @@ class AsymCheckpointer:
         t0 = time.perf_counter()
         flat = flatten(self.state())
         stable = self._stable_ids()
-
-        def first(name: str) -> bool:  # volatile tensors go to the front and are copied at once
-            t = flat.tensors[name]
-            return t.numel() == 0 or t.untyped_storage().data_ptr() not in stable
+        # volatile tensors (not modified only by the optimizer step) go to the front and are copied at once
+        volatile = {n for n, t in flat.tensors.items() if t.numel() == 0 or t.untyped_storage().data_ptr() not in stable}
+        first = volatile.__contains__
 
         try:
             snap = self.store.begin_snapshot(flat, self.step, first=first, user={"strategy": self.strategy})
