@@ -125,13 +125,14 @@ class PersistentTier:
             b = min(max(checkpoint_bytes, chunk), self.config.staging_budget_bytes // 2)
         else:
             st = self.probe()
-            # CheckpointWriter encodes and writes one partition at a time (no overlap): buffers=1 in the time
-            # model. Memory held per partition: the source range (a ReaderSource buffer; nothing when it reads
-            # the host slot) plus, when it may compress or delta-encode, the encoded copy.
+            # CheckpointWriter encodes partition i+1 while it writes partition i: buffers=2 in the time model.
+            # Memory held per stage: the source range (a ReaderSource buffer; nothing when it reads the host
+            # slot) plus, when it may compress or delta-encode, the encoded copy (``buffers`` divides the
+            # budget between the two stages).
             raw = self.config.compression == "none" and self.config.delta_every <= 0
             held = 1 if raw else 2
             b = optimal_batch_bytes(max(checkpoint_bytes, 1), st.latency_s, st.bandwidth or 1e9,
-                                    stage_bandwidth=st.stage_bandwidth, buffers=1,
+                                    stage_bandwidth=st.stage_bandwidth, buffers=2,
                                     staging_budget_bytes=self.config.staging_budget_bytes // held,
                                     min_batch_bytes=chunk, align=chunk)
         return max(-(-b // chunk), 1) * chunk

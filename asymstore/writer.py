@@ -4,7 +4,9 @@
 
 1. cut the stream into partitions of ``partition_bytes`` (chunks of ``chunk_bytes``);
 2. per partition: choose its codec chain (selective compression, :mod:`.compression`),
-   apply the XOR delta if chosen, encode the shard and write it (one object);
+   apply the XOR delta if chosen, encode the shard (checksums, compression) and write it (one object).
+   Two stages in a pipeline: partition ``i+1`` is encoded on a helper thread while partition ``i`` is
+   written (``buffers=2`` in :mod:`.batch_plan`'s time model; at most two encoded partitions are held);
 3. write one zarr array ``zarr.json`` per codec chain used;
 4. write the step group's ``zarr.json`` carrying the manifest;
 5. ``barrier``: make every name durable;
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,9 +31,9 @@ from . import dtypes
 from .codecs import RAW, CodecSpec, xor_into
 from .compression import CodecDecisions, CodecEstimate, candidate_specs, choose_codec, measure_candidates
 from .errors import ConfigError, StepExistsError
-from .layout import Layout, cut_stream, dominant_itemsize
+from .layout import Layout, PartitionSpan, cut_stream, dominant_itemsize
 from .manifest import COMMIT_KEY, GROUP_KEY, Manifest, PartitionRecord, commit_record, step_dir
-from .zarrfmt import array_metadata, dumps, encode_shard, group_metadata, shard_key
+from .zarrfmt import EncodedShard, array_metadata, dumps, encode_shard, group_metadata, shard_key
 
 Progress = Callable[[int, int], None]
 
@@ -54,17 +57,41 @@ class StreamSource:
 
 
 class ReaderSource(StreamSource):
-    """Stream bytes read range by range from a committed checkpoint on another tier."""
+    """Stream bytes read range by range from a committed checkpoint on another tier.
+
+    Two buffers, used in turn: the range returned by one call stays valid while the next one is read (the
+    writer encodes partition ``i+1`` while it writes partition ``i``). The second is allocated only when a
+    second range is read.
+    """
 
     def __init__(self, reader: Any, max_range: int) -> None:
         self.reader = reader
         self.total_bytes = reader.manifest.layout.total_bytes
-        self._buf = bytearray(max_range)
+        self.max_range = max_range
+        self._bufs: list[bytearray | None] = [None, None]
+        self._calls = 0
 
     def read(self, start: int, end: int) -> memoryview:
-        out = memoryview(self._buf)[:end - start]
+        if end - start > self.max_range:
+            raise ValueError(f"range of {end - start} bytes exceeds this source's {self.max_range}")
+        k = self._calls % 2
+        self._calls += 1
+        buf = self._bufs[k]
+        if buf is None:
+            buf = self._bufs[k] = bytearray(self.max_range)
+        out = memoryview(buf)[:end - start]
         self.reader.read_range_into(start, end, out)
         return out
+
+
+@dataclass
+class _Encoded:
+    """One partition ready to write."""
+
+    span: PartitionSpan
+    spec: CodecSpec
+    shard: EncodedShard
+    seconds: float  # codec choice + delta + encode
 
 
 @dataclass
@@ -178,11 +205,12 @@ class CheckpointWriter:
         records: list[PartitionRecord] = []
         used: dict[str, CodecSpec] = {}
         shards: dict[str, int] = {}
-        scratch: np.ndarray | None = None
+        scratch: list[np.ndarray | None] = [None, None]  # XOR deltas: one per pipeline stage
         self.last_choices = []
         if self.decisions is not None:
             self.decisions.next_checkpoint()
-        for span in spans:
+
+        def encode(k: int, span: PartitionSpan) -> _Encoded:
             data = src[span.start:span.end] if isinstance(src, memoryview) else src.read(span.start, span.end)
             t0 = time.perf_counter()
             typesize = dominant_itemsize(layout, span.start, span.end, _ITEMSIZES)
@@ -190,28 +218,45 @@ class CheckpointWriter:
             spec = self._choose(data, typesize, base_part, key=(layout.signature, span.start, span.end, base is not None))
             if spec.delta:
                 assert base_part is not None
-                if scratch is None:
-                    scratch = np.empty(part, np.uint8)
-                xor_into(scratch, data, base_part)
-                data = scratch[:span.nbytes].data
-                report.delta_base = delta_base.step if delta_base else None
-            shard = shards.get(spec.label, 0)
-            shards[spec.label] = shard + 1
-            used[spec.label] = spec
-            enc = encode_shard(spec, data, chunk, cps)
-            t1 = time.perf_counter()
-            self.store.put(prefix + shard_key(spec.label, shard), enc.parts)
-            t2 = time.perf_counter()
-            if self.on_write:
-                self.on_write(enc.nbytes, t2 - t1)
-            report.encode_seconds += t1 - t0
-            report.write_seconds += t2 - t1
-            report.stored_bytes += enc.nbytes
-            report.objects += 1
-            report.codecs[spec.label] = report.codecs.get(spec.label, 0) + 1
-            records.append(PartitionRecord(span, spec.label, shard, enc.nbytes, enc.chunk_crcs))
-            if progress:
-                progress(span.end, layout.total_bytes)
+                buf = scratch[k % 2]
+                if buf is None:
+                    buf = scratch[k % 2] = np.empty(part, np.uint8)
+                xor_into(buf, data, base_part)
+                data = buf[:span.nbytes].data
+            return _Encoded(span, spec, encode_shard(spec, data, chunk, cps), time.perf_counter() - t0)
+
+        # encode i+1 (helper thread) while i is written; the helper inherits this thread's priority
+        pool = ThreadPoolExecutor(1, thread_name_prefix="asymstore-encode") if len(spans) > 1 else None
+        try:
+            ahead: Future[_Encoded] | None = pool.submit(encode, 0, spans[0]) if pool is not None else None
+            for k, span in enumerate(spans):
+                if pool is None or ahead is None:
+                    item = encode(k, span)
+                else:
+                    item = ahead.result()
+                    ahead = pool.submit(encode, k + 1, spans[k + 1]) if k + 1 < len(spans) else None
+                spec, enc = item.spec, item.shard
+                if spec.delta:
+                    report.delta_base = delta_base.step if delta_base else None
+                shard = shards.get(spec.label, 0)
+                shards[spec.label] = shard + 1
+                used[spec.label] = spec
+                t1 = time.perf_counter()
+                self.store.put(prefix + shard_key(spec.label, shard), enc.parts)
+                t2 = time.perf_counter()
+                if self.on_write:
+                    self.on_write(enc.nbytes, t2 - t1)
+                report.encode_seconds += item.seconds
+                report.write_seconds += t2 - t1
+                report.stored_bytes += enc.nbytes
+                report.objects += 1
+                report.codecs[spec.label] = report.codecs.get(spec.label, 0) + 1
+                records.append(PartitionRecord(span, spec.label, shard, enc.nbytes, enc.chunk_crcs))
+                if progress:
+                    progress(span.end, layout.total_bytes)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
         manifest = Manifest(step=step, layout=layout, skeleton=skeleton, numpy_names=sorted(numpy_names),
                             partition_bytes=part, chunk_bytes=chunk, partitions=records,
                             codecs=used, delta_base=report.delta_base, user=dict(user or {}))
