@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -128,6 +129,12 @@ class CheckpointReader:
 
     def _read_partition_into(self, rec: PartitionRecord, out: memoryview) -> None:
         """Read one whole partition (one object) into ``out`` (its raw bytes), verified."""
+        self._fetch_partition(rec, out)()
+
+    def _fetch_partition(self, rec: PartitionRecord, out: memoryview) -> Callable[[], None]:
+        """Stage 1 of a partition read: fetch its object (raw: straight into ``out``). Returns stage 2, which
+        verifies every chunk against the manifest's crc32c, decodes into ``out`` and applies a delta; the
+        two may run on different threads (:meth:`read_all_into` overlaps one's stage 2 with the next's 1)."""
         key = self._key(rec)
         size = self.store.size(key)
         if size is None:
@@ -145,20 +152,26 @@ class CheckpointReader:
                 raise CorruptCheckpointError(f"{key} is missing", (key,))
             tail = self.store.get(key, ByteRange(n, size - n)) or b""
             self.bytes_read += size
-            pad = nchunks * C - n
-            idx = decode_index(tail[pad:], cps, key)
-            for k in range(nchunks):
-                lo, hi = k * C, min((k + 1) * C, n)
-                crc = crc32c(out[lo:hi])
-                if hi - lo < C:
-                    crc = crc32c(tail[:pad], crc)
-                if crc != rec.chunk_crcs[k] or int(idx[k, 0]) != k * C:
-                    raise CorruptCheckpointError(f"{key}: chunk {k} checksum mismatch", (key,))
-        else:
-            blob = self.store.get(key)
-            if blob is None:
-                raise CorruptCheckpointError(f"{key} is missing", (key,))
-            self.bytes_read += len(blob)
+
+            def check_raw() -> None:
+                pad = nchunks * C - n
+                idx = decode_index(tail[pad:], cps, key)
+                for k in range(nchunks):
+                    lo, hi = k * C, min((k + 1) * C, n)
+                    crc = crc32c(out[lo:hi])
+                    if hi - lo < C:
+                        crc = crc32c(tail[:pad], crc)
+                    if crc != rec.chunk_crcs[k] or int(idx[k, 0]) != k * C:
+                        raise CorruptCheckpointError(f"{key}: chunk {k} checksum mismatch", (key,))
+                if spec.delta:
+                    self._apply_delta(rec.span, out[:n])
+            return check_raw
+        blob = self.store.get(key)
+        if blob is None:
+            raise CorruptCheckpointError(f"{key} is missing", (key,))
+        self.bytes_read += len(blob)
+
+        def check_decode() -> None:
             idx = decode_index(blob[-index_nbytes(cps):], cps, key)
             mv = memoryview(blob)
             for k in range(nchunks):
@@ -167,8 +180,9 @@ class CheckpointReader:
                     raise CorruptCheckpointError(f"{key}: chunk {k} lies outside the shard", (key,))
                 lo, hi = k * C, min((k + 1) * C, n)
                 self._decode_chunk_into(rec, k, mv[off:off + sz], out[lo:hi])
-        if spec.delta:
-            self._apply_delta(rec.span, out[:n])
+            if spec.delta:
+                self._apply_delta(rec.span, out[:n])
+        return check_decode
 
     def _apply_delta(self, span: PartitionSpan, out: memoryview) -> None:
         base = bytearray(span.nbytes)
@@ -199,10 +213,27 @@ class CheckpointReader:
             raise CorruptCheckpointError("; ".join(f"{k}: {m}" for k, m in bad), tuple(k for k, _ in bad))
         out = memoryview(out).cast("B")
         total = self.manifest.layout.total_bytes
-        for span in self._spans:
-            self._read_partition_into(self._records[span.index], out[span.start:span.end])
+        if len(self._spans) < 2:
+            for span in self._spans:
+                self._read_partition_into(self._records[span.index], out[span.start:span.end])
+                if progress:
+                    progress(span.end, total)
+            return
+        # two stages: partition i is verified and decoded on a helper thread while partition i+1 is read
+        def finish(done: tuple[Future[None], int]) -> None:
+            done[0].result()
             if progress:
-                progress(span.end, total)
+                progress(done[1], total)
+
+        with ThreadPoolExecutor(1, thread_name_prefix="asymstore-verify") as pool:  # exit waits for it
+            pending: tuple[Future[None], int] | None = None
+            for span in self._spans:
+                check = self._fetch_partition(self._records[span.index], out[span.start:span.end])
+                if pending is not None:
+                    finish(pending)
+                pending = (pool.submit(check), span.end)
+            if pending is not None:
+                finish(pending)
 
     def read_range_into(self, start: int, end: int, out: memoryview) -> None:
         """Read stream bytes ``[start, end)`` touching only the chunks that hold them."""

@@ -1,6 +1,6 @@
-"""The writer's two-stage pipeline: partition i+1 is encoded on a helper thread while partition i is written,
-and what lands is exactly what a one-at-a-time writer would produce (raw, compressed, XOR deltas, and a stream
-read range by range from another tier)."""
+"""The writer's and the reader's two-stage pipelines: the writer encodes partition i+1 on a helper thread while it
+writes partition i, the reader verifies partition i while it reads i+1; what lands (and what is read back) is
+exactly what one-at-a-time code would produce (raw, compressed, XOR deltas, a stream read from another tier)."""
 
 from __future__ import annotations
 
@@ -112,3 +112,35 @@ def test_promotion_source_keeps_the_range_being_written_intact() -> None:
     assert _read_all(dst, 5, n) == data.tobytes()
     with pytest.raises(ValueError, match="exceeds"):
         source.read(0, PART + 1)
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd1"])
+def test_pipelined_read_is_exact_reports_progress_in_order_and_stops_at_damage(compression: str) -> None:
+    """read_all_into verifies partition i on a helper thread while it reads partition i+1: the bytes, the
+    progress (in order, up to the total) and the damage report are those of a one-at-a-time reader."""
+    from asymstore.errors import CorruptCheckpointError
+    from asymstore.manifest import step_dir
+    from asymstore.zarrfmt import shard_key
+
+    n = 6 * PART
+    store = MemoryObjectStore(f"memory://pipeline-{uuid.uuid4().hex}")
+    data = _stream(n, 4)
+    rep = CheckpointWriter(store, partition_bytes=PART, chunk_bytes=CHUNK, compression=compression).write(
+        3, memoryview(data), _layout(n), {"__tensor__": "w"}, numpy_names=[])
+    (label,) = rep.codecs
+    seen: list[int] = []
+    out = bytearray(n)
+    CheckpointReader.open(store, 3).read_all_into(memoryview(out), progress=lambda done, total: seen.append(done))
+    assert bytes(out) == data.tobytes()
+    assert seen == [PART * (i + 1) for i in range(6)]
+    key = step_dir(3) + "/" + shard_key(label, 4)
+    blob = bytearray(store.get(key))
+    blob[10] ^= 0xFF  # a stored byte of partition 4's first chunk
+    store.put(key, bytes(blob))
+    seen.clear()
+    with pytest.raises(CorruptCheckpointError) as err:
+        CheckpointReader.open(store, 3).read_all_into(memoryview(bytearray(n)),
+                                                      progress=lambda done, total: seen.append(done))
+    assert key in err.value.objects
+    assert seen == [PART * (i + 1) for i in range(4)]  # partitions 0-3 verified, nothing after the damage
+    assert not any(t.name.startswith("asymstore-verify") for t in threading.enumerate())
