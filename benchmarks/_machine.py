@@ -42,3 +42,26 @@ def machine_line(info: dict[str, Any] | None = None) -> str:
     if "torch" in mi:
         line += f", torch {mi['torch']} ({mi['torch_threads']} intra-op threads)"
     return line
+
+
+def other_cpu_busy(seconds: float = 3.0) -> float | None:
+    """Fraction of all cores busy over ``seconds`` (from ``/proc/stat``), sampled while the caller is idle: how
+    much other work the machine runs right now. The load average lags by minutes (a benchmark run just before
+    still shows in it); this does not. ``None`` where ``/proc/stat`` is absent."""
+    import time
+
+    def sample() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat") as f:
+                vals = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
+        return sum(vals[:8]), idle
+
+    a = sample()
+    time.sleep(seconds)
+    b = sample()
+    if a is None or b is None or b[0] == a[0]:
+        return None
+    return 1.0 - (b[1] - a[1]) / (b[0] - a[0])

@@ -82,7 +82,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import asymstore  # noqa: E402
-from _machine import machine_info, machine_line  # noqa: E402
+from _machine import machine_info, machine_line, other_cpu_busy  # noqa: E402
 from _rawio import write_direct  # noqa: E402
 from asymstore.store import Store, TierSpec  # noqa: E402
 from asymstore.trainer_hooks import AsymCheckpointer  # noqa: E402
@@ -516,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown variants {bad} (and baseline is required); choose from {VARIANTS}")
     started = _dt.datetime.now().astimezone()
     load0 = os.getloadavg()
+    busy0 = other_cpu_busy()  # before this process does anything
     t_start = time.perf_counter()
     model, opt = build_model(args)
     data = Data(args)
@@ -708,10 +709,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{extra['persist_write_ms']:.0f} ms), "
             f"replans {extra['replans']}\n")
     cores = os.cpu_count() or 1
-    busy = load0[0] > 0.5 * cores  # at the start: during the run, training and checkpoint threads load it
-    warn = (f"**Warning: the machine was busy with other work when the run started (1-min load average "
-            f"{load0[0]:.1f} on {cores} cores): wall times include that contention; see the block min-max column "
-            f"before trusting small differences.**\n\n" if busy else "")
+    busy = busy0 is not None and busy0 > 0.25  # at the start: during the run, training loads every core
+    warn = (f"**Warning: the machine was busy with other work when the run started ({busy0:.0%} of {cores} cores "
+            f"busy over 3 s before the model was built): wall times include that contention; see the block "
+            f"min-max column before trusting small differences.**\n\n" if busy else "")
     md = (f"# Checkpointing overhead per iteration (checkpoint at every iteration)\n\n"
           f"Measured {started:%Y-%m-%d %H:%M %Z} by `{cmd}` ({total_s / 60:.1f} min).\n\n{warn}"
           f"{table}\n\n"
@@ -736,7 +737,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{asymstore.__version__} imported from `{os.path.dirname(asymstore.__file__)}`, hooks from "
           f"`{os.path.dirname(sys.modules['asymstore.trainer_hooks'].__file__ or '')}`, backends from "
           f"`{os.path.dirname(sys.modules['asymstore.backends'].__file__ or '')}`\n"
-          f"- load average at start {load0[0]:.2f}, at end {load1[0]:.2f} (1-min; the machine may be shared)\n"
+          f"- other work at start: "
+          + (f"{busy0:.0%} of the cores busy over 3 s" if busy0 is not None else "not measurable (no /proc/stat)")
+          + f"; load average at start {load0[0]:.2f}, at end {load1[0]:.2f} (1-min, lags by minutes)\n"
           f"- checkpoint directory on the local disk ({root if args.dir else 'a temp dir under ' + tempfile.gettempdir()})\n\n"
           f"## Method\n\n" + (__doc__ or "").split("Method:", 1)[1].split("Usage::", 1)[0].strip() + "\n\n"
           + (f"Timeline of asym: `{os.path.basename(png)}`.\n" if png else ""))
@@ -746,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(res_dir, f"overhead{args.tag}.json"), "w") as f:
         json.dump({"rows": rows, "per_block_s": per_iter, "cpu_per_block_s": cpu_iter, "iterations_s": raw_iters,
                    "drain_s": drains, "steady_per_block_s": steady, "asym": extra,
-                   "args": vars(args), "machine": mi, "load": [load0, load1], "date": started.isoformat()}, f,
+                   "args": vars(args), "machine": mi, "load": [load0, load1], "other_busy_at_start": busy0, "date": started.isoformat()}, f,
                   indent=1)
     print()
     print(table)
