@@ -122,7 +122,9 @@ class PersistentTier:
         if self.fixed_partition_bytes:
             return self.fixed_partition_bytes
         if not self.store.durable and self.scheme == "memory":
-            b = min(max(checkpoint_bytes, chunk), self.config.staging_budget_bytes // 2)
+            # no write latency to amortise: as large as the budget allows, which two pipeline stages share,
+            # each holding at most a source range and an encoded copy
+            b = min(max(checkpoint_bytes, chunk), self.config.staging_budget_bytes // 4)
         else:
             st = self.probe()
             # CheckpointWriter encodes partition i+1 while it writes partition i: buffers=2 in the time model.

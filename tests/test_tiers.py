@@ -245,3 +245,17 @@ def test_a_probe_deletes_only_its_own_files(tmp_path) -> None:
     PersistentTier(Interleaved(str(tmp_path)), Config()).probe()
     assert seen == [True, True], "the other probe removed this probe's file"
     assert not [f for _, _, fs in os.walk(tmp_path / "_probe") for f in fs]  # both cleaned up after themselves
+
+
+@pytest.mark.parametrize("compression,delta_every", [("none", 0), ("auto", 0), ("none", 4)])
+@pytest.mark.parametrize("url", ["dir", "memory://budget"])
+def test_partitions_in_flight_fit_the_staging_budget(tmp_path, compression, delta_every, url) -> None:
+    """The writer holds two partitions in flight (one encoded while the other is written), each at most a
+    source range plus an encoded copy when it may compress or delta-encode: that fits the staging budget."""
+    budget = 8 << 20
+    target = str(tmp_path) if url == "dir" else f"{url}-{compression}-{delta_every}"
+    with Store([target], staging_budget_bytes=budget, chunk_bytes=1 << 16, compression=compression,
+               delta_every=delta_every) as s:
+        b = s.tiers[0].partition_bytes(1 << 30)
+    per_stage = 1 if compression == "none" and delta_every <= 0 else 2
+    assert 0 < b and 2 * per_stage * b <= budget, (b, per_stage)
