@@ -123,6 +123,8 @@ class Store:
         self.host = HostPool(self.config.host_slots, pin_memory=self.config.pin_memory)
         self.tiers = [PersistentTier(t.url, self.config, name=t.name, keep=t.keep, partition_bytes=t.partition_bytes)
                       if isinstance(t, TierSpec) else PersistentTier(t, self.config) for t in tiers]
+        if self.tiers:
+            self.tiers[0].writes_from_slots_only = True  # the persistence thread writes it from the slots
         names: dict[str, int] = {}
         for t in self.tiers:  # unique, readable tier names: file, file2, hdfs ...
             n = names.get(t.name, 0) + 1

@@ -73,6 +73,9 @@ class PersistentTier:
         self.config = config
         self.policies = parse_keep(keep)
         self.fixed_partition_bytes = partition_bytes or config.partition_bytes
+        #: written only from host snapshot slots (the first persistent tier): its writer stages no source
+        #: ranges, so raw partitions hold no staging memory at all (set by the :class:`~asymstore.Store`)
+        self.writes_from_slots_only = False
         self.stats = WriteStats()
         self.codec_decisions = CodecDecisions(reuse=config.codec_reuse)
         self._probed = False
@@ -128,14 +131,15 @@ class PersistentTier:
         else:
             st = self.probe()
             # CheckpointWriter encodes partition i+1 while it writes partition i: buffers=2 in the time model.
-            # Memory held per stage: the source range (a ReaderSource buffer; nothing when it reads the host
-            # slot) plus, when it may compress or delta-encode, the encoded copy (``buffers`` divides the
-            # budget between the two stages).
+            # Memory held per stage, in partitions: the source range (a ReaderSource buffer when promoting from
+            # the tier above; nothing when it reads a host slot) plus, when it may compress or delta-encode,
+            # the encoded copy (``buffers`` divides the budget between the two stages). Raw partitions written
+            # from the slots hold nothing: the budget does not bound them.
             raw = self.config.compression == "none" and self.config.delta_every <= 0
-            held = 1 if raw else 2
+            held = (0 if self.writes_from_slots_only else 1) + (0 if raw else 1)
             b = optimal_batch_bytes(max(checkpoint_bytes, 1), st.latency_s, st.bandwidth or 1e9,
                                     stage_bandwidth=st.stage_bandwidth, buffers=2,
-                                    staging_budget_bytes=self.config.staging_budget_bytes // held,
+                                    staging_budget_bytes=self.config.staging_budget_bytes // held if held else None,
                                     min_batch_bytes=chunk, align=chunk)
         return max(-(-b // chunk), 1) * chunk
 
