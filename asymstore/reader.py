@@ -213,12 +213,7 @@ class CheckpointReader:
             raise CorruptCheckpointError("; ".join(f"{k}: {m}" for k, m in bad), tuple(k for k, _ in bad))
         out = memoryview(out).cast("B")
         total = self.manifest.layout.total_bytes
-        if len(self._spans) < 2:
-            for span in self._spans:
-                self._read_partition_into(self._records[span.index], out[span.start:span.end])
-                if progress:
-                    progress(span.end, total)
-            return
+
         # two stages: partition i is verified and decoded on a helper thread while partition i+1 is read
         def finish(done: tuple[Future[None], int]) -> None:
             done[0].result()

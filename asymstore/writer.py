@@ -226,15 +226,13 @@ class CheckpointWriter:
             return _Encoded(span, spec, encode_shard(spec, data, chunk, cps), time.perf_counter() - t0)
 
         # encode i+1 (helper thread) while i is written; the helper inherits this thread's priority
-        pool = ThreadPoolExecutor(1, thread_name_prefix="asymstore-encode") if len(spans) > 1 else None
+        pool = ThreadPoolExecutor(1, thread_name_prefix="asymstore-encode")
         try:
-            ahead: Future[_Encoded] | None = pool.submit(encode, 0, spans[0]) if pool is not None else None
-            for k, span in enumerate(spans):
-                if pool is None or ahead is None:
-                    item = encode(k, span)
-                else:
-                    item = ahead.result()
-                    ahead = pool.submit(encode, k + 1, spans[k + 1]) if k + 1 < len(spans) else None
+            ahead: Future[_Encoded] | None = pool.submit(encode, 0, spans[0]) if spans else None
+            for k in range(len(spans)):
+                assert ahead is not None
+                item = ahead.result()
+                ahead = pool.submit(encode, k + 1, spans[k + 1]) if k + 1 < len(spans) else None
                 spec, enc = item.spec, item.shard
                 if spec.delta:
                     report.delta_base = delta_base.step if delta_base else None
@@ -251,12 +249,11 @@ class CheckpointWriter:
                 report.stored_bytes += enc.nbytes
                 report.objects += 1
                 report.codecs[spec.label] = report.codecs.get(spec.label, 0) + 1
-                records.append(PartitionRecord(span, spec.label, shard, enc.nbytes, enc.chunk_crcs))
+                records.append(PartitionRecord(item.span, spec.label, shard, enc.nbytes, enc.chunk_crcs))
                 if progress:
-                    progress(span.end, layout.total_bytes)
+                    progress(item.span.end, layout.total_bytes)
         finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=True, cancel_futures=True)
         manifest = Manifest(step=step, layout=layout, skeleton=skeleton, numpy_names=sorted(numpy_names),
                             partition_bytes=part, chunk_bytes=chunk, partitions=records,
                             codecs=used, delta_base=report.delta_base, user=dict(user or {}))
