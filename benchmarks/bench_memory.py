@@ -37,6 +37,7 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from _gpt2 import add_model_args  # noqa: E402
 from _machine import machine_line  # noqa: E402
 
 VARIANTS = ("baseline", "asym", "dcp.async_save")
@@ -45,20 +46,15 @@ VARIANTS = ("baseline", "asym", "dcp.async_save")
 def child(args: argparse.Namespace) -> dict[str, Any]:
     """One variant in this (fresh) process; returns its samples."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from _gpt2 import Data, build_model
 
     from asymstore.testing.process import rss_bytes
 
-    torch.manual_seed(args.seed)
-    cfg = GPT2Config(vocab_size=args.vocab, n_positions=args.seq, n_embd=args.embd, n_layer=args.layers,
-                     n_head=args.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = GPT2LMHeadModel(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    g = torch.Generator().manual_seed(args.seed + 1)
-    pool = [torch.randint(0, args.vocab, (args.batch, args.seq), generator=g) for _ in range(8)]
+    model, opt = build_model(args)
+    data = Data(args)
 
     def step(i: int) -> None:
-        x = pool[i % len(pool)]
+        x = data.next()  # batch i % 8: step() runs once per i, in order
         model(input_ids=x, labels=x).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -148,13 +144,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warm", type=int, default=20, help="checkpoints before the flatness window starts")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--keep", type=int, default=2)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--embd", type=int, default=256)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=50257)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    add_model_args(p, layers=4, batch=2, seq=64)
     p.add_argument("--dir", default=None, help="where checkpoints go (default: a temp dir)")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--variant", help=argparse.SUPPRESS)  # set in the child processes

@@ -82,6 +82,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import asymstore  # noqa: E402
+from _gpt2 import Data, add_model_args, build_model  # noqa: E402
 from _machine import machine_info, machine_line, other_cpu_busy  # noqa: E402
 from _rawio import write_direct  # noqa: E402
 from asymstore.store import Store, TierSpec  # noqa: E402
@@ -96,37 +97,6 @@ VARIANTS = ("baseline", "sync", "checkfreq", "uniform", "asym", "asym-host", "as
 DEFAULT_VARIANTS = ("baseline", "sync", "checkfreq", "uniform", "asym", "torch.save", "dcp.async_save",
                     "write-floor")
 ASYM_STRATEGIES = ("sync", "checkfreq", "uniform", "asym")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# model and data
-
-
-def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    from transformers import GPT2Config, GPT2LMHeadModel
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
-    torch.manual_seed(args.seed)
-    cfg = GPT2Config(vocab_size=args.vocab, n_positions=max(args.seq, 128), n_embd=args.embd, n_layer=args.layers,
-                     n_head=args.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = GPT2LMHeadModel(cfg)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
-    return model, opt
-
-
-class Data:
-    """Synthetic token batches from a seeded RNG (a fixed pool, cycled)."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        g = torch.Generator().manual_seed(args.seed + 1)
-        self.pool = [torch.randint(0, args.vocab, (args.batch, args.seq), generator=g) for _ in range(8)]
-        self.i = 0
-
-    def next(self) -> torch.Tensor:
-        x = self.pool[self.i % len(self.pool)]
-        self.i += 1
-        return x
 
 
 class PhaseLog:
@@ -490,14 +460,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="block order per round: rotate (default) or a seeded shuffle")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations at the start of each block")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--embd", type=int, default=256)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=50257)
+    add_model_args(p, layers=8, batch=16, seq=128)
     p.add_argument("--keep", type=int, default=2, help="checkpoints kept per variant (older ones deleted)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dir", default=None, help="checkpoint directory (default: a fresh temp dir, removed after)")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="where overhead.md and the PNG go")
     p.add_argument("--tag", default="", help="suffix for the output file names (e.g. _before)")
