@@ -61,18 +61,22 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, *, non_blocking: bool, single_th
     slows training far more than its own CPU time. One single-threaded copy (the GIL released) uses one
     core at memory speed and nothing else.
     """
-    if (single_threaded and dst.device.type == "cpu" and src.device.type == "cpu" and dst.dtype == src.dtype
-            and dst.is_contiguous() and src.is_contiguous() and not src.is_conj() and not src.is_neg()
-            and dst.shape == src.shape):
+    if (single_threaded and dst.device.type == "cpu" and src.device.type == "cpu" and dst.is_contiguous()
+            and _plain_memory(src) and dst.dtype == src.dtype and dst.shape == src.shape):
         host_copy(dst.data_ptr(), src.data_ptr(), src.numel() * src.element_size())
         return
     dst.copy_(src, non_blocking=non_blocking)
 
 
+def _plain_memory(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements are its memory as it lies: contiguous, no lazy conjugate or negative bit."""
+    return t.is_contiguous() and not t.is_conj() and not t.is_neg()
+
+
 def _plain_host(src: torch.Tensor, e: TensorEntry) -> bool:
     """Whether ``src`` is host memory holding exactly ``e``'s bytes in order (copyable by address)."""
-    return (src.device.type == "cpu" and src.is_contiguous() and not src.is_conj() and not src.is_neg()
-            and src.numel() * src.element_size() == e.nbytes and info(src.dtype).torch_name == e.dtype)
+    return (src.device.type == "cpu" and _plain_memory(src) and src.numel() * src.element_size() == e.nbytes
+            and info(src.dtype).torch_name == e.dtype)
 
 
 def copy_all(buffer: torch.Tensor, layout: Layout, tensors: Mapping[str, torch.Tensor], *,
@@ -109,7 +113,7 @@ def copy_range(buffer: torch.Tensor, layout: Layout, tensors: Mapping[str, torch
             elif lo == e.offset and hi == e.end:
                 _copy(dest_view(buffer, e), src, non_blocking=non_blocking, single_threaded=single_threaded)
             else:
-                if not src.is_contiguous() or src.is_conj() or src.is_neg():  # a byte view needs plain memory
+                if not _plain_memory(src):  # a byte view needs plain memory
                     src = src.resolve_conj().resolve_neg().contiguous()
                 _copy(buffer[lo:hi], byte_view(src)[lo - e.offset:hi - e.offset], non_blocking=non_blocking,
                       single_threaded=single_threaded)
