@@ -6,5 +6,4 @@ C compiler is available the build goes on without it and asymstore copies with `
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("asymstore._native", ["asymstore/_native.c"], optional=True,
-                             extra_compile_args=["-O2"])])
+setup(ext_modules=[Extension("asymstore._native", ["asymstore/_native.c"], optional=True, extra_compile_args=["-O2"])])

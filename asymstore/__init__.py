@@ -10,9 +10,18 @@ Quick use::
 """
 
 from .config import Config
-from .errors import (AsymstoreError, BackendUnavailableError, CheckpointFailedError, ConfigError,
-                     CorruptCheckpointError, SnapshotSlotsBusyError, StateMismatchError, StepExistsError,
-                     StepNotFoundError, UnsupportedValueError)
+from .errors import (
+    AsymstoreError,
+    BackendUnavailableError,
+    CheckpointFailedError,
+    ConfigError,
+    CorruptCheckpointError,
+    SnapshotSlotsBusyError,
+    StateMismatchError,
+    StepExistsError,
+    StepNotFoundError,
+    UnsupportedValueError,
+)
 from .lazy import LazyCheckpoint, LazyTensor, open_checkpoint
 from .retention import ByteBudget, EveryN, KeepAll, LatestN
 from .store import RestoreReport, SaveHandle, SaveResult, Store, TierSpec, open_store
@@ -20,8 +29,28 @@ from .store import RestoreReport, SaveHandle, SaveResult, Store, TierSpec, open_
 __version__ = "0.1.0"
 
 __all__ = [
-    "AsymstoreError", "BackendUnavailableError", "ByteBudget", "EveryN", "KeepAll", "LatestN", "TierSpec", "CheckpointFailedError", "Config", "ConfigError",
-    "CorruptCheckpointError", "LazyCheckpoint", "LazyTensor", "RestoreReport", "SaveHandle", "SaveResult",
-    "SnapshotSlotsBusyError", "StateMismatchError", "StepExistsError", "StepNotFoundError", "Store",
-    "UnsupportedValueError", "open_checkpoint", "open_store",
+    "AsymstoreError",
+    "BackendUnavailableError",
+    "ByteBudget",
+    "CheckpointFailedError",
+    "Config",
+    "ConfigError",
+    "CorruptCheckpointError",
+    "EveryN",
+    "KeepAll",
+    "LatestN",
+    "LazyCheckpoint",
+    "LazyTensor",
+    "RestoreReport",
+    "SaveHandle",
+    "SaveResult",
+    "SnapshotSlotsBusyError",
+    "StateMismatchError",
+    "StepExistsError",
+    "StepNotFoundError",
+    "Store",
+    "TierSpec",
+    "UnsupportedValueError",
+    "open_checkpoint",
+    "open_store",
 ]

@@ -206,7 +206,7 @@ def optimal_batch_bytes(
             f"no batch fits: at most {hi} bytes per batch (max_batch_bytes / staging budget over {buffers} "
             f"buffers) but batches are multiples of align={align} and C={C}"
         )
-    if C <= min(hi, max(lo, align)):
+    if min(hi, max(lo, align)) >= C:
         return C  # one write of everything is allowed and no aligned batch is both >= lo and < C
     k_hi = hi // align
     k_lo = min(max(1, -(-lo // align)), k_hi)  # min_batch_bytes yields to the budget
@@ -225,7 +225,7 @@ def optimal_batch_bytes(
         ks = np.unique(np.concatenate([np.floor(grid), np.ceil(grid), near.astype(np.float64)]))
         ks = ks[(ks >= k_lo) & (ks <= k_hi)]
     sizes = ks * align if count else np.zeros(0, dtype=np.float64)
-    if C <= hi:
+    if hi >= C:
         sizes = np.append(sizes, float(C))
     cost = _flush_times(C, sizes, T_d, BW, BW_in, buffers) + lam * buffers * np.minimum(sizes, C)
     best = int(np.argmin(cost))  # first minimum: sizes ascend, so ties pick the smaller batch

@@ -41,23 +41,27 @@ def _open_store(url: str) -> Any:
 
     if scheme_of(url) == "file":
         from asymstore.backends.local import path_from_url
+
         path = path_from_url(url)
         if not os.path.exists(path):
             raise UsageError(f"{url}: no such directory")
         if not os.path.isdir(path):
-            raise UsageError(f"{url}: not a directory (give the checkpoint root, the directory that holds "
-                             "step_<N>/ directories)")
+            raise UsageError(
+                f"{url}: not a directory (give the checkpoint root, the directory that holds step_<N>/ directories)"
+            )
     return open_object_store(url)
 
 
 def _committed(store: Any) -> list[int]:
     from .reader import committed_steps
+
     return committed_steps(store)
 
 
 def _partial_steps(store: Any) -> list[int]:
     """Step directories without a commit marker (interrupted or in-flight saves)."""
     from .manifest import COMMIT_KEY, parse_step_dir
+
     out = []
     for d in store.list_dirs(""):
         s = parse_step_dir(d)
@@ -85,8 +89,10 @@ def _pick_step(store: Any, url: str, step: int | None) -> int:
         return steps[-1]
     if step not in steps:
         near = ", ".join(map(str, steps[-10:]))
-        raise StepNotFoundError(f"step {step} is not committed in {url}; committed steps: {near}"
-                                + (" (last 10)" if len(steps) > 10 else ""))
+        raise StepNotFoundError(
+            f"step {step} is not committed in {url}; committed steps: {near}"
+            + (" (last 10)" if len(steps) > 10 else "")
+        )
     return step
 
 
@@ -107,6 +113,7 @@ def _time_str(t: float | None) -> str:
 
 def _console(args: argparse.Namespace) -> Any:
     from rich.console import Console
+
     # a pipe or a file gets wide tables (not rich's 80 columns) and no colour codes
     width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200
     return Console(highlight=False, soft_wrap=False, width=width)
@@ -114,6 +121,7 @@ def _console(args: argparse.Namespace) -> Any:
 
 def _err_console() -> Any:
     from rich.console import Console
+
     return Console(stderr=True, highlight=False)
 
 
@@ -123,10 +131,17 @@ def _progress(args: argparse.Namespace, description: str, total: int) -> Iterato
     if args.quiet or not sys.stderr.isatty() or total <= 0:
         yield lambda done: None
         return
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TimeRemainingColumn(), console=_err_console(), transient=True) as p:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=_err_console(),
+        transient=True,
+    ) as p:
         task = p.add_task(description, total=total)
         yield lambda done: p.update(task, completed=done)
 
@@ -162,9 +177,16 @@ def cmd_ls(args: argparse.Namespace) -> int:
     all_steps = sorted({s for d in status.values() for s in d})
     rows = []
     for step in all_steps:
-        row: dict[str, Any] = {"step": step, "raw_bytes": None, "stored_bytes": None, "ratio": None,
-                               "codecs": {}, "time": None, "delta_base": None,
-                               "tiers": {u: status[u].get(step, "absent") for u, _ in stores}}
+        row: dict[str, Any] = {
+            "step": step,
+            "raw_bytes": None,
+            "stored_bytes": None,
+            "ratio": None,
+            "codecs": {},
+            "time": None,
+            "delta_base": None,
+            "tiers": {u: status[u].get(step, "absent") for u, _ in stores},
+        }
         for url, st in stores:  # details from the first tier where the step is complete and readable
             if status[url].get(step) != "complete":
                 continue
@@ -176,9 +198,15 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 continue
             m = r.manifest
             raw, stored = m.layout.total_bytes, m.stored_bytes
-            row.update(raw_bytes=raw, stored_bytes=stored, ratio=(stored / raw if raw else 1.0),
-                       codecs=_codec_summary(m), time=float(r.commit.get("time") or m.created),
-                       delta_base=m.delta_base, tensors=len(m.layout.tensors))
+            row.update(
+                raw_bytes=raw,
+                stored_bytes=stored,
+                ratio=(stored / raw if raw else 1.0),
+                codecs=_codec_summary(m),
+                time=float(r.commit.get("time") or m.created),
+                delta_base=m.delta_base,
+                tensors=len(m.layout.tensors),
+            )
             break
         rows.append(row)
 
@@ -187,6 +215,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     from rich.table import Table
+
     con = _console(args)
     if not rows:
         con.print(f"no checkpoints in {', '.join(args.urls)}")
@@ -199,8 +228,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
     table.add_column("ratio", justify="right")
     table.add_column("codecs (partitions)")
     table.add_column("time")
-    marks = {"complete": "[green]yes[/]", "partial": "[yellow]partial[/]", "absent": "[dim]-[/]",
-             "damaged": "[red]damaged[/]"}
+    marks = {
+        "complete": "[green]yes[/]",
+        "partial": "[yellow]partial[/]",
+        "absent": "[dim]-[/]",
+        "damaged": "[red]damaged[/]",
+    }
     heads = _tier_headers([u for u, _ in stores])
     for h in heads:
         table.add_column(h, justify="center")
@@ -208,11 +241,16 @@ def cmd_ls(args: argparse.Namespace) -> int:
         codecs = ", ".join(f"{k} ({v})" for k, v in r["codecs"].items())
         if r["delta_base"] is not None:
             codecs += f" [dim]delta of {r['delta_base']}[/]"
-        table.add_row(str(r["step"]), str(r.get("tensors", "-")),
-                      human_bytes(r["raw_bytes"]) if r["raw_bytes"] is not None else "-",
-                      human_bytes(r["stored_bytes"]) if r["stored_bytes"] is not None else "-",
-                      f"{r['ratio']:.3f}" if r["ratio"] is not None else "-", codecs or "-", _time_str(r["time"]),
-                      *(marks[r["tiers"][u]] for u, _ in stores))
+        table.add_row(
+            str(r["step"]),
+            str(r.get("tensors", "-")),
+            human_bytes(r["raw_bytes"]) if r["raw_bytes"] is not None else "-",
+            human_bytes(r["stored_bytes"]) if r["stored_bytes"] is not None else "-",
+            f"{r['ratio']:.3f}" if r["ratio"] is not None else "-",
+            codecs or "-",
+            _time_str(r["time"]),
+            *(marks[r["tiers"][u]] for u, _ in stores),
+        )
     con.print(table)
     for h, (url, _) in zip(heads, stores):
         con.print(f"  {h} = {url}", soft_wrap=True)
@@ -279,36 +317,72 @@ def cmd_show(args: argparse.Namespace) -> int:
     parts = []
     for p in m.partitions:
         spec = m.codecs[p.label]
-        parts.append({"index": p.span.index, "start": p.span.start, "raw_bytes": p.span.nbytes,
-                      "stored_bytes": p.stored_bytes, "ratio": p.stored_bytes / p.span.nbytes if p.span.nbytes else 1.0,
-                      "codec": p.label, "chain": [c["name"] for c in spec.zarr_chunk_codecs()],
-                      "object": f"{r.prefix}{p.label}/c/{p.shard}",
-                      "tensors": [t.name for t in m.layout.tensors if t.offset < p.span.end and t.end > p.span.start
-                                  and _match(t.name, args.filter)]})
+        parts.append(
+            {
+                "index": p.span.index,
+                "start": p.span.start,
+                "raw_bytes": p.span.nbytes,
+                "stored_bytes": p.stored_bytes,
+                "ratio": p.stored_bytes / p.span.nbytes if p.span.nbytes else 1.0,
+                "codec": p.label,
+                "chain": [c["name"] for c in spec.zarr_chunk_codecs()],
+                "object": f"{r.prefix}{p.label}/c/{p.shard}",
+                "tensors": [
+                    t.name
+                    for t in m.layout.tensors
+                    if t.offset < p.span.end and t.end > p.span.start and _match(t.name, args.filter)
+                ],
+            }
+        )
     if args.filter:
         parts = [p for p in parts if p["tensors"]]
     values = _skeleton_values(m.skeleton)
     if args.json:
-        print(json.dumps({
-            "step": step, "url": args.url, "time": r.commit.get("time"), "raw_bytes": m.layout.total_bytes,
-            "stored_bytes": m.stored_bytes, "delta_base": m.delta_base, "chunk_bytes": m.chunk_bytes,
-            "partition_bytes": m.partition_bytes,
-            "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "bytes": t.nbytes,
-                         "offset": t.offset} for t in tensors],
-            "partitions": [{k: v for k, v in p.items() if k != "tensors"} | {"tensors": len(p["tensors"])}
-                           for p in parts],
-            "user": m.user, "values": values}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "step": step,
+                    "url": args.url,
+                    "time": r.commit.get("time"),
+                    "raw_bytes": m.layout.total_bytes,
+                    "stored_bytes": m.stored_bytes,
+                    "delta_base": m.delta_base,
+                    "chunk_bytes": m.chunk_bytes,
+                    "partition_bytes": m.partition_bytes,
+                    "tensors": [
+                        {
+                            "name": t.name,
+                            "dtype": t.dtype,
+                            "shape": list(t.shape),
+                            "bytes": t.nbytes,
+                            "offset": t.offset,
+                        }
+                        for t in tensors
+                    ],
+                    "partitions": [
+                        {k: v for k, v in p.items() if k != "tensors"} | {"tensors": len(p["tensors"])} for p in parts
+                    ],
+                    "user": m.user,
+                    "values": values,
+                },
+                indent=2,
+            )
+        )
         return EXIT_OK
 
     con = _console(args)
     raw, stored = m.layout.total_bytes, m.stored_bytes
     con.print(f"[bold]step {step}[/] in {args.url}  ({_time_str(float(r.commit.get('time') or m.created))})")
-    con.print(f"{len(m.layout.tensors)} tensors, raw {human_bytes(raw)}, stored {human_bytes(stored)} "
-              f"(ratio {stored / raw if raw else 1.0:.3f}), {len(m.partitions)} partitions of "
-              f"{human_bytes(m.partition_bytes)} in chunks of {human_bytes(m.chunk_bytes)}"
-              + (f", XOR delta of step {m.delta_base}" if m.delta_base is not None else ""))
-    tt = Table(title=f"tensors ({len(tensors)}" + (f" matching {args.filter!r}" if args.filter else "") + ")",
-               title_justify="left")
+    con.print(
+        f"{len(m.layout.tensors)} tensors, raw {human_bytes(raw)}, stored {human_bytes(stored)} "
+        f"(ratio {stored / raw if raw else 1.0:.3f}), {len(m.partitions)} partitions of "
+        f"{human_bytes(m.partition_bytes)} in chunks of {human_bytes(m.chunk_bytes)}"
+        + (f", XOR delta of step {m.delta_base}" if m.delta_base is not None else "")
+    )
+    tt = Table(
+        title=f"tensors ({len(tensors)}" + (f" matching {args.filter!r}" if args.filter else "") + ")",
+        title_justify="left",
+    )
     tt.add_column("name", overflow="fold")
     tt.add_column("dtype")
     tt.add_column("shape")
@@ -319,16 +393,34 @@ def cmd_show(args: argparse.Namespace) -> int:
             from_name(dt)
         except AsymstoreError:
             dt += " (unknown to this torch)"
-        tt.add_row(t.name, dt, "(" + ", ".join(map(str, t.shape)) + ("," if len(t.shape) == 1 else "") + ")",
-                   human_bytes(t.nbytes))
+        tt.add_row(
+            t.name,
+            dt,
+            "(" + ", ".join(map(str, t.shape)) + ("," if len(t.shape) == 1 else "") + ")",
+            human_bytes(t.nbytes),
+        )
     con.print(tt)
     pt = Table(title="partitions", title_justify="left")
-    for c, j in (("#", "right"), ("stream offset", "right"), ("raw", "right"), ("stored", "right"),
-                 ("ratio", "right"), ("codec chain", "left"), ("tensors", "right")):
+    for c, j in (
+        ("#", "right"),
+        ("stream offset", "right"),
+        ("raw", "right"),
+        ("stored", "right"),
+        ("ratio", "right"),
+        ("codec chain", "left"),
+        ("tensors", "right"),
+    ):
         pt.add_column(c, justify=j)  # type: ignore[arg-type]
     for p in parts:
-        pt.add_row(str(p["index"]), str(p["start"]), human_bytes(p["raw_bytes"]), human_bytes(p["stored_bytes"]),
-                   f"{p['ratio']:.3f}", f"{p['codec']}: " + " -> ".join(p["chain"]), str(len(p["tensors"])))
+        pt.add_row(
+            str(p["index"]),
+            str(p["start"]),
+            human_bytes(p["raw_bytes"]),
+            human_bytes(p["stored_bytes"]),
+            f"{p['ratio']:.3f}",
+            f"{p['codec']}: " + " -> ".join(p["chain"]),
+            str(len(p["tensors"])),
+        )
     con.print(pt)
     con.print("[bold]user metadata[/]: " + (json.dumps(m.user, indent=2) if m.user else "(none)"))
     if values:
@@ -378,10 +470,26 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 # --- export -------------------------------------------------------------------------
-_ST_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
-              "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "uint16": "U16",
-              "uint32": "U32", "uint64": "U64", "complex64": "C64", "float8_e4m3fn": "F8_E4M3",
-              "float8_e5m2": "F8_E5M2", "float8_e4m3fnuz": "F8_E4M3FNUZ", "float8_e5m2fnuz": "F8_E5M2FNUZ"}
+_ST_DTYPES = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+    "uint16": "U16",
+    "uint32": "U32",
+    "uint64": "U64",
+    "complex64": "C64",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+    "float8_e4m3fnuz": "F8_E4M3FNUZ",
+    "float8_e5m2fnuz": "F8_E5M2FNUZ",
+}
 _PIECE = 64 << 20
 
 
@@ -403,14 +511,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     m = r.manifest
     tensors = [t for t in m.layout.tensors if _match(t.name, args.filter)]
     if not tensors:
-        raise UsageError(f"no tensor of step {step} matches {args.filter!r}" if args.filter
-                         else f"step {step} has no tensors to export")
+        raise UsageError(
+            f"no tensor of step {step} matches {args.filter!r}"
+            if args.filter
+            else f"step {step} has no tensors to export"
+        )
     unsupported = [f"{t.name} ({t.dtype})" for t in tensors if t.dtype not in _ST_DTYPES]
     if unsupported:
-        raise UsageError("safetensors has no dtype for: " + ", ".join(unsupported[:10]) +
-                         "; leave them out with --filter")
+        raise UsageError(
+            "safetensors has no dtype for: " + ", ".join(unsupported[:10]) + "; leave them out with --filter"
+        )
     # safetensors' own order: larger element sizes first, then by name, so every tensor is aligned
     from .dtypes import from_name, info
+
     order = sorted(tensors, key=lambda t: (-info(from_name(t.dtype)).itemsize, t.name))
     header: dict[str, Any] = {}
     off = 0
@@ -455,8 +568,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 # --- entry point --------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="asymstore", description="Inspect, verify and export asymstore checkpoints. "
-                                "URLs are tier roots: a directory, file:///path, memory://name or hdfs://host:port/path.")
+    p = argparse.ArgumentParser(
+        prog="asymstore",
+        description="Inspect, verify and export asymstore checkpoints. "
+        "URLs are tier roots: a directory, file:///path, memory://name or hdfs://host:port/path.",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -20,8 +20,11 @@ from .errors import ConfigError, CorruptCheckpointError
 
 Kind = Literal["raw", "zstd", "blosc"]
 Shuffle = Literal["noshuffle", "shuffle", "bitshuffle"]
-_SHUFFLE_CODE = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
-                 "bitshuffle": numcodecs.Blosc.BITSHUFFLE}
+_SHUFFLE_CODE = {
+    "noshuffle": numcodecs.Blosc.NOSHUFFLE,
+    "shuffle": numcodecs.Blosc.SHUFFLE,
+    "bitshuffle": numcodecs.Blosc.BITSHUFFLE,
+}
 
 
 @dataclass(frozen=True)
@@ -68,19 +71,40 @@ class CodecSpec:
         if self.kind == "zstd":
             codecs.append({"name": "zstd", "configuration": {"level": self.level, "checksum": False}})
         elif self.kind == "blosc":
-            codecs.append({"name": "blosc", "configuration": {
-                "cname": self.cname, "clevel": self.level, "shuffle": self.shuffle,
-                "typesize": self.typesize, "blocksize": 0}})
+            codecs.append(
+                {
+                    "name": "blosc",
+                    "configuration": {
+                        "cname": self.cname,
+                        "clevel": self.level,
+                        "shuffle": self.shuffle,
+                        "typesize": self.typesize,
+                        "blocksize": 0,
+                    },
+                }
+            )
         return codecs
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "level": self.level, "cname": self.cname, "shuffle": self.shuffle,
-                "typesize": self.typesize, "delta": self.delta}
+        return {
+            "kind": self.kind,
+            "level": self.level,
+            "cname": self.cname,
+            "shuffle": self.shuffle,
+            "typesize": self.typesize,
+            "delta": self.delta,
+        }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> CodecSpec:
-        return cls(kind=d["kind"], level=int(d["level"]), cname=d.get("cname", ""), shuffle=d["shuffle"],
-                   typesize=int(d["typesize"]), delta=bool(d["delta"]))
+        return cls(
+            kind=d["kind"],
+            level=int(d["level"]),
+            cname=d.get("cname", ""),
+            shuffle=d["shuffle"],
+            typesize=int(d["typesize"]),
+            delta=bool(d["delta"]),
+        )
 
     def with_delta(self) -> CodecSpec:
         return CodecSpec(self.kind, self.level, self.cname, self.shuffle, self.typesize, True)

@@ -46,8 +46,9 @@ def predicted_time(nbytes: int, est: CodecEstimate, tier_bw: float) -> float:
     return nbytes / est.encode_bw + nbytes * est.ratio / tier_bw
 
 
-def choose_codec(nbytes: int, estimates: Sequence[CodecEstimate], tier_bw: float, *,
-                 min_gain: float = 0.05) -> CodecChoice:
+def choose_codec(
+    nbytes: int, estimates: Sequence[CodecEstimate], tier_bw: float, *, min_gain: float = 0.05
+) -> CodecChoice:
     """Pick the fastest chain end to end; compress only if it beats raw by ``min_gain`` (fraction).
 
     ``tier_bw`` may be ``inf`` (memory): then nothing is ever compressed.
@@ -71,13 +72,16 @@ def candidate_specs(typesize: int, *, delta: bool) -> list[CodecSpec]:
     """The lossless chains the planner weighs: lz4, zstd-1, blosc-zstd with byte shuffle, and XOR deltas."""
     specs = [LZ4, CodecSpec("zstd", 1), blosc_shuffle(typesize if typesize in (2, 4, 8) else 4, "zstd", 1)]
     if delta:
-        specs += [blosc_shuffle(typesize if typesize in (2, 4, 8) else 4, "zstd", 1).with_delta(),
-                  CodecSpec("blosc", 5, "lz4", "shuffle", typesize if typesize in (2, 4, 8) else 4).with_delta()]
+        specs += [
+            blosc_shuffle(typesize if typesize in (2, 4, 8) else 4, "zstd", 1).with_delta(),
+            CodecSpec("blosc", 5, "lz4", "shuffle", typesize if typesize in (2, 4, 8) else 4).with_delta(),
+        ]
     return specs
 
 
-def sample_slices(data: memoryview, *, sample_bytes: int = 256 << 10, pieces: int = 4, align: int = 64
-                  ) -> list[tuple[int, int]]:
+def sample_slices(
+    data: memoryview, *, sample_bytes: int = 256 << 10, pieces: int = 4, align: int = 64
+) -> list[tuple[int, int]]:
     """Byte ranges ``(start, end)`` spread evenly over ``data`` totalling about ``sample_bytes``."""
     n = len(data)
     if n <= sample_bytes:
@@ -87,8 +91,9 @@ def sample_slices(data: memoryview, *, sample_bytes: int = 256 << 10, pieces: in
     return [(s, s + piece) for s in (i * stride // align * align for i in range(pieces))]
 
 
-def measure_candidates(specs: Sequence[CodecSpec], data: memoryview, base: memoryview | None = None, *,
-                       sample_bytes: int = 256 << 10) -> list[CodecEstimate]:
+def measure_candidates(
+    specs: Sequence[CodecSpec], data: memoryview, base: memoryview | None = None, *, sample_bytes: int = 256 << 10
+) -> list[CodecEstimate]:
     """Encode a sample of ``data`` with each spec; delta specs XOR against ``base`` first."""
     out: list[CodecEstimate] = []
     # 1/16 of a large partition (64 KiB at least, for stable speed estimates), so sampling stays a
@@ -110,7 +115,7 @@ def measure_candidates(specs: Sequence[CodecSpec], data: memoryview, base: memor
                 if scratch is None or len(scratch) < b - a:
                     scratch = np.empty(b - a, np.uint8)
                 xor_into(scratch, piece, base[a:b])
-                piece = scratch[:b - a].data
+                piece = scratch[: b - a].data
             stored += len(encode_chunk(spec, piece))
             raw_total += b - a
         dt = max(time.perf_counter() - t0, 1e-7)

@@ -63,10 +63,12 @@ class Config:
             raise ConfigError(f"slot_policy must be 'wait' or 'skip', got {self.slot_policy!r}")
         if self.chunk_bytes < 4096 or self.chunk_bytes & (self.chunk_bytes - 1):
             raise ConfigError(f"chunk_bytes must be a power of two >= 4096, got {self.chunk_bytes}")
-        if self.partition_bytes is not None and (self.partition_bytes < self.chunk_bytes
-                                                 or self.partition_bytes % self.chunk_bytes):
-            raise ConfigError(f"partition_bytes ({self.partition_bytes}) must be a multiple of chunk_bytes "
-                              f"({self.chunk_bytes})")
+        if self.partition_bytes is not None and (
+            self.partition_bytes < self.chunk_bytes or self.partition_bytes % self.chunk_bytes
+        ):
+            raise ConfigError(
+                f"partition_bytes ({self.partition_bytes}) must be a multiple of chunk_bytes ({self.chunk_bytes})"
+            )
         if self.codec_reuse < 1:
             raise ConfigError(f"codec_reuse must be >= 1 (checkpoints), got {self.codec_reuse}")
         if self.delta_every < 0:

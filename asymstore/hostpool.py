@@ -19,7 +19,6 @@ import torch
 from .errors import SnapshotSlotsBusyError
 from .layout import Layout
 
-
 _PAGE = 4096
 
 
@@ -47,7 +46,7 @@ class Slot:
 
     def memview(self) -> memoryview:
         assert self.buffer is not None and self.layout is not None
-        return self.buffer.numpy().data.cast("B")[:self.layout.total_bytes]
+        return self.buffer.numpy().data.cast("B")[: self.layout.total_bytes]
 
 
 class HostPool:
@@ -74,21 +73,25 @@ class HostPool:
         # page-aligned, so partitions can be written with direct I/O straight from the slot
         raw = torch.empty(size + _PAGE, dtype=torch.uint8, pin_memory=self.pin)
         skip = -raw.data_ptr() % _PAGE
-        slot.buffer = raw[skip:skip + size]
+        slot.buffer = raw[skip : skip + size]
 
     # --- slot life ---------------------------------------------------------------
-    def acquire(self, nbytes: int, step: int, *, policy: Literal["wait", "skip"] = "wait",
-                timeout: float | None = None) -> Slot:
+    def acquire(
+        self, nbytes: int, step: int, *, policy: Literal["wait", "skip"] = "wait", timeout: float | None = None
+    ) -> Slot:
         """A slot for a new snapshot of ``nbytes``; evicts the oldest persisted one if needed."""
         t0 = time.perf_counter()
         waited = False
         with self._cv:
             while True:
-                same = [s for s in self.slots if s.step == step and s.state == "ready" and not s.persisting
-                        and not s.leases]
+                same = [
+                    s for s in self.slots if s.step == step and s.state == "ready" and not s.persisting and not s.leases
+                ]
                 free = [s for s in self.slots if s.state == "free"]
-                evictable = sorted((s for s in self.slots if s.state == "ready" and not s.persisting
-                                    and not s.leases), key=lambda s: s.ready_time)
+                evictable = sorted(
+                    (s for s in self.slots if s.state == "ready" and not s.persisting and not s.leases),
+                    key=lambda s: s.ready_time,
+                )
                 candidates = same or free or evictable
                 if candidates:
                     pick = candidates[0]
@@ -97,7 +100,8 @@ class HostPool:
                     self.skips += 1
                     raise SnapshotSlotsBusyError(
                         f"all {len(self.slots)} host snapshot slots are still persisting; checkpoint of step "
-                        f"{step} skipped (raise host_slots, or use slot_policy='wait')")
+                        f"{step} skipped (raise host_slots, or use slot_policy='wait')"
+                    )
                 waited = True
                 remaining = None if timeout is None else timeout - (time.perf_counter() - t0)
                 if remaining is not None and remaining <= 0:
@@ -112,8 +116,16 @@ class HostPool:
         self._alloc(pick, nbytes)
         return pick
 
-    def mark_ready(self, slot: Slot, *, layout: Layout, skeleton: Any, numpy_names: list[str],
-                   user: dict[str, Any], persisting: bool) -> None:
+    def mark_ready(
+        self,
+        slot: Slot,
+        *,
+        layout: Layout,
+        skeleton: Any,
+        numpy_names: list[str],
+        user: dict[str, Any],
+        persisting: bool,
+    ) -> None:
         with self._cv:
             slot.layout, slot.skeleton, slot.numpy_names, slot.user = layout, skeleton, numpy_names, user
             slot.state = "ready"

@@ -96,15 +96,16 @@ def cut_stream(total_bytes: int, partition_bytes: int, chunk_bytes: int) -> list
     if partition_bytes % chunk_bytes:
         raise ConfigError(f"partition size {partition_bytes} must be a multiple of the chunk size {chunk_bytes}")
     n = math.ceil(total_bytes / partition_bytes)
-    return [PartitionSpan(i, i * partition_bytes, min(partition_bytes, total_bytes - i * partition_bytes))
-            for i in range(n)]
+    return [
+        PartitionSpan(i, i * partition_bytes, min(partition_bytes, total_bytes - i * partition_bytes)) for i in range(n)
+    ]
 
 
 def overlapping(spans: Sequence[PartitionSpan], partition_bytes: int, start: int, end: int) -> list[PartitionSpan]:
     """Partitions (as cut by :func:`cut_stream`) that intersect ``[start, end)``."""
     if end <= start or not spans:
         return []
-    return list(spans[start // partition_bytes:(end - 1) // partition_bytes + 1])
+    return list(spans[start // partition_bytes : (end - 1) // partition_bytes + 1])
 
 
 def dominant_itemsize(layout: Layout, start: int, end: int, itemsizes: dict[str, int]) -> int:

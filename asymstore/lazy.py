@@ -62,7 +62,7 @@ class LazyTensor:
         buf = torch.empty(max(end - start, 1), dtype=torch.uint8)
         if end > start:
             self._src.read_range_into(self.entry.offset + start, self.entry.offset + end, buf.numpy().data)
-        return buf[:end - start]
+        return buf[: end - start]
 
     def read(self) -> torch.Tensor:
         """The whole tensor (a new CPU tensor)."""
@@ -72,8 +72,11 @@ class LazyTensor:
     def numpy(self) -> np.ndarray:
         t = self.read()
         view = info(self.dtype).view_dtype
-        return t.view(torch.uint8).numpy().view(view).reshape(self.shape) if not info(self.dtype).exact_numpy \
+        return (
+            t.view(torch.uint8).numpy().view(view).reshape(self.shape)
+            if not info(self.dtype).exact_numpy
             else t.numpy()
+        )
 
     def __getitem__(self, index: Any) -> torch.Tensor:
         """Index like a tensor. Rows of the leading dimension are read selectively."""
@@ -89,16 +92,22 @@ class LazyTensor:
             if not 0 <= i < n:
                 raise IndexError(f"index {first} is out of bounds for dimension 0 with size {n}")
             raw = self._read_bytes(i * row_bytes, (i + 1) * row_bytes)
-            row = raw.view(self.dtype).view(self.shape[1:]) if row_bytes else torch.empty(self.shape[1:],
-                                                                                            dtype=self.dtype)
+            row = (
+                raw.view(self.dtype).view(self.shape[1:])
+                if row_bytes
+                else torch.empty(self.shape[1:], dtype=self.dtype)
+            )
             return row[rest] if rest else row
         if isinstance(first, slice):
             start, stop, step = first.indices(n)
             if step < 0 or stop <= start:
                 return self.read()[index]
             raw = self._read_bytes(start * row_bytes, stop * row_bytes)
-            rows = raw.view(self.dtype).view((stop - start, *self.shape[1:])) if row_bytes else \
-                torch.empty((stop - start, *self.shape[1:]), dtype=self.dtype)
+            rows = (
+                raw.view(self.dtype).view((stop - start, *self.shape[1:]))
+                if row_bytes
+                else torch.empty((stop - start, *self.shape[1:]), dtype=self.dtype)
+            )
             return rows[(slice(None, None, step), *rest)]
         return self.read()[index]
 

@@ -31,15 +31,21 @@ def shard_dir(step: int, rank: int, world_size: int) -> str:
     return step_dir(step) if world_size == 1 else f"{step_dir(step)}/r{rank:05d}"
 
 
-def global_commit_record(step: int, ranks: int, markers: dict[int, dict[str, Any]],
-                         marker_bytes: dict[int, bytes]) -> bytes:
+def global_commit_record(
+    step: int, ranks: int, markers: dict[int, dict[str, Any]], marker_bytes: dict[int, bytes]
+) -> bytes:
     """The step-level marker of a multi-rank checkpoint: written by rank 0 after every rank's marker."""
-    body = {"format": FORMAT, "step": step, "time": time.time(), "ranks": ranks,
-            "shards_crc32c": {str(r): crc32c(b) for r, b in sorted(marker_bytes.items())},
-            "stored_bytes": sum(int(m.get("stored_bytes", 0)) for m in markers.values()),
-            "raw_bytes": sum(int(m.get("raw_bytes", 0)) for m in markers.values()),
-            "objects": sum(int(m.get("objects", 0)) for m in markers.values()) + 2,
-            "delta_base": None}
+    body = {
+        "format": FORMAT,
+        "step": step,
+        "time": time.time(),
+        "ranks": ranks,
+        "shards_crc32c": {str(r): crc32c(b) for r, b in sorted(marker_bytes.items())},
+        "stored_bytes": sum(int(m.get("stored_bytes", 0)) for m in markers.values()),
+        "raw_bytes": sum(int(m.get("raw_bytes", 0)) for m in markers.values()),
+        "objects": sum(int(m.get("objects", 0)) for m in markers.values()) + 2,
+        "delta_base": None,
+    }
     body["crc32c"] = crc32c(dumps(body))
     return dumps(body)
 
@@ -58,8 +64,15 @@ class PartitionRecord:
     chunk_crcs: list[int]
 
     def to_json(self) -> list[Any]:
-        return [self.span.index, self.span.start, self.span.nbytes, self.label, self.shard, self.stored_bytes,
-                self.chunk_crcs]
+        return [
+            self.span.index,
+            self.span.start,
+            self.span.nbytes,
+            self.label,
+            self.shard,
+            self.stored_bytes,
+            self.chunk_crcs,
+        ]
 
     @classmethod
     def from_json(cls, v: list[Any]) -> PartitionRecord:
@@ -120,22 +133,46 @@ class Manifest:
         if d.get("format") != FORMAT:
             raise CorruptCheckpointError(f"unknown checkpoint format {d.get('format')!r} (expected {FORMAT})")
         lay = d["layout"]
-        layout = Layout(tuple(TensorEntry(n, dt, tuple(s), o, nb) for n, dt, s, o, nb in lay["tensors"]),
-                        int(lay["total_bytes"]), int(lay["align"]))
+        layout = Layout(
+            tuple(TensorEntry(n, dt, tuple(s), o, nb) for n, dt, s, o, nb in lay["tensors"]),
+            int(lay["total_bytes"]),
+            int(lay["align"]),
+        )
         return cls(
-            step=int(d["step"]), layout=layout, skeleton=d["skeleton"], numpy_names=list(d.get("numpy_names", [])),
-            partition_bytes=int(d["partition_bytes"]), chunk_bytes=int(d["chunk_bytes"]),
+            step=int(d["step"]),
+            layout=layout,
+            skeleton=d["skeleton"],
+            numpy_names=list(d.get("numpy_names", [])),
+            partition_bytes=int(d["partition_bytes"]),
+            chunk_bytes=int(d["chunk_bytes"]),
             partitions=[PartitionRecord.from_json(p) for p in d["partitions"]],
             codecs={k: CodecSpec.from_json(v) for k, v in d["codecs"].items()},
-            delta_base=d.get("delta_base"), user=dict(d.get("user", {})), created=float(d.get("created", 0.0)),
+            delta_base=d.get("delta_base"),
+            user=dict(d.get("user", {})),
+            created=float(d.get("created", 0.0)),
         )
 
 
-def commit_record(step: int, group_bytes: bytes, array_meta: dict[str, bytes], stored_bytes: int,
-                  n_objects: int, raw_bytes: int, delta_base: int | None) -> bytes:
-    body = {"format": FORMAT, "step": step, "time": time.time(), "group_crc32c": crc32c(group_bytes),
-            "arrays_crc32c": {k: crc32c(v) for k, v in array_meta.items()}, "stored_bytes": stored_bytes,
-            "raw_bytes": raw_bytes, "objects": n_objects, "delta_base": delta_base}
+def commit_record(
+    step: int,
+    group_bytes: bytes,
+    array_meta: dict[str, bytes],
+    stored_bytes: int,
+    n_objects: int,
+    raw_bytes: int,
+    delta_base: int | None,
+) -> bytes:
+    body = {
+        "format": FORMAT,
+        "step": step,
+        "time": time.time(),
+        "group_crc32c": crc32c(group_bytes),
+        "arrays_crc32c": {k: crc32c(v) for k, v in array_meta.items()},
+        "stored_bytes": stored_bytes,
+        "raw_bytes": raw_bytes,
+        "objects": n_objects,
+        "delta_base": delta_base,
+    }
     body["crc32c"] = crc32c(dumps(body))
     return dumps(body)
 

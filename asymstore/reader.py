@@ -37,8 +37,14 @@ class VerifyReport:
 class CheckpointReader:
     """A committed step on one object store. Open with :meth:`open`."""
 
-    def __init__(self, store: ObjectStore, manifest: Manifest, commit: dict[str, object],
-                 base_reader: Callable[[int], CheckpointReader] | None = None, prefix: str | None = None) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        manifest: Manifest,
+        commit: dict[str, object],
+        base_reader: Callable[[int], CheckpointReader] | None = None,
+        prefix: str | None = None,
+    ) -> None:
         self.store = store
         self.manifest = manifest
         self.commit = commit
@@ -53,8 +59,14 @@ class CheckpointReader:
 
     # --- opening -----------------------------------------------------------------
     @classmethod
-    def open(cls, store: ObjectStore, step: int, base_reader: Callable[[int], CheckpointReader] | None = None,
-             *, rank: int | None = None) -> CheckpointReader:
+    def open(
+        cls,
+        store: ObjectStore,
+        step: int,
+        base_reader: Callable[[int], CheckpointReader] | None = None,
+        *,
+        rank: int | None = None,
+    ) -> CheckpointReader:
         """Open a committed step; for a multi-rank step, the shard of ``rank`` (default 0)."""
         prefix = step_dir(step) + "/"
         raw_commit = store.get(prefix + COMMIT_KEY)
@@ -70,14 +82,16 @@ class CheckpointReader:
             raw_shard = store.get(prefix + COMMIT_KEY)
             want = dict(commit["shards_crc32c"]).get(str(r))
             if raw_shard is None or crc32c(raw_shard) != want:
-                raise CorruptCheckpointError(f"{prefix}{COMMIT_KEY}: missing or does not match the step's marker",
-                                             (prefix + COMMIT_KEY,))
+                raise CorruptCheckpointError(
+                    f"{prefix}{COMMIT_KEY}: missing or does not match the step's marker", (prefix + COMMIT_KEY,)
+                )
             commit = parse_commit(raw_shard, prefix + COMMIT_KEY)
             commit["ranks"] = ranks
         group = store.get(prefix + GROUP_KEY)
         if group is None:
-            raise CorruptCheckpointError(f"{prefix}{GROUP_KEY} is missing although step {step} is committed",
-                                         (prefix + GROUP_KEY,))
+            raise CorruptCheckpointError(
+                f"{prefix}{GROUP_KEY} is missing although step {step} is committed", (prefix + GROUP_KEY,)
+            )
         if crc32c(group) != commit["group_crc32c"]:
             raise CorruptCheckpointError(f"{prefix}{GROUP_KEY}: checksum mismatch", (prefix + GROUP_KEY,))
         try:
@@ -118,14 +132,14 @@ class CheckpointReader:
         spec = self.manifest.codecs[rec.label]
         C = self.manifest.chunk_bytes
         if spec.kind == "raw":
-            out[:] = stored[:len(out)]
+            out[:] = stored[: len(out)]
             return
         if len(out) == C:
             decode_chunk(spec, stored, out)
         else:  # edge chunk: decode the padded chunk, keep the prefix
             tmp = bytearray(C)
             decode_chunk(spec, stored, memoryview(tmp))
-            out[:] = memoryview(tmp)[:len(out)]
+            out[:] = memoryview(tmp)[: len(out)]
 
     def _read_partition_into(self, rec: PartitionRecord, out: memoryview) -> None:
         """Read one whole partition (one object) into ``out`` (its raw bytes), verified."""
@@ -165,6 +179,7 @@ class CheckpointReader:
                         raise CorruptCheckpointError(f"{key}: chunk {k} checksum mismatch", (key,))
                 if spec.delta:
                     self._apply_delta(rec.span, out[:n])
+
             return check_raw
         blob = self.store.get(key)
         if blob is None:
@@ -172,16 +187,17 @@ class CheckpointReader:
         self.bytes_read += len(blob)
 
         def check_decode() -> None:
-            idx = decode_index(blob[-index_nbytes(cps):], cps, key)
+            idx = decode_index(blob[-index_nbytes(cps) :], cps, key)
             mv = memoryview(blob)
             for k in range(nchunks):
                 off, sz = int(idx[k, 0]), int(idx[k, 1])
                 if off + sz > len(blob) - index_nbytes(cps):
                     raise CorruptCheckpointError(f"{key}: chunk {k} lies outside the shard", (key,))
                 lo, hi = k * C, min((k + 1) * C, n)
-                self._decode_chunk_into(rec, k, mv[off:off + sz], out[lo:hi])
+                self._decode_chunk_into(rec, k, mv[off : off + sz], out[lo:hi])
             if spec.delta:
                 self._apply_delta(rec.span, out[:n])
+
         return check_decode
 
     def _apply_delta(self, span: PartitionSpan, out: memoryview) -> None:
@@ -223,7 +239,7 @@ class CheckpointReader:
         with ThreadPoolExecutor(1, thread_name_prefix="asymstore-verify") as pool:  # exit waits for it
             pending: tuple[Future[None], int] | None = None
             for span in self._spans:
-                check = self._fetch_partition(self._records[span.index], out[span.start:span.end])
+                check = self._fetch_partition(self._records[span.index], out[span.start : span.end])
                 if pending is not None:
                     finish(pending)
                 pending = (pool.submit(check), span.end)
@@ -254,11 +270,11 @@ class CheckpointReader:
                 c_lo = span.start + k * C
                 c_hi = min(c_lo + C, span.end)
                 chunk = bytearray(c_hi - c_lo)
-                self._decode_chunk_into(rec, k, mv[off:off + sz], memoryview(chunk))
+                self._decode_chunk_into(rec, k, mv[off : off + sz], memoryview(chunk))
                 a, b = max(lo, c_lo), min(hi, c_hi)
-                out[a - start:b - start] = memoryview(chunk)[a - c_lo:b - c_lo]
+                out[a - start : b - start] = memoryview(chunk)[a - c_lo : b - c_lo]
             if spec.delta:
-                self._apply_delta(PartitionSpan(-1, lo, hi - lo), out[lo - start:hi - start])
+                self._apply_delta(PartitionSpan(-1, lo, hi - lo), out[lo - start : hi - start])
 
     # --- verification ------------------------------------------------------------
     def verify(self, progress: Progress | None = None) -> VerifyReport:
@@ -271,7 +287,7 @@ class CheckpointReader:
         for span in self._spans:
             rec = self._records[span.index]
             try:
-                self._read_partition_into(rec, memoryview(scratch)[:span.nbytes])
+                self._read_partition_into(rec, memoryview(scratch)[: span.nbytes])
             except CorruptCheckpointError as e:
                 rep.problems.append((e.objects[0] if e.objects else self._key(rec), str(e)))
             rep.checked_objects += 1
@@ -280,8 +296,6 @@ class CheckpointReader:
                 progress(span.end, total)
         rep.ok = not rep.problems
         return rep
-
-
 
 
 def committed_steps(store: ObjectStore) -> list[int]:

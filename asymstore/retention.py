@@ -34,7 +34,7 @@ class LatestN(Policy):
             raise ConfigError(f"LatestN needs n >= 1, got {self.n}")
 
     def keep(self, steps: Sequence[int], sizes: Mapping[int, int]) -> set[int]:
-        return set(sorted(steps)[-self.n:])
+        return set(sorted(steps)[-self.n :])
 
     def wants(self, step: int, age: int) -> bool:
         return age < self.n
@@ -53,7 +53,7 @@ class EveryN(Policy):
 
     def keep(self, steps: Sequence[int], sizes: Mapping[int, int]) -> set[int]:
         hits = sorted(s for s in steps if s % self.n == 0)
-        return set(hits if self.limit is None else hits[-self.limit:])
+        return set(hits if self.limit is None else hits[-self.limit :])
 
     def wants(self, step: int, age: int) -> bool:
         return step % self.n == 0
@@ -105,8 +105,9 @@ def promotion_wanted(policies: Sequence[Policy], step: int, *, age: int) -> bool
     return any(p.wants(step, age) for p in policies)
 
 
-def plan_deletions(steps: Sequence[int], sizes: Mapping[int, int], policies: Sequence[Policy], *,
-                   protected: Iterable[int] = ()) -> list[int]:
+def plan_deletions(
+    steps: Sequence[int], sizes: Mapping[int, int], policies: Sequence[Policy], *, protected: Iterable[int] = ()
+) -> list[int]:
     """Steps of this tier to delete: not kept by any policy and not ``protected``."""
     keep: set[int] = set(protected)
     for p in policies:

@@ -40,7 +40,7 @@ def host_copy(dst: int, src: int, n: int) -> None:
 
 def dest_view(buffer: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
     """The typed, shaped view of ``buffer`` where ``entry`` lives."""
-    raw = buffer[entry.offset:entry.end]
+    raw = buffer[entry.offset : entry.end]
     return raw.view(from_name(entry.dtype)).view(entry.shape)
 
 
@@ -61,8 +61,15 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, *, non_blocking: bool, single_th
     slows training far more than its own CPU time. One single-threaded copy (the GIL released) uses one
     core at memory speed and nothing else.
     """
-    if (single_threaded and dst.device.type == "cpu" and src.device.type == "cpu" and dst.is_contiguous()
-            and _plain_memory(src) and dst.dtype == src.dtype and dst.shape == src.shape):
+    if (
+        single_threaded
+        and dst.device.type == "cpu"
+        and src.device.type == "cpu"
+        and dst.is_contiguous()
+        and _plain_memory(src)
+        and dst.dtype == src.dtype
+        and dst.shape == src.shape
+    ):
         host_copy(dst.data_ptr(), src.data_ptr(), src.numel() * src.element_size())
         return
     dst.copy_(src, non_blocking=non_blocking)
@@ -75,20 +82,34 @@ def _plain_memory(t: torch.Tensor) -> bool:
 
 def _plain_host(src: torch.Tensor, e: TensorEntry) -> bool:
     """Whether ``src`` is host memory holding exactly ``e``'s bytes in order (copyable by address)."""
-    return (src.device.type == "cpu" and _plain_memory(src) and src.numel() * src.element_size() == e.nbytes
-            and info(src.dtype).torch_name == e.dtype)
+    return (
+        src.device.type == "cpu"
+        and _plain_memory(src)
+        and src.numel() * src.element_size() == e.nbytes
+        and info(src.dtype).torch_name == e.dtype
+    )
 
 
-def copy_all(buffer: torch.Tensor, layout: Layout, tensors: Mapping[str, torch.Tensor], *,
-             non_blocking: bool = False) -> None:
+def copy_all(
+    buffer: torch.Tensor, layout: Layout, tensors: Mapping[str, torch.Tensor], *, non_blocking: bool = False
+) -> None:
     """Copy every tensor of ``layout`` into ``buffer``."""
     for e in layout.tensors:
         if e.nbytes:
             dest_view(buffer, e).copy_(tensors[e.name], non_blocking=non_blocking)
 
 
-def copy_range(buffer: torch.Tensor, layout: Layout, tensors: Mapping[str, torch.Tensor], start: int, end: int,
-               *, non_blocking: bool = False, first: int = 0, single_threaded: bool = False) -> int:
+def copy_range(
+    buffer: torch.Tensor,
+    layout: Layout,
+    tensors: Mapping[str, torch.Tensor],
+    start: int,
+    end: int,
+    *,
+    non_blocking: bool = False,
+    first: int = 0,
+    single_threaded: bool = False,
+) -> int:
     """Copy the stream bytes ``[start, end)``; tensors may be cut at ``align``-ed byte offsets.
 
     ``first`` is an index into ``layout.tensors`` to start scanning from; returns the index
@@ -115,8 +136,12 @@ def copy_range(buffer: torch.Tensor, layout: Layout, tensors: Mapping[str, torch
             else:
                 if not _plain_memory(src):  # a byte view needs plain memory
                     src = src.resolve_conj().resolve_neg().contiguous()
-                _copy(buffer[lo:hi], byte_view(src)[lo - e.offset:hi - e.offset], non_blocking=non_blocking,
-                      single_threaded=single_threaded)
+                _copy(
+                    buffer[lo:hi],
+                    byte_view(src)[lo - e.offset : hi - e.offset],
+                    non_blocking=non_blocking,
+                    single_threaded=single_threaded,
+                )
         if e.end > end:
             break
         i += 1

@@ -164,9 +164,7 @@ class Partition:
         return self.end - self.start
 
 
-def _copy_queue_end(
-    windows: Sequence[float], sizes: Sequence[int], bandwidth: float
-) -> tuple[float, float]:
+def _copy_queue_end(windows: Sequence[float], sizes: Sequence[int], bandwidth: float) -> tuple[float, float]:
     """Simulate the serial copy queue; return ``(end of last window, time the last issued copy finishes)``.
 
     Partition ``k`` is issued when window ``k`` opens and starts once the previous copy has finished.
@@ -198,9 +196,7 @@ class SnapshotPlan:
     copy_bandwidth: float | None = None
     strategy: str = "asymmetric"
     safety: float = 1.0
-    _by_window: dict[tuple[str, int], Partition] = field(
-        init=False, repr=False, compare=False, default_factory=dict
-    )
+    _by_window: dict[tuple[str, int], Partition] = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "forward", tuple(self.forward))
@@ -446,9 +442,7 @@ class _Cuts:
         return lo if x - lo <= hi - x else hi
 
 
-def _tensor_cut_points(
-    extents: Sequence[tuple[int, int]], total: int, align: int
-) -> list[int]:
+def _tensor_cut_points(extents: Sequence[tuple[int, int]], total: int, align: int) -> list[int]:
     spans: list[tuple[int, int]] = []
     for i, ext in enumerate(extents):
         try:

@@ -91,15 +91,18 @@ def flatten(state: Any) -> FlatState:
             if isinstance(v, np.bool_):
                 return {"__npscalar__": ["bool", bool(v)]}
             if v.dtype.kind in "fc" and v.dtype.itemsize > (8 if v.dtype.kind == "f" else 16):  # long double
-                raise UnsupportedValueError(f"{path}: numpy {v.dtype} scalars cannot be stored exactly; "
-                                            "convert to float64")
+                raise UnsupportedValueError(
+                    f"{path}: numpy {v.dtype} scalars cannot be stored exactly; convert to float64"
+                )
             if isinstance(v, np.complexfloating):
                 return {"__npscalar__": [v.dtype.str, [_float(float(v.real)), _float(float(v.imag))]]}
             if isinstance(v, (np.integer, np.floating, np.str_)):
                 item = v.item()
                 return {"__npscalar__": [v.dtype.str, _float(item) if isinstance(item, float) else item]}
-            raise UnsupportedValueError(f"{path}: numpy scalars of type {type(v).__name__} cannot be stored "
-                                        "(asymstore never pickles); convert it to a number or string")
+            raise UnsupportedValueError(
+                f"{path}: numpy scalars of type {type(v).__name__} cannot be stored "
+                "(asymstore never pickles); convert it to a number or string"
+            )
         if v is None or isinstance(v, (bool, str)):
             return v
         if isinstance(v, int):
@@ -160,7 +163,7 @@ def unflatten(skeleton: JSON, get_tensor: Callable[[str], torch.Tensor]) -> Any:
         if not isinstance(v, dict):
             return v
         if len(v) == 1:
-            (tag, x), = v.items()
+            ((tag, x),) = v.items()
             if tag == "__tensor__":
                 return tensor(x)
             if tag == "__ndarray__":
@@ -202,7 +205,7 @@ def tensor_refs(skeleton: JSON) -> list[str]:
                 walk(x)
         elif isinstance(v, dict):
             if len(v) == 1:
-                (tag, x), = v.items()
+                ((tag, x),) = v.items()
                 if tag in ("__tensor__", "__ndarray__"):
                     out.setdefault(x, None)
                     return

@@ -19,9 +19,17 @@ import torch
 
 from asymstore.backends.base import ObjectStore
 
+from . import dtypes
 from .config import Config
-from .errors import (AsymstoreError, CheckpointFailedError, CorruptCheckpointError, SnapshotSlotsBusyError,
-                     StateMismatchError, StepExistsError, StepNotFoundError)
+from .errors import (
+    AsymstoreError,
+    CheckpointFailedError,
+    CorruptCheckpointError,
+    SnapshotSlotsBusyError,
+    StateMismatchError,
+    StepExistsError,
+    StepNotFoundError,
+)
 from .hostpool import HostPool, Slot
 from .layout import Layout, plan_layout
 from .manifest import Manifest
@@ -31,7 +39,6 @@ from .threads import lower_thread_priority
 from .tiermanager import TierManager
 from .tiers import PersistentTier
 from .writer import WriteReport
-from . import dtypes
 
 log = logging.getLogger("asymstore")
 
@@ -110,19 +117,31 @@ def _layout_of(flat: FlatState, first: Callable[[str], bool] | None = None) -> L
     names = list(flat.tensors)
     if first is not None:
         names = [n for n in names if first(n)] + [n for n in names if not first(n)]
-    return plan_layout((n, dtypes.info(flat.tensors[n].dtype).torch_name, tuple(flat.tensors[n].shape),
-                        flat.tensors[n].numel() * flat.tensors[n].element_size()) for n in names)
+    return plan_layout(
+        (
+            n,
+            dtypes.info(flat.tensors[n].dtype).torch_name,
+            tuple(flat.tensors[n].shape),
+            flat.tensors[n].numel() * flat.tensors[n].element_size(),
+        )
+        for n in names
+    )
 
 
 class Store:
     """A tier chain: host memory (K slots), then persistent tiers, fastest first."""
 
-    def __init__(self, tiers: Sequence[str | ObjectStore | TierSpec] = (), *, config: Config | None = None,
-                 **overrides: Any) -> None:
+    def __init__(
+        self, tiers: Sequence[str | ObjectStore | TierSpec] = (), *, config: Config | None = None, **overrides: Any
+    ) -> None:
         self.config = Config.from_env(config, **overrides)
         self.host = HostPool(self.config.host_slots, pin_memory=self.config.pin_memory)
-        self.tiers = [PersistentTier(t.url, self.config, name=t.name, keep=t.keep, partition_bytes=t.partition_bytes)
-                      if isinstance(t, TierSpec) else PersistentTier(t, self.config) for t in tiers]
+        self.tiers = [
+            PersistentTier(t.url, self.config, name=t.name, keep=t.keep, partition_bytes=t.partition_bytes)
+            if isinstance(t, TierSpec)
+            else PersistentTier(t, self.config)
+            for t in tiers
+        ]
         if self.tiers:
             self.tiers[0].writes_from_slots_only = True  # the persistence thread writes it from the slots
         names: dict[str, int] = {}
@@ -132,9 +151,12 @@ class Store:
             if n > 1:
                 t.name = f"{t.name}{n}"
         self.manager = TierManager(self.tiers, self.host) if self.tiers else None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asymstore-persist",
-                                            initializer=lower_thread_priority,
-                                            initargs=(self.config.background_nice, self.config.background_idle))
+        self._executor = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="asymstore-persist",
+            initializer=lower_thread_priority,
+            initargs=(self.config.background_nice, self.config.background_idle),
+        )
         self._lock = threading.Lock()
         self._bg_error: BaseException | None = None
         self.failures = 0
@@ -164,8 +186,9 @@ class Store:
                 self._bg_error = err
 
     # --- saving ------------------------------------------------------------------
-    def begin_snapshot(self, state: Any, step: int, *, user: dict[str, Any] | None = None,
-                       first: Callable[[str], bool] | None = None) -> PendingSnapshot | None:
+    def begin_snapshot(
+        self, state: Any, step: int, *, user: dict[str, Any] | None = None, first: Callable[[str], bool] | None = None
+    ) -> PendingSnapshot | None:
         """Reserve a host slot for ``state`` at ``step``; ``None`` when the slot policy skips it.
 
         ``first(name)`` selects tensors laid out at the front of the stream (e.g. those that
@@ -194,14 +217,14 @@ class Store:
         if slot is not None and (slot.persisting or not self.tiers):
             where.insert(0, "host")
         if where:
-            raise StepExistsError(f"step {step} is already committed (on {', '.join(where)}); delete it first "
-                                  "or save under another step")
+            raise StepExistsError(
+                f"step {step} is already committed (on {', '.join(where)}); delete it first or save under another step"
+            )
 
     def abort_snapshot(self, snap: PendingSnapshot) -> None:
         self.host.release(snap.slot)
 
-    def commit_snapshot(self, snap: PendingSnapshot, *, copies_done: Callable[[], None] | None = None
-                        ) -> SaveHandle:
+    def commit_snapshot(self, snap: PendingSnapshot, *, copies_done: Callable[[], None] | None = None) -> SaveHandle:
         """The slot holds (or, once ``copies_done()`` returns, will hold) the whole state.
 
         Marks it ready in host memory and persists it in the background. ``copies_done`` is
@@ -219,9 +242,14 @@ class Store:
         return SaveHandle(snap.step, self._executor.submit(self._persist, snap, snap_s, copies_done))
 
     def _mark_ready(self, snap: PendingSnapshot) -> None:
-        self.host.mark_ready(snap.slot, layout=snap.layout, skeleton=snap.flat.skeleton,
-                             numpy_names=sorted(snap.flat.numpy_names), user=snap.user,
-                             persisting=bool(self.tiers))
+        self.host.mark_ready(
+            snap.slot,
+            layout=snap.layout,
+            skeleton=snap.flat.skeleton,
+            numpy_names=sorted(snap.flat.numpy_names),
+            user=snap.user,
+            persisting=bool(self.tiers),
+        )
 
     def _persist(self, snap: PendingSnapshot, snap_s: float, copies_done: Callable[[], None] | None) -> SaveResult:
         result = SaveResult(snap.step, snapshot_seconds=snap_s, persist_started=time.perf_counter())
@@ -234,8 +262,14 @@ class Store:
                     raise
                 self._mark_ready(snap)
             assert self.manager is not None
-            rep = self.manager.persist_primary(snap.step, snap.slot.memview(), snap.layout, snap.flat.skeleton,
-                                               sorted(snap.flat.numpy_names), snap.user)
+            rep = self.manager.persist_primary(
+                snap.step,
+                snap.slot.memview(),
+                snap.layout,
+                snap.flat.skeleton,
+                sorted(snap.flat.numpy_names),
+                snap.user,
+            )
             result.reports[self.tiers[0].name] = rep
             result.persist_finished = time.perf_counter()
             return result
@@ -296,10 +330,16 @@ class Store:
 
     def status(self) -> dict[str, Any]:
         """Where each step is complete, what is in flight, bytes and throughput per tier."""
-        host = [{"slot": s.index, "state": s.state, "step": s.step, "persisting": s.persisting,
-                 "bytes": s.capacity} for s in self.host.slots]
-        return {"host": host, "tiers": self.manager.status() if self.manager else [],
-                "memory": self.memory_report(), "failures": self.failures}
+        host = [
+            {"slot": s.index, "state": s.state, "step": s.step, "persisting": s.persisting, "bytes": s.capacity}
+            for s in self.host.slots
+        ]
+        return {
+            "host": host,
+            "tiers": self.manager.status() if self.manager else [],
+            "memory": self.memory_report(),
+            "failures": self.failures,
+        }
 
     # --- catalogue ---------------------------------------------------------------
     def _listing(self, tier: PersistentTier) -> list[int]:
@@ -347,8 +387,9 @@ class Store:
         ranks = int(self._tier(source).commit_info(step).get("ranks", 1))  # type: ignore[call-overload]
         return self.rank if ranks == self.world_size else 0
 
-    def _read_stream(self, step: int, source: str, rank: int | None = None, *, copy: bool = True
-                     ) -> tuple[torch.Tensor, Manifest | Slot, Callable[[], None]]:
+    def _read_stream(
+        self, step: int, source: str, rank: int | None = None, *, copy: bool = True
+    ) -> tuple[torch.Tensor, Manifest | Slot, Callable[[], None]]:
         """The step's stream from ``source`` and a function to call when done with it.
 
         From host memory with ``copy=False`` the slot itself is returned, leased against
@@ -364,7 +405,7 @@ class Store:
                 if slot is not None:
                     self.host.unlease(slot)
                 raise StepNotFoundError(f"step {step} left host memory")
-            view = slot.buffer[:max(slot.layout.total_bytes, 1)]
+            view = slot.buffer[: max(slot.layout.total_bytes, 1)]
             if copy:
                 buf = view.clone()
                 self.host.unlease(slot)
@@ -382,8 +423,9 @@ class Store:
                 return t
         raise AsymstoreError(f"no tier named {name!r}")
 
-    def restore(self, step: int | None = None, *, into: Any = None, strict: bool = True,
-                rank: int | None = None) -> Any:
+    def restore(
+        self, step: int | None = None, *, into: Any = None, strict: bool = True, rank: int | None = None
+    ) -> Any:
         """Restore ``step`` (default: the newest complete one) as a new state, or in place ``into``.
 
         Falls back to the next tier on damage, and (when ``step`` is None) to older steps.
@@ -443,6 +485,7 @@ class Store:
     def open_checkpoint(self, step: int | None = None) -> Any:
         """A lazy mapping name -> :class:`~asymstore.lazy.LazyTensor` from the fastest persistent tier."""
         from .lazy import LazyCheckpoint
+
         s = self.latest_step() if step is None else step
         if s is None:
             raise StepNotFoundError("no complete checkpoint on any tier")
@@ -481,8 +524,7 @@ class Store:
         for t in self.tiers:
             deps = t.dependents(step)
             if deps:
-                raise AsymstoreError(f"step {step} is the delta base of steps {deps} on {t.name}; "
-                                     "delete those first")
+                raise AsymstoreError(f"step {step} is the delta base of steps {deps} on {t.name}; delete those first")
         self.host.drop(step)
         for t in self.tiers:
             if t.has(step):
@@ -491,8 +533,11 @@ class Store:
     # --- accounting and lifecycle ------------------------------------------------
     def memory_report(self) -> dict[str, int]:
         """Host memory reserved for checkpointing, in bytes."""
-        return {"host_slots": self.host.reserved_bytes, "delta_bases": sum(t.reserved_bytes for t in self.tiers),
-                "staging_budget": self.config.staging_budget_bytes}
+        return {
+            "host_slots": self.host.reserved_bytes,
+            "delta_bases": sum(t.reserved_bytes for t in self.tiers),
+            "staging_budget": self.config.staging_budget_bytes,
+        }
 
     def _check_open(self) -> None:
         if self._closed:
@@ -506,9 +551,10 @@ class Store:
         self._closed = True
         if self.manager is not None:
             if not self.manager.flush(self.config.close_timeout_s):
-                log.warning("closing with promotions still pending (%s)",
-                            "; ".join(f"{t['name']}: {t['last_error']}" for t in self.manager.status()
-                                      if t["pending"]))
+                log.warning(
+                    "closing with promotions still pending (%s)",
+                    "; ".join(f"{t['name']}: {t['last_error']}" for t in self.manager.status() if t["pending"]),
+                )
             self.manager.close()
         for t in self.tiers:
             t.close()
@@ -546,9 +592,12 @@ def check_compatible(layout: Layout, target: dict[str, torch.Tensor], *, strict:
         missing = [n for n in entries if n not in target]
         problems += [f"{n}: in the checkpoint but not in the target" for n in missing]
     if problems:
-        raise StateMismatchError("cannot restore in place:\n  " + "\n  ".join(problems[:50]) +
-                                 (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else "") +
-                                 "\n(pass strict=False to restore only the matching tensors)")
+        raise StateMismatchError(
+            "cannot restore in place:\n  "
+            + "\n  ".join(problems[:50])
+            + (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else "")
+            + "\n(pass strict=False to restore only the matching tensors)"
+        )
 
 
 def open_store(tiers: str | ObjectStore | Sequence[str | ObjectStore], **options: Any) -> Store:
@@ -556,4 +605,3 @@ def open_store(tiers: str | ObjectStore | Sequence[str | ObjectStore], **options
     if isinstance(tiers, (str, ObjectStore)):
         tiers = [tiers]
     return Store(list(tiers), **options)
-

@@ -53,15 +53,18 @@ class TierManager:
         # its own promotion thread, never on the persistence path of the first tier
         self._known: dict[str, set[int]] = {}
         self._known_lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._promoter, args=(k,), daemon=True,
-                                          name=f"asymstore-promote-{t.name}")
-                         for k, t in enumerate(self.tiers) if k > 0]
+        self._threads = [
+            threading.Thread(target=self._promoter, args=(k,), daemon=True, name=f"asymstore-promote-{t.name}")
+            for k, t in enumerate(self.tiers)
+            if k > 0
+        ]
         for th in self._threads:
             th.start()
 
     # --- the first persistent tier -------------------------------------------------
-    def persist_primary(self, step: int, stream: memoryview, layout: Layout, skeleton: Any,
-                        numpy_names: list[str], user: dict[str, Any]) -> WriteReport:
+    def persist_primary(
+        self, step: int, stream: memoryview, layout: Layout, skeleton: Any, numpy_names: list[str], user: dict[str, Any]
+    ) -> WriteReport:
         tier = self.tiers[0]
         act = self.activity[tier.name]
         act.in_flight = step
@@ -69,8 +72,16 @@ class TierManager:
             with tier.lock:
                 writer = tier.writer(layout.total_bytes)
                 act.last_partition_bytes = writer.partition_bytes
-                rep = writer.write(step, stream, layout, skeleton, numpy_names=numpy_names, user=user,
-                                   delta_base=tier.delta_for(layout.signature), prefix=tier.shard_prefix(step))
+                rep = writer.write(
+                    step,
+                    stream,
+                    layout,
+                    skeleton,
+                    numpy_names=numpy_names,
+                    user=user,
+                    delta_base=tier.delta_for(layout.signature),
+                    prefix=tier.shard_prefix(step),
+                )
                 tier.after_write(step, stream, layout.signature, rep.delta_base is not None)
             if tier.multi_rank and tier.config.rank == 0:
                 tier.finalize(step)
@@ -116,8 +127,7 @@ class TierManager:
         if not steps:
             return []
         n = len(steps)
-        todo = [s for i, s in enumerate(steps)
-                if s not in have and promotion_wanted(dst.policies, s, age=n - 1 - i)]
+        todo = [s for i, s in enumerate(steps) if s not in have and promotion_wanted(dst.policies, s, age=n - 1 - i)]
         if dst.multi_rank and dst.config.rank > 0:  # a rank > 0 is done once its own shard is there
             todo = [s for s in todo if not dst.has_shard(s)]
         return sorted(todo, reverse=True)
@@ -187,8 +197,16 @@ class TierManager:
                     delta = None
                 else:
                     delta = dst.delta_for(layout.signature)
-                rep = writer.write(step, source, layout, skeleton, numpy_names=names, user=user, delta_base=delta,
-                                   prefix=dst.shard_prefix(step))
+                rep = writer.write(
+                    step,
+                    source,
+                    layout,
+                    skeleton,
+                    numpy_names=names,
+                    user=user,
+                    delta_base=delta,
+                    prefix=dst.shard_prefix(step),
+                )
                 if isinstance(source, memoryview):
                     dst.after_write(step, source, layout.signature, rep.delta_base is not None)
             if dst.multi_rank and dst.config.rank == 0:
@@ -253,22 +271,35 @@ class TierManager:
             st = t.stats
             with self._known_lock:
                 known = sorted(self._known.get(t.name, set()))
-            out.append({
-                "name": t.name, "url": t.url, "steps": known,
-                "pending": self.pending(k) if k else [], "in_flight": act.in_flight,
-                "bytes_written": st.bytes_written, "writes": st.writes, "throughput": st.throughput,
-                "latency_s": st.latency_s, "bandwidth": st.bandwidth, "partition_bytes": act.last_partition_bytes,
-                "promoted": act.promoted, "deleted": act.deleted, "errors": act.errors, "last_error": act.last_error,
-                "keep": [repr(p) for p in t.policies],
-            })
+            out.append(
+                {
+                    "name": t.name,
+                    "url": t.url,
+                    "steps": known,
+                    "pending": self.pending(k) if k else [],
+                    "in_flight": act.in_flight,
+                    "bytes_written": st.bytes_written,
+                    "writes": st.writes,
+                    "throughput": st.throughput,
+                    "latency_s": st.latency_s,
+                    "bandwidth": st.bandwidth,
+                    "partition_bytes": act.last_partition_bytes,
+                    "promoted": act.promoted,
+                    "deleted": act.deleted,
+                    "errors": act.errors,
+                    "last_error": act.last_error,
+                    "keep": [repr(p) for p in t.policies],
+                }
+            )
         return out
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until no promotion is pending; False on timeout (see :meth:`status` for errors)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            busy = any(self.pending(k) or self.activity[t.name].in_flight is not None
-                       for k, t in enumerate(self.tiers) if k)
+            busy = any(
+                self.pending(k) or self.activity[t.name].in_flight is not None for k, t in enumerate(self.tiers) if k
+            )
             if not busy:
                 return True
             if deadline is not None and time.monotonic() > deadline:

@@ -12,15 +12,14 @@ from asymstore.backends.base import ObjectStore
 
 from .batch_plan import LatencyBandwidthModel, optimal_batch_bytes
 from .compression import CodecDecisions
-from .config import MiB, Config
-from .retention import Policy, parse_keep
-from .errors import CorruptCheckpointError
-from .errors import CheckpointFailedError
-from .manifest import (COMMIT_KEY, GROUP_KEY, global_commit_record, parse_commit, parse_step_dir, shard_dir,
-                       step_dir)
-from .zarrfmt import dumps, group_metadata
+from .config import Config, MiB
+from .errors import CheckpointFailedError, CorruptCheckpointError
+from .manifest import COMMIT_KEY, GROUP_KEY, global_commit_record, parse_commit, parse_step_dir, shard_dir, step_dir
 from .reader import CheckpointReader, committed_steps
+from .retention import Policy, parse_keep
 from .writer import CheckpointWriter, DeltaBase, ensure_root_group
+from .zarrfmt import dumps, group_metadata
+
 
 @dataclass
 class WriteStats:
@@ -60,8 +59,15 @@ class WriteStats:
 class PersistentTier:
     """One tier below host memory (local directory, HDFS, ...)."""
 
-    def __init__(self, url_or_store: str | ObjectStore, config: Config, *, name: str | None = None,
-                 keep: int | Policy | list[Policy] | None = None, partition_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        url_or_store: str | ObjectStore,
+        config: Config,
+        *,
+        name: str | None = None,
+        keep: int | Policy | list[Policy] | None = None,
+        partition_bytes: int | None = None,
+    ) -> None:
         if isinstance(url_or_store, ObjectStore):
             self.store = url_or_store
         else:
@@ -93,6 +99,7 @@ class PersistentTier:
         import os
 
         from .zarrfmt import crc32c
+
         # a prefix of its own: other ranks (or processes) sharing this tier probe it at the same time
         prefix = f"_probe/{uuid.uuid4().hex}/"
         big = os.urandom(8 * MiB)
@@ -137,17 +144,28 @@ class PersistentTier:
             # from the slots hold nothing: the budget does not bound them.
             raw = self.config.compression == "none" and self.config.delta_every <= 0
             held = (0 if self.writes_from_slots_only else 1) + (0 if raw else 1)
-            b = optimal_batch_bytes(max(checkpoint_bytes, 1), st.latency_s, st.bandwidth or 1e9,
-                                    stage_bandwidth=st.stage_bandwidth, buffers=2,
-                                    staging_budget_bytes=self.config.staging_budget_bytes // held if held else None,
-                                    min_batch_bytes=chunk, align=chunk)
+            b = optimal_batch_bytes(
+                max(checkpoint_bytes, 1),
+                st.latency_s,
+                st.bandwidth or 1e9,
+                stage_bandwidth=st.stage_bandwidth,
+                buffers=2,
+                staging_budget_bytes=self.config.staging_budget_bytes // held if held else None,
+                min_batch_bytes=chunk,
+                align=chunk,
+            )
         return max(-(-b // chunk), 1) * chunk
 
     def writer(self, checkpoint_bytes: int) -> CheckpointWriter:
-        return CheckpointWriter(self.store, partition_bytes=self.partition_bytes(checkpoint_bytes),
-                                chunk_bytes=self.config.chunk_bytes, compression=self.config.compression,
-                                tier_bandwidth=self.bandwidth, on_write=self.stats.observe,
-                                decisions=self.codec_decisions)
+        return CheckpointWriter(
+            self.store,
+            partition_bytes=self.partition_bytes(checkpoint_bytes),
+            chunk_bytes=self.config.chunk_bytes,
+            compression=self.config.compression,
+            tier_bandwidth=self.bandwidth,
+            on_write=self.stats.observe,
+            decisions=self.codec_decisions,
+        )
 
     # --- delta bases -------------------------------------------------------------
     def delta_for(self, signature: str) -> DeltaBase | None:
@@ -207,8 +225,10 @@ class PersistentTier:
                 break
             if time.monotonic() > deadline:
                 missing = sorted(set(keys) - set(raw))
-                raise CheckpointFailedError(f"step {step} not committed on {self.name}: ranks {missing} did not "
-                                            f"finish their shards within {self.config.commit_timeout_s:.0f} s")
+                raise CheckpointFailedError(
+                    f"step {step} not committed on {self.name}: ranks {missing} did not "
+                    f"finish their shards within {self.config.commit_timeout_s:.0f} s"
+                )
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
         markers = {r: parse_commit(b, keys[r]) for r, b in raw.items()}

@@ -79,7 +79,7 @@ class ReaderSource(StreamSource):
         buf = self._bufs[k]
         if buf is None:
             buf = self._bufs[k] = bytearray(self.max_range)
-        out = memoryview(buf)[:end - start]
+        out = memoryview(buf)[: end - start]
         self.reader.read_range_into(start, end, out)
         return out
 
@@ -118,8 +118,16 @@ def parse_compression(value: str | CodecSpec) -> str | CodecSpec:
     if value in ("auto", "none"):
         return value
     from .codecs import LZ4, ZSTD1, ZSTD3, blosc_shuffle
-    named = {"raw": RAW, "lz4": LZ4, "zstd1": ZSTD1, "zstd3": ZSTD3, "zstd": ZSTD3,
-             "blosc-shuffle": blosc_shuffle(4), "xor-zstd": blosc_shuffle(4).with_delta()}
+
+    named = {
+        "raw": RAW,
+        "lz4": LZ4,
+        "zstd1": ZSTD1,
+        "zstd3": ZSTD3,
+        "zstd": ZSTD3,
+        "blosc-shuffle": blosc_shuffle(4),
+        "xor-zstd": blosc_shuffle(4).with_delta(),
+    }
     if value not in named:
         raise ConfigError(f"unknown compression {value!r}; use 'auto', 'none' or one of {sorted(named)}")
     return named[value]
@@ -129,10 +137,18 @@ _ITEMSIZES = {dtypes.info(d).torch_name: dtypes.info(d).itemsize for d in dtypes
 
 
 class CheckpointWriter:
-    def __init__(self, store: ObjectStore, *, partition_bytes: int, chunk_bytes: int,
-                 compression: str | CodecSpec = "auto", tier_bandwidth: Callable[[], float] = lambda: float("inf"),
-                 on_write: Callable[[int, float], None] | None = None, min_gain: float = 0.05,
-                 decisions: CodecDecisions | None = None) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        *,
+        partition_bytes: int,
+        chunk_bytes: int,
+        compression: str | CodecSpec = "auto",
+        tier_bandwidth: Callable[[], float] = lambda: float("inf"),
+        on_write: Callable[[int, float], None] | None = None,
+        min_gain: float = 0.05,
+        decisions: CodecDecisions | None = None,
+    ) -> None:
         if partition_bytes % chunk_bytes:
             raise ConfigError("partition_bytes must be a multiple of chunk_bytes")
         self.store = store
@@ -149,8 +165,13 @@ class CheckpointWriter:
     def _choose(self, data: memoryview, typesize: int, base: memoryview | None, key: Any = None) -> CodecSpec:
         if isinstance(self.compression, CodecSpec):
             if self.compression.delta and base is None:
-                return CodecSpec(self.compression.kind, self.compression.level, self.compression.cname,
-                                 self.compression.shuffle, self.compression.typesize)
+                return CodecSpec(
+                    self.compression.kind,
+                    self.compression.level,
+                    self.compression.cname,
+                    self.compression.shuffle,
+                    self.compression.typesize,
+                )
             return self.compression
         if self.compression == "none":
             return RAW
@@ -168,18 +189,29 @@ class CheckpointWriter:
             self.decisions.put(key, choice.spec, bw)
         return choice.spec
 
-    def write(self, step: int, stream: memoryview | StreamSource, layout: Layout, skeleton: Any, *,
-              numpy_names: list[str],
-              user: dict[str, Any] | None = None, delta_base: DeltaBase | None = None,
-              progress: Progress | None = None, prefix: str | None = None) -> WriteReport:
+    def write(
+        self,
+        step: int,
+        stream: memoryview | StreamSource,
+        layout: Layout,
+        skeleton: Any,
+        *,
+        numpy_names: list[str],
+        user: dict[str, Any] | None = None,
+        delta_base: DeltaBase | None = None,
+        progress: Progress | None = None,
+        prefix: str | None = None,
+    ) -> WriteReport:
         """Write ``step`` under ``prefix`` (default: the step's directory; a rank's shard directory
         for multi-rank checkpoints)."""
         t_start = time.perf_counter()
         prefix = prefix or step_dir(step) + "/"
         marker = step_dir(step) + "/" + COMMIT_KEY
         if self.store.exists(marker):
-            raise StepExistsError(f"step {step} is already committed in {self.store.url} ({marker}); delete "
-                                  "it first or save under another step")
+            raise StepExistsError(
+                f"step {step} is already committed in {self.store.url} ({marker}); delete "
+                "it first or save under another step"
+            )
         # leftovers of an interrupted attempt, including a rank's shard marker of a step that was
         # never committed globally (another rank died): this attempt replaces them
         self.store.delete_prefix(prefix)
@@ -211,18 +243,20 @@ class CheckpointWriter:
             self.decisions.next_checkpoint()
 
         def encode(k: int, span: PartitionSpan) -> _Encoded:
-            data = src[span.start:span.end] if isinstance(src, memoryview) else src.read(span.start, span.end)
+            data = src[span.start : span.end] if isinstance(src, memoryview) else src.read(span.start, span.end)
             t0 = time.perf_counter()
             typesize = dominant_itemsize(layout, span.start, span.end, _ITEMSIZES)
-            base_part = base[span.start:span.end] if base is not None else None
-            spec = self._choose(data, typesize, base_part, key=(layout.signature, span.start, span.end, base is not None))
+            base_part = base[span.start : span.end] if base is not None else None
+            spec = self._choose(
+                data, typesize, base_part, key=(layout.signature, span.start, span.end, base is not None)
+            )
             if spec.delta:
                 assert base_part is not None
                 buf = scratch[k % 2]
                 if buf is None:
                     buf = scratch[k % 2] = np.empty(part, np.uint8)
                 xor_into(buf, data, base_part)
-                data = buf[:span.nbytes].data
+                data = buf[: span.nbytes].data
             return _Encoded(span, spec, encode_shard(spec, data, chunk, cps), time.perf_counter() - t0)
 
         # encode i+1 (helper thread) while i is written; the helper inherits this thread's priority
@@ -254,24 +288,52 @@ class CheckpointWriter:
                     progress(item.span.end, layout.total_bytes)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-        manifest = Manifest(step=step, layout=layout, skeleton=skeleton, numpy_names=sorted(numpy_names),
-                            partition_bytes=part, chunk_bytes=chunk, partitions=records,
-                            codecs=used, delta_base=report.delta_base, user=dict(user or {}))
+        manifest = Manifest(
+            step=step,
+            layout=layout,
+            skeleton=skeleton,
+            numpy_names=sorted(numpy_names),
+            partition_bytes=part,
+            chunk_bytes=chunk,
+            partitions=records,
+            codecs=used,
+            delta_base=report.delta_base,
+            user=dict(user or {}),
+        )
         array_meta: dict[str, bytes] = {}
         for label, spec in used.items():
-            attrs = {"asymstore": {"codec": spec.to_json(),
-                                   "transform": {"xor_with_step": report.delta_base} if spec.delta else None}}
-            meta = dumps(array_metadata(nbytes=manifest.array_nbytes(label), partition_bytes=part,
-                                        chunk_bytes=chunk, spec=spec, attributes=attrs))
+            attrs = {
+                "asymstore": {
+                    "codec": spec.to_json(),
+                    "transform": {"xor_with_step": report.delta_base} if spec.delta else None,
+                }
+            }
+            meta = dumps(
+                array_metadata(
+                    nbytes=manifest.array_nbytes(label),
+                    partition_bytes=part,
+                    chunk_bytes=chunk,
+                    spec=spec,
+                    attributes=attrs,
+                )
+            )
             self.store.put(prefix + f"{label}/zarr.json", meta)
             array_meta[label] = meta
         group = dumps(group_metadata({"asymstore": manifest.to_json()}))
         self.store.put(prefix + GROUP_KEY, group)
         self.store.barrier(prefix)
-        self.store.put_atomic(prefix + COMMIT_KEY,
-                              commit_record(step, group, array_meta, report.stored_bytes,
-                                            report.objects + len(array_meta) + 2, layout.total_bytes,
-                                            report.delta_base))
+        self.store.put_atomic(
+            prefix + COMMIT_KEY,
+            commit_record(
+                step,
+                group,
+                array_meta,
+                report.stored_bytes,
+                report.objects + len(array_meta) + 2,
+                layout.total_bytes,
+                report.delta_base,
+            ),
+        )
         report.seconds = time.perf_counter() - t_start
         return report
 

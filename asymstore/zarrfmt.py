@@ -61,7 +61,7 @@ def encode_shard(spec: CodecSpec, data: memoryview, chunk_bytes: int, chunks_per
     if not spec.compresses:
         # raw: the partition's bytes are the chunks, back to back: one run, written without a copy
         for k in range(nchunks):
-            piece = data[k * chunk_bytes:(k + 1) * chunk_bytes]
+            piece = data[k * chunk_bytes : (k + 1) * chunk_bytes]
             crcs.append(crc32c(zeros(pad), crc32c(piece)) if len(piece) < chunk_bytes else crc32c(piece))
             index[k] = (k * chunk_bytes, chunk_bytes)
         parts: list[Any] = [data] + ([zeros(pad)] if pad else [])
@@ -70,7 +70,7 @@ def encode_shard(spec: CodecSpec, data: memoryview, chunk_bytes: int, chunks_per
         parts = []
         off = 0
         for k in range(nchunks):
-            piece = data[k * chunk_bytes:(k + 1) * chunk_bytes]
+            piece = data[k * chunk_bytes : (k + 1) * chunk_bytes]
             if len(piece) < chunk_bytes:
                 piece = memoryview(bytes(piece) + zeros(chunk_bytes - len(piece)))
             stored = encode_chunk(spec, piece)
@@ -93,8 +93,9 @@ def decode_index(raw: bytes, chunks_per_shard: int, where: str) -> np.ndarray:
     return np.frombuffer(body, dtype="<u8").reshape(chunks_per_shard, 2)
 
 
-def array_metadata(*, nbytes: int, partition_bytes: int, chunk_bytes: int, spec: CodecSpec,
-                   attributes: dict[str, Any]) -> dict[str, Any]:
+def array_metadata(
+    *, nbytes: int, partition_bytes: int, chunk_bytes: int, spec: CodecSpec, attributes: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "zarr_format": 3,
         "node_type": "array",
@@ -103,12 +104,17 @@ def array_metadata(*, nbytes: int, partition_bytes: int, chunk_bytes: int, spec:
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [partition_bytes]}},
         "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
         "fill_value": 0,
-        "codecs": [{"name": "sharding_indexed", "configuration": {
-            "chunk_shape": [chunk_bytes],
-            "codecs": spec.zarr_chunk_codecs(),
-            "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
-            "index_location": "end",
-        }}],
+        "codecs": [
+            {
+                "name": "sharding_indexed",
+                "configuration": {
+                    "chunk_shape": [chunk_bytes],
+                    "codecs": spec.zarr_chunk_codecs(),
+                    "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
+                    "index_location": "end",
+                },
+            }
+        ],
         "attributes": attributes,
     }
 

@@ -30,14 +30,16 @@ def open_object_store(url: str, **options: Any) -> ObjectStore:
     """Open the backend for ``url`` (a plain path means ``file://``)."""
     scheme = scheme_of(url)
     if scheme not in _REGISTRY:
-        raise ConfigError(f"no asymstore backend for URL scheme {scheme!r} in {url!r}; "
-                          f"known schemes: {', '.join(sorted(_REGISTRY))}")
+        raise ConfigError(
+            f"no asymstore backend for URL scheme {scheme!r} in {url!r}; known schemes: {', '.join(sorted(_REGISTRY))}"
+        )
     module, cls, hint = _REGISTRY[scheme]
     try:
         mod = importlib.import_module(module)
     except ImportError as e:
         raise BackendUnavailableError(
-            f"the {scheme}:// backend needs a missing package ({e.name}): {hint or 'see the README'}") from e
+            f"the {scheme}:// backend needs a missing package ({e.name}): {hint or 'see the README'}"
+        ) from e
     store: ObjectStore = getattr(mod, cls)(url, **options)
     return store
 

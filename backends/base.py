@@ -8,9 +8,8 @@ makes an object appear whole or not at all (temporary name + rename).
 
 from __future__ import annotations
 
-import builtins
-
 import abc
+import builtins
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 

@@ -472,9 +472,7 @@ class HdfsObjectStore(ObjectStore):
         except (FileNotFoundError, NotADirectoryError):
             return []
         return [
-            self._rel(st.path)
-            for st in sts
-            if not st.isdir and not posixpath.basename(st.path).startswith(TMP_PREFIX)
+            self._rel(st.path) for st in sts if not st.isdir and not posixpath.basename(st.path).startswith(TMP_PREFIX)
         ]
 
     def list(self, prefix: str = "") -> Iterator[str]:

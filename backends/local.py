@@ -8,7 +8,6 @@ written afterwards is only ever visible after the data it describes is durable.
 from __future__ import annotations
 
 import builtins
-
 import os
 import shutil
 import uuid
@@ -77,7 +76,7 @@ class LocalObjectStore(ObjectStore):
                 os.lseek(fd, offset, os.SEEK_SET)
             i = 0
             while i < len(bufs):
-                n = os.writev(fd, bufs[i:i + _IOV_MAX])
+                n = os.writev(fd, bufs[i : i + _IOV_MAX])
                 while n > 0:  # consume what was written; a short write resumes mid-buffer
                     if n >= len(bufs[i]):
                         n -= len(bufs[i])

@@ -39,7 +39,7 @@ class MemoryObjectStore(ObjectStore):
         if byte_range is None:
             return blob
         start = byte_range.start if byte_range.start >= 0 else max(len(blob) + byte_range.start, 0)
-        return blob[start:start + byte_range.length]
+        return blob[start : start + byte_range.length]
 
     def size(self, key: str) -> int | None:
         with self._lock:

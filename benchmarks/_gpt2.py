@@ -11,10 +11,19 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.optim.
     """GPT-2 from ``args.vocab/seq/embd/layers/heads`` (dropout 0, seeded by ``args.seed``) and its AdamW."""
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
+
     hf_logging.set_verbosity_error()
     torch.manual_seed(args.seed)
-    cfg = GPT2Config(vocab_size=args.vocab, n_positions=args.seq, n_embd=args.embd, n_layer=args.layers,
-                     n_head=args.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = GPT2Config(
+        vocab_size=args.vocab,
+        n_positions=args.seq,
+        n_embd=args.embd,
+        n_layer=args.layers,
+        n_head=args.heads,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     model = GPT2LMHeadModel(cfg)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)

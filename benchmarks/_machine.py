@@ -24,8 +24,10 @@ def machine_info() -> dict[str, Any]:
     mem = _first("/proc/meminfo", "MemTotal")
     info: dict[str, Any] = {
         "cpu": _first("/proc/cpuinfo", "model name") or platform.processor() or platform.machine(),
-        "cores": os.cpu_count(), "ram_gib": int(mem.split()[0]) / 2**20 if mem else float("nan"),
-        "os": platform.platform(), "python": platform.python_version(),
+        "cores": os.cpu_count(),
+        "ram_gib": int(mem.split()[0]) / 2**20 if mem else float("nan"),
+        "os": platform.platform(),
+        "python": platform.python_version(),
     }
     torch = sys.modules.get("torch")
     if torch is not None:
@@ -37,8 +39,7 @@ def machine_info() -> dict[str, Any]:
 def machine_line(info: dict[str, Any] | None = None) -> str:
     """``CPU, N cores, X GiB RAM; OS; Python v[, torch v (T intra-op threads)]``."""
     mi = info or machine_info()
-    line = (f"CPU: {mi['cpu']}, {mi['cores']} cores, {mi['ram_gib']:.1f} GiB RAM; {mi['os']}; "
-            f"Python {mi['python']}")
+    line = f"CPU: {mi['cpu']}, {mi['cores']} cores, {mi['ram_gib']:.1f} GiB RAM; {mi['os']}; Python {mi['python']}"
     if "torch" in mi:
         line += f", torch {mi['torch']} ({mi['torch_threads']} intra-op threads)"
     return line

@@ -19,7 +19,7 @@ def write_direct(path: str, buf: memoryview, *, piece: int = 64 << 20) -> None:
     pos = 0
     try:
         while pos < head:
-            pos += os.pwrite(fd, buf[pos:min(pos + piece, head)], pos)
+            pos += os.pwrite(fd, buf[pos : min(pos + piece, head)], pos)
     finally:
         os.close(fd)
     fd = os.open(path, os.O_WRONLY)

@@ -32,7 +32,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -47,10 +46,10 @@ def _free_port() -> int:
 
 
 def rank_main(a: argparse.Namespace) -> None:
+    import deepspeed
     import torch
     from torch import nn
 
-    import deepspeed
     from asymstore.store import Store, TierSpec
     from asymstore.trainer_hooks.deepspeed_hooks import DeepSpeedAsymCheckpointer
 
@@ -61,15 +60,19 @@ def rank_main(a: argparse.Namespace) -> None:
         layers += [nn.Linear(a.width, a.width), nn.GELU()]
     model = nn.Sequential(*layers, nn.Linear(a.width, 1))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    cfg = {"train_micro_batch_size_per_gpu": a.batch, "gradient_accumulation_steps": 1,
-           "zero_optimization": {"stage": 2}, "steps_per_print": 10**9}
+    cfg = {
+        "train_micro_batch_size_per_gpu": a.batch,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 2},
+        "steps_per_print": 10**9,
+    }
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     n_params = sum(p.numel() for p in model.parameters())
     work = Path(a.work)
-    store = Store([TierSpec(str(work / "asym"), keep=2)], rank=rank, world_size=world, compression="none",
-                  host_slots=2)
-    ck = DeepSpeedAsymCheckpointer(engine, store, every=a.every, warmup=2,
-                                   blocks=[m for m in model if isinstance(m, nn.Linear)])
+    store = Store([TierSpec(str(work / "asym"), keep=2)], rank=rank, world_size=world, compression="none", host_slots=2)
+    ck = DeepSpeedAsymCheckpointer(
+        engine, store, every=a.every, warmup=2, blocks=[m for m in model if isinstance(m, nn.Linear)]
+    )
     x = torch.randn(a.batch, a.width)
     y = torch.randn(a.batch, 1)
 
@@ -93,7 +96,7 @@ def rank_main(a: argparse.Namespace) -> None:
     ck.detach()
     ck.history.clear()
     for rep in range(a.repeats):
-        for v in order[rep % 3:] + order[:rep % 3]:
+        for v in order[rep % 3 :] + order[: rep % 3]:
             barrier()
             t0 = time.perf_counter()
             if v == "none":
@@ -121,12 +124,22 @@ def rank_main(a: argparse.Namespace) -> None:
     summary = ck.summary()
     store.close()
     ck_bytes = summary["bytes_per_checkpoint"]
-    default_bytes = sum(f.stat().st_size for f in (work / "default").rglob("*.pt")) if (work / "default").exists() \
-        else 0
-    (work / f"rank{rank}.json").write_text(json.dumps({
-        "blocks": results, "stalls": stalls, "asym_bytes": ck_bytes, "params": n_params,
-        "hidden_fraction": summary["hidden_fraction"], "copy_bw": summary["copy_bandwidth"],
-        "default_bytes_last": default_bytes}))
+    default_bytes = (
+        sum(f.stat().st_size for f in (work / "default").rglob("*.pt")) if (work / "default").exists() else 0
+    )
+    (work / f"rank{rank}.json").write_text(
+        json.dumps(
+            {
+                "blocks": results,
+                "stalls": stalls,
+                "asym_bytes": ck_bytes,
+                "params": n_params,
+                "hidden_fraction": summary["hidden_fraction"],
+                "copy_bw": summary["copy_bandwidth"],
+                "default_bytes_last": default_bytes,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -145,14 +158,28 @@ def main() -> None:
         rank_main(a)
         return
     work = Path(tempfile.mkdtemp(prefix="bench_ds_"))
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
-               OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        WORLD_SIZE="2",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/asymstore/torch_extensions"))
-    args = [sys.executable, __file__, "--rank-main", "--work", str(work)] + \
-        [f"--{k}={getattr(a, k)}" for k in ("width", "depth", "batch", "every", "block", "repeats")]
+    args = [sys.executable, __file__, "--rank-main", "--work", str(work)] + [
+        f"--{k}={getattr(a, k)}" for k in ("width", "depth", "batch", "every", "block", "repeats")
+    ]
     t0 = time.time()
-    procs = [subprocess.Popen(args, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.DEVNULL,
-                              stderr=open(work / f"log{r}.txt", "w")) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            args,
+            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+            stdout=subprocess.DEVNULL,
+            stderr=open(work / f"log{r}.txt", "w"),
+        )
+        for r in range(2)
+    ]
     rcs = [q.wait() for q in procs]
     if any(rcs):
         print(open(work / "log0.txt").read()[-3000:], open(work / "log1.txt").read()[-3000:])
@@ -161,8 +188,10 @@ def main() -> None:
     blk = {v: [max(r["blocks"][v][i] for r in res) for i in range(len(res[0]["blocks"][v]))] for v in res[0]["blocks"]}
     med = {v: statistics.median(x) for v, x in blk.items()}
     it_none = med["none"] / a.block
-    stall = {v: statistics.median([max(r["stalls"][v][i] for r in res) for i in range(len(res[0]["stalls"][v]))])
-             for v in ("default", "asym")}
+    stall = {
+        v: statistics.median([max(r["stalls"][v][i] for r in res) for i in range(len(res[0]["stalls"][v]))])
+        for v in ("default", "asym")
+    }
     rows = []
     for v in ("none", "default", "asym"):
         it_s = med[v] / a.block
@@ -182,8 +211,8 @@ def main() -> None:
         f"- checkpoint bytes per rank: asymstore {res[0]['asym_bytes'] / mib:.1f} MiB (rank 0; its parameter "
         f"partition, fp32 partition, Adam moments, small state); default engine writes mp_rank_00_model_states "
         f"(full fp32 module, rank 0) + one zero_pp_rank_*_optim_states per rank",
-        f"- default engine: torch.save without fsync; asymstore: persisted with fsync to a local directory "
-        f"(same disk), keep=2",
+        "- default engine: torch.save without fsync; asymstore: persisted with fsync to a local directory "
+        "(same disk), keep=2",
         f"- asym hidden fraction (bytes copied in forward/backward windows): {res[0]['hidden_fraction']:.2f}; "
         f"measured copy bandwidth {((res[0]['copy_bw'] or 0) / 1e9):.2f} GB/s",
         "",
@@ -192,8 +221,12 @@ def main() -> None:
     ]
     for v, it_s, ov, st in rows:
         lines.append(f"| {v} | {it_s:.4f} | {ov:+.1f}% | {'-' if st is None else f'{st * 1000:.1f} ms'} |")
-    lines += ["", f"asymstore stall / default stall = {ratio:.3f} (goal <= 0.2): **{verdict}**",
-              "", f"(total run {time.time() - t0:.0f} s)"]
+    lines += [
+        "",
+        f"asymstore stall / default stall = {ratio:.3f} (goal <= 0.2): **{verdict}**",
+        "",
+        f"(total run {time.time() - t0:.0f} s)",
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import warnings
 import gc
 import math
 import os
@@ -35,17 +34,16 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
+import _machine
 import torch
+from _rawio import write_direct
 
 import asymstore
 from asymstore.state import flatten
-
-import _machine  # noqa: E402  (benchmarks/, the script's directory)
-from _rawio import write_direct  # noqa: E402
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -57,8 +55,10 @@ def gpt2_shapes(n_embd: int, n_layer: int, vocab: int = 50257, n_positions: int 
     """Parameter names and shapes of GPT2LMHeadModel (tied lm_head counted once), no weights built."""
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
-        cfg = GPT2Config(n_embd=n_embd, n_layer=n_layer, n_head=max(n_embd // 64, 1), vocab_size=vocab,
-                         n_positions=n_positions)
+
+        cfg = GPT2Config(
+            n_embd=n_embd, n_layer=n_layer, n_head=max(n_embd // 64, 1), vocab_size=vocab, n_positions=n_positions
+        )
         with torch.device("meta"):
             model = GPT2LMHeadModel(cfg)
         return [(n, tuple(p.shape)) for n, p in model.named_parameters()]
@@ -66,12 +66,20 @@ def gpt2_shapes(n_embd: int, n_layer: int, vocab: int = 50257, n_positions: int 
         out = [("transformer.wte.weight", (vocab, n_embd)), ("transformer.wpe.weight", (n_positions, n_embd))]
         for i in range(n_layer):
             p = f"transformer.h.{i}."
-            out += [(p + "ln_1.weight", (n_embd,)), (p + "ln_1.bias", (n_embd,)),
-                    (p + "attn.c_attn.weight", (n_embd, 3 * n_embd)), (p + "attn.c_attn.bias", (3 * n_embd,)),
-                    (p + "attn.c_proj.weight", (n_embd, n_embd)), (p + "attn.c_proj.bias", (n_embd,)),
-                    (p + "ln_2.weight", (n_embd,)), (p + "ln_2.bias", (n_embd,)),
-                    (p + "mlp.c_fc.weight", (n_embd, 4 * n_embd)), (p + "mlp.c_fc.bias", (4 * n_embd,)),
-                    (p + "mlp.c_proj.weight", (4 * n_embd, n_embd)), (p + "mlp.c_proj.bias", (n_embd,))]
+            out += [
+                (p + "ln_1.weight", (n_embd,)),
+                (p + "ln_1.bias", (n_embd,)),
+                (p + "attn.c_attn.weight", (n_embd, 3 * n_embd)),
+                (p + "attn.c_attn.bias", (3 * n_embd,)),
+                (p + "attn.c_proj.weight", (n_embd, n_embd)),
+                (p + "attn.c_proj.bias", (n_embd,)),
+                (p + "ln_2.weight", (n_embd,)),
+                (p + "ln_2.bias", (n_embd,)),
+                (p + "mlp.c_fc.weight", (n_embd, 4 * n_embd)),
+                (p + "mlp.c_fc.bias", (4 * n_embd,)),
+                (p + "mlp.c_proj.weight", (4 * n_embd, n_embd)),
+                (p + "mlp.c_proj.bias", (n_embd,)),
+            ]
         return out + [("transformer.ln_f.weight", (n_embd,)), ("transformer.ln_f.bias", (n_embd,))]
 
 
@@ -79,8 +87,11 @@ def pick_config(target_bytes: int, n_embd: int) -> tuple[int, int]:
     """The layer count whose params + two fp32 moments come closest to ``target_bytes``."""
     best = (1, math.inf)
     for n_layer in range(1, 97):
-        n = sum(math.prod(s) for _, s in gpt2_shapes(n_embd, n_layer)) if n_layer <= 2 else \
-            _approx_params(n_embd, n_layer)
+        n = (
+            sum(math.prod(s) for _, s in gpt2_shapes(n_embd, n_layer))
+            if n_layer <= 2
+            else _approx_params(n_embd, n_layer)
+        )
         err = abs(n * 12 - target_bytes)
         if err < best[1]:
             best = (n_layer, err)
@@ -96,12 +107,25 @@ def build_state(n_embd: int, n_layer: int, seed: int = 0) -> dict[str, Any]:
     g = torch.Generator().manual_seed(seed)
     shapes = gpt2_shapes(n_embd, n_layer)
     params = {n: torch.randn(s, generator=g) * 0.02 for n, s in shapes}
-    opt_state = {i: {"step": torch.tensor(1000.0), "exp_avg": torch.randn(s, generator=g) * 1e-3,
-                     "exp_avg_sq": torch.rand(s, generator=g) * 1e-6} for i, (_, s) in enumerate(shapes)}
-    return {"model": params,
-            "optimizer": {"state": opt_state, "param_groups": [{"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8,
-                                                                "weight_decay": 0.1, "params": list(range(len(shapes)))}]},
-            "step": 1000, "epoch": 0}
+    opt_state = {
+        i: {
+            "step": torch.tensor(1000.0),
+            "exp_avg": torch.randn(s, generator=g) * 1e-3,
+            "exp_avg_sq": torch.rand(s, generator=g) * 1e-6,
+        }
+        for i, (_, s) in enumerate(shapes)
+    }
+    return {
+        "model": params,
+        "optimizer": {
+            "state": opt_state,
+            "param_groups": [
+                {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1, "params": list(range(len(shapes)))}
+            ],
+        },
+        "step": 1000,
+        "epoch": 0,
+    }
 
 
 # --- helpers ----------------------------------------------------------------------
@@ -136,10 +160,14 @@ def check_drop_caches(d: str) -> tuple[bool, str]:
     if not ok:
         return False, "cannot write /proc/sys/vm/drop_caches (not root?): reads are from the page cache"
     if before - after < 200 * 1024:
-        return False, (f"drop_caches accepted but the page cache shrank only {(before - after) // 1024} MiB: "
-                       "reads are probably from the page cache")
-    return True, (f"page cache dropped (sync; echo 3 > /proc/sys/vm/drop_caches) before every read; "
-                  f"check: Cached fell by {(before - after) // 1024} MiB after writing a 256 MiB file")
+        return False, (
+            f"drop_caches accepted but the page cache shrank only {(before - after) // 1024} MiB: "
+            "reads are probably from the page cache"
+        )
+    return True, (
+        f"page cache dropped (sync; echo 3 > /proc/sys/vm/drop_caches) before every read; "
+        f"check: Cached fell by {(before - after) // 1024} MiB after writing a 256 MiB file"
+    )
 
 
 def touch(state: Any) -> None:
@@ -174,19 +202,25 @@ def rm(path: str) -> None:
 
 def machine_info(bench_dir: str) -> dict[str, str]:
     mi = _machine.machine_info()
-    info = {"cpu": f"{mi['cpu']}, {mi['cores']} cores (torch threads {mi['torch_threads']})",
-            "ram": f"{mi['ram_gib']:.1f} GiB"}
+    info = {
+        "cpu": f"{mi['cpu']}, {mi['cores']} cores (torch threads {mi['torch_threads']})",
+        "ram": f"{mi['ram_gib']:.1f} GiB",
+    }
     try:
-        src = subprocess.run(["findmnt", "-no", "SOURCE,FSTYPE", "--target", bench_dir], capture_output=True,
-                             text=True, timeout=10).stdout.strip()
+        src = subprocess.run(
+            ["findmnt", "-no", "SOURCE,FSTYPE", "--target", bench_dir], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
         dev = src.split()[0] if src else ""
         extra = ""
         if dev.startswith("/dev/"):
             name = os.path.basename(dev)
             rot = f"/sys/block/{name}/queue/rotational"
             if os.path.exists(rot):
-                extra = " (rotational flag %s; virtual disk)" % open(rot).read().strip() if name.startswith("vd") \
+                extra = (
+                    " (rotational flag %s; virtual disk)" % open(rot).read().strip()
+                    if name.startswith("vd")
                     else " (rotational flag %s)" % open(rot).read().strip()
+                )
         du = shutil.disk_usage(bench_dir)
         info["disk"] = f"{bench_dir} on {src or '?'}{extra}, {du.free / GiB:.0f} GiB free"
     except (OSError, subprocess.SubprocessError):
@@ -196,6 +230,7 @@ def machine_info(bench_dir: str) -> dict[str, str]:
     info["torch"] = mi["torch"]
     try:
         import safetensors
+
         info["safetensors"] = safetensors.__version__
     except ImportError:
         pass
@@ -207,10 +242,15 @@ def machine_info(bench_dir: str) -> dict[str, str]:
 def _git_rev() -> str:
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        rev = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        rev = subprocess.run(
+            ["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return rev + ("+dirty" if dirty else "") if rev else "no git"
     except (OSError, subprocess.SubprocessError):
         return "no git"
@@ -235,7 +275,7 @@ class Bench:
         off = 0
         for t in self.flat.values():
             n = t.numel() * t.element_size()
-            self.flatbuf[off:off + n].copy_(t.reshape(-1).view(torch.uint8))
+            self.flatbuf[off : off + n].copy_(t.reshape(-1).view(torch.uint8))
             off += n
         self.times: dict[str, list[float]] = {}
         self.notes: dict[str, str] = {}
@@ -263,7 +303,7 @@ class Bench:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         pos = 0
         while pos < len(mv):
-            pos += os.write(fd, mv[pos:pos + 64 * MiB])
+            pos += os.write(fd, mv[pos : pos + 64 * MiB])
         os.fsync(fd)
         os.close(fd)
         return time.perf_counter() - t0
@@ -289,6 +329,7 @@ class Bench:
         """The same bytes with ``O_DIRECT`` from a page-aligned buffer (the page-cache copy skipped, as
         asymstore's local tier does), the unaligned tail written normally, one fsync."""
         import mmap
+
         if getattr(self, "_aligned", None) is None:
             self._aligned = mmap.mmap(-1, self.nbytes)
             self._aligned[:] = self.flatbuf.numpy().tobytes()
@@ -308,7 +349,7 @@ class Bench:
         fd = os.open(path, os.O_RDONLY)
         pos = 0
         while pos < len(mv):
-            n = os.preadv(fd, [mv[pos:pos + 64 * MiB]], pos)
+            n = os.preadv(fd, [mv[pos : pos + 64 * MiB]], pos)
             if n <= 0:
                 raise EOFError(path)
             pos += n
@@ -334,11 +375,14 @@ class Bench:
         dt_ = time.perf_counter() - t0
         res = h.result()
         rep = res.reports["file"]
-        self.breakdown.setdefault(kind, []).append((res.snapshot_seconds, rep.seconds, rep.encode_seconds,
-                                                    rep.write_seconds))
+        self.breakdown.setdefault(kind, []).append(
+            (res.snapshot_seconds, rep.seconds, rep.encode_seconds, rep.write_seconds)
+        )
         self.rec(f"asym-{kind} persist", rep.seconds)
-        self.notes[f"asym-{kind}"] = (f"stored {rep.stored_bytes / GiB:.3f} GiB in {rep.objects} objects, "
-                                      f"ratio {rep.ratio:.3f}, codecs {rep.codecs}")
+        self.notes[f"asym-{kind}"] = (
+            f"stored {rep.stored_bytes / GiB:.3f} GiB in {rep.objects} objects, "
+            f"ratio {rep.ratio:.3f}, codecs {rep.codecs}"
+        )
         return dt_
 
     def asym_load(self, kind: str) -> float:
@@ -379,6 +423,7 @@ class Bench:
     # safetensors ----------------------------------------------------------------
     def st_save(self) -> float:
         from safetensors.torch import save_file
+
         path = os.path.join(self.dir, "state.safetensors")
         rm(path)
         t0 = time.perf_counter()
@@ -388,6 +433,7 @@ class Bench:
 
     def st_load(self) -> float:
         from safetensors.torch import load_file
+
         path = os.path.join(self.dir, "state.safetensors")
         self.before_read()
         t0 = time.perf_counter()
@@ -400,6 +446,7 @@ class Bench:
     # torch.distributed.checkpoint -------------------------------------------------
     def dcp_save(self) -> float:
         import torch.distributed.checkpoint as dcp
+
         path = os.path.join(self.dir, "dcp")
         rm(path)
         t0 = time.perf_counter()
@@ -408,12 +455,20 @@ class Bench:
 
     def dcp_load(self) -> float:
         import torch.distributed.checkpoint as dcp
+
         path = os.path.join(self.dir, "dcp")
-        target = {"model": {n: torch.empty_like(t) for n, t in self.state["model"].items()},
-                  "optimizer": {"state": {i: {k: torch.empty_like(v) for k, v in s.items()}
-                                          for i, s in self.state["optimizer"]["state"].items()},
-                                "param_groups": self.state["optimizer"]["param_groups"]},
-                  "step": 0, "epoch": 0}
+        target = {
+            "model": {n: torch.empty_like(t) for n, t in self.state["model"].items()},
+            "optimizer": {
+                "state": {
+                    i: {k: torch.empty_like(v) for k, v in s.items()}
+                    for i, s in self.state["optimizer"]["state"].items()
+                },
+                "param_groups": self.state["optimizer"]["param_groups"],
+            },
+            "step": 0,
+            "epoch": 0,
+        }
         self.before_read()
         t0 = time.perf_counter()
         dcp.load(target, checkpoint_id=path)  # in place: the target is preallocated (untimed)
@@ -452,23 +507,33 @@ class Bench:
     # the rotation -------------------------------------------------------------------
     def variants(self) -> list[tuple[str, Callable[[], float]]]:
         v: list[tuple[str, Callable[[], float]]] = [
-            ("raw write", self.raw_write), ("raw write fsync/64MiB", self.raw_write_chunked),
+            ("raw write", self.raw_write),
+            ("raw write fsync/64MiB", self.raw_write_chunked),
             ("raw write O_DIRECT", self.raw_write_direct),
             ("raw read", self.raw_read),
-            ("asym-none save", lambda: self.asym_save("none")), ("asym-none load", lambda: self.asym_load("none")),
-            ("asym-auto save", lambda: self.asym_save("auto")), ("asym-auto load", lambda: self.asym_load("auto")),
-            ("torch.save", self.torch_save), ("torch.load", self.torch_load),
-            ("safetensors save", self.st_save), ("safetensors load", self.st_load),
-            ("dcp save", self.dcp_save), ("dcp load", self.dcp_load),
-            ("memcpy", self.memcpy), ("host save", self.host_save), ("host restore", self.host_restore),
+            ("asym-none save", lambda: self.asym_save("none")),
+            ("asym-none load", lambda: self.asym_load("none")),
+            ("asym-auto save", lambda: self.asym_save("auto")),
+            ("asym-auto load", lambda: self.asym_load("auto")),
+            ("torch.save", self.torch_save),
+            ("torch.load", self.torch_load),
+            ("safetensors save", self.st_save),
+            ("safetensors load", self.st_load),
+            ("dcp save", self.dcp_save),
+            ("dcp load", self.dcp_load),
+            ("memcpy", self.memcpy),
+            ("host save", self.host_save),
+            ("host restore", self.host_restore),
         ]
         skip = set(self.args.skip or [])
         return [(n, f) for n, f in v if not any(s in n for s in skip)]
 
     def run(self) -> None:
         variants = self.variants()
-        self.log(f"state: {self.ntensors} tensors, {self.nbytes / GiB:.3f} GiB (built in {self.build_s:.1f} s); "
-                 f"dir {self.dir}; {self.drop_note}")
+        self.log(
+            f"state: {self.ntensors} tensors, {self.nbytes / GiB:.3f} GiB (built in {self.build_s:.1f} s); "
+            f"dir {self.dir}; {self.drop_note}"
+        )
         for r in range(self.args.repeats + 1):
             t_round = time.perf_counter()
             took = []
@@ -481,8 +546,9 @@ class Bench:
             if r == 0:
                 self.times.clear()
                 self.breakdown.clear()
-            self.log(f"round {r}{' (warm-up)' if r == 0 else ''}: {time.perf_counter() - t_round:.1f} s: "
-                     + ", ".join(took))
+            self.log(
+                f"round {r}{' (warm-up)' if r == 0 else ''}: {time.perf_counter() - t_round:.1f} s: " + ", ".join(took)
+            )
         self.lazy()
 
     def lazy(self) -> None:
@@ -496,8 +562,11 @@ class Bench:
             step = store.steps()[-1]
             root = os.path.join(self.dir, f"asym-{kind}")
             row_bytes = self.n_embd * 4
-            for label, (a, b) in (("8 rows", (1000, 1008)), ("2 rows across a chunk edge", (None, None)),
-                                  ("2000 rows", (20000, 22000))):
+            for label, (a, b) in (
+                ("8 rows", (1000, 1008)),
+                ("2 rows across a chunk edge", (None, None)),
+                ("2000 rows", (20000, 22000)),
+            ):
                 ck = asymstore.open_checkpoint(root, step)
                 e = ck.layout.by_name()[name]
                 r = ck.reader
@@ -524,9 +593,16 @@ class Bench:
                 got = ck[name][a:b]
                 dt_ = time.perf_counter() - t0
                 assert torch.equal(got, self.state["model"]["transformer.wte.weight"][a:b])
-                self.lazy_rows.append({"ckpt": f"asym-{kind}", "slice": f"{label} [{a}:{b}]",
-                                       "slice_bytes": hi - lo, "touched": touched, "read": ck.bytes_read,
-                                       "seconds": dt_})
+                self.lazy_rows.append(
+                    {
+                        "ckpt": f"asym-{kind}",
+                        "slice": f"{label} [{a}:{b}]",
+                        "slice_bytes": hi - lo,
+                        "touched": touched,
+                        "read": ck.bytes_read,
+                        "seconds": dt_,
+                    }
+                )
 
     # report ---------------------------------------------------------------------------
     def med(self, name: str) -> float:
@@ -539,17 +615,23 @@ class Bench:
         L.append(f"- command: `{command}`")
         for k, v in info.items():
             L.append(f"- {k}: {v}")
-        L.append(f"- state: GPT-2-like (n_embd={self.n_embd}, n_layer={self.n_layer}, vocab 50257), params + 2 "
-                 f"Adam moments, fp32 random: {self.ntensors} tensors, {self.nbytes / GiB:.3f} GiB "
-                 f"({self.nbytes} bytes); largest tensor "
-                 f"{max(t.numel() * t.element_size() for t in self.flat.values()) / MiB:.0f} MiB")
-        L.append(f"- method: 1 warm-up round + {self.args.repeats} timed rounds, all variants in rotation, "
-                 "medians; writes include fsync; " + self.drop_note)
+        L.append(
+            f"- state: GPT-2-like (n_embd={self.n_embd}, n_layer={self.n_layer}, vocab 50257), params + 2 "
+            f"Adam moments, fp32 random: {self.ntensors} tensors, {self.nbytes / GiB:.3f} GiB "
+            f"({self.nbytes} bytes); largest tensor "
+            f"{max(t.numel() * t.element_size() for t in self.flat.values()) / MiB:.0f} MiB"
+        )
+        L.append(
+            f"- method: 1 warm-up round + {self.args.repeats} timed rounds, all variants in rotation, "
+            "medians; writes include fsync; " + self.drop_note
+        )
         L.append("")
         L.append("## Throughput (GB/s = 1e9 bytes/s of state; ratio vs the baseline of the same run)\n")
         # the strongest (fastest) of the raw write baselines is the one the goals are measured against
-        wbase = min(("raw write", "raw write fsync/64MiB", "raw write O_DIRECT"),
-                    key=lambda n: self.med(n) if n in self.times else 1e9)
+        wbase = min(
+            ("raw write", "raw write fsync/64MiB", "raw write O_DIRECT"),
+            key=lambda n: self.med(n) if n in self.times else 1e9,
+        )
         L.append(f"Write ratios are against `{wbase}`, the fastest of the three raw write baselines in this run.\n")
         L.append("| variant | median s | GB/s | vs baseline | min..max s |")
         L.append("|---|---:|---:|---:|---:|")
@@ -559,45 +641,65 @@ class Bench:
                 return
             m = self.med(name)
             ratio = f"{self.med(base) / m:.2f}x {base}" if base and base in self.times else "baseline"
-            L.append(f"| {name} | {m:.3f} | {gbps(m):.2f} | {ratio} | {min(self.times[name]):.3f}..."
-                     f"{max(self.times[name]):.3f} |")
+            L.append(
+                f"| {name} | {m:.3f} | {gbps(m):.2f} | {ratio} | {min(self.times[name]):.3f}..."
+                f"{max(self.times[name]):.3f} |"
+            )
 
-        for n in ("raw write", "raw write fsync/64MiB", "raw write O_DIRECT", "asym-none save", "asym-none persist", "asym-auto save", "asym-auto persist",
-                  "torch.save", "safetensors save", "dcp save"):
+        for n in (
+            "raw write",
+            "raw write fsync/64MiB",
+            "raw write O_DIRECT",
+            "asym-none save",
+            "asym-none persist",
+            "asym-auto save",
+            "asym-auto persist",
+            "torch.save",
+            "safetensors save",
+            "dcp save",
+        ):
             row(n, None if n == wbase else wbase)
         for n in ("raw read", "asym-none load", "asym-auto load", "torch.load", "safetensors load", "dcp load"):
             row(n, None if n == "raw read" else "raw read")
         for n in ("memcpy", "host save", "host restore"):
             row(n, None if n == "memcpy" else "memcpy")
         L.append("")
-        L.append("`save` = `Store.save(state)` blocking, from the live tensors: snapshot copy into the host slot, "
-                 "then encode + write + fsync + commit. `persist` = the writer alone (`WriteReport.seconds`: "
-                 "host slot -> durable, committed step), the part that runs in the background during training. "
-                 "`load` = a fresh `Store([dir]).restore(step)`: read + verify every chunk crc32c into a new "
-                 "buffer. Every load then reads one byte per 4 KiB page of the result (timed) so that "
-                 "safetensors' memory-mapped tensors are really read from disk. `dcp load` reads into a preallocated state (DCP loads in place); the others allocate. "
-                 "`host save` = `Store([]).save` (snapshot copy into a reused slot); `host restore` copies the "
-                 "slot into a new buffer; `memcpy` = one `Tensor.copy_` of the same bytes into a preallocated "
-                 "buffer.\n")
+        L.append(
+            "`save` = `Store.save(state)` blocking, from the live tensors: snapshot copy into the host slot, "
+            "then encode + write + fsync + commit. `persist` = the writer alone (`WriteReport.seconds`: "
+            "host slot -> durable, committed step), the part that runs in the background during training. "
+            "`load` = a fresh `Store([dir]).restore(step)`: read + verify every chunk crc32c into a new "
+            "buffer. Every load then reads one byte per 4 KiB page of the result (timed) so that "
+            "safetensors' memory-mapped tensors are really read from disk. `dcp load` reads into a preallocated state (DCP loads in place); the others allocate. "
+            "`host save` = `Store([]).save` (snapshot copy into a reused slot); `host restore` copies the "
+            "slot into a new buffer; `memcpy` = one `Tensor.copy_` of the same bytes into a preallocated "
+            "buffer.\n"
+        )
         for kind in ("none", "auto"):
             if kind in self.breakdown:
                 b = self.breakdown[kind]
                 med = [statistics.median(x[i] for x in b) for i in range(4)]
-                L.append(f"- asym-{kind} breakdown (medians): snapshot {med[0]:.3f} s, persist {med[1]:.3f} s: "
-                         f"partition writes+fsync {med[3]:.3f} s, encode/choose {med[2]:.3f} s in all (on the "
-                         f"writer's helper thread, overlapping the previous partition's write), everything else "
-                         f"(first encode, metadata, barrier, commit) {med[1] - med[3]:.3f} s; "
-                         f"{self.notes.get('asym-' + kind, '')}")
+                L.append(
+                    f"- asym-{kind} breakdown (medians): snapshot {med[0]:.3f} s, persist {med[1]:.3f} s: "
+                    f"partition writes+fsync {med[3]:.3f} s, encode/choose {med[2]:.3f} s in all (on the "
+                    f"writer's helper thread, overlapping the previous partition's write), everything else "
+                    f"(first encode, metadata, barrier, commit) {med[1] - med[3]:.3f} s; "
+                    f"{self.notes.get('asym-' + kind, '')}"
+                )
         L.append("")
         if getattr(self, "lazy_rows", None):
             L.append("## Lazy slice reads (`open_checkpoint(dir)[name][a:b]` of the embedding, cold cache)\n")
-            L.append("| checkpoint | slice | slice bytes | stored bytes of touched chunks | bytes read "
-                     "(`bytes_read`) | read / touched | read / slice | ms |")
+            L.append(
+                "| checkpoint | slice | slice bytes | stored bytes of touched chunks | bytes read "
+                "(`bytes_read`) | read / touched | read / slice | ms |"
+            )
             L.append("|---|---|---:|---:|---:|---:|---:|---:|")
             for r in self.lazy_rows:
-                L.append(f"| {r['ckpt']} | {r['slice']} | {r['slice_bytes']} | {r['touched']} | {r['read']} | "
-                         f"{r['read'] / r['touched']:.3f} | {r['read'] / r['slice_bytes']:.1f} | "
-                         f"{r['seconds'] * 1e3:.1f} |")
+                L.append(
+                    f"| {r['ckpt']} | {r['slice']} | {r['slice_bytes']} | {r['touched']} | {r['read']} | "
+                    f"{r['read'] / r['touched']:.3f} | {r['read'] / r['slice_bytes']:.1f} | "
+                    f"{r['seconds'] * 1e3:.1f} |"
+                )
             L.append("\n`bytes_read` includes the shard index fetched once per touched partition.\n")
         L.append("## Goals\n")
         L.append("| goal | measured | target | result |")
@@ -614,12 +716,17 @@ class Bench:
             return self.med(b) / self.med(a) if a in self.times and b in self.times else None
 
         for kind in ("none", "auto"):
-            goal(f"local save (asym-{kind} persist) / {wbase}", ratio(f"asym-{kind} persist", wbase),
-                 GOALS["local_save"])
-            goal(f"local save (asym-{kind} save, incl. snapshot) / {wbase}",
-                 ratio(f"asym-{kind} save", wbase), GOALS["local_save"])
-            goal(f"local load (asym-{kind} load) / raw read", ratio(f"asym-{kind} load", "raw read"),
-                 GOALS["local_load"])
+            goal(
+                f"local save (asym-{kind} persist) / {wbase}", ratio(f"asym-{kind} persist", wbase), GOALS["local_save"]
+            )
+            goal(
+                f"local save (asym-{kind} save, incl. snapshot) / {wbase}",
+                ratio(f"asym-{kind} save", wbase),
+                GOALS["local_save"],
+            )
+            goal(
+                f"local load (asym-{kind} load) / raw read", ratio(f"asym-{kind} load", "raw read"), GOALS["local_load"]
+            )
         goal("host-tier save / memcpy", ratio("host save", "memcpy"), GOALS["host_save"])
         worst = max((r["read"] / r["touched"] for r in getattr(self, "lazy_rows", [])), default=None)
         goal("lazy slice: bytes read / bytes of touched chunks (worst)", worst, GOALS["lazy_overread"], higher=False)
@@ -638,14 +745,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-embd", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (after one warm-up round)")
     p.add_argument("--dir", default=None, help="where to write (default: the system temp dir)")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                 "format.md"), help="markdown report path ('-': print only)")
+    p.add_argument(
+        "--out",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "format.md"),
+        help="markdown report path ('-': print only)",
+    )
     p.add_argument("--skip", action="append", help="skip variants whose name contains this (repeatable)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP without a process group
-    command = "python benchmarks/bench_format.py" + ("" if argv is None and len(sys.argv) == 1 else " " +
-                                                     " ".join(sys.argv[1:] if argv is None else argv))
+    command = "python benchmarks/bench_format.py" + (
+        "" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv)
+    )
     bench = Bench(args)
     run_and_report(bench, bench.dir, command, args.out)
     return 0

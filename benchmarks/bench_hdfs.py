@@ -33,28 +33,28 @@ from __future__ import annotations
 
 import argparse
 import gc
-import random
 import os
+import random
 import statistics
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import asymstore  # noqa: E402
-from asymstore.backends.hdfs import HdfsObjectStore  # noqa: E402
-from asymstore.batch_plan import continuous_optimal_batch_bytes, flush_time  # noqa: E402
-from asymstore.config import Config  # noqa: E402
-from asymstore.manifest import step_dir  # noqa: E402
-from asymstore.testing.minidfs import MiniDFS  # noqa: E402
-from asymstore.tiermanager import TierManager  # noqa: E402
-from asymstore.tiers import PersistentTier  # noqa: E402
-from asymstore.writer import CheckpointWriter  # noqa: E402
-from bench_format import build_state, gpt2_shapes, run_and_report  # noqa: E402
+from bench_format import build_state, gpt2_shapes, run_and_report
+
+import asymstore
+from asymstore.backends.hdfs import HdfsObjectStore
+from asymstore.batch_plan import continuous_optimal_batch_bytes
+from asymstore.config import Config
+from asymstore.manifest import step_dir
+from asymstore.testing.minidfs import MiniDFS
+from asymstore.tiermanager import TierManager
+from asymstore.tiers import PersistentTier
+from asymstore.writer import CheckpointWriter
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -94,10 +94,17 @@ class Bench:
         self.bstar_seen: list[int] = []
         self.fits: list[str] = []
         self.parts: dict[str, list[tuple[float, float, float]]] = {}  # (data puts, encode, rest) seconds
-        self.log(f"starting MiniDFSCluster ({args.datanodes} DataNode(s), replication {args.replication}, "
-                 f"block {args.block_mib} MiB) under {self.tmp}")
-        self.dfs = MiniDFS(datanodes=args.datanodes, replication=args.replication, block_size=args.block_mib * MiB,
-                           heap=args.heap, java_opts=tuple(args.java_opts.split()))
+        self.log(
+            f"starting MiniDFSCluster ({args.datanodes} DataNode(s), replication {args.replication}, "
+            f"block {args.block_mib} MiB) under {self.tmp}"
+        )
+        self.dfs = MiniDFS(
+            datanodes=args.datanodes,
+            replication=args.replication,
+            block_size=args.block_mib * MiB,
+            heap=args.heap,
+            java_opts=tuple(args.java_opts.split()),
+        )
         self.url = self.dfs.start(os.path.join(self.tmp, "dfs"))
         self.log(f"cluster up in {self.dfs.start_seconds:.1f} s at {self.url}")
 
@@ -116,8 +123,10 @@ class Bench:
         self.mv = slot.memview()
         self.n_tensors = len(self.layout.tensors)
         self.largest = max(e.nbytes for e in self.layout.tensors)
-        self.log(f"state: n_embd={n_embd}, n_layer={n_layer}: {self.n_tensors} tensors, {self.C / GiB:.3f} GiB "
-                 f"({self.C} bytes), largest tensor {fmt_bytes(self.largest)}")
+        self.log(
+            f"state: n_embd={n_embd}, n_layer={n_layer}: {self.n_tensors} tensors, {self.C / GiB:.3f} GiB "
+            f"({self.C} bytes), largest tensor {fmt_bytes(self.largest)}"
+        )
 
         self.cfg = Config(compression="none")
         self.run_id = uuid.uuid4().hex[:6]
@@ -149,28 +158,34 @@ class Bench:
         self.fit0 = st.model.fit()
         self.stage_bw = st.stage_bandwidth
         self.bstar0 = self.hdfs_tier.partition_bytes(self.C)
-        cont = continuous_optimal_batch_bytes(self.C, self.fit0.latency_s, self.fit0.bandwidth,
-                                              stage_bandwidth=self.stage_bw)
+        cont = continuous_optimal_batch_bytes(
+            self.C, self.fit0.latency_s, self.fit0.bandwidth, stage_bandwidth=self.stage_bw
+        )
         self.cont0 = cont
         self.log("probe writes: " + ", ".join(f"{fmt_bytes(b)} {t * 1e3:.1f} ms" for b, t in samples))
-        self.log(f"fitted T_d = {self.fit0.latency_s * 1e3:.1f} ms, BW = {self.fit0.bandwidth / 1e6:.0f} MB/s, "
-                 f"stage BW (crc32c) = {self.stage_bw / 1e9:.2f} GB/s -> B* = {fmt_bytes(self.bstar0)} "
-                 f"(closed form {fmt_bytes(cont) if cont != float('inf') else 'inf'}, staging budget "
-                 f"{fmt_bytes(self.cfg.staging_budget_bytes)})")
+        self.log(
+            f"fitted T_d = {self.fit0.latency_s * 1e3:.1f} ms, BW = {self.fit0.bandwidth / 1e6:.0f} MB/s, "
+            f"stage BW (crc32c) = {self.stage_bw / 1e9:.2f} GB/s -> B* = {fmt_bytes(self.bstar0)} "
+            f"(closed form {fmt_bytes(cont) if cont != float('inf') else 'inf'}, staging budget "
+            f"{fmt_bytes(self.cfg.staging_budget_bytes)})"
+        )
 
     # --- variants ----------------------------------------------------------------------
     def v_bstar(self) -> tuple[float, int]:
         t0 = time.perf_counter()
         rep = self.tm.promote(1, STEP)
         dt = time.perf_counter() - t0
-        self.parts.setdefault("asym B*", []).append((rep.write_seconds, rep.encode_seconds,
-                                                     dt - rep.write_seconds - rep.encode_seconds))
+        self.parts.setdefault("asym B*", []).append(
+            (rep.write_seconds, rep.encode_seconds, dt - rep.write_seconds - rep.encode_seconds)
+        )
         b = self.tm.activity["hdfs"].last_partition_bytes or 0
         self.bstar_seen.append(b)
         st = self.hdfs_tier.stats
-        self.fits.append(f"B* {fmt_bytes(b)}: {rep.objects} partitions, write {rep.write_seconds:.2f} s + encode "
-                         f"{rep.encode_seconds:.2f} s of {rep.seconds:.2f} s; model after: T_d "
-                         f"{st.latency_s * 1e3:.1f} ms, BW {st.bandwidth / 1e6:.0f} MB/s")
+        self.fits.append(
+            f"B* {fmt_bytes(b)}: {rep.objects} partitions, write {rep.write_seconds:.2f} s + encode "
+            f"{rep.encode_seconds:.2f} s of {rep.seconds:.2f} s; model after: T_d "
+            f"{st.latency_s * 1e3:.1f} ms, BW {st.bandwidth / 1e6:.0f} MB/s"
+        )
         n = self._count(self.hdfs_tier.store, step_dir(STEP) + "/")
         self.tm._mark(self.hdfs_tier, STEP, False)
         self.hdfs_tier.delete(STEP)
@@ -183,18 +198,20 @@ class Bench:
             t0 = time.perf_counter()
             rep = w.write(STEP, self.mv, self.layout, self.slot.skeleton, numpy_names=self.slot.numpy_names)
             dt = time.perf_counter() - t0
-            self.parts.setdefault(label, []).append((rep.write_seconds, rep.encode_seconds,
-                                                     dt - rep.write_seconds - rep.encode_seconds))
+            self.parts.setdefault(label, []).append(
+                (rep.write_seconds, rep.encode_seconds, dt - rep.write_seconds - rep.encode_seconds)
+            )
             n = self._count(s, step_dir(STEP) + "/")
             s.delete_prefix(step_dir(STEP) + "/")
             return dt, n
+
         return run
 
     def v_per_tensor(self) -> tuple[float, int]:
         s = self.store("per-tensor")
         t0 = time.perf_counter()
         for e in self.layout.tensors:
-            s.put(f"t/{e.name}", self.mv[e.offset:e.offset + e.nbytes])
+            s.put(f"t/{e.name}", self.mv[e.offset : e.offset + e.nbytes])
         dt = time.perf_counter() - t0
         n = self._count(s, "t/")
         s.delete_prefix("t/")
@@ -255,8 +272,9 @@ class Bench:
                 dt, n = fn()
                 self.times.setdefault(name, []).append(dt)
                 self.files[name] = n
-                self.log(f"round {r + 1}/{self.args.repeats} {name:24s} {dt:7.2f} s  {self.C / dt / 1e9:.3f} GB/s  "
-                         f"{n} files")
+                self.log(
+                    f"round {r + 1}/{self.args.repeats} {name:24s} {dt:7.2f} s  {self.C / dt / 1e9:.3f} GB/s  {n} files"
+                )
                 self.settle()
         self.load1 = os.getloadavg()
 
@@ -271,33 +289,47 @@ class Bench:
         for k in ("cpu", "ram", "disk", "os", "python", "torch", "asymstore", "date"):
             if k in info:
                 L.append(f"- {k}: {info[k]}")
-        L.append(f"- hdfs: MiniDFSCluster (Hadoop 3.3.6, one JVM, -Xmx{a.heap}, {a.java_opts}) on this machine, "
-                 f"{a.datanodes} DataNode(s), replication {a.replication}, block size {a.block_mib} MiB, "
-                 f"close.num-committed-allowed 0 (HDFS default); client hdfs-native {_hdfs_native_version()} "
-                 f"through `HdfsObjectStore` (write_chunk {a.write_chunk_mib} MiB, no hsync)")
+        L.append(
+            f"- hdfs: MiniDFSCluster (Hadoop 3.3.6, one JVM, -Xmx{a.heap}, {a.java_opts}) on this machine, "
+            f"{a.datanodes} DataNode(s), replication {a.replication}, block size {a.block_mib} MiB, "
+            f"close.num-committed-allowed 0 (HDFS default); client hdfs-native {_hdfs_native_version()} "
+            f"through `HdfsObjectStore` (write_chunk {a.write_chunk_mib} MiB, no hsync)"
+        )
         n_embd, n_layer = self.state_desc
-        L.append(f"- state: GPT-2-like (n_embd={n_embd}, n_layer={n_layer}, vocab 50257), params + 2 Adam moments, "
-                 f"fp32 random: {self.n_tensors} tensors, {self.C / GiB:.3f} GiB ({self.C} bytes), largest tensor "
-                 f"{fmt_bytes(self.largest)}; promoted from the host slot")
-        L.append(f"- method: warm-up (B*, single write), then {a.repeats} rounds of all variants in rotation (seeded shuffle per round), medians; "
-                 f"after each variant (untimed) its files are deleted, {a.settle_s:.0f} s pause and `sync`")
+        L.append(
+            f"- state: GPT-2-like (n_embd={n_embd}, n_layer={n_layer}, vocab 50257), params + 2 Adam moments, "
+            f"fp32 random: {self.n_tensors} tensors, {self.C / GiB:.3f} GiB ({self.C} bytes), largest tensor "
+            f"{fmt_bytes(self.largest)}; promoted from the host slot"
+        )
+        L.append(
+            f"- method: warm-up (B*, single write), then {a.repeats} rounds of all variants in rotation (seeded shuffle per round), medians; "
+            f"after each variant (untimed) its files are deleted, {a.settle_s:.0f} s pause and `sync`"
+        )
         l0, l1 = self.load0, self.load1
-        L.append(f"- load average (1/5/15 min) at start {l0[0]:.2f}/{l0[1]:.2f}/{l0[2]:.2f}, at end "
-                 f"{l1[0]:.2f}/{l1[1]:.2f}/{l1[2]:.2f} (the cluster JVM, the client and the rest of the machine share "
-                 f"{os.cpu_count()} cores)")
+        L.append(
+            f"- load average (1/5/15 min) at start {l0[0]:.2f}/{l0[1]:.2f}/{l0[2]:.2f}, at end "
+            f"{l1[0]:.2f}/{l1[1]:.2f}/{l1[2]:.2f} (the cluster JVM, the client and the rest of the machine share "
+            f"{os.cpu_count()} cores)"
+        )
         L.append("")
         L.append("## Fitted model (probe writes of the HDFS tier)")
         L.append("")
         L.append("- probe writes: " + ", ".join(f"{fmt_bytes(b)} {t * 1e3:.1f} ms" for b, t in self.probe_samples))
         cont = "inf" if self.cont0 == float("inf") else fmt_bytes(self.cont0)
-        L.append(f"- fit: T_d = {self.fit0.latency_s * 1e3:.1f} ms, BW = {self.fit0.bandwidth / 1e6:.0f} MB/s; "
-                 f"staging bandwidth (crc32c of 8 MiB) = {self.stage_bw / 1e9:.2f} GB/s")
-        L.append(f"- B* for C = {fmt_bytes(self.C)}: **{fmt_bytes(self.bstar0)}** = {-(-self.C // self.bstar0)} partitions "
-                 f"(closed form of the pipelined model min(B_c, B_x) = {cont}; staging budget "
-                 f"{fmt_bytes(self.cfg.staging_budget_bytes)})")
+        L.append(
+            f"- fit: T_d = {self.fit0.latency_s * 1e3:.1f} ms, BW = {self.fit0.bandwidth / 1e6:.0f} MB/s; "
+            f"staging bandwidth (crc32c of 8 MiB) = {self.stage_bw / 1e9:.2f} GB/s"
+        )
+        L.append(
+            f"- B* for C = {fmt_bytes(self.C)}: **{fmt_bytes(self.bstar0)}** = {-(-self.C // self.bstar0)} partitions "
+            f"(closed form of the pipelined model min(B_c, B_x) = {cont}; staging budget "
+            f"{fmt_bytes(self.cfg.staging_budget_bytes)})"
+        )
         seen = sorted(set(self.bstar_seen))
-        L.append(f"- B* used in the timed rounds (the model is refreshed by the tier's own writes): "
-                 f"{', '.join(fmt_bytes(b) for b in seen)}")
+        L.append(
+            f"- B* used in the timed rounds (the model is refreshed by the tier's own writes): "
+            f"{', '.join(fmt_bytes(b) for b in seen)}"
+        )
         for f in self.fits:
             L.append(f"  - {f}")
         L.append("")
@@ -309,15 +341,21 @@ class Bench:
         for name in self.names:
             m = self.med(name)
             xs = self.times[name]
-            L.append(f"| {name} | {self.files[name]} | {m:.3f} | {self.C / m / 1e9:.3f} | {single / m:.2f}x | "
-                     f"{min(xs):.3f}..{max(xs):.3f} |")
+            L.append(
+                f"| {name} | {self.files[name]} | {m:.3f} | {self.C / m / 1e9:.3f} | {single / m:.2f}x | "
+                f"{min(xs):.3f}..{max(xs):.3f} |"
+            )
         L.append("")
-        L.append("Files: objects under the checkpoint's prefix on HDFS after the write (writer variants: partitions + "
-                 "one zarr.json per codec + the group zarr.json + the commit marker).")
+        L.append(
+            "Files: objects under the checkpoint's prefix on HDFS after the write (writer variants: partitions + "
+            "one zarr.json per codec + the group zarr.json + the commit marker)."
+        )
         L.append("")
-        L.append("Writer variants, medians of the parts (s): data = the partitions' `put` calls, encode = shard "
-                 "encoding (crc32c + index), rest = existence checks, zarr metadata, barrier and commit marker "
-                 "(`WriteReport`; B* also includes the promotion's lease and the tier's batch-size choice).")
+        L.append(
+            "Writer variants, medians of the parts (s): data = the partitions' `put` calls, encode = shard "
+            "encoding (crc32c + index), rest = existence checks, zarr metadata, barrier and commit marker "
+            "(`WriteReport`; B* also includes the promotion's lease and the tier's batch-size choice)."
+        )
         L.append("")
         L.append("| variant | data puts | encode | rest | data-put throughput GB/s |")
         L.append("|---|---:|---:|---:|---:|")
@@ -333,10 +371,14 @@ class Bench:
         b = self.med("asym B*")
         r1 = sweep[best] / b
         r2 = single / b
-        L.append(f"- B* throughput / best swept size ({best}): {r1:.2f} (goal >= {GOALS['bstar_vs_best_sweep']}): "
-                 f"**{'PASS' if r1 >= GOALS['bstar_vs_best_sweep'] else 'FAIL'}**")
-        L.append(f"- B* throughput / single large write: {r2:.2f} (goal >= {GOALS['bstar_vs_single']}): "
-                 f"**{'PASS' if r2 >= GOALS['bstar_vs_single'] else 'FAIL'}**")
+        L.append(
+            f"- B* throughput / best swept size ({best}): {r1:.2f} (goal >= {GOALS['bstar_vs_best_sweep']}): "
+            f"**{'PASS' if r1 >= GOALS['bstar_vs_best_sweep'] else 'FAIL'}**"
+        )
+        L.append(
+            f"- B* throughput / single large write: {r2:.2f} (goal >= {GOALS['bstar_vs_single']}): "
+            f"**{'PASS' if r2 >= GOALS['bstar_vs_single'] else 'FAIL'}**"
+        )
         return "\n".join(L) + "\n"
 
     def close(self) -> None:
@@ -347,12 +389,14 @@ class Bench:
             pass
         self.dfs.stop()
         import shutil
+
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def _hdfs_native_version() -> str:
     try:
         from importlib.metadata import version
+
         return version("hdfs-native")
     except Exception:
         return "?"
@@ -367,19 +411,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replication", type=int, default=2)
     p.add_argument("--block-mib", type=int, default=128)
     p.add_argument("--heap", default="1g")
-    p.add_argument("--java-opts", default="-XX:+UseSerialGC -Xshare:auto",
-                   help="cluster JVM options (MiniDFS's default also has -XX:TieredStopAtLevel=1, C1 only)")
+    p.add_argument(
+        "--java-opts",
+        default="-XX:+UseSerialGC -Xshare:auto",
+        help="cluster JVM options (MiniDFS's default also has -XX:TieredStopAtLevel=1, C1 only)",
+    )
     p.add_argument("--write-chunk-mib", type=int, default=8)
     p.add_argument("--sweep", default="1,4,16,64,256,all", help="fixed partition sizes in MiB; 'all' = one partition")
     p.add_argument("--settle-s", type=float, default=2.0)
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "hdfs.md"),
-                   help="markdown report path ('-': print only)")
-    p.add_argument("--skip", action="append", help="skip variants whose name contains this (repeatable; B* and "
-                   "single write always run)")
+    p.add_argument(
+        "--out",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "hdfs.md"),
+        help="markdown report path ('-': print only)",
+    )
+    p.add_argument(
+        "--skip",
+        action="append",
+        help="skip variants whose name contains this (repeatable; B* and single write always run)",
+    )
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    command = "python benchmarks/bench_hdfs.py" + ("" if argv is None and len(sys.argv) == 1 else " " +
-                                                   " ".join(sys.argv[1:] if argv is None else argv))
+    command = "python benchmarks/bench_hdfs.py" + (
+        "" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv)
+    )
     bench = Bench(args)
     run_and_report(bench, bench.tmp, command, args.out)
     return 0

@@ -27,6 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from _machine import machine_line  # noqa: E402
+
 from asymstore.snapshot import host_copy, streaming_copy_available  # noqa: E402
 
 SIZES = (64 << 10, 1 << 20, 14 << 20)
@@ -55,7 +56,7 @@ def main() -> None:
     res: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for r in range(a.rounds + 1):
         for piece in SIZES:
-            for name, fn in (methods.items() if r % 2 else reversed(list(methods.items()))):
+            for name, fn in methods.items() if r % 2 else reversed(list(methods.items())):
                 w = run(total, piece, fn, dst, src)
                 if r:  # round 0 warms up
                     res.setdefault((name, piece), []).append(w)
@@ -67,16 +68,21 @@ def main() -> None:
         for name in methods:
             wall = statistics.median(w for w, _ in res[(name, piece)])
             cpu = statistics.median(c for _, c in res[(name, piece)])
-            rows.append(f"| {piece >> 10} KiB | {name} | {wall * 1e3:.1f} | {total / wall / 1e9:.2f} | {cpu * 1e3:.1f} "
-                        f"| {base / wall:.2f}x |")
+            rows.append(
+                f"| {piece >> 10} KiB | {name} | {wall * 1e3:.1f} | {total / wall / 1e9:.2f} | {cpu * 1e3:.1f} "
+                f"| {base / wall:.2f}x |"
+            )
             print(rows[-1], flush=True)
     now = _dt.datetime.now(_dt.timezone.utc)
-    text = (f"# Host copy: memmove vs streaming stores\n\nMeasured {now:%Y-%m-%d %H:%M} UTC by "
-            f"`PYTHONPATH=. python benchmarks/bench_hostcopy.py --mib {a.mib} --rounds {a.rounds}`.\n\n"
-            f"{a.mib} MiB copied piece by piece between two pre-faulted buffers on one thread; medians of "
-            f"{a.rounds} rounds (methods alternating).\n\n"
-            "| piece | method | wall ms | GB/s | thread CPU ms | speed-up vs memmove |\n|---|---|---:|---:|---:|---:|\n"
-            + "\n".join(rows) + f"\n\n## Machine\n\n- {machine_line()}\n")
+    text = (
+        f"# Host copy: memmove vs streaming stores\n\nMeasured {now:%Y-%m-%d %H:%M} UTC by "
+        f"`PYTHONPATH=. python benchmarks/bench_hostcopy.py --mib {a.mib} --rounds {a.rounds}`.\n\n"
+        f"{a.mib} MiB copied piece by piece between two pre-faulted buffers on one thread; medians of "
+        f"{a.rounds} rounds (methods alternating).\n\n"
+        "| piece | method | wall ms | GB/s | thread CPU ms | speed-up vs memmove |\n|---|---|---:|---:|---:|---:|\n"
+        + "\n".join(rows)
+        + f"\n\n## Machine\n\n- {machine_line()}\n"
+    )
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         f.write(text)

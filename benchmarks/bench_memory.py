@@ -61,8 +61,14 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     step(0)  # AdamW state exists from here on
     unique = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}  # tied weights once
-    unique.update({v.data_ptr(): v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
-                   if isinstance(v, torch.Tensor)})
+    unique.update(
+        {
+            v.data_ptr(): v.numel() * v.element_size()
+            for s in opt.state.values()
+            for v in s.values()
+            if isinstance(v, torch.Tensor)
+        }
+    )
     state_bytes = sum(unique.values())
     extra: dict[str, Any] = {}
     root = tempfile.mkdtemp(prefix="asym-mem-", dir=args.dir)
@@ -102,16 +108,22 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
                 while len(paths) >= args.keep:
                     shutil.rmtree(paths.pop(0), ignore_errors=True)
                 paths.append(os.path.join(root, f"step_{i}"))
-                fut = dcp.async_save({"model": model.state_dict(), "optim": opt.state_dict()},
-                                     checkpoint_id=paths[-1])
+                fut = dcp.async_save({"model": model.state_dict(), "optim": opt.state_dict()}, checkpoint_id=paths[-1])
                 samples.append(rss_bytes())
             if fut is not None:
                 fut.result()
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    return {"variant": args.variant, "rss_start": rss_start, "samples": samples, "reports": reports,
-            "state_bytes": state_bytes, "seconds": time.perf_counter() - t0, **extra,
-            "params": sum(p.numel() for p in model.parameters())}
+    return {
+        "variant": args.variant,
+        "rss_start": rss_start,
+        "samples": samples,
+        "reports": reports,
+        "state_bytes": state_bytes,
+        "seconds": time.perf_counter() - t0,
+        **extra,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def slope_per_100(ys: list[int]) -> float:
@@ -133,13 +145,21 @@ def summarize(r: dict[str, Any], warm: int, window: int = 50) -> dict[str, float
     tail = s[warm:]
     w = max(1, min(window, len(tail) // 2))
     first, last = sum(tail[:w]) / w, sum(tail[-w:]) / w
-    return {"start": r["rss_start"], "warm": first, "end": last, "peak": max(s),
-            "growth": last - first, "slope": slope_per_100(tail), "window": w}
+    return {
+        "start": r["rss_start"],
+        "warm": first,
+        "end": last,
+        "peak": max(s),
+        "growth": last - first,
+        "slope": slope_per_100(tail),
+        "window": w,
+    }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--checkpoints", type=int, default=300, help="iterations, each with a checkpoint")
     p.add_argument("--warm", type=int, default=20, help="checkpoints before the flatness window starts")
     p.add_argument("--variants", default=",".join(VARIANTS))
@@ -170,24 +190,36 @@ def main(argv: list[str] | None = None) -> int:
     fwd = list(argv if argv is not None else sys.argv[1:])
     for n in names:
         print(f"[bench_memory] {n}: {args.checkpoints} iterations, a checkpoint at each ...", flush=True)
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), *fwd, "--variant", n], env=env,
-                             check=True, stdout=subprocess.PIPE, text=True).stdout
+        out = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), *fwd, "--variant", n],
+            env=env,
+            check=True,
+            stdout=subprocess.PIPE,
+            text=True,
+        ).stdout
         results[n] = json.loads(out.strip().splitlines()[-1])
         s = summaries[n] = summarize(results[n], args.warm)
-        print(f"[bench_memory] {n}: RSS {s['warm'] / 2**20:.0f} -> {s['end'] / 2**20:.0f} MiB, "
-              f"slope {s['slope'] / 2**20:+.2f} MiB/100 checkpoints ({results[n]['seconds']:.0f} s)", flush=True)
+        print(
+            f"[bench_memory] {n}: RSS {s['warm'] / 2**20:.0f} -> {s['end'] / 2**20:.0f} MiB, "
+            f"slope {s['slope'] / 2**20:+.2f} MiB/100 checkpoints ({results[n]['seconds']:.0f} s)",
+            flush=True,
+        )
 
     state = next(iter(results.values()))["state_bytes"]
     w = int(next(iter(summaries.values()))["window"])
-    rows = [f"| variant | RSS before 1st checkpoint (MiB) | first {w} after warm-up, mean (MiB) | last {w}, mean (MiB) | "
-            f"peak (MiB) | growth first -> last {w} (MiB) | slope (MiB / 100 checkpoints) | above baseline, last {w} "
-            "(MiB) |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        f"| variant | RSS before 1st checkpoint (MiB) | first {w} after warm-up, mean (MiB) | last {w}, mean (MiB) | "
+        f"peak (MiB) | growth first -> last {w} (MiB) | slope (MiB / 100 checkpoints) | above baseline, last {w} "
+        "(MiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     base_end = summaries["baseline"]["end"] if "baseline" in summaries else None
     for n, s in summaries.items():
         above = "-" if base_end is None or n == "baseline" else f"{(s['end'] - base_end) / 2**20:+.0f}"
-        rows.append(f"| {n} | {s['start'] / 2**20:.0f} | {s['warm'] / 2**20:.0f} | {s['end'] / 2**20:.0f} | "
-                    f"{s['peak'] / 2**20:.0f} | {s['growth'] / 2**20:+.1f} | {s['slope'] / 2**20:+.2f} | {above} |")
+        rows.append(
+            f"| {n} | {s['start'] / 2**20:.0f} | {s['warm'] / 2**20:.0f} | {s['end'] / 2**20:.0f} | "
+            f"{s['peak'] / 2**20:.0f} | {s['growth'] / 2**20:+.1f} | {s['slope'] / 2**20:+.2f} | {above} |"
+        )
     checks = []
     if "asym" in results:
         ra = results["asym"]
@@ -195,32 +227,48 @@ def main(argv: list[str] | None = None) -> int:
         bound = k * ck_bytes  # K host slots x checkpoint bytes; no delta bases by default
         worst = max(r["host_slots"] + r["delta_bases"] for r in reps)
         changed = sum(1 for a, b in zip(reps, reps[1:]) if a != b)
-        checks.append(f"- asym: the store reported {worst / 2**20:.1f} MiB of host slots + delta bases at most "
-                      f"(bound K x checkpoint = {k} x {ck_bytes / 2**20:.1f} MiB = {bound / 2**20:.1f} MiB, plus a "
-                      f"page per slot): **{'within' if worst <= bound + k * 8192 else 'ABOVE'}**; the report changed "
-                      f"{changed} times over {len(reps)} checkpoints (it is fixed once the slots exist); staging "
-                      f"budget {reps[-1]['staging_budget'] / 2**20:.0f} MiB")
+        checks.append(
+            f"- asym: the store reported {worst / 2**20:.1f} MiB of host slots + delta bases at most "
+            f"(bound K x checkpoint = {k} x {ck_bytes / 2**20:.1f} MiB = {bound / 2**20:.1f} MiB, plus a "
+            f"page per slot): **{'within' if worst <= bound + k * 8192 else 'ABOVE'}**; the report changed "
+            f"{changed} times over {len(reps)} checkpoints (it is fixed once the slots exist); staging "
+            f"budget {reps[-1]['staging_budget'] / 2**20:.0f} MiB"
+        )
         s = summaries["asym"]
-        checks.append(f"- asym: resident set growth from the first to the last {w} checkpoints after warm-up "
-                      f"{s['growth'] / 2**20:+.1f} MiB over {args.checkpoints - args.warm} checkpoints (slope "
-                      f"{s['slope'] / 2**20:+.2f} MiB / 100)")
+        checks.append(
+            f"- asym: resident set growth from the first to the last {w} checkpoints after warm-up "
+            f"{s['growth'] / 2**20:+.1f} MiB over {args.checkpoints - args.warm} checkpoints (slope "
+            f"{s['slope'] / 2**20:+.2f} MiB / 100)"
+        )
     cmd = "PYTHONPATH=. python benchmarks/bench_memory.py" + ("".join(" " + a for a in fwd))
     r0 = next(iter(results.values()))
-    md = (f"# Host memory over {args.checkpoints} checkpoints\n\n"
-          f"Measured {started:%Y-%m-%d %H:%M %Z} by `{cmd}`.\n\n" + "\n".join(rows) + "\n\n" + "\n".join(checks)
-          + f"\n\n## Sizes\n\n- GPT-2 (`n_layer={args.layers}, n_embd={args.embd}, vocab_size={args.vocab}`), "
-          f"{r0['params'] / 1e6:.2f}M parameters, AdamW; state {state / 2**20:.1f} MiB; batch {args.batch} x "
-          f"{args.seq}; a checkpoint at every iteration, the last {args.keep} kept; each variant in a fresh "
-          f"process; RSS = `VmRSS` sampled after each iteration; warm-up = the first {args.warm} checkpoints\n\n"
-          f"## Machine\n\n- {machine_line()}\n\n## Method\n\n" + (__doc__ or "").split("\n\n", 1)[1].split(
-              "Usage::")[0].strip() + "\n")
+    md = (
+        f"# Host memory over {args.checkpoints} checkpoints\n\n"
+        f"Measured {started:%Y-%m-%d %H:%M %Z} by `{cmd}`.\n\n"
+        + "\n".join(rows)
+        + "\n\n"
+        + "\n".join(checks)
+        + f"\n\n## Sizes\n\n- GPT-2 (`n_layer={args.layers}, n_embd={args.embd}, vocab_size={args.vocab}`), "
+        f"{r0['params'] / 1e6:.2f}M parameters, AdamW; state {state / 2**20:.1f} MiB; batch {args.batch} x "
+        f"{args.seq}; a checkpoint at every iteration, the last {args.keep} kept; each variant in a fresh "
+        f"process; RSS = `VmRSS` sampled after each iteration; warm-up = the first {args.warm} checkpoints\n\n"
+        f"## Machine\n\n- {machine_line()}\n\n## Method\n\n"
+        + (__doc__ or "").split("\n\n", 1)[1].split("Usage::")[0].strip()
+        + "\n"
+    )
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "memory.md")
     with open(path, "w") as f:
         f.write(md)
     with open(os.path.join(args.out, "memory.json"), "w") as f:
-        json.dump({"args": {k: v for k, v in vars(args).items() if k != "variant"}, "date": started.isoformat(),
-                   "results": results}, f)
+        json.dump(
+            {
+                "args": {k: v for k, v in vars(args).items() if k != "variant"},
+                "date": started.isoformat(),
+                "results": results,
+            },
+            f,
+        )
     print("\n".join(rows))
     print("\n".join(checks))
     print(f"wrote {path}")

@@ -47,7 +47,6 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -63,6 +62,7 @@ def _use_source_tree() -> None:
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
     import asymstore  # noqa: F401  (from ROOT, first on sys.path)
+
     for sub, d in (("backends", "backends"), ("trainer_hooks", "trainer_hooks")):
         name = f"asymstore.{sub}"
         path = os.path.join(ROOT, d, "__init__.py")
@@ -80,22 +80,31 @@ _use_source_tree()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-import asymstore  # noqa: E402
 from _gpt2 import Data, add_model_args, build_model  # noqa: E402
 from _machine import machine_info, machine_line, other_cpu_busy  # noqa: E402
 from _rawio import write_direct  # noqa: E402
+
+import asymstore  # noqa: E402
 from asymstore.store import Store, TierSpec  # noqa: E402
 from asymstore.trainer_hooks import AsymCheckpointer  # noqa: E402
 
-VARIANTS = ("baseline", "sync", "checkfreq", "uniform", "asym", "asym-host", "asym-no-idle", "torch.save",
-            "dcp.async_save", "write-floor")
+VARIANTS = (
+    "baseline",
+    "sync",
+    "checkfreq",
+    "uniform",
+    "asym",
+    "asym-host",
+    "asym-no-idle",
+    "torch.save",
+    "dcp.async_save",
+    "write-floor",
+)
 #: variants that run by default. Extra ones: asym-host = asym into host memory only (no persistent tier: the
 #: snapshot mechanism alone, without the disk writes); asym-no-idle = asym with its background threads at normal
 #: priority (``background_idle=False``: the ablation of ``SCHED_IDLE``).
 #: write-floor is a reference, not a checkpointer: see :class:`WriteFloor`.
-DEFAULT_VARIANTS = ("baseline", "sync", "checkfreq", "uniform", "asym", "torch.save", "dcp.async_save",
-                    "write-floor")
+DEFAULT_VARIANTS = ("baseline", "sync", "checkfreq", "uniform", "asym", "torch.save", "dcp.async_save", "write-floor")
 ASYM_STRATEGIES = ("sync", "checkfreq", "uniform", "asym")
 
 
@@ -169,16 +178,33 @@ class Baseline(Variant):
 
 
 class AsymstoreVariant(Variant):
-    def __init__(self, strategy: str, model: torch.nn.Module, opt: torch.optim.Optimizer, root: str, keep: int,
-                 warmup: int, name: str | None = None, host_only: bool = False, **store_options: Any) -> None:
+    def __init__(
+        self,
+        strategy: str,
+        model: torch.nn.Module,
+        opt: torch.optim.Optimizer,
+        root: str,
+        keep: int,
+        warmup: int,
+        name: str | None = None,
+        host_only: bool = False,
+        **store_options: Any,
+    ) -> None:
         self.name = name or strategy
         self.dir = os.path.join(root, self.name)
         # retention runs on the persistence thread after each commit, as a user would configure it
         tiers = [] if host_only else [TierSpec(self.dir, keep=max(keep, 1))]
         self.store = Store(tiers, **store_options)
         self.keep = keep
-        self.ck = AsymCheckpointer(model, opt, self.store, every=1, strategy=strategy, warmup=warmup,  # type: ignore[arg-type]
-                                   trace=True)
+        self.ck = AsymCheckpointer(
+            model,
+            opt,
+            self.store,
+            every=1,
+            strategy=strategy,
+            warmup=warmup,  # type: ignore[arg-type]
+            trace=True,
+        )
         self.timed: list[int] = []  # indices into ck.history of checkpoints completed inside timed regions
         self._mark = 0
 
@@ -258,6 +284,7 @@ class DcpAsync(Variant):
 
     def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, root: str, keep: int) -> None:
         import torch.distributed.checkpoint as dcp
+
         self.dcp = dcp
         self.model, self.opt, self.keep = model, opt, keep
         self.dir = os.path.join(root, "dcp")
@@ -277,8 +304,9 @@ class DcpAsync(Variant):
             shutil.rmtree(self.paths.pop(0), ignore_errors=True)
         self.step += 1
         path = os.path.join(self.dir, f"step_{self.step}")
-        self.fut = self.dcp.async_save({"model": self.model.state_dict(), "optim": self.opt.state_dict()},
-                                       checkpoint_id=path)
+        self.fut = self.dcp.async_save(
+            {"model": self.model.state_dict(), "optim": self.opt.state_dict()}, checkpoint_id=path
+        )
         self.paths.append(path)
         dt = time.perf_counter() - t0
         if self.timed:
@@ -309,10 +337,11 @@ class WriteFloor(Variant):
 
     def __init__(self, nbytes: int, root: str) -> None:
         import mmap
+
         self.nbytes = nbytes
         self.buf = mmap.mmap(-1, self.nbytes)  # page-aligned, as a host snapshot slot is
         for off in range(0, self.nbytes, 1 << 20):  # not zero pages: real bytes to write
-            self.buf[off:off + 16] = os.urandom(16)
+            self.buf[off : off + 16] = os.urandom(16)
         self.dir = os.path.join(root, "write_floor")
         os.makedirs(self.dir, exist_ok=True)
         self.pending: Any = None
@@ -341,9 +370,16 @@ class WriteFloor(Variant):
 # running
 
 
-def run_block(v: Variant, model: torch.nn.Module, opt: torch.optim.Optimizer, data: Data, phases: PhaseLog,
-              warmup: int, block: int, record: bool = True
-              ) -> tuple[float, list[float], tuple[float, float], float, float]:
+def run_block(
+    v: Variant,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    data: Data,
+    phases: PhaseLog,
+    warmup: int,
+    block: int,
+    record: bool = True,
+) -> tuple[float, list[float], tuple[float, float], float, float]:
     """One block; returns (seconds per iteration incl. the final drain, the iterations' own times, the timed
     window, process CPU seconds per iteration, the final drain's seconds)."""
     gc.collect()
@@ -390,9 +426,11 @@ def fmt_ms(s: float) -> str:
 # timeline figure
 
 
-def plot_timeline(ck: AsymCheckpointer, spans: list[tuple[str, float, float]], window: tuple[float, float],
-                  path: str, title: str) -> None:
+def plot_timeline(
+    ck: AsymCheckpointer, spans: list[tuple[str, float, float]], window: tuple[float, float], path: str, title: str
+) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
@@ -402,9 +440,18 @@ def plot_timeline(ck: AsymCheckpointer, spans: list[tuple[str, float, float]], w
     shift = (ck.timeline.t0 - t0) * 1e3  # trace timestamps are relative to the timeline's own t0
     rows = ["compute", "snapshot (train thread)", "barrier stall", "copy thread", "persist thread"]
     y = {r: len(rows) - 1 - i for i, r in enumerate(rows)}
-    colors = {"forward": "#4c72b0", "backward": "#55a868", "optimizer step": "#8172b2",
-              "copy forward": "#dd8452", "copy backward": "#c44e52", "copy step": "#000000", "copy begin": "#937860",
-              "snapshot begin": "#937860", "stall": "#d62728", "persist": "#64b5cd"}
+    colors = {
+        "forward": "#4c72b0",
+        "backward": "#55a868",
+        "optimizer step": "#8172b2",
+        "copy forward": "#dd8452",
+        "copy backward": "#c44e52",
+        "copy step": "#000000",
+        "copy begin": "#937860",
+        "snapshot begin": "#937860",
+        "stall": "#d62728",
+        "persist": "#64b5cd",
+    }
     fig, ax = plt.subplots(figsize=(16, 4.8))
 
     def bar(row: str, a: float, b: float, color: str, h: float = 0.7) -> None:
@@ -420,8 +467,12 @@ def plot_timeline(ck: AsymCheckpointer, spans: list[tuple[str, float, float]], w
         name = e["name"]
         if e["tid"] == "copy":
             where = name.split()[1]
-            bar("copy thread" if where in ("forward", "backward") else "snapshot (train thread)", a, b,
-                colors.get(f"copy {where}", "#333333"))
+            bar(
+                "copy thread" if where in ("forward", "backward") else "snapshot (train thread)",
+                a,
+                b,
+                colors.get(f"copy {where}", "#333333"),
+            )
         elif name.startswith("snapshot begin"):
             bar("snapshot (train thread)", a, b, colors["snapshot begin"])
         elif name.startswith("barrier"):
@@ -434,9 +485,20 @@ def plot_timeline(ck: AsymCheckpointer, spans: list[tuple[str, float, float]], w
     ax.set_xlabel("time from the start of the window (ms)")
     ax.set_title(title, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
-    legend = [Patch(color=colors[k], label=k) for k in ("forward", "backward", "optimizer step", "copy forward",
-                                                         "copy backward", "copy step", "snapshot begin", "stall",
-                                                         "persist")]
+    legend = [
+        Patch(color=colors[k], label=k)
+        for k in (
+            "forward",
+            "backward",
+            "optimizer step",
+            "copy forward",
+            "copy backward",
+            "copy step",
+            "snapshot begin",
+            "stall",
+            "persist",
+        )
+    ]
     ax.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=9, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -451,15 +513,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: 1 round of 3-iteration blocks")
     p.add_argument("--rounds", type=int, default=8, help="measured rounds of blocks (default 8)")
-    p.add_argument("--warmup-rounds", type=int, default=1,
-                   help="untimed rounds first, every variant once (file system, allocator, profiling warm-up)")
-    p.add_argument("--block", type=int, default=8,
-                   help="timed iterations per block (default 8; each block ends with one drain, its cost spread "
-                        "over these iterations)")
-    p.add_argument("--order", choices=("rotate", "shuffle"), default="rotate",
-                   help="block order per round: rotate (default) or a seeded shuffle")
+    p.add_argument(
+        "--warmup-rounds",
+        type=int,
+        default=1,
+        help="untimed rounds first, every variant once (file system, allocator, profiling warm-up)",
+    )
+    p.add_argument(
+        "--block",
+        type=int,
+        default=8,
+        help="timed iterations per block (default 8; each block ends with one drain, its cost spread "
+        "over these iterations)",
+    )
+    p.add_argument(
+        "--order",
+        choices=("rotate", "shuffle"),
+        default="rotate",
+        help="block order per round: rotate (default) or a seeded shuffle",
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations at the start of each block")
-    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    p.add_argument(
+        "--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS)
+    )
     add_model_args(p, layers=8, batch=16, seq=128)
     p.add_argument("--keep", type=int, default=2, help="checkpoints kept per variant (older ones deleted)")
     p.add_argument("--dir", default=None, help="checkpoint directory (default: a fresh temp dir, removed after)")
@@ -498,11 +574,13 @@ def main(argv: list[str] | None = None) -> int:
         elif n in ASYM_STRATEGIES:
             variants[n] = AsymstoreVariant(n, model, opt, root, args.keep, warmup=args.warmup)
         elif n == "asym-host":
-            variants[n] = AsymstoreVariant("asym", model, opt, root, args.keep, warmup=args.warmup, name=n,
-                                           host_only=True)
+            variants[n] = AsymstoreVariant(
+                "asym", model, opt, root, args.keep, warmup=args.warmup, name=n, host_only=True
+            )
         elif n == "asym-no-idle":
-            variants[n] = AsymstoreVariant("asym", model, opt, root, args.keep, warmup=args.warmup, name=n,
-                                           background_idle=False)
+            variants[n] = AsymstoreVariant(
+                "asym", model, opt, root, args.keep, warmup=args.warmup, name=n, background_idle=False
+            )
         elif n == "torch.save":
             variants[n] = TorchSave(model, opt, root, args.keep)
         elif n == "write-floor":
@@ -510,10 +588,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             variants[n] = DcpAsync(model, opt, root, args.keep)
 
-    print(f"model: GPT-2 ({args.layers} layers, d={args.embd}, vocab {args.vocab}), {n_params / 1e6:.2f}M params; "
-          f"state {(p_bytes + o_bytes) / 2**20:.1f} MiB (params {p_bytes / 2**20:.1f} + AdamW moments "
-          f"{o_bytes / 2**20:.1f}); batch {args.batch} x seq {args.seq}; torch threads {torch.get_num_threads()}",
-          flush=True)
+    print(
+        f"model: GPT-2 ({args.layers} layers, d={args.embd}, vocab {args.vocab}), {n_params / 1e6:.2f}M params; "
+        f"state {(p_bytes + o_bytes) / 2**20:.1f} MiB (params {p_bytes / 2**20:.1f} + AdamW moments "
+        f"{o_bytes / 2**20:.1f}); batch {args.batch} x seq {args.seq}; torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
     per_iter: dict[str, list[float]] = {n: [] for n in names}
     raw_iters: dict[str, list[float]] = {n: [] for n in names}
     cpu_iter: dict[str, list[float]] = {n: [] for n in names}
@@ -526,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
             order = list(names)
             np.random.default_rng([args.seed, r + args.warmup_rounds]).shuffle(order)
         else:  # rotation: the starting variant rotates, the cyclic neighbours stay the same
-            order = names[r % len(names):] + names[:r % len(names)]
+            order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             v = variants[n]
             phases.spans.clear() if n == "asym" else None
@@ -543,8 +623,11 @@ def main(argv: list[str] | None = None) -> int:
             raw_iters[n].extend(its)
             drains[n].append(drain)
             steady[n].append(statistics.fmean(its[1:]) if len(its) > 1 else its[0])
-            print(f"round {r + 1}/{args.rounds} {n:>15}: {dt * 1e3:8.1f} ms/iter, cpu {cpu * 1e3:6.0f} ms/iter  "
-                  f"(iterations {', '.join(f'{x * 1e3:.0f}' for x in its)} ms)", flush=True)
+            print(
+                f"round {r + 1}/{args.rounds} {n:>15}: {dt * 1e3:8.1f} ms/iter, cpu {cpu * 1e3:6.0f} ms/iter  "
+                f"(iterations {', '.join(f'{x * 1e3:.0f}' for x in its)} ms)",
+                flush=True,
+            )
 
     base = median(per_iter["baseline"])
     base_cpu = median(cpu_iter["baseline"])
@@ -557,13 +640,25 @@ def main(argv: list[str] | None = None) -> int:
         # paired: each round's block against the same round's baseline block (slow drift of the machine cancels)
         paired = [(x / b - 1) * 100 for x, b in zip(per_iter[n], per_iter["baseline"])]
         paired_steady = [(x / b - 1) * 100 for x, b in zip(steady[n], steady["baseline"])]
-        rows.append({"variant": n, "median_ms": med * 1e3, "overhead_pct": ov, "median_stall_ms": median(st) * 1e3,
-                     "paired_pct": median(paired), "paired_min": min(paired), "paired_max": max(paired),
-                     "steady_paired_pct": median(paired_steady), "drain_ms": median(drains[n]) * 1e3,
-                     "cpu_ms": median(cpu_iter[n]) * 1e3,
-                     "cpu_overhead_pct": (median(cpu_iter[n]) - base_cpu) / base_cpu * 100,
-                     "blocks": len(per_iter[n]), "iters": len(raw_iters[n]),
-                     "min_ms": min(per_iter[n]) * 1e3, "max_ms": max(per_iter[n]) * 1e3})
+        rows.append(
+            {
+                "variant": n,
+                "median_ms": med * 1e3,
+                "overhead_pct": ov,
+                "median_stall_ms": median(st) * 1e3,
+                "paired_pct": median(paired),
+                "paired_min": min(paired),
+                "paired_max": max(paired),
+                "steady_paired_pct": median(paired_steady),
+                "drain_ms": median(drains[n]) * 1e3,
+                "cpu_ms": median(cpu_iter[n]) * 1e3,
+                "cpu_overhead_pct": (median(cpu_iter[n]) - base_cpu) / base_cpu * 100,
+                "blocks": len(per_iter[n]),
+                "iters": len(raw_iters[n]),
+                "min_ms": min(per_iter[n]) * 1e3,
+                "max_ms": max(per_iter[n]) * 1e3,
+            }
+        )
     by = {r["variant"]: r for r in rows}
 
     # asym: predicted vs measured stall, hidden fraction, persistence
@@ -585,10 +680,24 @@ def main(argv: list[str] | None = None) -> int:
             "hidden_copy_ms": median([s.hidden_copy_s for s in ts]) * 1e3,
             "copy_bandwidth_gbs": (ck._copy_bw or 0) / 1e9,
             "replans": ck.replans,
-            "persist_encode_ms": median([h.result().reports[k].encode_seconds for h in ck.handles if h.done()
-                                         and not h.skipped for k in h.result().reports]) * 1e3,
-            "persist_write_ms": median([h.result().reports[k].write_seconds for h in ck.handles if h.done()
-                                        and not h.skipped for k in h.result().reports]) * 1e3,
+            "persist_encode_ms": median(
+                [
+                    h.result().reports[k].encode_seconds
+                    for h in ck.handles
+                    if h.done() and not h.skipped
+                    for k in h.result().reports
+                ]
+            )
+            * 1e3,
+            "persist_write_ms": median(
+                [
+                    h.result().reports[k].write_seconds
+                    for h in ck.handles
+                    if h.done() and not h.skipped
+                    for k in h.result().reports
+                ]
+            )
+            * 1e3,
             "checkpoint_bytes": ts[-1].bytes if ts else 0,
         }
     res_dir = args.out
@@ -603,9 +712,14 @@ def main(argv: list[str] | None = None) -> int:
         its = [s for s in asym_spans if s[0] == "forward"]
         if len(its) >= 3:
             w1 = min(w1, its[2][1] + 0.05) if args.block > 3 else w1
-        plot_timeline(av.ck, asym_spans, (w0 - 0.02, w1 + 0.02), png,
-                      f"asym: {n_params / 1e6:.1f}M-param GPT-2, {(p_bytes + o_bytes) / 2**20:.0f} MiB state, "
-                      f"checkpoint every iteration (from the Chrome-trace events of the last timed block)")
+        plot_timeline(
+            av.ck,
+            asym_spans,
+            (w0 - 0.02, w1 + 0.02),
+            png,
+            f"asym: {n_params / 1e6:.1f}M-param GPT-2, {(p_bytes + o_bytes) / 2**20:.0f} MiB state, "
+            f"checkpoint every iteration (from the Chrome-trace events of the last timed block)",
+        )
         av.ck.write_trace(os.path.join(res_dir, f"trace_asym{args.tag}.json"))
 
     for v in variants.values():
@@ -615,8 +729,11 @@ def main(argv: list[str] | None = None) -> int:
 
     load1 = os.getloadavg()
     total_s = time.perf_counter() - t_start
-    ratio = (by["asym"]["paired_pct"] / by["dcp.async_save"]["paired_pct"]
-             if "asym" in by and "dcp.async_save" in by and by["dcp.async_save"]["paired_pct"] > 0 else float("nan"))
+    ratio = (
+        by["asym"]["paired_pct"] / by["dcp.async_save"]["paired_pct"]
+        if "asym" in by and "dcp.async_save" in by and by["dcp.async_save"]["paired_pct"] > 0
+        else float("nan")
+    )
     goals = []
     if "asym" in by:
         ov = by["asym"]["paired_pct"]
@@ -626,9 +743,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- report ----
     lines = []
-    lines.append("| variant | median ms/iter | overhead vs baseline | paired overhead: median [min, max] | "
-                 "median stall per checkpoint (ms) | drain at block end (ms) | in-block iterations 2..N, paired "
-                 "(no drain) | process CPU ms/iter (vs baseline) | blocks x iters | block min-max ms/iter |")
+    lines.append(
+        "| variant | median ms/iter | overhead vs baseline | paired overhead: median [min, max] | "
+        "median stall per checkpoint (ms) | drain at block end (ms) | in-block iterations 2..N, paired "
+        "(no drain) | process CPU ms/iter (vs baseline) | blocks x iters | block min-max ms/iter |"
+    )
     lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         is_base = r["variant"] == "baseline"
@@ -638,27 +757,40 @@ def main(argv: list[str] | None = None) -> int:
         cpu_s = f"{r['cpu_ms']:.0f}" + ("" if is_base else " (%+.1f%%)" % r["cpu_overhead_pct"])
         drain_s = "-" if is_base else f"{r['drain_ms']:.0f}"
         steady_s = "-" if is_base else f"{r['steady_paired_pct']:+.2f}%"
-        lines.append(f"| {r['variant']} | {r['median_ms']:.1f} | {ov_s} | {pair_s} | {st_s} | {drain_s} | {steady_s} | {cpu_s} | "
-                     f"{r['blocks']} x {args.block} | {r['min_ms']:.0f}-{r['max_ms']:.0f} |")
+        lines.append(
+            f"| {r['variant']} | {r['median_ms']:.1f} | {ov_s} | {pair_s} | {st_s} | {drain_s} | {steady_s} | {cpu_s} | "
+            f"{r['blocks']} x {args.block} | {r['min_ms']:.0f}-{r['max_ms']:.0f} |"
+        )
     table = "\n".join(lines)
     mi = machine_info()
-    cmd = "PYTHONPATH=. python benchmarks/" + os.path.basename(__file__) + (" " + " ".join(argv if argv is not None
-                                                                                          else sys.argv[1:])).rstrip()
-    sizes = (f"- model: GPT-2 (`GPT2Config(n_layer={args.layers}, n_embd={args.embd}, n_head={args.heads}, "
-             f"vocab_size={args.vocab})`, tied embeddings, dropout 0), **{n_params / 1e6:.2f}M parameters**, AdamW\n"
-             f"- state: **{(p_bytes + o_bytes) / 2**20:.1f} MiB** = params {p_bytes / 2**20:.1f} MiB + AdamW moments "
-             f"{o_bytes / 2**20:.1f} MiB"
-             + (f" (asymstore checkpoint: {extra['checkpoint_bytes'] / 2**20:.1f} MiB incl. RNG states, step "
-                f"counters)" if extra else "") + "\n"
-             f"- batch {args.batch} x sequence length {args.seq} synthetic tokens (seeded RNG); "
-             f"baseline iteration **{base * 1e3:.0f} ms** (median)\n"
-             f"- blocks: {args.warmup} untimed warm-up + {args.block} timed iterations (+ drain), {args.rounds} rounds "
-             f"({args.order}) after {args.warmup_rounds} untimed warm-up round(s); checkpoint every iteration; keep last {args.keep} per variant\n")
+    cmd = (
+        "PYTHONPATH=. python benchmarks/"
+        + os.path.basename(__file__)
+        + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    )
+    sizes = (
+        f"- model: GPT-2 (`GPT2Config(n_layer={args.layers}, n_embd={args.embd}, n_head={args.heads}, "
+        f"vocab_size={args.vocab})`, tied embeddings, dropout 0), **{n_params / 1e6:.2f}M parameters**, AdamW\n"
+        f"- state: **{(p_bytes + o_bytes) / 2**20:.1f} MiB** = params {p_bytes / 2**20:.1f} MiB + AdamW moments "
+        f"{o_bytes / 2**20:.1f} MiB"
+        + (
+            f" (asymstore checkpoint: {extra['checkpoint_bytes'] / 2**20:.1f} MiB incl. RNG states, step counters)"
+            if extra
+            else ""
+        )
+        + "\n"
+        f"- batch {args.batch} x sequence length {args.seq} synthetic tokens (seeded RNG); "
+        f"baseline iteration **{base * 1e3:.0f} ms** (median)\n"
+        f"- blocks: {args.warmup} untimed warm-up + {args.block} timed iterations (+ drain), {args.rounds} rounds "
+        f"({args.order}) after {args.warmup_rounds} untimed warm-up round(s); checkpoint every iteration; keep last {args.keep} per variant\n"
+    )
     goal_lines = "\n".join(f"- {'PASS' if ok else 'FAIL'}: {g} ({val})" for g, ok, val in goals)
     if "write-floor" in by and "asym" in by:
         floor = by["write-floor"]["paired_pct"]
-        goal_lines += (f"\n- for reference (not a goal): writing the same bytes alone each iteration (`write-floor`) "
-                       f"cost {floor:+.2f}%; asym's overhead beyond that: {by['asym']['paired_pct'] - floor:+.2f}%")
+        goal_lines += (
+            f"\n- for reference (not a goal): writing the same bytes alone each iteration (`write-floor`) "
+            f"cost {floor:+.2f}%; asym's overhead beyond that: {by['asym']['paired_pct'] - floor:+.2f}%"
+        )
     asym_lines = ""
     if extra:
         asym_lines = (
@@ -671,50 +803,73 @@ def main(argv: list[str] | None = None) -> int:
             f"{extra['copy_bandwidth_gbs']:.2f} GB/s, median persistence {extra['persist_ms']:.0f} ms/checkpoint "
             f"(encode incl. codec choice {extra['persist_encode_ms']:.0f} ms, writes incl. fsync "
             f"{extra['persist_write_ms']:.0f} ms), "
-            f"replans {extra['replans']}\n")
+            f"replans {extra['replans']}\n"
+        )
     cores = os.cpu_count() or 1
     busy = busy0 is not None and busy0 > 0.25  # at the start: during the run, training loads every core
-    warn = (f"**Warning: the machine was busy with other work when the run started ({busy0:.0%} of {cores} cores "
-            f"busy over 3 s before the model was built): wall times include that contention; see the block "
-            f"min-max column before trusting small differences.**\n\n" if busy else "")
-    md = (f"# Checkpointing overhead per iteration (checkpoint at every iteration)\n\n"
-          f"Measured {started:%Y-%m-%d %H:%M %Z} by `{cmd}` ({total_s / 60:.1f} min).\n\n{warn}"
-          f"{table}\n\n"
-          f"Overhead vs baseline: median of the variant's blocks against the median of the baseline's. Paired "
-          f"overhead: each round's block against the baseline block of the same round, median over the rounds "
-          f"(with the smallest and largest round): the machine's slow drift, which moves all variants of a round "
-          f"together, cancels; the goals are judged on it. It includes each block's final drain (the background "
-          f"work of the block's last checkpoint, waited for with the training stopped), which a run that never "
-          f"stops would overlap with its next iteration: that drain, spread over the block's {args.block} "
-          f"iterations, is in the figure. For reference, the in-block column pairs the mean of each block's "
-          f"iterations 2..N (each carrying the background work of the previous checkpoint, as in a long run; the "
-          f"first has none in flight) without the drain.\n\n"
-          f"Stall per checkpoint: training-thread time spent on it. asymstore: synchronous snapshot begin after the "
-          f"step + wait at the barrier before the next optimizer step (for `sync` the barrier includes the "
-          f"persistence); torch.save: the whole save + fsync; dcp.async_save: waiting for the previous future + the "
-          f"`async_save` call (staging). Process CPU: user+system time of all threads of this process per "
-          f"iteration (less sensitive than wall time to other load on a shared machine).\n\n"
-          f"## Goals\n\n{goal_lines}\n\n## asym details\n\n{asym_lines}\n"
-          f"## Sizes\n\n{sizes}\n"
-          f"## Machine\n\n- {machine_line(mi)}\n"
-          f"- asymstore "
-          f"{asymstore.__version__} imported from `{os.path.dirname(asymstore.__file__)}`, hooks from "
-          f"`{os.path.dirname(sys.modules['asymstore.trainer_hooks'].__file__ or '')}`, backends from "
-          f"`{os.path.dirname(sys.modules['asymstore.backends'].__file__ or '')}`\n"
-          f"- other work at start: "
-          + (f"{busy0:.0%} of the cores busy over 3 s" if busy0 is not None else "not measurable (no /proc/stat)")
-          + f"; load average at start {load0[0]:.2f}, at end {load1[0]:.2f} (1-min, lags by minutes)\n"
-          f"- checkpoint directory on the local disk ({root if args.dir else 'a temp dir under ' + tempfile.gettempdir()})\n\n"
-          f"## Method\n\n" + (__doc__ or "").split("Method:", 1)[1].split("Usage::", 1)[0].strip() + "\n\n"
-          + (f"Timeline of asym: `{os.path.basename(png)}`.\n" if png else ""))
+    warn = (
+        f"**Warning: the machine was busy with other work when the run started ({busy0:.0%} of {cores} cores "
+        f"busy over 3 s before the model was built): wall times include that contention; see the block "
+        f"min-max column before trusting small differences.**\n\n"
+        if busy
+        else ""
+    )
+    md = (
+        f"# Checkpointing overhead per iteration (checkpoint at every iteration)\n\n"
+        f"Measured {started:%Y-%m-%d %H:%M %Z} by `{cmd}` ({total_s / 60:.1f} min).\n\n{warn}"
+        f"{table}\n\n"
+        f"Overhead vs baseline: median of the variant's blocks against the median of the baseline's. Paired "
+        f"overhead: each round's block against the baseline block of the same round, median over the rounds "
+        f"(with the smallest and largest round): the machine's slow drift, which moves all variants of a round "
+        f"together, cancels; the goals are judged on it. It includes each block's final drain (the background "
+        f"work of the block's last checkpoint, waited for with the training stopped), which a run that never "
+        f"stops would overlap with its next iteration: that drain, spread over the block's {args.block} "
+        f"iterations, is in the figure. For reference, the in-block column pairs the mean of each block's "
+        f"iterations 2..N (each carrying the background work of the previous checkpoint, as in a long run; the "
+        f"first has none in flight) without the drain.\n\n"
+        f"Stall per checkpoint: training-thread time spent on it. asymstore: synchronous snapshot begin after the "
+        f"step + wait at the barrier before the next optimizer step (for `sync` the barrier includes the "
+        f"persistence); torch.save: the whole save + fsync; dcp.async_save: waiting for the previous future + the "
+        f"`async_save` call (staging). Process CPU: user+system time of all threads of this process per "
+        f"iteration (less sensitive than wall time to other load on a shared machine).\n\n"
+        f"## Goals\n\n{goal_lines}\n\n## asym details\n\n{asym_lines}\n"
+        f"## Sizes\n\n{sizes}\n"
+        f"## Machine\n\n- {machine_line(mi)}\n"
+        f"- asymstore "
+        f"{asymstore.__version__} imported from `{os.path.dirname(asymstore.__file__)}`, hooks from "
+        f"`{os.path.dirname(sys.modules['asymstore.trainer_hooks'].__file__ or '')}`, backends from "
+        f"`{os.path.dirname(sys.modules['asymstore.backends'].__file__ or '')}`\n"
+        f"- other work at start: "
+        + (f"{busy0:.0%} of the cores busy over 3 s" if busy0 is not None else "not measurable (no /proc/stat)")
+        + f"; load average at start {load0[0]:.2f}, at end {load1[0]:.2f} (1-min, lags by minutes)\n"
+        f"- checkpoint directory on the local disk ({root if args.dir else 'a temp dir under ' + tempfile.gettempdir()})\n\n"
+        f"## Method\n\n"
+        + (__doc__ or "").split("Method:", 1)[1].split("Usage::", 1)[0].strip()
+        + "\n\n"
+        + (f"Timeline of asym: `{os.path.basename(png)}`.\n" if png else "")
+    )
     out_md = os.path.join(res_dir, f"overhead{args.tag}.md")
     with open(out_md, "w") as f:
         f.write(md)
     with open(os.path.join(res_dir, f"overhead{args.tag}.json"), "w") as f:
-        json.dump({"rows": rows, "per_block_s": per_iter, "cpu_per_block_s": cpu_iter, "iterations_s": raw_iters,
-                   "drain_s": drains, "steady_per_block_s": steady, "asym": extra,
-                   "args": vars(args), "machine": mi, "load": [load0, load1], "other_busy_at_start": busy0, "date": started.isoformat()}, f,
-                  indent=1)
+        json.dump(
+            {
+                "rows": rows,
+                "per_block_s": per_iter,
+                "cpu_per_block_s": cpu_iter,
+                "iterations_s": raw_iters,
+                "drain_s": drains,
+                "steady_per_block_s": steady,
+                "asym": extra,
+                "args": vars(args),
+                "machine": mi,
+                "load": [load0, load1],
+                "other_busy_at_start": busy0,
+                "date": started.isoformat(),
+            },
+            f,
+            indent=1,
+        )
     print()
     print(table)
     print()

@@ -63,8 +63,12 @@ def run(url: str, *, mib: int, n_small: int, repeats: int, chunk_mib: int, hsync
             store.get_into(f"big/{r}", memoryview(out))
             rbw.append(mib / (time.perf_counter() - t0))
             store.delete(f"big/{r}")
-        print(f"write {mib} MiB x {repeats}: median {statistics.median(wbw):.0f} MiB/s (all: {', '.join(f'{x:.0f}' for x in wbw)})")
-        print(f"read  {mib} MiB x {repeats}: median {statistics.median(rbw):.0f} MiB/s (all: {', '.join(f'{x:.0f}' for x in rbw)})")
+        print(
+            f"write {mib} MiB x {repeats}: median {statistics.median(wbw):.0f} MiB/s (all: {', '.join(f'{x:.0f}' for x in wbw)})"
+        )
+        print(
+            f"read  {mib} MiB x {repeats}: median {statistics.median(rbw):.0f} MiB/s (all: {', '.join(f'{x:.0f}' for x in rbw)})"
+        )
     finally:
         store.delete_prefix("")
         store.close()
@@ -88,14 +92,23 @@ def main() -> None:
     if a.url:
         run(a.url, **kw)
         return
-    with tempfile.TemporaryDirectory(prefix="minidfs-bench-") as tmp, MiniDFS(
-        datanodes=a.datanodes, replication=a.replication, close_committed=a.close_committed, block_size=a.block_mib * MiB, heap="1g",
-        **({"java_opts": tuple(a.java_opts.split())} if a.java_opts is not None else {}),
-    ) as dfs:
+    with (
+        tempfile.TemporaryDirectory(prefix="minidfs-bench-") as tmp,
+        MiniDFS(
+            datanodes=a.datanodes,
+            replication=a.replication,
+            close_committed=a.close_committed,
+            block_size=a.block_mib * MiB,
+            heap="1g",
+            **({"java_opts": tuple(a.java_opts.split())} if a.java_opts is not None else {}),
+        ) as dfs,
+    ):
         url = dfs.start(tmp)
-        print(f"MiniDFSCluster ({a.datanodes} DataNode(s), replication {a.replication}, block {a.block_mib} MiB, "
-              f"close-committed {a.close_committed}) "
-              f"started in {dfs.start_seconds:.2f} s at {url}")
+        print(
+            f"MiniDFSCluster ({a.datanodes} DataNode(s), replication {a.replication}, block {a.block_mib} MiB, "
+            f"close-committed {a.close_committed}) "
+            f"started in {dfs.start_seconds:.2f} s at {url}"
+        )
         run(url, **kw)
 
 

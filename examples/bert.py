@@ -18,16 +18,40 @@ from asymstore_examples.data import Source, squad_source
 from asymstore_examples.runner import Example, Preset, run
 
 PRESETS = {
-    "tiny": Preset(dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                        vocab_size=512, max_position_embeddings=128), 4, 64, "CI / laptop"),
-    "small": Preset(dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, intermediate_size=2048),
-                    16, 384, "BERT-small"),
-    "base": Preset(dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-                   12, 384, "BERT-base 110M"),
-    "large": Preset(dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
-                    8, 384, "BERT-large 340M"),
-    "10b": Preset(dict(hidden_size=4096, num_hidden_layers=48, num_attention_heads=32, intermediate_size=16384),
-                  2, 384, "ZeRO-3, multi-node (the reference BERT 10B)"),
+    "tiny": Preset(
+        dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+            vocab_size=512,
+            max_position_embeddings=128,
+        ),
+        4,
+        64,
+        "CI / laptop",
+    ),
+    "small": Preset(
+        dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, intermediate_size=2048), 16, 384, "BERT-small"
+    ),
+    "base": Preset(
+        dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+        12,
+        384,
+        "BERT-base 110M",
+    ),
+    "large": Preset(
+        dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+        8,
+        384,
+        "BERT-large 340M",
+    ),
+    "10b": Preset(
+        dict(hidden_size=4096, num_hidden_layers=48, num_attention_heads=32, intermediate_size=16384),
+        2,
+        384,
+        "ZeRO-3, multi-node (the reference BERT 10B)",
+    ),
 }
 
 
@@ -50,8 +74,16 @@ def make_data(args: argparse.Namespace, cfg: Any) -> Source:
     return squad_source(args.data, batch=args.batch, seq=args.size, vocab_size=cfg.vocab_size, seed=args.seed)
 
 
-EXAMPLE = Example("bert", "BERT question answering", "text", PRESETS, make_config, make_model, make_data,
-                  data_help="SQuAD v1.1/v2.0 JSON (train-v1.1.json ...) or its directory (default: synthetic)")
+EXAMPLE = Example(
+    "bert",
+    "BERT question answering",
+    "text",
+    PRESETS,
+    make_config,
+    make_model,
+    make_data,
+    data_help="SQuAD v1.1/v2.0 JSON (train-v1.1.json ...) or its directory (default: synthetic)",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,9 @@ PRESETS = {
     "1b7": Preset(dict(hidden_size=2048, n_layer=24, n_head=16), 4, 1024, "BLOOM-1B7"),
     "3b": Preset(dict(hidden_size=2560, n_layer=30, n_head=32), 4, 1024, "BLOOM-3B, ZeRO-3"),
     "7b1": Preset(dict(hidden_size=4096, n_layer=30, n_head=32), 2, 1024, "BLOOM-7B1, ZeRO-3 multi-node"),
-    "10b": Preset(dict(hidden_size=4096, n_layer=44, n_head=32), 2, 1024, "ZeRO-3 multi-node (the reference BLOOM 10B)"),
+    "10b": Preset(
+        dict(hidden_size=4096, n_layer=44, n_head=32), 2, 1024, "ZeRO-3 multi-node (the reference BLOOM 10B)"
+    ),
 }
 
 
@@ -45,8 +47,16 @@ def make_data(args: argparse.Namespace, cfg: Any) -> Source:
     return causal_lm_source(args.data, batch=args.batch, seq=args.size, vocab_size=cfg.vocab_size, seed=args.seed)
 
 
-EXAMPLE = Example("bloom", "BLOOM causal LM", "text", PRESETS, make_config, make_model, make_data,
-                  data_help="WikiText raw text: wiki.train.raw or its directory (default: synthetic tokens)")
+EXAMPLE = Example(
+    "bloom",
+    "BLOOM causal LM",
+    "text",
+    PRESETS,
+    make_config,
+    make_model,
+    make_data,
+    data_help="WikiText raw text: wiki.train.raw or its directory (default: synthetic tokens)",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,8 +51,16 @@ def make_data(args: argparse.Namespace, cfg: Any) -> Source:
     return causal_lm_source(args.data, batch=args.batch, seq=args.size, vocab_size=cfg.vocab_size, seed=args.seed)
 
 
-EXAMPLE = Example("gpt2", "GPT-2 causal LM", "text", PRESETS, make_config, make_model, make_data,
-                  data_help="WikiText raw text: wiki.train.raw or its directory (default: synthetic tokens)")
+EXAMPLE = Example(
+    "gpt2",
+    "GPT-2 causal LM",
+    "text",
+    PRESETS,
+    make_config,
+    make_model,
+    make_data,
+    data_help="WikiText raw text: wiki.train.raw or its directory (default: synthetic tokens)",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,8 +20,12 @@ from asymstore_examples.runner import Example, Preset, run
 _BASIC = dict(layer_type="basic", hidden_sizes=[64, 128, 256, 512])
 _BOTTLENECK = dict(layer_type="bottleneck", hidden_sizes=[256, 512, 1024, 2048])
 PRESETS = {
-    "tiny": Preset(dict(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic",
-                        num_labels=10), 8, 32, "CI / laptop"),
+    "tiny": Preset(
+        dict(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic", num_labels=10),
+        8,
+        32,
+        "CI / laptop",
+    ),
     "resnet18": Preset(dict(_BASIC, depths=[2, 2, 2, 2]), 64, 224, "ResNet-18"),
     "resnet34": Preset(dict(_BASIC, depths=[3, 4, 6, 3]), 64, 224, "ResNet-34"),
     "resnet50": Preset(dict(_BOTTLENECK, depths=[3, 4, 6, 3]), 64, 224, "ResNet-50"),
@@ -47,13 +51,20 @@ def make_model(cfg: Any) -> Any:
 
 
 def make_data(args: argparse.Namespace, cfg: Any) -> Source:
-    src, _ = image_source(args.data, batch=args.batch, image_size=args.size, num_labels=cfg.num_labels,
-                          seed=args.seed)
+    src, _ = image_source(args.data, batch=args.batch, image_size=args.size, num_labels=cfg.num_labels, seed=args.seed)
     return src
 
 
-EXAMPLE = Example("resnet", "ResNet image classification", "image", PRESETS, make_config, make_model, make_data,
-                  data_help="ImageNet-style class folders (root/train/<class>/*.JPEG) (default: synthetic images)")
+EXAMPLE = Example(
+    "resnet",
+    "ResNet image classification",
+    "image",
+    PRESETS,
+    make_config,
+    make_model,
+    make_data,
+    data_help="ImageNet-style class folders (root/train/<class>/*.JPEG) (default: synthetic images)",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,26 +12,28 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.distributed.checkpoint as dcp  # noqa: E402
-from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
-from torch.distributed.tensor import Shard, distribute_tensor  # noqa: E402
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
 
-from asymstore.trainer_hooks.dcp import AsymStorageReader, AsymStorageWriter  # noqa: E402
+from asymstore.trainer_hooks.dcp import AsymStorageReader, AsymStorageWriter
 
 
 def reference() -> dict[str, torch.Tensor]:
     """Deterministic full tensors (same on every rank); odd sizes so shards are uneven."""
     g = torch.Generator().manual_seed(1234)
-    return {"w": torch.randn(13, 7, generator=g), "b": torch.randn(11, generator=g).to(torch.bfloat16),
-            "emb": torch.randint(-2**31, 2**31 - 1, (9, 3, 2), generator=g, dtype=torch.int64)}
+    return {
+        "w": torch.randn(13, 7, generator=g),
+        "b": torch.randn(11, generator=g).to(torch.bfloat16),
+        "emb": torch.randint(-(2**31), 2**31 - 1, (9, 3, 2), generator=g, dtype=torch.int64),
+    }
 
 
 def digest(t: torch.Tensor) -> str:
@@ -47,16 +49,20 @@ def main(argv: list[str] | None = None) -> None:
     mesh = init_device_mesh("cpu", (n,))
     ref = reference()
     if mode == "save":
-        state = {"model": {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in ref.items()},
-                 "meta": {"step": step, "tag": "run-a"},
-                 f"rank_local_{rank}": torch.full((4,), float(rank))}  # per-rank distinct FQN
+        state = {
+            "model": {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in ref.items()},
+            "meta": {"step": step, "tag": "run-a"},
+            f"rank_local_{rank}": torch.full((4,), float(rank)),
+        }  # per-rank distinct FQN
         w = AsymStorageWriter(url)
         dcp.save(state, storage_writer=w, checkpoint_id=f"{url}/step_{step}")
         w.close()
     else:
         out = argv[4]
-        state = {"model": {k: distribute_tensor(torch.zeros_like(v), mesh, [Shard(0)]) for k, v in ref.items()},
-                 "meta": {"step": -1, "tag": ""}}
+        state = {
+            "model": {k: distribute_tensor(torch.zeros_like(v), mesh, [Shard(0)]) for k, v in ref.items()},
+            "meta": {"step": -1, "tag": ""},
+        }
         dcp.load(state, storage_reader=AsymStorageReader(url), checkpoint_id=f"{url}/step_{step}")
         got = {}
         for k, v in state["model"].items():

@@ -25,8 +25,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `tests.*` helpers
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
 D = 32
 BATCH = 8
@@ -56,14 +56,22 @@ def ds_config(stage: int) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": stage}
     if stage == 3:
         zero["stage3_param_persistence_threshold"] = 100  # biases/norms persistent, weights partitioned
-    return {"train_micro_batch_size_per_gpu": BATCH, "gradient_accumulation_steps": 1,
-            "zero_optimization": zero, "steps_per_print": 10**9, "wall_clock_breakdown": False,
-            "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-2,
-                                                          "warmup_num_steps": 4}}}
+    return {
+        "train_micro_batch_size_per_gpu": BATCH,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "scheduler": {
+            "type": "WarmupLR",
+            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-2, "warmup_num_steps": 4},
+        },
+    }
 
 
 def make_engine(stage: int, seed: int = 0, d: int = D, depth: int = 4) -> Any:
     import deepspeed
+
     torch.manual_seed(seed)
     model = Net(d, depth)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
@@ -91,9 +99,12 @@ def reference_state(engine: Any) -> dict[str, Any]:
     (independent of what the asymstore hooks collect)."""
     stage = int(engine.zero_optimization_stage())
     eo = engine.optimizer
-    ref: dict[str, Any] = {"global_steps": engine.global_steps, "global_samples": engine.global_samples,
-                           "rng": torch.get_rng_state().clone(),
-                           "scheduler": copy.deepcopy(engine.lr_scheduler.state_dict())}
+    ref: dict[str, Any] = {
+        "global_steps": engine.global_steps,
+        "global_samples": engine.global_samples,
+        "rng": torch.get_rng_state().clone(),
+        "scheduler": copy.deepcopy(engine.lr_scheduler.state_dict()),
+    }
     if stage == 0:
         ref["module"] = {k: v.clone() for k, v in engine.module.state_dict().items()}
         ref["optim"] = copy.deepcopy(eo.state_dict())
@@ -186,8 +197,9 @@ def main() -> None:
         torch.set_rng_state(ref["rng"])  # the default engine does not checkpoint RNG states either
         got = reference_state(engine2)
         loss2 = train_step(engine2, 4, rank)
-        torch.save({"ref": ref, "got": got, "path": path, "loss": next_loss, "loss2": loss2},
-                   out / f"ckengine_r{rank}.pt")
+        torch.save(
+            {"ref": ref, "got": got, "path": path, "loss": next_loss, "loss2": loss2}, out / f"ckengine_r{rank}.pt"
+        )
         store.close()
     else:
         raise SystemExit(f"unknown mode {mode}")

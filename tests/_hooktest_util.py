@@ -46,8 +46,9 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build(seed: int = 0, *, d: int = 128, depth: int = 6, lr: float = 1e-2
-          ) -> tuple[Net, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+def build(
+    seed: int = 0, *, d: int = 128, depth: int = 6, lr: float = 1e-2
+) -> tuple[Net, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     seed_all(seed)
     model = Net(d, depth)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -64,8 +65,13 @@ def batch(batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y.unsqueeze(1)
 
 
-def iteration(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, batch_size: int,
-              before_step: Callable[[float], None] | None = None) -> float:
+def iteration(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    batch_size: int,
+    before_step: Callable[[float], None] | None = None,
+) -> float:
     model.train()
     x, y = batch(batch_size)
     loss = F.mse_loss(model(x), y)
@@ -82,13 +88,20 @@ def rng_snapshot() -> dict[str, Any]:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state().clone()}
 
 
-def full_state(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, step: int,
-               extras: dict[str, Any]) -> dict[str, Any]:
+def full_state(
+    model: nn.Module, opt: torch.optim.Optimizer, sched: Any, step: int, extras: dict[str, Any]
+) -> dict[str, Any]:
     """A synchronous deep copy of the whole training state, shaped like ``AsymCheckpointer.state()``."""
-    return copy.deepcopy({"rng": rng_snapshot(), "step": step, "extras": extras,
-                          "scheduler": sched.state_dict(),
-                          "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
-                          "optimizers": [opt.state_dict()]})
+    return copy.deepcopy(
+        {
+            "rng": rng_snapshot(),
+            "step": step,
+            "extras": extras,
+            "scheduler": sched.state_dict(),
+            "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "optimizers": [opt.state_dict()],
+        }
+    )
 
 
 @contextmanager

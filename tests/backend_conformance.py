@@ -11,10 +11,13 @@ import pytest
 
 from asymstore.backends.base import ByteRange, ObjectStore
 
+
 def payload(n: int, seed: int = 0) -> bytes:
     """Deterministic, non-periodic-at-small-scale bytes of length ``n``."""
     import random
+
     return random.Random(seed).randbytes(n)
+
 
 class ObjectStoreConformance:
     """Behaviour every tier backend must have. Override :meth:`store`."""
@@ -36,6 +39,7 @@ class ObjectStoreConformance:
         store.put("ba", bytearray(b"hello"))
         store.put("mv", memoryview(b"xhellox")[1:-1])
         import numpy as np
+
         arr = np.arange(4, dtype="<u4")
         store.put("np", memoryview(arr))  # a non-byte format must be written as its bytes
         assert store.get("ba") == b"hello"
@@ -64,7 +68,7 @@ class ObjectStoreConformance:
         data = payload(10_000, 5)
         store.put("r/x", data)
         assert store.get("r/x", ByteRange(0, 10)) == data[:10]
-        assert store.get("r/x", ByteRange(123, 4567)) == data[123:123 + 4567]
+        assert store.get("r/x", ByteRange(123, 4567)) == data[123 : 123 + 4567]
         assert store.get("r/x", ByteRange(9_990, 10)) == data[-10:]
         assert store.get("r/x", ByteRange(5, 0)) == b""
         # past the end: truncated, never padded

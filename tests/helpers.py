@@ -51,8 +51,9 @@ def assert_bitequal(got: Any, want: Any, path: str = "<root>") -> None:
         return
     if isinstance(want, np.ndarray):
         assert isinstance(got, np.ndarray), f"{path}: expected ndarray, got {type(got)}"
-        assert got.dtype == want.dtype and got.shape == want.shape, \
+        assert got.dtype == want.dtype and got.shape == want.shape, (
             f"{path}: {got.dtype}{got.shape} != {want.dtype}{want.shape}"
+        )
         assert np.ascontiguousarray(got).tobytes() == np.ascontiguousarray(want).tobytes(), f"{path}: bytes differ"
         return
     if isinstance(want, np.generic):
@@ -61,8 +62,9 @@ def assert_bitequal(got: Any, want: Any, path: str = "<root>") -> None:
         return
     assert type(got) is type(want), f"{path}: type {type(got).__name__} != {type(want).__name__}"
     if isinstance(want, float):
-        assert struct.pack("<d", got) == struct.pack("<d", want) or (math.isnan(got) and math.isnan(want)), \
+        assert struct.pack("<d", got) == struct.pack("<d", want) or (math.isnan(got) and math.isnan(want)), (
             f"{path}: {got!r} != {want!r}"
+        )
     elif isinstance(want, Mapping):
         assert list(got.keys()) == list(want.keys()), f"{path}: keys {list(got)} != {list(want)}"
         for k in want:

@@ -60,12 +60,12 @@ def read_stream(root: str, step: int) -> np.ndarray:
     base_stream = None
     for index, start, nbytes, label, shard, _stored, _crcs in m["partitions"]:
         arr = group[label]
-        stream[start:start + nbytes] = arr[shard * P: shard * P + nbytes]
+        stream[start : start + nbytes] = arr[shard * P : shard * P + nbytes]
         transform = arr.attrs["asymstore"].get("transform")
         if transform and transform.get("xor_with_step") is not None:
             if base_stream is None:
                 base_stream = read_stream(root, int(transform["xor_with_step"]))
-            stream[start:start + nbytes] ^= base_stream[start:start + nbytes]
+            stream[start : start + nbytes] ^= base_stream[start : start + nbytes]
     return stream
 
 
@@ -76,7 +76,7 @@ def read_tensors(root: str, step: int) -> dict[str, np.ndarray]:
     views = m["numpy_view_dtypes"]
     out = {}
     for name, dtype, shape, offset, nbytes in m["layout"]["tensors"]:
-        out[name] = stream[offset:offset + nbytes].view(np.dtype(views[dtype])).reshape(shape)
+        out[name] = stream[offset : offset + nbytes].view(np.dtype(views[dtype])).reshape(shape)
     return out
 
 
@@ -84,8 +84,10 @@ def digests(root: str, step: int) -> dict[str, list]:
     m = manifest(root, step)
     views = m["numpy_view_dtypes"]
     tensors = read_tensors(root, step)
-    return {name: [views[dtype], dtype, list(shape), hashlib.sha256(tensors[name].tobytes()).hexdigest()]
-            for name, dtype, shape, _o, _n in m["layout"]["tensors"]}
+    return {
+        name: [views[dtype], dtype, list(shape), hashlib.sha256(tensors[name].tobytes()).hexdigest()]
+        for name, dtype, shape, _o, _n in m["layout"]["tensors"]
+    }
 
 
 def main(argv: list[str]) -> int:

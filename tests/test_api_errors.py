@@ -10,8 +10,16 @@ import uuid
 import pytest
 import torch
 
-from asymstore import (BackendUnavailableError, CheckpointFailedError, ConfigError, StateMismatchError, Store,
-                       StepExistsError, StepNotFoundError, open_store)
+from asymstore import (
+    BackendUnavailableError,
+    CheckpointFailedError,
+    ConfigError,
+    StateMismatchError,
+    StepExistsError,
+    StepNotFoundError,
+    Store,
+    open_store,
+)
 from asymstore.backends.memory import MemoryObjectStore, drop_namespace
 from asymstore.testing.process import rss_bytes
 
@@ -109,8 +117,7 @@ def test_bad_urls(tmp_path) -> None:
 def test_save_existing_step_refused_and_old_step_untouched(tmp_path) -> None:
     with Store([str(tmp_path)], **SMALL) as s:
         s.save(_state(1), 1)
-        files = {p: open(os.path.join(dp, p), "rb").read()
-                 for dp, _, fs in os.walk(tmp_path) for p in fs}
+        files = {p: open(os.path.join(dp, p), "rb").read() for dp, _, fs in os.walk(tmp_path) for p in fs}
         with pytest.raises(StepExistsError, match="step 1"):
             s.save(_state(99), 1)
         # neither the host copy nor the tier changed, and no stale error lingers
@@ -208,8 +215,9 @@ def test_slot_policy_wait(flaky) -> None:
 
 def test_host_memory_flat_over_200_checkpoints(tmp_path) -> None:
     state = {"w": torch.randn(256 * 1024), "m": torch.randn(64, 1024), "step": 0}  # 1.25 MiB
-    with Store([str(tmp_path)], chunk_bytes=1 << 18, partition_bytes=1 << 20, compression="none",
-               host_slots=2, delta_every=0) as s:
+    with Store(
+        [str(tmp_path)], chunk_bytes=1 << 18, partition_bytes=1 << 20, compression="none", host_slots=2, delta_every=0
+    ) as s:
         for step in range(20):  # warm up allocators
             state["w"][step] = step
             s.save(state, step, blocking=step % 2 == 0)

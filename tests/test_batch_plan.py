@@ -98,8 +98,17 @@ params = dict(
 def test_property_optimum_beats_every_feasible_size(
     C: int, T_d: float, BW: float, BW_in: float, lam: float, buffers: int, align: int
 ) -> None:
-    B = optimal_batch_bytes(C, T_d, BW, stage_bandwidth=BW_in, memory_cost_s_per_byte=lam, buffers=buffers,
-                            align=align, min_batch_bytes=0, max_batch_bytes=1 << 40)
+    B = optimal_batch_bytes(
+        C,
+        T_d,
+        BW,
+        stage_bandwidth=BW_in,
+        memory_cost_s_per_byte=lam,
+        buffers=buffers,
+        align=align,
+        min_batch_bytes=0,
+        max_batch_bytes=1 << 40,
+    )
     assert 0 < B <= C
     assert B == C or B % align == 0
     best = cost(C, B, T_d, BW, BW_in, lam, buffers)
@@ -111,28 +120,43 @@ def test_property_optimum_beats_every_feasible_size(
 @settings(max_examples=100, deadline=None)
 @given(**params, budget=st.integers(0, 4 * GiB), lo=st.integers(0, 512 * MiB), hi=st.integers(1, 2 * GiB))
 def test_property_clamps(
-    C: int, T_d: float, BW: float, BW_in: float, lam: float, buffers: int, align: int,
-    budget: int, lo: int, hi: int,
+    C: int,
+    T_d: float,
+    BW: float,
+    BW_in: float,
+    lam: float,
+    buffers: int,
+    align: int,
+    budget: int,
+    lo: int,
+    hi: int,
 ) -> None:
     limit = min(hi, budget // buffers)
-    kwargs = dict(stage_bandwidth=BW_in, memory_cost_s_per_byte=lam, buffers=buffers, align=align,
-                  min_batch_bytes=lo, max_batch_bytes=hi, staging_budget_bytes=budget)
+    kwargs = dict(
+        stage_bandwidth=BW_in,
+        memory_cost_s_per_byte=lam,
+        buffers=buffers,
+        align=align,
+        min_batch_bytes=lo,
+        max_batch_bytes=hi,
+        staging_budget_bytes=budget,
+    )
     if limit < min(align, C):
         with pytest.raises(ConfigError):
             optimal_batch_bytes(C, T_d, BW, **kwargs)  # type: ignore[arg-type]
         return
     B = optimal_batch_bytes(C, T_d, BW, **kwargs)  # type: ignore[arg-type]
     assert 0 < B <= C, "never more than the checkpoint"
-    assert B <= limit, "never more than max_batch_bytes nor the staging budget"
+    assert limit >= B, "never more than max_batch_bytes nor the staging budget"
     assert B == C or B % align == 0
-    if C <= min(limit, max(lo, align)):
+    if min(limit, max(lo, align)) >= C:
         assert B == C  # the whole checkpoint fits one batch no larger than the minimum: one write
         return
     k_hi = limit // align
     k_lo = min(max(1, -(-lo // align)), k_hi)  # min_batch_bytes yields to the budget
     if -(-lo // align) <= k_hi:
-        assert B >= lo or B == C
-    feasible = [k * align for k in range(k_lo, k_hi + 1) if k * align < C] + ([C] if C <= limit else [])
+        assert lo <= B or B == C
+    feasible = [k * align for k in range(k_lo, k_hi + 1) if k * align < C] + ([C] if limit >= C else [])
     assert B in feasible
     best = cost(C, B, T_d, BW, BW_in, lam, buffers)
     for other in feasible:
@@ -144,7 +168,7 @@ def test_closed_form_writer_bound() -> None:
     b_c = continuous_optimal_batch_bytes(C, T_d, BW, stage_bandwidth=BW_in)
     assert b_c == pytest.approx(math.sqrt(C * T_d * BW_in))
     B = optimal_batch_bytes(C, T_d, BW, stage_bandwidth=BW_in)
-    assert B == pytest.approx(b_c, rel=0.05)
+    assert pytest.approx(b_c, rel=0.05) == B
     # the continuous model is flat near B_c: every size within 2x of it is within 1 % of the best time
     t_best = flush_time(C, B, T_d, BW, stage_bandwidth=BW_in)
     assert flush_time(C, int(b_c), T_d, BW, stage_bandwidth=BW_in) <= t_best * 1.01
@@ -179,7 +203,7 @@ def test_memory_price_shrinks_the_batch() -> None:
 def test_beats_the_hard_coded_64_mib_when_latency_is_high() -> None:
     C, T_d, BW, BW_in = 10 * GiB, 0.05, 3e8, 1e10  # HDFS-like: 50 ms per write
     B = optimal_batch_bytes(C, T_d, BW, stage_bandwidth=BW_in)
-    assert B > 64 * MiB
+    assert 64 * MiB < B
     assert flush_time(C, B, T_d, BW, stage_bandwidth=BW_in) < 0.9 * flush_time(
         C, 64 * MiB, T_d, BW, stage_bandwidth=BW_in
     )
@@ -189,7 +213,7 @@ def test_free_staging_means_as_few_writes_as_the_clamps_allow() -> None:
     assert optimal_batch_bytes(3 * GiB, 0.01, 1e9) == 3 * GiB  # one write of everything
     # above the maximum: the fewest batches, each as small as that count allows
     B = optimal_batch_bytes(10 * GiB, 0.01, 1e9, max_batch_bytes=4 * GiB)
-    assert math.ceil(10 * GiB / B) == 3 and B == math.ceil(10 * GiB / 3 / MiB) * MiB
+    assert math.ceil(10 * GiB / B) == 3 and math.ceil(10 * GiB / 3 / MiB) * MiB == B
 
 
 def test_clamp_examples() -> None:

@@ -28,8 +28,10 @@ def _state(seed: int = 0) -> dict:
             "tokens": torch.arange(100, dtype=torch.int64),
             "mask": torch.rand(33, generator=g) > 0.5,
         },
-        "optimizer": {"state": {0: {"step": torch.tensor(7.0), "exp_avg": torch.randn(100, generator=g)}},
-                      "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.95), "params": [0]}]},
+        "optimizer": {
+            "state": {0: {"step": torch.tensor(7.0), "exp_avg": torch.randn(100, generator=g)}},
+            "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.95), "params": [0]}],
+        },
         "step": 7,
         "epoch": 1,
         "note": "hello",
@@ -44,8 +46,9 @@ def ckpt(tmp_path: Path) -> tuple[Path, Path, dict]:
     with asymstore.open_store([str(a), str(b)], chunk_bytes=64 * 1024, partition_bytes=256 * 1024) as s:
         s.save(st, step=1, user={"run": "test", "tokens_seen": 123})
     # step 2 compressed on purpose ("auto" decides from measured speeds, which vary from run to run)
-    with asymstore.open_store([str(a), str(b)], chunk_bytes=64 * 1024, partition_bytes=256 * 1024,
-                              compression="zstd3") as s:
+    with asymstore.open_store(
+        [str(a), str(b)], chunk_bytes=64 * 1024, partition_bytes=256 * 1024, compression="zstd3"
+    ) as s:
         st2 = _state()
         st2["model"]["wte.weight"] = torch.zeros(512, 256)
         s.save(st2, step=2)
@@ -107,8 +110,11 @@ def test_show_filter_and_json(ckpt, capsys):
     assert rc == 0
     doc = json.loads(out)
     assert doc["step"] == 3  # newest by default
-    assert sorted(t["name"] for t in doc["tensors"]) == ["model/h.0.attn.bias", "model/h.0.attn.weight",
-                                                        "model/h.0.mlp.weight"]
+    assert sorted(t["name"] for t in doc["tensors"]) == [
+        "model/h.0.attn.bias",
+        "model/h.0.attn.weight",
+        "model/h.0.mlp.weight",
+    ]
     assert all(p["tensors"] > 0 and p["chain"] for p in doc["partitions"])
     assert doc["values"]["step"] == 7
     rc, _, err = _run(["show", str(a), "--filter", "nothing*"], capsys)
@@ -165,12 +171,15 @@ def test_export_round_trip_bit_exact(ckpt, tmp_path, capsys):
     for name, lt in ck.items():
         t = loaded[name]
         assert t.dtype == lt.dtype and tuple(t.shape) == tuple(lt.shape), name
-        assert torch.equal(t.view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8),
-                           lt.read().view(torch.uint8) if t.dim() else lt.read().reshape(1).view(torch.uint8)), name
+        assert torch.equal(
+            t.view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8),
+            lt.read().view(torch.uint8) if t.dim() else lt.read().reshape(1).view(torch.uint8),
+        ), name
     assert torch.equal(loaded["model/wte.weight"], st["model"]["wte.weight"])
     assert loaded["model/h.0.attn.weight"].dtype == torch.bfloat16
     assert loaded["model/h.0.mlp.weight"].dtype == torch.float8_e4m3fn
     from safetensors import safe_open
+
     with safe_open(str(out_file), "pt") as f:
         meta = f.metadata()
     assert json.loads(meta["step"]) == 7 and json.loads(meta["note"]) == "hello"
@@ -202,16 +211,19 @@ def test_export_damaged_fails_without_output(ckpt, tmp_path, capsys):
     assert not out_file.exists() and not list(tmp_path.glob("bad.safetensors.tmp-*"))
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["show", "{a}", "--step", "42"], "step 42 is not committed"),
-    (["verify", "{a}", "--step", "42"], "step 42 is not committed"),
-    (["export", "{a}", "{tmp}/x.safetensors", "--step", "42"], "step 42 is not committed"),
-    (["ls", "{tmp}/does-not-exist"], "no such directory"),
-    (["show", "{tmp}/empty"], "no committed checkpoint"),
-    (["verify", "nosuchscheme://x"], "no asymstore backend"),
-    (["verify", "{a}", "--step", "1", "--all"], "not allowed"),
-    (["frobnicate"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["show", "{a}", "--step", "42"], "step 42 is not committed"),
+        (["verify", "{a}", "--step", "42"], "step 42 is not committed"),
+        (["export", "{a}", "{tmp}/x.safetensors", "--step", "42"], "step 42 is not committed"),
+        (["ls", "{tmp}/does-not-exist"], "no such directory"),
+        (["show", "{tmp}/empty"], "no committed checkpoint"),
+        (["verify", "nosuchscheme://x"], "no asymstore backend"),
+        (["verify", "{a}", "--step", "1", "--all"], "not allowed"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
 def test_user_errors_exit_2_without_traceback(ckpt, tmp_path, capsys, argv, needle):
     a, _, _ = ckpt
     (tmp_path / "empty").mkdir()
@@ -236,8 +248,9 @@ def test_python_dash_m_and_exit_codes(ckpt):
     ok = subprocess.run([sys.executable, "-m", "asymstore", "ls", str(a)], capture_output=True, text=True, env=env)
     assert ok.returncode == 0 and "step" in ok.stdout
     assert "\x1b[" not in ok.stdout  # no colour codes or progress bars into a pipe
-    missing = subprocess.run([sys.executable, "-m", "asymstore", "verify", str(a), "--step", "99"],
-                             capture_output=True, text=True, env=env)
+    missing = subprocess.run(
+        [sys.executable, "-m", "asymstore", "verify", str(a), "--step", "99"], capture_output=True, text=True, env=env
+    )
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
 
 

@@ -14,9 +14,16 @@ from hypothesis import strategies as st
 
 from asymstore import Store
 from asymstore.backends.memory import MemoryObjectStore
-from asymstore.codecs import LZ4, RAW, ZSTD1, CodecSpec, blosc_shuffle
-from asymstore.compression import (CodecDecisions, CodecEstimate, candidate_specs, choose_codec,
-                                   measure_candidates, predicted_time, sample_slices)
+from asymstore.codecs import LZ4, RAW, ZSTD1, blosc_shuffle
+from asymstore.compression import (
+    CodecDecisions,
+    CodecEstimate,
+    candidate_specs,
+    choose_codec,
+    measure_candidates,
+    predicted_time,
+    sample_slices,
+)
 from asymstore.errors import ConfigError
 
 from .helpers import assert_bitequal
@@ -41,9 +48,14 @@ def test_compress_only_when_it_is_faster_end_to_end() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.integers(1, 1 << 30), st.floats(1e6, 1e10), st.lists(
-    st.tuples(st.sampled_from([ZSTD1, LZ4, blosc_shuffle(4)]), st.floats(0.01, 1.5), st.floats(1e6, 1e10)),
-    max_size=4))
+@given(
+    st.integers(1, 1 << 30),
+    st.floats(1e6, 1e10),
+    st.lists(
+        st.tuples(st.sampled_from([ZSTD1, LZ4, blosc_shuffle(4)]), st.floats(0.01, 1.5), st.floats(1e6, 1e10)),
+        max_size=4,
+    ),
+)
 def test_choice_is_the_fastest_and_beats_raw(n, bw, raw_ests) -> None:
     ests = [CodecEstimate(s, r, e) for s, r, e in raw_ests]
     c = choose_codec(n, ests, bw, min_gain=0.05)

@@ -36,6 +36,7 @@ def content(step: int) -> dict:
 
 def _child(root: str, cfg: dict, first_step: int) -> None:
     import torch
+
     torch.set_num_threads(1)  # the intra-op pool does not survive fork
     with Store([root], **CFG, **cfg, host_slots=1) as store:
         step = first_step
@@ -57,6 +58,7 @@ def _run_child_and_kill(root: str, cfg: dict, first_step: int, delay: float) -> 
             _child(root, cfg, first_step)
         except BaseException:
             import traceback
+
             traceback.print_exc()
             code = 1
         finally:
@@ -64,8 +66,9 @@ def _run_child_and_kill(root: str, cfg: dict, first_step: int, delay: float) -> 
     time.sleep(delay)
     os.kill(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, \
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (
         f"the saving child died on its own (status {status}) instead of being killed"
+    )
 
 
 def test_sigkill_during_saves_leaves_consistent_steps(tmp_path) -> None:

@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import socket
-import multiprocessing as mp
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
+import asymstore
+from asymstore.errors import StepExistsError
+from asymstore.trainer_hooks.dcp import (
+    AsymStorageReader,
+    AsymStorageWriter,
+    WeightsOnlyLoadPlanner,
+    metadata_from_json,
+    metadata_to_json,
+    parse_checkpoint_id,
+)
 from tests.helpers import assert_bitequal
-
-import torch.distributed.checkpoint as dcp  # noqa: E402
-from torch.distributed.checkpoint.api import CheckpointException  # noqa: E402
-
-import asymstore  # noqa: E402
-from asymstore.errors import StepExistsError  # noqa: E402
-from asymstore.trainer_hooks.dcp import (AsymStorageReader, AsymStorageWriter, WeightsOnlyLoadPlanner,  # noqa: E402
-                                         metadata_from_json, metadata_to_json, parse_checkpoint_id)
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -39,10 +43,14 @@ def _model(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
 def _state(seed: int) -> dict:
     m, opt = _model(seed)
     base = torch.arange(24, dtype=torch.float64).reshape(4, 6) * (seed + 1)
-    return {"model": m.state_dict(), "optim": opt.state_dict(),
-            "extra": {"epoch": seed, "name": f"run{seed}", "lr": [0.1 * seed, 2.0]},
-            "scalar": torch.tensor(seed, dtype=torch.int64), "strided": base.t()[1:5],  # non-contiguous view
-            "empty": torch.empty(0, 3)}
+    return {
+        "model": m.state_dict(),
+        "optim": opt.state_dict(),
+        "extra": {"epoch": seed, "name": f"run{seed}", "lr": [0.1 * seed, 2.0]},
+        "scalar": torch.tensor(seed, dtype=torch.int64),
+        "strided": base.t()[1:5],  # non-contiguous view
+        "empty": torch.empty(0, 3),
+    }
 
 
 def _clone(state):
@@ -151,6 +159,7 @@ def _free_port() -> int:
 def _rank_main(env: dict[str, str], args: tuple[str, ...]) -> None:
     os.environ.update(env)
     from tests._dcp_worker import main
+
     main(["_dcp_worker", *args])
 
 
@@ -158,9 +167,13 @@ def _launch(n: int, *args: str) -> None:
     """Run ``n`` ranks of tests/_dcp_worker.py as forked processes (no re-import of torch)."""
     ctx = mp.get_context("fork")
     port = str(_free_port())
-    procs = [ctx.Process(target=_rank_main, args=({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-                                                   "WORLD_SIZE": str(n), "RANK": str(r)}, args))
-             for r in range(n)]
+    procs = [
+        ctx.Process(
+            target=_rank_main,
+            args=({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": str(n), "RANK": str(r)}, args),
+        )
+        for r in range(n)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -176,6 +189,7 @@ def _launch(n: int, *args: str) -> None:
 @pytest.mark.slow
 def test_two_ranks_save_then_load_on_one_and_three(tmp_path):
     from tests._dcp_worker import reference
+
     url = str(tmp_path / "ck")
     _launch(2, "save", url, "4")
 
@@ -186,8 +200,12 @@ def test_two_ranks_save_then_load_on_one_and_three(tmp_path):
 
     # world size 1, no process group: full tensors assembled from both ranks' chunks
     ref = reference()
-    target = {"model": {k: torch.zeros_like(v) for k, v in ref.items()}, "meta": {"step": 0, "tag": ""},
-              "rank_local_0": torch.zeros(4), "rank_local_1": torch.zeros(4)}
+    target = {
+        "model": {k: torch.zeros_like(v) for k, v in ref.items()},
+        "meta": {"step": 0, "tag": ""},
+        "rank_local_0": torch.zeros(4),
+        "rank_local_1": torch.zeros(4),
+    }
     dcp.load(target, storage_reader=AsymStorageReader(url, step=4))
     assert_bitequal(target["model"], ref)
     assert target["meta"] == {"step": 4, "tag": "run-a"}

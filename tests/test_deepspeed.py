@@ -42,15 +42,27 @@ def _free_port() -> int:
 
 def launch(mode: str, args: dict[str, Any], out: Path) -> list[subprocess.Popen[bytes]]:
     port = _free_port()
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD),
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(WORLD),
+        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        OMP_NUM_THREADS="1",
+    )
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/asymstore/torch_extensions"))
     procs = []
     for r in range(WORLD):
         log = open(out / f"{mode}_r{r}.log", "wb")
-        procs.append(subprocess.Popen([sys.executable, "-m", "tests._ds_worker", mode, json.dumps(args)], cwd=REPO,
-                                      env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=log,
-                                      stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "tests._ds_worker", mode, json.dumps(args)],
+                cwd=REPO,
+                env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
     return procs
 
 
@@ -66,15 +78,18 @@ def wait_all(procs: list[subprocess.Popen[bytes]], out: Path, mode: str, timeout
                 p.wait()
     bad = [r for r, p in enumerate(procs) if p.returncode != 0]
     if bad:
-        logs = "\n".join(f"--- rank {r} ---\n" + (out / f"{mode}_r{r}.log").read_text(errors="replace")[-4000:]
-                         for r in bad)
+        logs = "\n".join(
+            f"--- rank {r} ---\n" + (out / f"{mode}_r{r}.log").read_text(errors="replace")[-4000:] for r in bad
+        )
         pytest.fail(f"{mode}: ranks {bad} failed\n{logs}")
 
 
 def assert_same(a: Any, b: Any, path: str = "") -> None:
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor), path
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{path}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+        assert a.dtype == b.dtype and a.shape == b.shape, (
+            f"{path}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+        )
         assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), f"{path}: values differ"
     elif isinstance(a, dict):
         assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys {sorted(map(str, a))} vs {sorted(map(str, b))}"
@@ -96,13 +111,21 @@ def test_asym_kill_mid_save_restore_continue(stage: int, tmp_path: Path) -> None
     from asymstore.store import Store
 
     store_dir = tmp_path / "ckpt"
-    args = {"out": str(tmp_path), "store": str(store_dir), "stage": stage, "steps": STEPS,
-            "kill_step": KILL_STEP, "kill_rank": 1}
+    args = {
+        "out": str(tmp_path),
+        "store": str(store_dir),
+        "stage": stage,
+        "steps": STEPS,
+        "kill_step": KILL_STEP,
+        "kill_rank": 1,
+    }
     procs = launch("train", args, tmp_path)
     try:
         procs[1].wait(timeout=240)
-        assert procs[1].returncode == -9, (procs[1].returncode,
-                                           (tmp_path / "train_r1.log").read_text(errors="replace")[-3000:])
+        assert procs[1].returncode == -9, (
+            procs[1].returncode,
+            (tmp_path / "train_r1.log").read_text(errors="replace")[-3000:],
+        )
         # the survivor (rank 0) finishes committing what was complete, then the job is torn down
         probe = Store([str(store_dir)], rank=0, world_size=WORLD)
         deadline = time.monotonic() + 60
@@ -123,8 +146,7 @@ def test_asym_kill_mid_save_restore_continue(stage: int, tmp_path: Path) -> None
     assert r1.exists() and any(r1.rglob("*")), "rank 1 died after writing part of its shard"
     assert not (r1 / "COMMIT").exists()
 
-    procs = launch("resume", {"out": str(tmp_path), "store": str(store_dir), "stage": stage, "steps": STEPS},
-                   tmp_path)
+    procs = launch("resume", {"out": str(tmp_path), "store": str(store_dir), "stage": stage, "steps": STEPS}, tmp_path)
     wait_all(procs, tmp_path, "resume")
     train_losses = [json.loads((tmp_path / f"losses_train_r{r}.json").read_text()) for r in range(WORLD)]
     for r in range(WORLD):

@@ -27,8 +27,13 @@ STEPS = 4
 
 def _run(name: str, *args: str, tmp: Path, tag: str) -> dict[str, Any]:
     out = tmp / f"{name}-{tag}.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               COLUMNS="120", TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        COLUMNS="120",
+        TRANSFORMERS_VERBOSITY="error",
+        HF_HUB_OFFLINE="1",
+    )
     cmd = [sys.executable, str(EXAMPLES / f"{name}.py"), "--threads", "1", "--summary-json", str(out), *args]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=ROOT)
     res: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
@@ -38,8 +43,9 @@ def _run(name: str, *args: str, tmp: Path, tag: str) -> dict[str, Any]:
 
 def _straight(name: str, tmp: Path) -> dict[str, dict[str, Any]]:
     """An uninterrupted run, the reference for the killed one."""
-    return {"straight": _run(name, "--steps", str(STEPS), "--dir", str(tmp / f"{name}-straight"), tmp=tmp,
-                             tag="straight")}
+    return {
+        "straight": _run(name, "--steps", str(STEPS), "--dir", str(tmp / f"{name}-straight"), tmp=tmp, tag="straight")
+    }
 
 
 def _kill_chain(name: str, tmp: Path) -> dict[str, dict[str, Any]]:
@@ -57,8 +63,9 @@ def _resume_chain(name: str, tmp: Path) -> dict[str, dict[str, Any]]:
     strategy = {"bert": "sync", "roberta": "checkfreq", "bloom": "uniform", "vit": "asym"}[name]
     return {
         "first": _run(name, "--steps", "3", "--strategy", strategy, "--dir", str(d), tmp=tmp, tag="first"),
-        "resumed": _run(name, "--steps", str(STEPS), "--resume", "--strategy", strategy, "--dir", str(d),
-                        tmp=tmp, tag="resumed"),
+        "resumed": _run(
+            name, "--steps", str(STEPS), "--resume", "--strategy", strategy, "--dir", str(d), tmp=tmp, tag="resumed"
+        ),
     }
 
 

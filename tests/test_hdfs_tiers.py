@@ -25,8 +25,11 @@ MiB = 1 << 20
 
 def _state(step: int, n: int = 300_000) -> dict:
     g = torch.Generator().manual_seed(step)
-    return {"model": {f"w{i}": torch.randn(n // 10, generator=g) for i in range(10)},
-            "opt": {"lr": 1e-3 * step}, "step": step}
+    return {
+        "model": {f"w{i}": torch.randn(n // 10, generator=g) for i in range(10)},
+        "opt": {"lr": 1e-3 * step},
+        "step": step,
+    }
 
 
 @pytest.fixture
@@ -49,8 +52,9 @@ class TestHdfsConformance(ObjectStoreConformance):
 
 
 def test_round_trip_promotion_retention(tmp_path, hdfs_url) -> None:
-    with Store([TierSpec(str(tmp_path), keep=2), TierSpec(hdfs_url, keep=[EveryN(3), LatestN(1)])],
-               chunk_bytes=1 << 16) as s:
+    with Store(
+        [TierSpec(str(tmp_path), keep=2), TierSpec(hdfs_url, keep=[EveryN(3), LatestN(1)])], chunk_bytes=1 << 16
+    ) as s:
         for step in range(1, 8):
             s.save(_state(step), step)
         assert s.flush(120)
@@ -105,8 +109,11 @@ def test_namenode_outage_during_promotion(tmp_path, hdfs_cluster: MiniDFS, hdfs_
     """The NameNode goes down mid-promotion: training is not blocked, no partial step is listed as
     complete on HDFS, and promotion completes once the NameNode is back."""
     big = {"w": torch.randn(6 * MiB // 4)}  # several partitions, so the outage can land inside one step
-    with Store([TierSpec(str(tmp_path), keep=3), TierSpec(hdfs_url, keep=None, partition_bytes=1 * MiB)],
-               chunk_bytes=1 << 16, backend_options={"hdfs": {"retries": 0}}) as s:
+    with Store(
+        [TierSpec(str(tmp_path), keep=3), TierSpec(hdfs_url, keep=None, partition_bytes=1 * MiB)],
+        chunk_bytes=1 << 16,
+        backend_options={"hdfs": {"retries": 0}},
+    ) as s:
         s.save(big, 1)
         s.manager.notify()
         deadline = time.monotonic() + 30  # wait until the promotion of step 1 is under way

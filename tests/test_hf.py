@@ -29,16 +29,28 @@ class Tokens(torch.utils.data.Dataset):
 
 def _model(seed: int) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = GPT2Config(
+        vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
     return GPT2LMHeadModel(cfg)
 
 
 def _args(tmp_path, max_steps: int) -> TrainingArguments:
-    return TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=max_steps, per_device_train_batch_size=4,
-                             learning_rate=1e-3, lr_scheduler_type="linear", warmup_steps=2, save_strategy="no",
-                             report_to=[], use_cpu=True, logging_steps=1, seed=0, disable_tqdm=True,
-                             dataloader_num_workers=0)
+    return TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        lr_scheduler_type="linear",
+        warmup_steps=2,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
 
 
 class Probe(TrainerCallback):
@@ -50,10 +62,12 @@ class Probe(TrainerCallback):
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kw):
         if self.first is None:
             inner = getattr(optimizer, "optimizer", optimizer)
-            self.first = {"model": {k: v.clone() for k, v in model.state_dict().items()},
-                          "exp_avg": [inner.state[p]["exp_avg"].clone() for p in model.parameters()
-                                      if p in inner.state],
-                          "lr": inner.param_groups[0]["lr"], "global_step": state.global_step}
+            self.first = {
+                "model": {k: v.clone() for k, v in model.state_dict().items()},
+                "exp_avg": [inner.state[p]["exp_avg"].clone() for p in model.parameters() if p in inner.state],
+                "lr": inner.param_groups[0]["lr"],
+                "global_step": state.global_step,
+            }
 
 
 @pytest.mark.parametrize("strategy", ["asym", "sync"])
@@ -87,7 +101,6 @@ def test_trainer_checkpoint_resume_continue(tmp_path, strategy):
     assert store2.steps() == [2, 4, 6]
     assert [h["step"] for h in trainer2.state.log_history if "loss" in h][:2] == [1, 2]  # history carried over
     after = store2.restore(6)
-    assert_bitequal({k: after["model"][k] for k in final_model},
-                    {k: v for k, v in trainer2.model.state_dict().items()})
+    assert_bitequal({k: after["model"][k] for k in final_model}, {k: v for k, v in trainer2.model.state_dict().items()})
     store.close()
     store2.close()

@@ -11,14 +11,12 @@ import time
 from typing import Any
 
 import pytest
-import torch
 
 import asymstore
 from asymstore.trainer_hooks import STRATEGIES, AsymCheckpointer
 from asymstore.trainer_hooks.executor import CopyRecord, ThreadCopyExecutor
-
-from tests.helpers import assert_bitequal
 from tests._hooktest_util import build, deterministic_cpu, full_state, iteration
+from tests.helpers import assert_bitequal
 
 N_STEPS = 8
 WARMUP = 2
@@ -50,14 +48,31 @@ def reference(n: int = N_STEPS, *, d: int = 128, batch: int = BATCH) -> dict[int
     return _REF_CACHE[key]
 
 
-def checkpointed_run(path: str, strategy: str, *, n: int = N_STEPS, d: int = 128, batch: int = BATCH,
-                     executor: Any = None, pre_step: Any = None, **store_opts: Any
-                     ) -> tuple[AsymCheckpointer, dict[str, Any]]:
+def checkpointed_run(
+    path: str,
+    strategy: str,
+    *,
+    n: int = N_STEPS,
+    d: int = 128,
+    batch: int = BATCH,
+    executor: Any = None,
+    pre_step: Any = None,
+    **store_opts: Any,
+) -> tuple[AsymCheckpointer, dict[str, Any]]:
     model, opt, sched = build(0, d=d)
     pos: dict[str, Any] = {"batch": 0, "loss": 0.0}
     store = asymstore.open_store(path, **store_opts)
-    ck = AsymCheckpointer(model, opt, store, every=1, scheduler=sched, strategy=strategy,  # type: ignore[arg-type]
-                          warmup=WARMUP, extras=lambda: dict(pos), trace=True)
+    ck = AsymCheckpointer(
+        model,
+        opt,
+        store,
+        every=1,
+        scheduler=sched,
+        strategy=strategy,  # type: ignore[arg-type]
+        warmup=WARMUP,
+        extras=lambda: dict(pos),
+        trace=True,
+    )
     if executor is not None:
         ck._executor = executor
     with ck:
@@ -68,6 +83,7 @@ def checkpointed_run(path: str, strategy: str, *, n: int = N_STEPS, d: int = 128
 
             def note(loss: float) -> None:
                 pos["loss"] = loss
+
             iteration(model, opt, sched, batch, before_step=note)
     store.close()
     final = full_state(model, opt, sched, n, dict(pos))
@@ -104,6 +120,7 @@ def test_every_checkpoint_is_bit_identical_to_a_synchronous_copy(tmp_path: Any, 
 # with the AdamW moments) -> tens of ms of compute per iteration against ~1-3 ms of copying, even on a
 # loaded 2-core machine.
 
+
 @pytest.mark.parametrize("strategy", ["uniform", "asym"])
 def test_windows_carry_the_copy_after_warmup(tmp_path: Any, strategy: str) -> None:
     ck, _ = checkpointed_run(str(tmp_path / "ck"), strategy, n=N_STEPS, d=256, batch=1024)
@@ -127,6 +144,7 @@ def test_windows_carry_the_copy_after_warmup(tmp_path: Any, strategy: str) -> No
 
 
 # --- the barrier ---------------------------------------------------------------------------------------
+
 
 class SlowCopyExecutor(ThreadCopyExecutor):
     """Every background partition copy starts late, so it would read updated tensors without a barrier."""

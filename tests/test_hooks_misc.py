@@ -21,9 +21,8 @@ from asymstore import CheckpointFailedError
 from asymstore.backends.base import Buffer
 from asymstore.backends.memory import MemoryObjectStore, drop_namespace
 from asymstore.trainer_hooks import AsymCheckpointer
-
-from tests.helpers import assert_bitequal
 from tests._hooktest_util import build, deterministic_cpu, full_state, iteration
+from tests.helpers import assert_bitequal
 
 
 @pytest.fixture(autouse=True)
@@ -39,8 +38,16 @@ def memname() -> Iterator[str]:
     drop_namespace(name)
 
 
-def train(ck: AsymCheckpointer, model: Any, opt: Any, sched: Any, steps: int, batch: int = 128,
-          pos: dict[str, Any] | None = None, first: int = 1) -> None:
+def train(
+    ck: AsymCheckpointer,
+    model: Any,
+    opt: Any,
+    sched: Any,
+    steps: int,
+    batch: int = 128,
+    pos: dict[str, Any] | None = None,
+    first: int = 1,
+) -> None:
     for t in range(first, first + steps):
         if pos is not None:
             pos["batch"] = t
@@ -48,6 +55,7 @@ def train(ck: AsymCheckpointer, model: Any, opt: Any, sched: Any, steps: int, ba
 
 
 # --- the timeline ----------------------------------------------------------------------------------------
+
 
 def test_write_trace_is_chrome_trace_json_with_all_event_kinds(tmp_path: Any) -> None:
     model, opt, sched = build(0, d=256)
@@ -80,8 +88,7 @@ def test_write_trace_is_chrome_trace_json_with_all_event_kinds(tmp_path: Any) ->
     assert any(e["name"].startswith("forward") for e in compute)
     assert any(e["name"].startswith("backward") for e in compute)
     copies = by_track["copy"]
-    assert any(e["name"].startswith(("copy forward", "copy backward")) for e in copies), \
-        [e["name"] for e in copies]
+    assert any(e["name"].startswith(("copy forward", "copy backward")) for e in copies), [e["name"] for e in copies]
     assert all({"start", "end"} <= set(e["args"]) for e in copies)
     stalls = [e for e in spans if e["cat"] == "stall"]
     persists = [e for e in spans if e["cat"] == "persist"]
@@ -89,6 +96,7 @@ def test_write_trace_is_chrome_trace_json_with_all_event_kinds(tmp_path: Any) ->
 
 
 # --- background failures ---------------------------------------------------------------------------------
+
 
 class FailAfterFirstCheckpoint(MemoryObjectStore):
     """A tier whose writes fail once the first checkpoint is committed (a disk that filled up)."""
@@ -169,13 +177,13 @@ def test_non_fatal_failures_are_counted_and_training_goes_on(memname: str) -> No
 
 # --- detach ----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("how", ["context", "detach"])
 def test_detach_completes_the_snapshot_in_flight(tmp_path: Any, how: str) -> None:
     model, opt, sched = build(0)
     pos: dict[str, Any] = {"batch": 0}
     store = asymstore.open_store(str(tmp_path / "ck"))
-    ck = AsymCheckpointer(model, opt, store, scheduler=sched, strategy="asym", warmup=2,
-                          extras=lambda: dict(pos))
+    ck = AsymCheckpointer(model, opt, store, scheduler=sched, strategy="asym", warmup=2, extras=lambda: dict(pos))
     if how == "context":
         with ck:
             train(ck, model, opt, sched, 5, pos=pos)
@@ -193,6 +201,7 @@ def test_detach_completes_the_snapshot_in_flight(tmp_path: Any, how: str) -> Non
 
 
 # --- the slot policy -------------------------------------------------------------------------------------
+
 
 class SlowTier(MemoryObjectStore):
     def __init__(self, url: str, delay_s: float) -> None:
@@ -245,12 +254,12 @@ def test_wait_policy_waits_and_skips_nothing(memname: str) -> None:
 
 # --- resume ----------------------------------------------------------------------------------------------
 
+
 def test_resume_restores_step_rng_extras_and_state(tmp_path: Any) -> None:
     model, opt, sched = build(0)
     pos: dict[str, Any] = {"batch": 0, "epoch": 3, "order": np.arange(5, dtype=np.int64), "note": "x"}
     store = asymstore.open_store(str(tmp_path / "ck"))
-    ck = AsymCheckpointer(model, opt, store, scheduler=sched, strategy="asym", warmup=1,
-                          extras=lambda: dict(pos))
+    ck = AsymCheckpointer(model, opt, store, scheduler=sched, strategy="asym", warmup=1, extras=lambda: dict(pos))
     with ck:
         train(ck, model, opt, sched, 4, pos=pos)
     want = full_state(model, opt, sched, 4, dict(pos))

@@ -19,8 +19,12 @@ GUARD = 256
 
 
 @settings(max_examples=80, deadline=None)
-@given(n=st.integers(0, 3 * STREAM_MIN_BYTES), src_off=st.integers(0, 127), dst_off=st.integers(0, 127),
-       seed=st.integers(0, 2**16))
+@given(
+    n=st.integers(0, 3 * STREAM_MIN_BYTES),
+    src_off=st.integers(0, 127),
+    dst_off=st.integers(0, 127),
+    seed=st.integers(0, 2**16),
+)
 @example(n=STREAM_MIN_BYTES, src_off=0, dst_off=0, seed=0)
 @example(n=STREAM_MIN_BYTES + 63, src_off=1, dst_off=63, seed=1)  # misaligned head, a partial last line
 @example(n=2 * STREAM_MIN_BYTES + 1, src_off=64, dst_off=3, seed=2)
@@ -29,9 +33,9 @@ def test_copy_is_exact_and_stays_in_bounds(n: int, src_off: int, dst_off: int, s
     src = rng.integers(0, 256, n + 128, dtype=np.uint8)
     dst = np.full(n + 128 + 2 * GUARD, 0xA5, dtype=np.uint8)
     host_copy(dst.ctypes.data + GUARD + dst_off, src.ctypes.data + src_off, n)
-    got = dst[GUARD + dst_off:GUARD + dst_off + n]
-    assert np.array_equal(got, src[src_off:src_off + n])
-    assert (dst[:GUARD + dst_off] == 0xA5).all() and (dst[GUARD + dst_off + n:] == 0xA5).all()
+    got = dst[GUARD + dst_off : GUARD + dst_off + n]
+    assert np.array_equal(got, src[src_off : src_off + n])
+    assert (dst[: GUARD + dst_off] == 0xA5).all() and (dst[GUARD + dst_off + n :] == 0xA5).all()
 
 
 def test_native_copy_handles_overlap_like_memmove() -> None:
@@ -41,7 +45,7 @@ def test_native_copy_handles_overlap_like_memmove() -> None:
     buf = np.arange(n + 4096, dtype=np.uint32).view(np.uint8)
     want = buf[:n].copy()
     snapshot._native.copy(buf.ctypes.data + 4096, buf.ctypes.data, n)  # dst overlaps the source's tail
-    assert np.array_equal(buf[4096:4096 + n], want)
+    assert np.array_equal(buf[4096 : 4096 + n], want)
 
 
 def test_native_copy_rejects_bad_arguments() -> None:

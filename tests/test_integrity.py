@@ -9,7 +9,7 @@ import uuid
 import pytest
 import torch
 
-from asymstore import CorruptCheckpointError, Store, StepNotFoundError
+from asymstore import CorruptCheckpointError, StepNotFoundError, Store
 from asymstore.backends.memory import MemoryObjectStore, drop_namespace
 from asymstore.zarrfmt import index_nbytes
 
@@ -168,6 +168,7 @@ def test_host_copy_is_preferred_and_independent_of_disk_damage(tmp_path) -> None
 
 def test_lazy_reads_detect_damage(pristine, tmp_path) -> None:
     from asymstore import open_checkpoint
+
     root = _copy(pristine[0], tmp_path)
     key = sorted(k for k in step_files(root, 2) if "/c/" in k)[0]
     flip_byte(os.path.join(root, key), 5)

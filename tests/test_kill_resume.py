@@ -13,7 +13,6 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -23,7 +22,7 @@ from tests.helpers import assert_bitequal
 N_STEPS = 12
 TESTS_DIR = str(Path(__file__).resolve().parent)
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, sys.argv[1] + "/..")  # the repository root: tests is a package
     import torch
@@ -56,7 +55,7 @@ SCRIPT = textwrap.dedent('''
     store.close()
     torch.save(full_state(model, opt, sched, ck.step, dict(pos)), out)
     print("done", flush=True)
-''')
+""")
 
 
 def _env() -> dict[str, str]:
@@ -145,5 +144,6 @@ def test_sigkill_at_random_steps_then_resume_is_bit_identical(tmp_path: Path) ->
 
 def asymstore_steps(path: Path) -> list[int]:
     import asymstore
+
     with asymstore.open_store(str(path)) as store:
         return store.steps()

@@ -77,16 +77,27 @@ def _touched_stored_bytes(root: str, ck, start: int, end: int) -> int:
         if hi <= lo:
             continue
         key = f"step_{m.step:012d}/{rec.label}/c/{rec.shard}"
-        idx = np.frombuffer(plain.get(key, ByteRange(-index_nbytes(cps), index_nbytes(cps)))[:-4],
-                            "<u8").reshape(cps, 2)
+        idx = np.frombuffer(plain.get(key, ByteRange(-index_nbytes(cps), index_nbytes(cps)))[:-4], "<u8").reshape(
+            cps, 2
+        )
         k0, k1 = (lo - rec.span.start) // C, (hi - 1 - rec.span.start) // C
         total += int(sum(idx[k, 1] for k in range(k0, k1 + 1))) + index_nbytes(cps)
     return total
 
 
-@pytest.mark.parametrize("name, rows", [("emb", slice(100, 103)), ("emb", slice(0, 1)), ("emb", slice(499, 500)),
-                                        ("emb", slice(250, 330)), ("bf", slice(123, 125)), ("bf", 77),
-                                        ("emb", slice(10, 40, 3)), ("emb", -1)])
+@pytest.mark.parametrize(
+    "name, rows",
+    [
+        ("emb", slice(100, 103)),
+        ("emb", slice(0, 1)),
+        ("emb", slice(499, 500)),
+        ("emb", slice(250, 330)),
+        ("bf", slice(123, 125)),
+        ("bf", 77),
+        ("emb", slice(10, 40, 3)),
+        ("emb", -1),
+    ],
+)
 def test_row_slices_read_only_needed_chunks(saved, name, rows) -> None:
     ck = open_checkpoint(saved)
     lt = ck[name]

@@ -15,8 +15,10 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 
 import asymstore  # noqa: E402
 from asymstore.errors import CheckpointFailedError, UnsupportedValueError  # noqa: E402
-from asymstore.trainer_hooks.lightning import AsymstoreCheckpointIO  # noqa: E402
-from asymstore.trainer_hooks.lightning import AsyncAsymstoreCheckpointIO  # noqa: E402
+from asymstore.trainer_hooks.lightning import (
+    AsymstoreCheckpointIO,
+    AsyncAsymstoreCheckpointIO,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -53,17 +55,29 @@ class AtStart(Callback):
 
     def on_train_start(self, trainer, pl_module):  # after the checkpoint was restored
         opt = trainer.optimizers[0]
-        self.state = {"model": {k: v.clone() for k, v in pl_module.state_dict().items()},
-                      "exp_avg": [opt.state[p]["exp_avg"].clone() for p in pl_module.parameters()],
-                      "step": trainer.global_step, "lr": opt.param_groups[0]["lr"]}
+        self.state = {
+            "model": {k: v.clone() for k, v in pl_module.state_dict().items()},
+            "exp_avg": [opt.state[p]["exp_avg"].clone() for p in pl_module.parameters()],
+            "step": trainer.global_step,
+            "lr": opt.param_groups[0]["lr"],
+        }
 
 
 def _trainer(tmp_path: Path, io, max_steps: int, *callbacks):
-    ck = ModelCheckpoint(dirpath=str(tmp_path / "ckpts"), every_n_train_steps=2, save_top_k=2, monitor="loss",
-                         save_last=True)
-    return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, plugins=[io], callbacks=[ck, *callbacks],
-                     default_root_dir=str(tmp_path)), ck
+    ck = ModelCheckpoint(
+        dirpath=str(tmp_path / "ckpts"), every_n_train_steps=2, save_top_k=2, monitor="loss", save_last=True
+    )
+    return L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        plugins=[io],
+        callbacks=[ck, *callbacks],
+        default_root_dir=str(tmp_path),
+    ), ck
 
 
 @pytest.mark.parametrize("io_cls", [AsymstoreCheckpointIO, AsyncAsymstoreCheckpointIO], ids=["sync", "async"])
@@ -107,8 +121,9 @@ def test_fit_checkpoint_resume_continue(tmp_path, io_cls):
 def test_unsupported_value_names_the_key(tmp_path):
     io = AsymstoreCheckpointIO(str(tmp_path / "store"))
     with pytest.raises(UnsupportedValueError, match="hyper_parameters/loss_fn"):
-        io.save_checkpoint({"state_dict": {"w": torch.ones(2)}, "hyper_parameters": {"loss_fn": object()}},
-                           tmp_path / "a.ckpt")
+        io.save_checkpoint(
+            {"state_dict": {"w": torch.ones(2)}, "hyper_parameters": {"loss_fn": object()}}, tmp_path / "a.ckpt"
+        )
     assert not (tmp_path / "a.ckpt").exists()
     io.save_checkpoint({"state_dict": {"w": torch.ones(2)}, "epoch": 0, "global_step": 3}, tmp_path / "a.ckpt")
     assert torch.equal(io.load_checkpoint(tmp_path / "a.ckpt")["state_dict"]["w"], torch.ones(2))

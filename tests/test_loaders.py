@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-from asymstore_examples import data as D  # noqa: E402
+from asymstore_examples import data as D
 
 WIKI = """ = Valkyria Chronicles III = 
 
@@ -73,18 +73,28 @@ def test_batch_indices_cover_each_epoch() -> None:
 
 
 def _squad(version: str) -> dict:
-    ctx = "Architecturally, the school has a Catholic character. Atop the Main Building's gold dome is a " \
-          "golden statue of the Virgin Mary — Notre Dame's Dôme d'or."
+    ctx = (
+        "Architecturally, the school has a Catholic character. Atop the Main Building's gold dome is a "
+        "golden statue of the Virgin Mary — Notre Dame's Dôme d'or."
+    )
     qas = [
-        {"id": "q1", "question": "What sits on top of the Main Building?",
-         "answers": [{"text": "a golden statue of the Virgin Mary", "answer_start": ctx.index("a golden")}]},
-        {"id": "q2", "question": "What is the dome called?",  # after non-ASCII text: bytes != characters
-         "answers": [{"text": "Dôme d'or", "answer_start": ctx.index("Dôme") - 2}]},  # off by two, as in some files
+        {
+            "id": "q1",
+            "question": "What sits on top of the Main Building?",
+            "answers": [{"text": "a golden statue of the Virgin Mary", "answer_start": ctx.index("a golden")}],
+        },
+        {
+            "id": "q2",
+            "question": "What is the dome called?",  # after non-ASCII text: bytes != characters
+            "answers": [{"text": "Dôme d'or", "answer_start": ctx.index("Dôme") - 2}],
+        },  # off by two, as in some files
     ]
     if version == "v2.0":
         qas.append({"id": "q3", "question": "Who built the dome?", "answers": [], "is_impossible": True})
-    return {"version": version, "data": [{"title": "University_of_Notre_Dame", "paragraphs": [
-        {"context": ctx, "qas": qas}]}]}
+    return {
+        "version": version,
+        "data": [{"title": "University_of_Notre_Dame", "paragraphs": [{"context": ctx, "qas": qas}]}],
+    }
 
 
 @pytest.mark.parametrize("version", ["v1.1", "v2.0"])
@@ -95,12 +105,12 @@ def test_squad(tmp_path: Path, version: str) -> None:
     assert [e.id for e in ex] == ["q1", "q2"] + (["q3"] if version == "v2.0" else [])
     for e in ex:
         if e.answer_text:
-            assert e.context[e.answer_start:e.answer_start + len(e.answer_text)] == e.answer_text
+            assert e.context[e.answer_start : e.answer_start + len(e.answer_text)] == e.answer_text
     feats = D.SquadFeatures(ex, 256)
     for i, e in enumerate(ex):
         s, t = int(feats.start_positions[i]), int(feats.end_positions[i])
         if e.answer_text:
-            assert D.TOKENIZER.decode(feats.input_ids[i, s:t + 1].tolist()) == e.answer_text
+            assert D.TOKENIZER.decode(feats.input_ids[i, s : t + 1].tolist()) == e.answer_text
             assert feats.token_type_ids[i, s] == 1 and feats.attention_mask[i, t] == 1
         else:
             assert s == t == 0  # unanswerable: the CLS token
@@ -123,16 +133,19 @@ def test_image_folder(tmp_path: Path) -> None:
     from PIL import Image
 
     root = tmp_path / "imagenet" / "train"
-    specs = {"n01440764": [("a.JPEG", "RGB", (40, 30)), ("b.png", "L", (20, 50))],
-             "n01443537": [("c.JPEG", "RGB", (64, 64)), ("d.png", "RGBA", (33, 17)), ("notes.txt", None, None)]}
+    specs = {
+        "n01440764": [("a.JPEG", "RGB", (40, 30)), ("b.png", "L", (20, 50))],
+        "n01443537": [("c.JPEG", "RGB", (64, 64)), ("d.png", "RGBA", (33, 17)), ("notes.txt", None, None)],
+    }
     for cls, files in specs.items():
         (root / cls).mkdir(parents=True)
         for name, mode, size in files:
             if mode is None:
                 (root / cls / name).write_text("not an image")
                 continue
-            im = Image.new(mode, size, color=(255, 0, 0) if mode == "RGB" else (128 if mode == "L" else
-                                                                                  (0, 0, 255, 255)))
+            im = Image.new(
+                mode, size, color=(255, 0, 0) if mode == "RGB" else (128 if mode == "L" else (0, 0, 255, 255))
+            )
             im.save(root / cls / name)
     assert D.count_classes(tmp_path / "imagenet") == 2
     f = D.ImageFolder(tmp_path / "imagenet", 24)  # finds train/ itself

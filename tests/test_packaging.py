@@ -40,8 +40,12 @@ def test_editable_install_imports(tmp_path) -> None:
 @pytest.mark.slow
 def test_wheel_contents_and_install(tmp_path) -> None:
     wheels = tmp_path / "wheels"
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                        "-w", str(wheels), str(ROOT)], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     (whl,) = wheels.glob("asymstore-*.whl")
     names = zipfile.ZipFile(whl).namelist()
@@ -54,8 +58,12 @@ def test_wheel_contents_and_install(tmp_path) -> None:
     if shutil.which(cc):  # the streaming copy is built where a compiler is (optional elsewhere)
         assert any(n.startswith("asymstore/_native.") and n.endswith(".so") for n in names), names
     target = tmp_path / "site"
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(whl)],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(whl)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     env = dict(os.environ, PYTHONPATH=str(target))
     files = _probe(env, tmp_path)

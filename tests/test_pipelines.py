@@ -103,12 +103,14 @@ def test_promotion_source_keeps_the_range_being_written_intact() -> None:
     src_store = MemoryObjectStore(f"memory://pipeline-{uuid.uuid4().hex}")
     data = _stream(n, 3)
     CheckpointWriter(src_store, partition_bytes=PART, chunk_bytes=CHUNK, compression="none").write(
-        5, memoryview(data), _layout(n), {"__tensor__": "w"}, numpy_names=[])
+        5, memoryview(data), _layout(n), {"__tensor__": "w"}, numpy_names=[]
+    )
     reader = CheckpointReader.open(src_store, 5)
     dst = SlowStore(delay=0.01)
     source = ReaderSource(reader, PART)
     CheckpointWriter(dst, partition_bytes=PART, chunk_bytes=CHUNK, compression="none").write(
-        5, source, reader.manifest.layout, reader.manifest.skeleton, numpy_names=[])
+        5, source, reader.manifest.layout, reader.manifest.skeleton, numpy_names=[]
+    )
     assert _read_all(dst, 5, n) == data.tobytes()
     with pytest.raises(ValueError, match="exceeds"):
         source.read(0, PART + 1)
@@ -126,7 +128,8 @@ def test_pipelined_read_is_exact_reports_progress_in_order_and_stops_at_damage(c
     store = MemoryObjectStore(f"memory://pipeline-{uuid.uuid4().hex}")
     data = _stream(n, 4)
     rep = CheckpointWriter(store, partition_bytes=PART, chunk_bytes=CHUNK, compression=compression).write(
-        3, memoryview(data), _layout(n), {"__tensor__": "w"}, numpy_names=[])
+        3, memoryview(data), _layout(n), {"__tensor__": "w"}, numpy_names=[]
+    )
     (label,) = rep.codecs
     seen: list[int] = []
     out = bytearray(n)
@@ -139,8 +142,9 @@ def test_pipelined_read_is_exact_reports_progress_in_order_and_stops_at_damage(c
     store.put(key, bytes(blob))
     seen.clear()
     with pytest.raises(CorruptCheckpointError) as err:
-        CheckpointReader.open(store, 3).read_all_into(memoryview(bytearray(n)),
-                                                      progress=lambda done, total: seen.append(done))
+        CheckpointReader.open(store, 3).read_all_into(
+            memoryview(bytearray(n)), progress=lambda done, total: seen.append(done)
+        )
     assert key in err.value.objects
     assert seen == [PART * (i + 1) for i in range(4)]  # partitions 0-3 verified, nothing after the damage
     assert not any(t.name.startswith("asymstore-verify") for t in threading.enumerate())

@@ -41,9 +41,12 @@ def _state(step: int) -> dict:
 
 def _expected(state: dict) -> dict[str, list]:
     from asymstore.state import flatten
+
     flat = flatten(state)
-    return {n: [info(t.dtype).view_dtype, info(t.dtype).torch_name, list(t.shape), digest(tensor_bytes(t))]
-            for n, t in flat.tensors.items()}
+    return {
+        n: [info(t.dtype).view_dtype, info(t.dtype).torch_name, list(t.shape), digest(tensor_bytes(t))]
+        for n, t in flat.tensors.items()
+    }
 
 
 def _plain_env() -> dict[str, str]:
@@ -53,8 +56,9 @@ def _plain_env() -> dict[str, str]:
 
 
 def _run_reader(root: str, step: int) -> dict:
-    out = subprocess.run([sys.executable, "-I", READER, root, str(step)], capture_output=True, text=True,
-                         env=_plain_env(), timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-I", READER, root, str(step)], capture_output=True, text=True, env=_plain_env(), timeout=120
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -64,9 +68,14 @@ def mixed_checkpoint(tmp_path_factory) -> tuple[str, dict[int, dict]]:
     """Steps with raw, zstd, blosc(+lz4) and an XOR delta step, written by asymstore."""
     root = str(tmp_path_factory.mktemp("plain"))
     states = {}
-    plan = [(1, dict(compression="none")), (2, dict(compression="zstd3")), (3, dict(compression="blosc-shuffle")),
-            (4, dict(compression="lz4")), (10, dict(compression="xor-zstd", delta_every=4)),
-            (11, dict(compression="xor-zstd", delta_every=4))]
+    plan = [
+        (1, dict(compression="none")),
+        (2, dict(compression="zstd3")),
+        (3, dict(compression="blosc-shuffle")),
+        (4, dict(compression="lz4")),
+        (10, dict(compression="xor-zstd", delta_every=4)),
+        (11, dict(compression="xor-zstd", delta_every=4)),
+    ]
     delta_store = None
     for step, kw in plan:
         states[step] = _state(step)
@@ -83,8 +92,14 @@ def mixed_checkpoint(tmp_path_factory) -> tuple[str, dict[int, dict]]:
 
 def test_labels_written(mixed_checkpoint) -> None:
     root, _ = mixed_checkpoint
-    labels = {s: sorted(d for d in os.listdir(os.path.join(root, f"step_{s:012d}"))
-                        if os.path.isdir(os.path.join(root, f"step_{s:012d}", d))) for s in (1, 2, 3, 4, 10, 11)}
+    labels = {
+        s: sorted(
+            d
+            for d in os.listdir(os.path.join(root, f"step_{s:012d}"))
+            if os.path.isdir(os.path.join(root, f"step_{s:012d}", d))
+        )
+        for s in (1, 2, 3, 4, 10, 11)
+    }
     assert labels[1] == ["raw"]
     assert labels[2] == ["zstd3"]
     assert labels[3] == ["blosc-zstd1-shuf-t4"]
@@ -106,8 +121,10 @@ def test_plain_zarr_process_reads_every_tensor(mixed_checkpoint, step: int) -> N
 def test_plain_reader_does_not_import_asymstore(mixed_checkpoint) -> None:
     """The check inside the reader is real: running it with asymstore preloaded fails."""
     root, _ = mixed_checkpoint
-    code = f"import sys, runpy; import numpy; sys.modules['torch'] = numpy; sys.argv = ['r', {root!r}, '1']; " \
-           f"runpy.run_path({READER!r}, run_name='__main__')"
+    code = (
+        f"import sys, runpy; import numpy; sys.modules['torch'] = numpy; sys.argv = ['r', {root!r}, '1']; "
+        f"runpy.run_path({READER!r}, run_name='__main__')"
+    )
     out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, env=_plain_env())
     assert out.returncode != 0 and "imported asymstore/torch" in out.stderr
 
@@ -115,6 +132,7 @@ def test_plain_reader_does_not_import_asymstore(mixed_checkpoint) -> None:
 def test_tensorstore_reads_the_same_arrays(mixed_checkpoint) -> None:
     ts = pytest.importorskip("tensorstore")
     import zarr
+
     root, _ = mixed_checkpoint
     n = 0
     for step in (1, 2, 3, 4, 10, 11):
@@ -123,8 +141,7 @@ def test_tensorstore_reads_the_same_arrays(mixed_checkpoint) -> None:
             path = os.path.join(d, label)
             if not os.path.isdir(path):
                 continue
-            a = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": path}}, open=True,
-                        read=True).result()
+            a = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": path}}, open=True, read=True).result()
             got = a.read().result()
             want = zarr.open_array(path, mode="r")[:]
             assert got.dtype == np.uint8 and got.shape == want.shape

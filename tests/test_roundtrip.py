@@ -23,8 +23,12 @@ COMPRESSIONS = ["none", "zstd3", "lz4", "blosc-shuffle", "xor-zstd"]
 DTYPES = supported_dtypes()
 NP_DTYPES = ["<f8", "<f4", "<f2", "<i8", "<i4", "<i2", "|i1", "|u1", "<u2", "<u4", "<u8", "|b1", "<c8", "<c16"]
 
-SETTINGS = settings(max_examples=12, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = settings(
+    max_examples=12,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 warnings.filterwarnings("ignore", message=".*ComplexHalf.*")
 
@@ -69,19 +73,31 @@ def ndarrays(draw) -> np.ndarray:
 
 finite_or_not = st.floats(allow_nan=True, allow_infinity=True)
 np_scalars = st.one_of(
-    finite_or_not.map(np.float64), finite_or_not.map(np.float32),
+    finite_or_not.map(np.float64),
+    finite_or_not.map(np.float32),
     st.floats(width=16, allow_nan=True).map(np.float16),
-    st.integers(-2**63, 2**63 - 1).map(np.int64), st.integers(0, 2**64 - 1).map(np.uint64),
-    st.integers(-128, 127).map(np.int8), st.booleans().map(np.bool_),
+    st.integers(-(2**63), 2**63 - 1).map(np.int64),
+    st.integers(0, 2**64 - 1).map(np.uint64),
+    st.integers(-128, 127).map(np.int8),
+    st.booleans().map(np.bool_),
     st.tuples(finite_or_not, finite_or_not).map(lambda p: np.complex128(complex(*p))),
     st.text(max_size=5).map(np.str_),
 )
 json_leaves = st.one_of(
-    st.none(), st.booleans(), st.integers(-2**70, 2**70), finite_or_not, st.text(max_size=8),
-    st.binary(max_size=16), np_scalars,
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    finite_or_not,
+    st.text(max_size=8),
+    st.binary(max_size=16),
+    np_scalars,
 )
 keys = st.one_of(
-    st.text(max_size=6), st.integers(-5, 5), st.floats(allow_nan=False), st.none(), st.booleans(),
+    st.text(max_size=6),
+    st.integers(-5, 5),
+    st.floats(allow_nan=False),
+    st.none(),
+    st.booleans(),
     st.tuples(st.integers(0, 3), st.text(max_size=2)),
 )
 
@@ -156,8 +172,17 @@ def test_every_dtype_every_shape_kind(dtype: torch.dtype, tmp_path) -> None:
 @given(seeds=st.lists(st.integers(0, 2**31 - 1), min_size=4, max_size=7), data=st.data())
 def test_xor_delta_chain(seeds, data) -> None:
     """delta_every=3: full bases and XOR deltas alternate; every step restores bit-exactly from disk."""
-    dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float64, torch.int8, torch.float8_e4m3fn
-                                       if hasattr(torch, "float8_e4m3fn") else torch.float16]))
+    dtype = data.draw(
+        st.sampled_from(
+            [
+                torch.float32,
+                torch.bfloat16,
+                torch.float64,
+                torch.int8,
+                torch.float8_e4m3fn if hasattr(torch, "float8_e4m3fn") else torch.float16,
+            ]
+        )
+    )
     n = data.draw(st.integers(1000, 12000))
     w0 = random_tensor(dtype, (n,), seeds[0])
     states = []
@@ -200,8 +225,11 @@ def test_restore_into_fills_existing_tensors(tmp_path) -> None:
     src = {"a": torch.randn(10, 3), "b": [torch.arange(7), {"c": torch.ones(2, dtype=torch.bfloat16)}], "n": 3}
     with Store([str(tmp_path)], **SMALL) as store:
         store.save(src, 1)
-    target = {"a": torch.zeros(10, 3), "b": [torch.zeros(7, dtype=torch.int64),
-                                             {"c": torch.zeros(2, dtype=torch.bfloat16)}], "n": 0}
+    target = {
+        "a": torch.zeros(10, 3),
+        "b": [torch.zeros(7, dtype=torch.int64), {"c": torch.zeros(2, dtype=torch.bfloat16)}],
+        "n": 0,
+    }
     ptrs = [target["a"].data_ptr(), target["b"][0].data_ptr(), target["b"][1]["c"].data_ptr()]
     with Store([str(tmp_path)], **SMALL) as fresh:
         out = fresh.restore(1, into=target)
@@ -231,16 +259,19 @@ class _Opaque:
     pass
 
 
-@pytest.mark.parametrize("value, path", [
-    ({"opt": {"state": [1, _Opaque()]}}, "opt/state/1"),
-    ({"a": {"b": {1, 2}}}, "a/b"),
-    ({"x": (1, lambda: 0)}, "x/1"),
-    ({"sp": torch.eye(3).to_sparse()}, "sp"),
-    ({"obj": np.array([object()], dtype=object)}, "obj"),
-    ({"c": 1 + 2j}, "c"),
-    ({"k": {object(): 1}}, "k"),
-    ({"np": np.datetime64("2020-01-01")}, "np"),
-])
+@pytest.mark.parametrize(
+    "value, path",
+    [
+        ({"opt": {"state": [1, _Opaque()]}}, "opt/state/1"),
+        ({"a": {"b": {1, 2}}}, "a/b"),
+        ({"x": (1, lambda: 0)}, "x/1"),
+        ({"sp": torch.eye(3).to_sparse()}, "sp"),
+        ({"obj": np.array([object()], dtype=object)}, "obj"),
+        ({"c": 1 + 2j}, "c"),
+        ({"k": {object(): 1}}, "k"),
+        ({"np": np.datetime64("2020-01-01")}, "np"),
+    ],
+)
 def test_unsupported_values_name_the_path(tmp_path, value, path) -> None:
     with Store([str(tmp_path)], **SMALL) as store:
         with pytest.raises(UnsupportedValueError) as ei:

@@ -33,17 +33,25 @@ def _tensors(specs: list[tuple[int, int, int]], seed: int) -> dict[str, torch.Te
 
 
 @settings(max_examples=60, deadline=None)
-@given(specs=st.lists(st.tuples(st.integers(0, len(DTYPES) - 1), st.integers(0, 700), st.integers(0, 3)),
-                      min_size=1, max_size=6),
-       cuts=st.lists(st.floats(0, 1), max_size=8), single=st.lists(st.booleans(), min_size=9, max_size=9),
-       align=st.sampled_from([8, 64, 4096]), seed=st.integers(0, 2**16))
+@given(
+    specs=st.lists(
+        st.tuples(st.integers(0, len(DTYPES) - 1), st.integers(0, 700), st.integers(0, 3)), min_size=1, max_size=6
+    ),
+    cuts=st.lists(st.floats(0, 1), max_size=8),
+    single=st.lists(st.booleans(), min_size=9, max_size=9),
+    align=st.sampled_from([8, 64, 4096]),
+    seed=st.integers(0, 2**16),
+)
 @example(specs=[(6, 5, 2), (6, 7, 3), (0, 9, 1)], cuts=[], single=[True] * 9, align=64, seed=1)  # whole views
 @example(specs=[(6, 5, 2), (6, 7, 3), (0, 9, 1)], cuts=[0.1, 0.5, 0.7], single=[True] * 9, align=64, seed=2)
-def test_ranges_on_one_core_equal_one_synchronous_copy(specs: list[tuple[int, int, int]], cuts: list[float],
-                                                       single: list[bool], align: int, seed: int) -> None:
+def test_ranges_on_one_core_equal_one_synchronous_copy(
+    specs: list[tuple[int, int, int]], cuts: list[float], single: list[bool], align: int, seed: int
+) -> None:
     tensors = _tensors(specs, seed)
-    layout = plan_layout([(k, info(t.dtype).torch_name, tuple(t.shape), t.numel() * t.element_size())
-                          for k, t in tensors.items()], align=align)
+    layout = plan_layout(
+        [(k, info(t.dtype).torch_name, tuple(t.shape), t.numel() * t.element_size()) for k, t in tensors.items()],
+        align=align,
+    )
     want = torch.zeros(layout.total_bytes, dtype=torch.uint8)
     copy_all(want, layout, tensors)
     got = torch.zeros(layout.total_bytes, dtype=torch.uint8)
@@ -52,9 +60,9 @@ def test_ranges_on_one_core_equal_one_synchronous_copy(specs: list[tuple[int, in
     for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
         first = copy_range(got, layout, tensors, lo, hi, first=first, single_threaded=single[i])
     for e in layout.tensors:  # the padding between tensors is not part of the stream's content
-        assert torch.equal(got[e.offset:e.end], want[e.offset:e.end]), e.name
+        assert torch.equal(got[e.offset : e.end], want[e.offset : e.end]), e.name
     # and what was copied is the tensors' values (a lazily conjugated/negated view is resolved)
     for e in layout.tensors:
         t = tensors[e.name].resolve_conj().resolve_neg().contiguous()
         raw = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
-        assert torch.equal(got[e.offset:e.end], raw), e.name
+        assert torch.equal(got[e.offset : e.end], raw), e.name

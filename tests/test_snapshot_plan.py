@@ -132,9 +132,7 @@ def test_min_partition_bytes_yields_when_no_later_window_could_issue() -> None:
 
 def test_snap_to_tensor_boundaries() -> None:
     extents = [(i * 1500, 1500) for i in range(4)]  # cut points 0, 1500, 3000, 4500, 6000
-    plan = plan_asymmetric(
-        [1.0, 1.0], [2.0, 2.0], 6000, 1e12, align=1, tensor_extents=extents, split_tensors=False
-    )
+    plan = plan_asymmetric([1.0, 1.0], [2.0, 2.0], 6000, 1e12, align=1, tensor_extents=extents, split_tensors=False)
     # cumulative targets 1000, 2000, 4000, 6000 snap to the nearest cut point: 1500, 1500, 4500, 6000
     assert [(p.window, p.start, p.end) for p in plan.forward] == [(0, 0, 1500)]
     assert [(p.window, p.start, p.end) for p in plan.backward] == [(0, 1500, 4500), (1, 4500, 6000)]
@@ -146,18 +144,14 @@ def test_snap_to_tensor_boundaries() -> None:
 def test_snap_caps_round_down_to_a_tensor_boundary() -> None:
     extents = [(i * 100, 100) for i in range(10)]
     # cap 250 per window: only two tensors (200 bytes) fit, never 300
-    plan = plan_asymmetric(
-        [1.0] * 4, [], 1000, 250.0, align=1, safety=1.0, tensor_extents=extents, split_tensors=False
-    )
+    plan = plan_asymmetric([1.0] * 4, [], 1000, 250.0, align=1, safety=1.0, tensor_extents=extents, split_tensors=False)
     assert sizes(plan.forward) == [200, 200, 200, 200]
     assert plan.remainder_bytes == 200
 
 
 def test_snap_padding_travels_with_the_tensor() -> None:
     extents = [(0, 100), (128, 100), (256, 10)]  # aligned to 64, padding after each
-    plan = plan_asymmetric(
-        [1.0, 1.0, 1.0], [], 266, 1e12, align=64, tensor_extents=extents, split_tensors=False
-    )
+    plan = plan_asymmetric([1.0, 1.0, 1.0], [], 266, 1e12, align=64, tensor_extents=extents, split_tensors=False)
     assert {p.start for p in plan.partitions} <= {0, 128, 256}
     assert_well_formed(plan, 266, 64)
 
@@ -166,9 +160,7 @@ def test_oversized_tensor_goes_to_the_longest_remaining_window() -> None:
     # a 50 MB tensor; caps are 9 MB (forward) and 18 MB (backward): it fits nowhere
     extents = [(0, 1024), (1024, 50_000_000), (50_001_024, 1000)]
     total = 50_002_048
-    plan = plan_asymmetric(
-        [0.01] * 4, [0.02] * 4, total, 1e9, tensor_extents=extents, split_tensors=False
-    )
+    plan = plan_asymmetric([0.01] * 4, [0.02] * 4, total, 1e9, tensor_extents=extents, split_tensors=False)
     assert_well_formed(plan, total, 64)
     big = [p for p in plan.partitions if p.start == 1024]
     assert big == [Partition(0, 1024, 50_001_024)] and big[0] in plan.backward  # first longest window
@@ -177,17 +169,14 @@ def test_oversized_tensor_goes_to_the_longest_remaining_window() -> None:
     # the 50 ms copy opened at 40 ms ends at 90 ms, inside the 120 ms of windows: no stall predicted
     assert plan.predicted_stall_s == pytest.approx(0.0)
     # one long window less and the spill shows up as a predicted stall
-    short = plan_asymmetric(
-        [0.01] * 4, [0.02, 0.001], total, 1e9, tensor_extents=extents, split_tensors=False
-    )
+    short = plan_asymmetric([0.01] * 4, [0.02, 0.001], total, 1e9, tensor_extents=extents, split_tensors=False)
     assert short.predicted_stall_s > 0.0
     assert short.predicted_stall_s > short.remainder_bytes / 1e9
 
 
 def test_tensor_that_fits_only_a_later_window_waits_for_it() -> None:
     extents = [(0, 1500)]
-    plan = plan_asymmetric([1.0], [2.0], 1500, 1000.0, safety=1.0, align=1, tensor_extents=extents,
-                           split_tensors=False)
+    plan = plan_asymmetric([1.0], [2.0], 1500, 1000.0, safety=1.0, align=1, tensor_extents=extents, split_tensors=False)
     assert plan.forward == ()
     assert plan.backward == (Partition(0, 0, 1500),)
     assert plan.oversized == ()
@@ -281,8 +270,15 @@ def test_invalid_inputs_raise_config_error(kwargs: dict[str, object]) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(fwd=windows_st, bwd=windows_st, total=total_st, bw=bw_st, align=align_st, safety=safety_st,
-       min_bytes=st.integers(0, 10**7))
+@given(
+    fwd=windows_st,
+    bwd=windows_st,
+    total=total_st,
+    bw=bw_st,
+    align=align_st,
+    safety=safety_st,
+    min_bytes=st.integers(0, 10**7),
+)
 def test_property_split_plan_invariants(
     fwd: list[float], bwd: list[float], total: int, bw: float, align: int, safety: float, min_bytes: int
 ) -> None:
@@ -304,7 +300,7 @@ def test_property_split_plan_invariants(
     for p in plan.forward + plan.backward:
         if p.nbytes < min_bytes and p.end != total:
             k = p.window + (0 if p in plan.forward else len(fwd))
-            assert all(safety * bw * t < min_bytes for t in windows[k + 1:])
+            assert all(safety * bw * t < min_bytes for t in windows[k + 1 :])
 
 
 @settings(max_examples=200, deadline=None)
@@ -336,11 +332,8 @@ def test_property_ample_windows_leave_no_remainder_and_follow_the_rule(
 
 
 @settings(max_examples=100, deadline=None)
-@given(n_f=st.integers(1, 12), n_b=st.integers(1, 12), t=st.floats(1e-4, 0.1),
-       total=st.integers(10**6, 10**10))
-def test_property_forward_smaller_than_backward_when_windows_are(
-    n_f: int, n_b: int, t: float, total: int
-) -> None:
+@given(n_f=st.integers(1, 12), n_b=st.integers(1, 12), t=st.floats(1e-4, 0.1), total=st.integers(10**6, 10**10))
+def test_property_forward_smaller_than_backward_when_windows_are(n_f: int, n_b: int, t: float, total: int) -> None:
     fwd, bwd = [t] * n_f, [2 * t] * n_b
     # share of a forward window must exceed alignment noise
     assume(total * t / (t * (n_f + 2 * n_b)) > 4 * 64)
@@ -380,15 +373,34 @@ def tensor_layouts(draw: st.DrawFn) -> tuple[list[tuple[int, int]], int, int]:
 
 
 @settings(max_examples=300, deadline=None)
-@given(layout=tensor_layouts(), fwd=windows_st, bwd=windows_st, bw=st.floats(1e4, 1e10),
-       safety=safety_st, min_bytes=st.integers(0, 10**5))
+@given(
+    layout=tensor_layouts(),
+    fwd=windows_st,
+    bwd=windows_st,
+    bw=st.floats(1e4, 1e10),
+    safety=safety_st,
+    min_bytes=st.integers(0, 10**5),
+)
 def test_property_snap_plan_invariants(
     layout: tuple[list[tuple[int, int]], int, int],
-    fwd: list[float], bwd: list[float], bw: float, safety: float, min_bytes: int,
+    fwd: list[float],
+    bwd: list[float],
+    bw: float,
+    safety: float,
+    min_bytes: int,
 ) -> None:
     extents, total, align = layout
-    plan = plan_asymmetric(fwd, bwd, total, bw, tensor_extents=extents, split_tensors=False, align=align,
-                           safety=safety, min_partition_bytes=min_bytes)
+    plan = plan_asymmetric(
+        fwd,
+        bwd,
+        total,
+        bw,
+        tensor_extents=extents,
+        split_tensors=False,
+        align=align,
+        safety=safety,
+        min_partition_bytes=min_bytes,
+    )
     assert_well_formed(plan, total, align)
     cut_points = {0, total} | {o for o, _ in extents}
     for p in plan.partitions:
@@ -399,8 +411,8 @@ def test_property_snap_plan_invariants(
         # an oversized partition is one indivisible unit that no later window could hold either,
         # placed in the longest remaining window
         assert not any(p.start < c < p.end for c in cut_points)
-        assert all(p.nbytes > safety * bw * t for t in windows[k + 1:])
-        assert all(windows[k] >= t for t in windows[k + 1:])
+        assert all(p.nbytes > safety * bw * t for t in windows[k + 1 :])
+        assert all(windows[k] >= t for t in windows[k + 1 :])
     stall = plan.predicted_stall_s
     assert stall >= plan.remainder_bytes / bw - 1e-12
     if not plan.oversized:
@@ -489,8 +501,10 @@ def test_plan_is_frozen() -> None:
 @settings(max_examples=100, deadline=None)
 @given(fwd=windows_st, bwd=windows_st, total=total_st, bw=bw_st, align=align_st)
 def test_property_json_round_trip(fwd: list[float], bwd: list[float], total: int, bw: float, align: int) -> None:
-    for plan in (plan_asymmetric(fwd, bwd, total, bw, align=align),
-                 plan_uniform(fwd, bwd, total, copy_bandwidth=bw, align=align)):
+    for plan in (
+        plan_asymmetric(fwd, bwd, total, bw, align=align),
+        plan_uniform(fwd, bwd, total, copy_bandwidth=bw, align=align),
+    ):
         back = SnapshotPlan.from_json(plan.to_json())
         assert back == plan
         assert back.predicted_stall_s == plan.predicted_stall_s

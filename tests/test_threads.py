@@ -33,8 +33,9 @@ def test_lower_thread_priority_affects_only_the_calling_thread() -> None:
     policy, nice = _in_thread(body)
     assert policy == os.SCHED_IDLE and nice == min(before + 3, 19)
     assert os.sched_getscheduler(0) != os.SCHED_IDLE  # this (training) thread is untouched
-    assert _in_thread(lambda: (lower_thread_priority(0, idle=False), os.sched_getscheduler(0))[1]) \
-        == os.sched_getscheduler(0)
+    assert _in_thread(
+        lambda: (lower_thread_priority(0, idle=False), os.sched_getscheduler(0))[1]
+    ) == os.sched_getscheduler(0)
 
 
 @pytest.mark.parametrize("idle", [True, False])

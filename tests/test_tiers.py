@@ -29,9 +29,14 @@ def _state(step: int, n: int = 20000) -> dict:
 
 # --- pure policies -------------------------------------------------------------------------
 
+
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.integers(0, 200), min_size=0, max_size=40, unique=True), st.integers(1, 6), st.integers(1, 7),
-       st.sets(st.integers(0, 200), max_size=5))
+@given(
+    st.lists(st.integers(0, 200), min_size=0, max_size=40, unique=True),
+    st.integers(1, 6),
+    st.integers(1, 7),
+    st.sets(st.integers(0, 200), max_size=5),
+)
 def test_plan_deletions_respects_policies_and_protection(steps, n, every, protected) -> None:
     steps = sorted(steps)
     pols = [LatestN(n), EveryN(every)]
@@ -61,6 +66,7 @@ def test_promotion_wanted() -> None:
 
 
 # --- the chain on real local tiers ------------------------------------------------------------
+
 
 def test_promotion_and_retention(tmp_path) -> None:
     a, b = str(tmp_path / "nvme"), str(tmp_path / "far")
@@ -112,8 +118,9 @@ class GatedStore(MemoryObjectStore):
 def test_a_blocked_lower_tier_never_blocks_training(tmp_path) -> None:
     slow = GatedStore(f"memory://gated-{uuid.uuid4().hex}")
     slow.durable = True  # act like a remote durable tier
-    with Store([TierSpec(str(tmp_path), keep=2), TierSpec(slow, keep=None)], **SMALL, host_slots=2,
-               partition_bytes=1 << 16) as s:
+    with Store(
+        [TierSpec(str(tmp_path), keep=2), TierSpec(slow, keep=None)], **SMALL, host_slots=2, partition_bytes=1 << 16
+    ) as s:
         t0 = time.perf_counter()
         for step in range(1, 7):
             s.save(_state(step), step)  # blocking save: durable on the first tier
@@ -254,10 +261,14 @@ def test_partitions_in_flight_fit_the_staging_budget(tmp_path, compression, delt
     source range (promotions from the tier above) plus an encoded copy (when it may compress or delta-encode):
     that fits the staging budget. The first tier is written from the host slots only: no source ranges."""
     budget = 8 << 20
-    targets = ([str(tmp_path / "a"), str(tmp_path / "b")] if url == "dir"
-               else [f"{url}-{compression}-{delta_every}-{i}" for i in range(2)])
-    with Store(targets, staging_budget_bytes=budget, chunk_bytes=1 << 16, compression=compression,
-               delta_every=delta_every) as s:
+    targets = (
+        [str(tmp_path / "a"), str(tmp_path / "b")]
+        if url == "dir"
+        else [f"{url}-{compression}-{delta_every}-{i}" for i in range(2)]
+    )
+    with Store(
+        targets, staging_budget_bytes=budget, chunk_bytes=1 << 16, compression=compression, delta_every=delta_every
+    ) as s:
         first, second = (t.partition_bytes(1 << 30) for t in s.tiers)
         assert s.tiers[0].writes_from_slots_only and not s.tiers[1].writes_from_slots_only
     encoded = 0 if compression == "none" and delta_every <= 0 else 1

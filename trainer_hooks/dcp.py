@@ -59,11 +59,25 @@ from typing import Any
 import torch
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
-                                                    MetadataIndex, StorageMeta, TensorProperties,
-                                                    TensorStorageMetadata)
-from torch.distributed.checkpoint.planner import (LoadItemType, LoadPlan, LoadPlanner, ReadItem, SavePlan,
-                                                  SavePlanner, WriteItem, WriteItemType)
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    LoadPlanner,
+    ReadItem,
+    SavePlan,
+    SavePlanner,
+    WriteItem,
+    WriteItemType,
+)
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
@@ -73,8 +87,14 @@ from asymstore.lazy import LazyCheckpoint
 from asymstore.state import flatten, unflatten
 from asymstore.store import Store, TierSpec
 
-__all__ = ["AsymStorageReader", "AsymStorageWriter", "WeightsOnlyLoadPlanner", "metadata_from_json",
-           "metadata_to_json", "parse_checkpoint_id"]
+__all__ = [
+    "AsymStorageReader",
+    "AsymStorageWriter",
+    "WeightsOnlyLoadPlanner",
+    "metadata_from_json",
+    "metadata_to_json",
+    "parse_checkpoint_id",
+]
 
 FORMAT = "asymstore-dcp/1"
 _ID_RE = re.compile(r"^(?P<url>.+?)/step_(?P<step>\d+)/?$")
@@ -91,8 +111,12 @@ def parse_checkpoint_id(checkpoint_id: str | os.PathLike) -> tuple[str, int]:
 
 
 # --- Metadata <-> JSON ---------------------------------------------------------------
-_MEMORY_FORMATS = {torch.contiguous_format: "contiguous_format", torch.channels_last: "channels_last",
-                   torch.channels_last_3d: "channels_last_3d", torch.preserve_format: "preserve_format"}
+_MEMORY_FORMATS = {
+    torch.contiguous_format: "contiguous_format",
+    torch.channels_last: "channels_last",
+    torch.channels_last_3d: "channels_last_3d",
+    torch.preserve_format: "preserve_format",
+}
 
 
 def _json_value(v: Any, what: str) -> Any:
@@ -108,16 +132,25 @@ def _from_json_value(v: Any) -> Any:
 
 
 def _props_to_json(p: TensorProperties) -> dict[str, Any]:
-    return {"dtype": dtypes.info(p.dtype).torch_name, "layout": str(p.layout).removeprefix("torch."),
-            "requires_grad": bool(p.requires_grad), "memory_format": _MEMORY_FORMATS[p.memory_format],
-            "pin_memory": bool(p.pin_memory), "strides": None if p.strides is None else list(p.strides)}
+    return {
+        "dtype": dtypes.info(p.dtype).torch_name,
+        "layout": str(p.layout).removeprefix("torch."),
+        "requires_grad": bool(p.requires_grad),
+        "memory_format": _MEMORY_FORMATS[p.memory_format],
+        "pin_memory": bool(p.pin_memory),
+        "strides": None if p.strides is None else list(p.strides),
+    }
 
 
 def _props_from_json(d: dict[str, Any]) -> TensorProperties:
-    return TensorProperties(dtype=dtypes.from_name(d["dtype"]), layout=getattr(torch, d["layout"]),
-                            requires_grad=bool(d["requires_grad"]), memory_format=getattr(torch, d["memory_format"]),
-                            pin_memory=bool(d["pin_memory"]),
-                            strides=None if d.get("strides") is None else tuple(d["strides"]))
+    return TensorProperties(
+        dtype=dtypes.from_name(d["dtype"]),
+        layout=getattr(torch, d["layout"]),
+        requires_grad=bool(d["requires_grad"]),
+        memory_format=getattr(torch, d["memory_format"]),
+        pin_memory=bool(d["pin_memory"]),
+        strides=None if d.get("strides") is None else tuple(d["strides"]),
+    )
 
 
 def _index_to_json(ix: MetadataIndex) -> list[Any]:
@@ -134,14 +167,19 @@ def metadata_to_json(md: Metadata) -> dict[str, Any]:
     sdm: dict[str, Any] = {}
     for fqn, m in md.state_dict_metadata.items():
         if isinstance(m, TensorStorageMetadata):
-            sdm[fqn] = {"type": "tensor", "size": list(m.size), "properties": _props_to_json(m.properties),
-                        "chunks": [[list(c.offsets), list(c.sizes)] for c in m.chunks]}
+            sdm[fqn] = {
+                "type": "tensor",
+                "size": list(m.size),
+                "properties": _props_to_json(m.properties),
+                "chunks": [[list(c.offsets), list(c.sizes)] for c in m.chunks],
+            }
         elif isinstance(m, BytesStorageMetadata):
             sdm[fqn] = {"type": "bytes"}
         else:
             raise AsymstoreError(f"DCP metadata of {fqn!r} has unknown type {type(m).__name__}")
-    storage = [[*_index_to_json(ix), int(info["rank"]), str(info["name"])] for ix, info in
-               (md.storage_data or {}).items()]
+    storage = [
+        [*_index_to_json(ix), int(info["rank"]), str(info["name"])] for ix, info in (md.storage_data or {}).items()
+    ]
     sm = md.storage_meta
     return {
         "format": FORMAT,
@@ -149,9 +187,14 @@ def metadata_to_json(md: Metadata) -> dict[str, Any]:
         "state_dict_metadata": sdm,
         "planner_data": _json_value(md.planner_data, "planner_data"),
         "storage_data": storage,
-        "storage_meta": None if sm is None else {
+        "storage_meta": None
+        if sm is None
+        else {
             "checkpoint_id": None if sm.checkpoint_id is None else os.fspath(sm.checkpoint_id),
-            "save_id": sm.save_id, "load_id": sm.load_id, "modules": list(sm.modules)},
+            "save_id": sm.save_id,
+            "load_id": sm.load_id,
+            "modules": list(sm.modules),
+        },
     }
 
 
@@ -162,17 +205,25 @@ def metadata_from_json(d: dict[str, Any]) -> Metadata:
     for fqn, m in d["state_dict_metadata"].items():
         if m["type"] == "tensor":
             sdm[fqn] = TensorStorageMetadata(
-                properties=_props_from_json(m["properties"]), size=torch.Size(m["size"]),
-                chunks=[ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s in m["chunks"]])
+                properties=_props_from_json(m["properties"]),
+                size=torch.Size(m["size"]),
+                chunks=[ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s in m["chunks"]],
+            )
         else:
             sdm[fqn] = BytesStorageMetadata()
     storage = {_index_from_json(v[:3]): {"rank": int(v[3]), "name": v[4]} for v in d["storage_data"]}
     sm = d.get("storage_meta")
-    return Metadata(state_dict_metadata=sdm, planner_data=_from_json_value(d["planner_data"]),
-                    storage_data=storage, version=d.get("version"),
-                    storage_meta=None if sm is None else StorageMeta(
-                        checkpoint_id=sm["checkpoint_id"], save_id=sm["save_id"], load_id=sm["load_id"],
-                        modules=list(sm["modules"])))
+    return Metadata(
+        state_dict_metadata=sdm,
+        planner_data=_from_json_value(d["planner_data"]),
+        storage_data=storage,
+        version=d.get("version"),
+        storage_meta=None
+        if sm is None
+        else StorageMeta(
+            checkpoint_id=sm["checkpoint_id"], save_id=sm["save_id"], load_id=sm["load_id"], modules=list(sm["modules"])
+        ),
+    )
 
 
 def _item_key(item: WriteItem) -> str:
@@ -214,8 +265,10 @@ class _StoreOwner:
     def store(self, rank: int, world_size: int) -> Store:
         if self.given is not None:
             if (self.given.rank, self.given.world_size) != (rank, world_size):
-                raise AsymstoreError(f"this DCP rank is rank {rank} of {world_size}, but the given store was opened "
-                                     f"with rank={self.given.rank}, world_size={self.given.world_size}")
+                raise AsymstoreError(
+                    f"this DCP rank is rank {rank} of {world_size}, but the given store was opened "
+                    f"with rank={self.given.rank}, world_size={self.given.world_size}"
+                )
             return self.given
         if self.tiers is None:
             raise ValueError("no asymstore URL: pass one to the writer/reader or a checkpoint_id '<url>/step_<N>'")
@@ -302,10 +355,12 @@ class AsymStorageWriter(_CheckpointIdMixin, StorageWriter):
             latest = store.latest_step()
             step = 0 if latest is None else latest + 1
         if step in store.steps():
-            raise StepExistsError(f"step {step} is already committed in {self._owner.url}; delete it first "
-                                  "or save under another step")
-        return [dataclasses.replace(p, storage_data={"rank": i, "world_size": n, "step": step})
-                for i, p in enumerate(plans)]
+            raise StepExistsError(
+                f"step {step} is already committed in {self._owner.url}; delete it first or save under another step"
+            )
+        return [
+            dataclasses.replace(p, storage_data={"rank": i, "world_size": n, "step": step}) for i, p in enumerate(plans)
+        ]
 
     # -- phase 5 --
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
@@ -326,8 +381,11 @@ class AsymStorageWriter(_CheckpointIdMixin, StorageWriter):
                 if item.type == WriteItemType.BYTE_IO:
                     assert isinstance(data, io.BytesIO)
                     raw = bytes(data.getbuffer())
-                    state[key] = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else \
-                        torch.empty(0, dtype=torch.uint8)
+                    state[key] = (
+                        torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+                        if raw
+                        else torch.empty(0, dtype=torch.uint8)
+                    )
                 else:
                     assert isinstance(data, torch.Tensor)
                     state[key] = data.detach()
@@ -336,8 +394,13 @@ class AsymStorageWriter(_CheckpointIdMixin, StorageWriter):
             for item, key in keys:
                 name = flat.skeleton[key if not key.startswith("__") else "__" + key]["__tensor__"]
                 t = state[key]
-                results.append(WriteResult(index=item.index, size_in_bytes=t.numel() * t.element_size(),
-                                           storage_data={"rank": rank, "name": name}))
+                results.append(
+                    WriteResult(
+                        index=item.index,
+                        size_in_bytes=t.numel() * t.element_size(),
+                        storage_data={"rank": rank, "name": name},
+                    )
+                )
             if rank == 0:
                 self._held = (plan, state, step, n)  # written in finish, with the metadata
             else:
@@ -355,12 +418,16 @@ class AsymStorageWriter(_CheckpointIdMixin, StorageWriter):
         _, state, step, n = self._held
         self._held = None
         from torch.distributed.checkpoint import filesystem
+
         storage: dict[MetadataIndex, Any] = {}
         for rl in results:
             storage.update({wr.index: wr.storage_data for wr in rl})
-        md = dataclasses.replace(metadata, storage_data=storage,
-                                 version=getattr(filesystem, "CURRENT_DCP_VERSION", metadata.version),
-                                 storage_meta=metadata.storage_meta or self.storage_meta())
+        md = dataclasses.replace(
+            metadata,
+            storage_data=storage,
+            version=getattr(filesystem, "CURRENT_DCP_VERSION", metadata.version),
+            storage_meta=metadata.storage_meta or self.storage_meta(),
+        )
         doc = metadata_to_json(md)
         self._owner.store(0, n).save(state, step, user={"dcp": doc})  # commits after all shards are durable
         self.last_step = step
@@ -422,8 +489,10 @@ class AsymStorageReader(_CheckpointIdMixin, StorageReader):
         ck = self._open_shard(0)
         doc = ck.user.get("dcp")
         if doc is None:
-            raise CorruptCheckpointError(f"step {ck.step} of {self._owner.url} was not written through DCP "
-                                         "(no 'dcp' metadata in rank 0's manifest)")
+            raise CorruptCheckpointError(
+                f"step {ck.step} of {self._owner.url} was not written through DCP "
+                "(no 'dcp' metadata in rank 0's manifest)"
+            )
         md = metadata_from_json(doc)
         if md.storage_meta is None:
             md.storage_meta = StorageMeta()
@@ -452,7 +521,7 @@ class AsymStorageReader(_CheckpointIdMixin, StorageReader):
                 if req.type == LoadItemType.BYTE_IO or not lt.shape:
                     return lt.read()
                 o0, l0 = int(req.storage_offsets[0]), int(req.lengths[0])
-                return lt[o0:o0 + l0]  # reads only the chunks holding these rows
+                return lt[o0 : o0 + l0]  # reads only the chunks holding these rows
             except CorruptCheckpointError:
                 if attempt:
                     raise
@@ -471,8 +540,10 @@ class AsymStorageReader(_CheckpointIdMixin, StorageReader):
                     t = narrow_tensor_by_index(t, torch.Size(rest), req.lengths)
                 target = planner.resolve_tensor(req).detach()
                 if target.size() != t.size():
-                    raise CorruptCheckpointError(f"{req.storage_index}: stored chunk {tuple(t.size())} does not "
-                                                 f"match the requested {tuple(target.size())}")
+                    raise CorruptCheckpointError(
+                        f"{req.storage_index}: stored chunk {tuple(t.size())} does not "
+                        f"match the requested {tuple(target.size())}"
+                    )
                 target.copy_(t)
                 planner.commit_tensor(req, target)
             fut.set_result(None)
@@ -494,6 +565,7 @@ class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         from torch.distributed.checkpoint._traverse import set_element
+
         obj = torch.load(value, weights_only=True)
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)

@@ -52,7 +52,7 @@ from .torch_hooks import AsymCheckpointer, Strategy, rng_state, set_rng_state
 
 log = logging.getLogger("asymstore.hooks.deepspeed")
 
-__all__ = ["DeepSpeedAsymCheckpointer", "AsymstoreCheckpointEngine", "encode_deepspeed", "decode_deepspeed"]
+__all__ = ["AsymstoreCheckpointEngine", "DeepSpeedAsymCheckpointer", "decode_deepspeed", "encode_deepspeed"]
 
 
 class _Undo:
@@ -69,6 +69,7 @@ class _Undo:
 
 def _dist() -> Any:
     import torch.distributed as td
+
     return td if td.is_available() and td.is_initialized() else None
 
 
@@ -98,32 +99,62 @@ class DeepSpeedAsymCheckpointer(AsymCheckpointer):
         ck.resume()            # the newest step complete on every rank
     """
 
-    def __init__(self, engine: Any, store: Store, *, every: int = 1, strategy: Strategy = "asym", warmup: int = 2,
-                 extras: Callable[[], dict[str, Any]] | None = None, blocks: Sequence[torch.nn.Module] | None = None,
-                 trace: bool = False, replan_tolerance: float = 0.25, min_partition_bytes: int = 1 << 16) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        store: Store,
+        *,
+        every: int = 1,
+        strategy: Strategy = "asym",
+        warmup: int = 2,
+        extras: Callable[[], dict[str, Any]] | None = None,
+        blocks: Sequence[torch.nn.Module] | None = None,
+        trace: bool = False,
+        replan_tolerance: float = 0.25,
+        min_partition_bytes: int = 1 << 16,
+    ) -> None:
         self.engine = engine
         self.stage = int(engine.zero_optimization_stage())
         if self.stage not in (0, 1, 2, 3):
             raise ConfigError(f"unsupported ZeRO stage {self.stage}")
-        offload = getattr(engine, "zero_cpu_offload", lambda: False)() or \
-            getattr(engine, "zero_offload_param", lambda: None)() is not None
+        offload = (
+            getattr(engine, "zero_cpu_offload", lambda: False)()
+            or getattr(engine, "zero_offload_param", lambda: None)() is not None
+        )
         if offload:
-            raise ConfigError("ZeRO offload (optimizer/parameters on CPU or NVMe) is not supported by the "
-                              "asymmetric DeepSpeed hooks; use AsymstoreCheckpointEngine with save_checkpoint")
+            raise ConfigError(
+                "ZeRO offload (optimizer/parameters on CPU or NVMe) is not supported by the "
+                "asymmetric DeepSpeed hooks; use AsymstoreCheckpointEngine with save_checkpoint"
+            )
         if self.stage == 0 and not isinstance(engine.optimizer, torch.optim.Optimizer):
-            raise ConfigError(f"ZeRO stage 0 with a wrapped optimizer ({type(engine.optimizer).__name__}, e.g. "
-                              "fp16/bf16) is not supported; use ZeRO stage >= 1 or fp32")
+            raise ConfigError(
+                f"ZeRO stage 0 with a wrapped optimizer ({type(engine.optimizer).__name__}, e.g. "
+                "fp16/bf16) is not supported; use ZeRO stage >= 1 or fp32"
+            )
         d = _dist()
         rank, world = (d.get_rank(), d.get_world_size()) if d else (0, 1)
         if (store.rank, store.world_size) != (rank, world):
-            raise ConfigError(f"the store is rank {store.rank} of {store.world_size}, the process group rank {rank} "
-                              f"of {world}: open it as Store([...], rank={rank}, world_size={world})")
+            raise ConfigError(
+                f"the store is rank {store.rank} of {store.world_size}, the process group rank {rank} "
+                f"of {world}: open it as Store([...], rank={rank}, world_size={world})"
+            )
         self.inner = base_optimizer(engine)
         self._in_step = False
-        super().__init__(engine.module, self.inner, store, every=every, scheduler=engine.lr_scheduler,
-                         strategy=strategy, warmup=warmup, extras=extras, blocks=blocks, trace=trace,
-                         start_step=int(engine.global_steps), replan_tolerance=replan_tolerance,
-                         min_partition_bytes=min_partition_bytes)
+        super().__init__(
+            engine.module,
+            self.inner,
+            store,
+            every=every,
+            scheduler=engine.lr_scheduler,
+            strategy=strategy,
+            warmup=warmup,
+            extras=extras,
+            blocks=blocks,
+            trace=trace,
+            start_step=int(engine.global_steps),
+            replan_tolerance=replan_tolerance,
+            min_partition_bytes=min_partition_bytes,
+        )
 
     # --- what this rank owns ------------------------------------------------------
     def _partition_ids(self) -> list[int]:
@@ -159,9 +190,15 @@ class DeepSpeedAsymCheckpointer(AsymCheckpointer):
     def state(self) -> dict[str, Any]:
         e = self.engine
         st: dict[str, Any] = {
-            "rng": rng_state(), "step": int(e.global_steps), "extras": self.extras() if self.extras else {},
-            "engine": {"global_steps": int(e.global_steps), "global_samples": int(e.global_samples),
-                       "skipped_steps": int(e.skipped_steps), "micro_steps": int(e.micro_steps)},
+            "rng": rng_state(),
+            "step": int(e.global_steps),
+            "extras": self.extras() if self.extras else {},
+            "engine": {
+                "global_steps": int(e.global_steps),
+                "global_samples": int(e.global_samples),
+                "skipped_steps": int(e.skipped_steps),
+                "micro_steps": int(e.micro_steps),
+            },
             "deepspeed": {"zero_stage": self.stage, "world_size": self.store.world_size, "rank": self.store.rank},
         }
         if self.scheduler is not None:
@@ -252,8 +289,10 @@ class DeepSpeedAsymCheckpointer(AsymCheckpointer):
         ds = restored.get("deepspeed", {})
         want = {"zero_stage": self.stage, "world_size": self.store.world_size, "rank": self.store.rank}
         if ds != want:
-            raise StateMismatchError(f"step {step} was saved as {ds}, this engine is {want}: the asymmetric "
-                                     "DeepSpeed snapshots restore on the same ZeRO stage and world size only")
+            raise StateMismatchError(
+                f"step {step} was saved as {ds}, this engine is {want}: the asymmetric "
+                "DeepSpeed snapshots restore on the same ZeRO stage and world size only"
+            )
         if self.stage == 3 and hasattr(e.optimizer, "checkpoint_event_prologue"):
             e.optimizer.checkpoint_event_prologue()  # all parameters partitioned, as load_checkpoint does
         with torch.no_grad():
@@ -282,8 +321,10 @@ class DeepSpeedAsymCheckpointer(AsymCheckpointer):
             raise StateMismatchError(f"step {step}: {len(z['fp32'])} partitions saved, the engine has {len(masters)}")
         for dst, src in list(zip(lp, z["lp"])) + list(zip(masters, z["fp32"])):
             if dst.shape != src.shape or dst.dtype != src.dtype:
-                raise StateMismatchError(f"step {step}: partition {tuple(src.shape)} {src.dtype} saved, the engine "
-                                         f"has {tuple(dst.shape)} {dst.dtype}")
+                raise StateMismatchError(
+                    f"step {step}: partition {tuple(src.shape)} {src.dtype} saved, the engine "
+                    f"has {tuple(dst.shape)} {dst.dtype}"
+                )
             dst.data.copy_(src)
         for p, s in zip(masters, z["optimizer_state"]):
             self.inner.state[p] = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
@@ -299,11 +340,14 @@ class DeepSpeedAsymCheckpointer(AsymCheckpointer):
         eo = self.engine.optimizer
         if self.stage in (1, 2):  # every rank restored its partition: gather the full parameters
             from deepspeed.runtime.utils import all_gather_dp_groups
-            all_gather_dp_groups(groups_flat=eo.bit16_groups_flat,
-                                 partitioned_param_groups=eo.parallel_partitioned_bit16_groups,
-                                 dp_process_group=eo.real_dp_process_group,
-                                 start_alignment_factor=eo.nccl_start_alignment_factor,
-                                 allgather_bucket_size=eo.allgather_bucket_size)
+
+            all_gather_dp_groups(
+                groups_flat=eo.bit16_groups_flat,
+                partitioned_param_groups=eo.parallel_partitioned_bit16_groups,
+                dp_process_group=eo.real_dp_process_group,
+                start_alignment_factor=eo.nccl_start_alignment_factor,
+                allgather_bucket_size=eo.allgather_bucket_size,
+            )
         elif hasattr(eo, "checkpoint_event_epilogue"):
             eo.checkpoint_event_epilogue()  # persistent (never partitioned) parameters are gathered again
 
@@ -314,8 +358,13 @@ class DeepSpeedAsymCheckpointer(AsymCheckpointer):
                 if s is not None and s > step and not tier.has(s):
                     n = tier.store.delete_prefix(tier.shard_prefix(s))
                     if n:
-                        log.info("removed %d objects of rank %d's shard of the uncommitted step %d on %s",
-                                 n, self.store.rank, s, tier.name)
+                        log.info(
+                            "removed %d objects of rank %d's shard of the uncommitted step %d on %s",
+                            n,
+                            self.store.rank,
+                            s,
+                            tier.name,
+                        )
 
 
 # --- the checkpoint engine ---------------------------------------------------------
@@ -327,16 +376,19 @@ def _known_classes() -> dict[str, type]:
     out: dict[str, type] = {}
     try:
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+
         out["LossScaler"], out["DynamicLossScaler"] = LossScaler, DynamicLossScaler
     except ImportError:  # pragma: no cover - depends on the DeepSpeed version
         pass
     try:
         from deepspeed.utils.tensor_fragment import fragment_address
+
         out["fragment_address"] = fragment_address
     except ImportError:  # pragma: no cover
         pass
     try:
         from deepspeed.runtime.zero.config import ZeroStageEnum
+
         out["ZeroStageEnum"] = ZeroStageEnum
     except ImportError:  # pragma: no cover
         pass
@@ -365,8 +417,9 @@ def encode_deepspeed(obj: Any, path: str = "") -> Any:
             if isinstance(v, (bool, int, float, str, torch.dtype)) or v is None:
                 attrs[k] = v
             else:
-                raise UnsupportedValueError(f"{path}/{k}: {cls.__name__} attribute of type {type(v).__name__} "
-                                            "cannot be stored")
+                raise UnsupportedValueError(
+                    f"{path}/{k}: {cls.__name__} attribute of type {type(v).__name__} cannot be stored"
+                )
         return {_TAG: cls.__name__, "attrs": attrs}
     if isinstance(obj, Mapping):
         return {k: encode_deepspeed(v, f"{path}/{k}") for k, v in obj.items()}
@@ -404,8 +457,10 @@ def default_tag_to_step(tag: str) -> int:
     """``"global_step12"`` -> 12, ``"7"`` -> 7: the trailing integer of the tag."""
     m = re.search(r"(\d+)$", tag)
     if m is None:
-        raise ConfigError(f"cannot map the checkpoint tag {tag!r} to an asymstore step: give tags that end in the "
-                          "step number (DeepSpeed's default 'global_stepN' does) or pass tag_to_step=")
+        raise ConfigError(
+            f"cannot map the checkpoint tag {tag!r} to an asymstore step: give tags that end in the "
+            "step number (DeepSpeed's default 'global_stepN' does) or pass tag_to_step="
+        )
     return int(m.group(1))
 
 
@@ -435,8 +490,14 @@ class AsymstoreCheckpointEngine(_DSCheckpointEngine):
 
     POINTER_FORMAT = "asymstore-deepspeed-pointer/1"
 
-    def __init__(self, store: Store, *, blocking: bool = True, tag_to_step: Callable[[str], int] | None = None,
-                 config_params: Any = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        blocking: bool = True,
+        tag_to_step: Callable[[str], int] | None = None,
+        config_params: Any = None,
+    ) -> None:
         if _DSCheckpointEngine is object:
             raise ConfigError("deepspeed is not installed (pip install asymstore[deepspeed])")
         super().__init__(config_params)
@@ -460,7 +521,7 @@ class AsymstoreCheckpointEngine(_DSCheckpointEngine):
         parts = path.split(os.sep)
         if self._tag is not None and self._tag in parts:
             i = len(parts) - 1 - parts[::-1].index(self._tag)
-            return self._tag, "/".join(parts[i + 1:])
+            return self._tag, "/".join(parts[i + 1 :])
         return parts[-2] if len(parts) > 1 else "", parts[-1]
 
     def save(self, state_dict: Any, path: str) -> None:
@@ -485,8 +546,14 @@ class AsymstoreCheckpointEngine(_DSCheckpointEngine):
         if self.blocking:
             handle.result()
         for key, path in self._paths.items():
-            ptr = {"format": self.POINTER_FORMAT, "step": step, "tag": tag, "rank": self.store.rank,
-                   "world_size": self.store.world_size, "key": key}
+            ptr = {
+                "format": self.POINTER_FORMAT,
+                "step": step,
+                "tag": tag,
+                "rank": self.store.rank,
+                "world_size": self.store.world_size,
+                "key": key,
+            }
             tmp = f"{path}.tmp{os.getpid()}"
             with open(tmp, "w") as f:
                 json.dump(ptr, f)
@@ -505,8 +572,9 @@ class AsymstoreCheckpointEngine(_DSCheckpointEngine):
             with open(path) as f:
                 ptr = json.load(f)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise StepNotFoundError(f"{path} is not an asymstore checkpoint pointer ({e}); was it saved with "
-                                    "AsymstoreCheckpointEngine?") from e
+            raise StepNotFoundError(
+                f"{path} is not an asymstore checkpoint pointer ({e}); was it saved with AsymstoreCheckpointEngine?"
+            ) from e
         if not isinstance(ptr, dict) or ptr.get("format") != self.POINTER_FORMAT:
             raise StepNotFoundError(f"{path} is not an asymstore checkpoint pointer")
         step, rank = int(ptr["step"]), int(ptr["rank"])
@@ -517,8 +585,10 @@ class AsymstoreCheckpointEngine(_DSCheckpointEngine):
                 self._cache.popitem(last=False)
         shard = self._cache[(step, rank)]
         if shard.get("deepspeed_tag") != ptr["tag"]:
-            raise StateMismatchError(f"step {step} holds DeepSpeed tag {shard.get('deepspeed_tag')!r}, the pointer "
-                                     f"{path} names {ptr['tag']!r}")
+            raise StateMismatchError(
+                f"step {step} holds DeepSpeed tag {shard.get('deepspeed_tag')!r}, the pointer "
+                f"{path} names {ptr['tag']!r}"
+            )
         out = decode_deepspeed(shard["files"][ptr["key"]])
         if isinstance(map_location, (str, torch.device)) and str(map_location) != "cpu":
             out = _map_tensors(out, lambda t: t.to(map_location))

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from asymstore.layout import Layout
-from asymstore.threads import lower_thread_priority
 from asymstore.snapshot import copy_range
+from asymstore.threads import lower_thread_priority
 
 
 @dataclass

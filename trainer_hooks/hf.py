@@ -51,8 +51,18 @@ log = logging.getLogger("asymstore.hf")
 
 __all__ = ["AsymstoreCallback"]
 
-_RESTORED_FIELDS = ("global_step", "epoch", "log_history", "total_flos", "num_input_tokens_seen", "best_metric",
-                    "best_global_step", "best_model_checkpoint", "trial_name", "trial_params")
+_RESTORED_FIELDS = (
+    "global_step",
+    "epoch",
+    "log_history",
+    "total_flos",
+    "num_input_tokens_seen",
+    "best_metric",
+    "best_global_step",
+    "best_model_checkpoint",
+    "trial_name",
+    "trial_params",
+)
 
 
 def _unwrap(obj: Any, attr: str, kind: type) -> Any:
@@ -71,8 +81,16 @@ class AsymstoreCallback(TrainerCallback):
     last checkpoint's persistence in ``on_train_end`` (re-raising a background failure).
     """
 
-    def __init__(self, store: Store, *, every: int | None = None, resume: bool | int = False,
-                 strategy: Strategy = "asym", warmup: int = 2, wait_at_end: bool = True) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        every: int | None = None,
+        resume: bool | int = False,
+        strategy: Strategy = "asym",
+        warmup: int = 2,
+        wait_at_end: bool = True,
+    ) -> None:
         self.store = store
         self.every = every
         self.resume = resume
@@ -97,9 +115,16 @@ class AsymstoreCallback(TrainerCallback):
         raise ValueError("AsymstoreCallback needs every=N (or save_strategy='steps' with an integer save_steps)")
 
     # --- events ----------------------------------------------------------------------
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       model: torch.nn.Module | None = None, optimizer: Any = None, lr_scheduler: Any = None,
-                       **kwargs: Any) -> None:
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: torch.nn.Module | None = None,
+        optimizer: Any = None,
+        lr_scheduler: Any = None,
+        **kwargs: Any,
+    ) -> None:
         if model is None or optimizer is None:
             raise RuntimeError("AsymstoreCallback needs the Trainer's model and optimizer in on_train_begin")
         opt = _unwrap(optimizer, "optimizer", torch.optim.Optimizer)
@@ -107,9 +132,17 @@ class AsymstoreCallback(TrainerCallback):
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(f"cannot find the torch optimizer inside {type(optimizer).__name__}")
         self._state = state
-        self.checkpointer = AsymCheckpointer(model, opt, self.store, every=self._every(args), scheduler=sched,
-                                             strategy=self.strategy, warmup=self.warmup, extras=self._extras,
-                                             start_step=state.global_step)
+        self.checkpointer = AsymCheckpointer(
+            model,
+            opt,
+            self.store,
+            every=self._every(args),
+            scheduler=sched,
+            strategy=self.strategy,
+            warmup=self.warmup,
+            extras=self._extras,
+            start_step=state.global_step,
+        )
         if self.resume is not False:
             self._restore(state, None if self.resume is True else int(self.resume))
         self.checkpointer.attach()
@@ -131,7 +164,8 @@ class AsymstoreCallback(TrainerCallback):
         state.global_step = ck.step  # the snapshot was taken right after this optimizer step
         log.info("resumed from asymstore step %s (%s)", ck.step, self.store.last_restore)
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if self.checkpointer is not None:
             self.checkpointer.detach(finish=self.wait_at_end)

@@ -117,8 +117,10 @@ class AsymstoreCheckpointIO(CheckpointIO):
                 continue
             if meta.get("path") == path:
                 return s
-        raise FileNotFoundError(f"no asymstore checkpoint for {path!r} (no pointer file, and no step of "
-                                f"{self.url} was saved under that path)")
+        raise FileNotFoundError(
+            f"no asymstore checkpoint for {path!r} (no pointer file, and no step of "
+            f"{self.url} was saved under that path)"
+        )
 
     # --- CheckpointIO ----------------------------------------------------------------
     def _prepare(self, checkpoint: dict[str, Any], path: str) -> tuple[Any, int, dict[str, Any]]:
@@ -127,10 +129,12 @@ class AsymstoreCheckpointIO(CheckpointIO):
         except UnsupportedValueError as e:
             raise UnsupportedValueError(
                 f"Lightning checkpoint for {path}: key {e} - asymstore stores tensors and JSON values only (never "
-                "pickle); convert the value (e.g. save_hyperparameters(ignore=[...]) or a state_dict())") from e
+                "pickle); convert the value (e.g. save_hyperparameters(ignore=[...]) or a state_dict())"
+            ) from e
         step = self._new_step()
-        user = {"lightning": {"path": path, "epoch": checkpoint.get("epoch"),
-                              "global_step": checkpoint.get("global_step")}}
+        user = {
+            "lightning": {"path": path, "epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step")}
+        }
         return flat, step, user
 
     def _after_commit(self, path: str, step: int, replaced: int | None) -> None:
@@ -144,16 +148,19 @@ class AsymstoreCheckpointIO(CheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} does not take storage_options (got {storage_options!r}); "
-                            "configure the store instead")
+            raise TypeError(
+                f"{type(self).__name__} does not take storage_options (got {storage_options!r}); "
+                "configure the store instead"
+            )
         path = os.fspath(path)
         flat, step, user = self._prepare(checkpoint, path)
         replaced = self._read_pointer(path) if self.pointer_files else None
         self.store.save(flat, step, user=user)
         self._after_commit(path, step, replaced)
 
-    def load_checkpoint(self, path: Any, map_location: Any | None = None,
-                        weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         """Restore the checkpoint saved under ``path`` (``weights_only`` is moot: nothing is unpickled)."""
         path = os.fspath(path)
         step = self._find_step(path)
@@ -235,7 +242,7 @@ class AsyncAsymstoreCheckpointIO(AsymstoreCheckpointIO):
             try:
                 handle.result()
                 self._after_commit(path, step, replaced)
-            except BaseException as e:  # noqa: BLE001 - re-raised on the next call
+            except BaseException as e:
                 with self._lock:
                     self._error = self._error or e
             finally:
@@ -248,8 +255,9 @@ class AsyncAsymstoreCheckpointIO(AsymstoreCheckpointIO):
             self._pending[path] = (handle, done)
         handle._future.add_done_callback(finished)
 
-    def load_checkpoint(self, path: Any, map_location: Any | None = None,
-                        weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         self._wait_all()
         self._raise_error()
         return super().load_checkpoint(path, map_location, weights_only)

@@ -43,8 +43,16 @@ class Timeline:
         """One event from ``t_begin`` to ``t_end`` (``time.perf_counter`` seconds) on ``track``."""
         if not self.enabled:
             return
-        ev = {"name": name, "cat": cat, "ph": "X", "ts": (t_begin - self.t0) * 1e6,
-              "dur": max(t_end - t_begin, 0.0) * 1e6, "pid": os.getpid(), "tid": track, "args": args}
+        ev = {
+            "name": name,
+            "cat": cat,
+            "ph": "X",
+            "ts": (t_begin - self.t0) * 1e6,
+            "dur": max(t_end - t_begin, 0.0) * 1e6,
+            "pid": os.getpid(),
+            "tid": track,
+            "args": args,
+        }
         with self._lock:
             self._events.append(ev)
 
@@ -57,8 +65,10 @@ class Timeline:
         tracks = sorted({e["tid"] for e in self.events()})
         tid = {t: i for i, t in enumerate(tracks)}
         evs = [dict(e, tid=tid[e["tid"]]) for e in self.events()]
-        meta = [{"name": "thread_name", "ph": "M", "pid": os.getpid(), "tid": i, "args": {"name": t}}
-                for t, i in tid.items()]
+        meta = [
+            {"name": "thread_name", "ph": "M", "pid": os.getpid(), "tid": i, "args": {"name": t}}
+            for t, i in tid.items()
+        ]
         with open(path, "w") as f:
             json.dump({"traceEvents": meta + evs, "displayTimeUnit": "ms"}, f)
         return path

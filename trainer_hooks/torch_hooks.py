@@ -31,9 +31,15 @@ from torch import nn
 
 from asymstore import dtypes
 from asymstore.errors import CheckpointFailedError, ConfigError
-from asymstore.snapshot_plan import SnapshotPlan, WindowProfile, plan_all_at_step, plan_asymmetric, plan_uniform, \
-    should_replan
 from asymstore.snapshot import dest_view
+from asymstore.snapshot_plan import (
+    SnapshotPlan,
+    WindowProfile,
+    plan_all_at_step,
+    plan_asymmetric,
+    plan_uniform,
+    should_replan,
+)
 from asymstore.state import flatten
 from asymstore.store import PendingSnapshot, SaveHandle, Store
 
@@ -60,8 +66,7 @@ def default_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def rng_state() -> dict[str, Any]:
-    st: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
-                          "torch": torch.get_rng_state()}
+    st: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -106,11 +111,23 @@ class AsymCheckpointer:
         state = ck.resume()             # after a restart: restore everything, returns extras
     """
 
-    def __init__(self, model: nn.Module, optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
-                 store: Store, *, every: int = 1, scheduler: Any = None, strategy: Strategy = "asym",
-                 warmup: int = 2, extras: Callable[[], dict[str, Any]] | None = None,
-                 blocks: Sequence[nn.Module] | None = None, trace: bool = False, start_step: int = 0,
-                 replan_tolerance: float = 0.25, min_partition_bytes: int = 1 << 16) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+        store: Store,
+        *,
+        every: int = 1,
+        scheduler: Any = None,
+        strategy: Strategy = "asym",
+        warmup: int = 2,
+        extras: Callable[[], dict[str, Any]] | None = None,
+        blocks: Sequence[nn.Module] | None = None,
+        trace: bool = False,
+        start_step: int = 0,
+        replan_tolerance: float = 0.25,
+        min_partition_bytes: int = 1 << 16,
+    ) -> None:
         if strategy not in STRATEGIES:
             raise ConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if every < 1:
@@ -184,7 +201,7 @@ class AsymCheckpointer:
             try:
                 if self._executor is not None:
                     self._executor.drain()  # no copy may still write into the slot
-            except BaseException as e:  # noqa: BLE001 - abandoning anyway
+            except BaseException as e:
                 log.debug("abandoned snapshot of step %s: %s", a.stats.step, e)
             finally:
                 self.store.abort_snapshot(a.snap)
@@ -201,8 +218,7 @@ class AsymCheckpointer:
     # --- the checkpointed state ----------------------------------------------------
     def state(self) -> dict[str, Any]:
         """The full training state, volatile parts first."""
-        st: dict[str, Any] = {"rng": rng_state(), "step": self.step,
-                              "extras": self.extras() if self.extras else {}}
+        st: dict[str, Any] = {"rng": rng_state(), "step": self.step, "extras": self.extras() if self.extras else {}}
         if self.scheduler is not None:
             st["scheduler"] = self.scheduler.state_dict()
         st["model"] = self.model.state_dict()
@@ -232,6 +248,7 @@ class AsymCheckpointer:
                 self._window("forward", len(self._iter_fwd) - 1, self._last_mark, now)
             self._last_mark = now
             self._issue("forward", i)
+
         return hook
 
     def _make_bwd_hook(self, i: int) -> Callable[[torch.Tensor], None]:
@@ -247,6 +264,7 @@ class AsymCheckpointer:
                 self._window("forward" if fwd else "backward", len(windows) - 1, self._last_mark, now)
             self._last_mark = now
             self._issue("backward", len(self._bwd_seen) - 1)
+
         return hook
 
     def _window(self, kind: str, idx: int, t0: float, t1: float, iteration: int | None = None) -> None:
@@ -293,7 +311,9 @@ class AsymCheckpointer:
         flat = flatten(self.state())
         stable = self._stable_ids()
         # volatile tensors (not modified only by the optimizer step) go to the front and are copied at once
-        volatile = {n for n, t in flat.tensors.items() if t.numel() == 0 or t.untyped_storage().data_ptr() not in stable}
+        volatile = {
+            n for n, t in flat.tensors.items() if t.numel() == 0 or t.untyped_storage().data_ptr() not in stable
+        }
         first = volatile.__contains__
 
         try:
@@ -310,8 +330,9 @@ class AsymCheckpointer:
         stats.bytes = snap.layout.total_bytes
         tensors = snap.flat.tensors
         if self._executor is None:
-            self._executor = make_executor(tensors, nice=self.store.config.background_nice,
-                                           idle=self.store.config.background_idle)
+            self._executor = make_executor(
+                tensors, nice=self.store.config.background_nice, idle=self.store.config.background_idle
+            )
         ex = self._executor
         ex.bind(snap.buffer, snap.layout, tensors)
         offset = next((e.offset for e in snap.layout.tensors if not first(e.name)), snap.layout.total_bytes)
@@ -327,15 +348,18 @@ class AsymCheckpointer:
             stats.begin_s = time.perf_counter() - t0
 
     def _plan(self, nbytes: int) -> SnapshotPlan:
-        if (self.strategy in ("sync", "checkfreq") or self._iterations < self.warmup or self._copy_bw is None
-                or self._profile.iterations == 0):
+        if (
+            self.strategy in ("sync", "checkfreq")
+            or self._iterations < self.warmup
+            or self._copy_bw is None
+            or self._profile.iterations == 0
+        ):
             return plan_all_at_step(nbytes)
         fwd, bwd = self._profile.estimate()
         windows = tuple(fwd) + tuple(bwd)
         if self._plan_cache is not None:
             (n, nf, planned), plan = self._plan_cache
-            if n == nbytes and nf == len(fwd) and not should_replan(planned, windows,
-                                                                     rel_tol=self.replan_tolerance):
+            if n == nbytes and nf == len(fwd) and not should_replan(planned, windows, rel_tol=self.replan_tolerance):
                 return plan
             self.replans += 1
         if self.strategy == "uniform":
@@ -367,8 +391,12 @@ class AsymCheckpointer:
         for name, t in fs.tensors.items():
             e = entries.get(name)
             if e is None or e.shape != tuple(t.shape) or dtypes.info(t.dtype).torch_name != e.dtype:
-                log.warning("cannot refresh %s at the end of the snapshot (its layout changed); the checkpoint "
-                            "of step %s keeps its value from right after the optimizer step", name, a.stats.step)
+                log.warning(
+                    "cannot refresh %s at the end of the snapshot (its layout changed); the checkpoint "
+                    "of step %s keeps its value from right after the optimizer step",
+                    name,
+                    a.stats.step,
+                )
                 return
         with torch.no_grad():
             for name, t in fs.tensors.items():
@@ -427,8 +455,9 @@ class AsymCheckpointer:
             stats.step_copy_bytes = sum(r.nbytes for r in records if r.where == "step")
         stats.hidden_copy_s = sum(r.t_end - r.t_begin for r in hidden)
         for r in records:
-            self.timeline.add(f"copy {r.where} {r.nbytes >> 10} KiB", "snapshot", r.t_begin, r.t_end, "copy",
-                              start=r.start, end=r.end)
+            self.timeline.add(
+                f"copy {r.where} {r.nbytes >> 10} KiB", "snapshot", r.t_begin, r.t_end, "copy", start=r.start, end=r.end
+            )
         big = [r for r in records if r.nbytes >= (1 << 20) and r.t_end > r.t_begin]
         if big:
             bw = sum(r.nbytes for r in big) / sum(r.t_end - r.t_begin for r in big)

@@ -24,7 +24,9 @@ import weakref
 from pathlib import Path
 
 #: The Maven project (in a source checkout); ASYMSTORE_HDFS_TEST_CLUSTER overrides it.
-PROJECT_DIR = Path(os.environ.get("ASYMSTORE_HDFS_TEST_CLUSTER") or Path(__file__).resolve().parents[2] / "hdfs-test-cluster")
+PROJECT_DIR = Path(
+    os.environ.get("ASYMSTORE_HDFS_TEST_CLUSTER") or Path(__file__).resolve().parents[2] / "hdfs-test-cluster"
+)
 JAR_NAME = "hdfs-test-cluster.jar"
 
 _live: weakref.WeakSet[MiniDFS] = weakref.WeakSet()
@@ -96,13 +98,17 @@ class MiniDFS:
                 return jar
         missing = missing_tools()
         if missing:
-            raise MiniDFSError(f"cannot build {proj}: {', '.join(missing)} not found on PATH (need JDK 17 and Maven 3.8)")
+            raise MiniDFSError(
+                f"cannot build {proj}: {', '.join(missing)} not found on PATH (need JDK 17 and Maven 3.8)"
+            )
         errors = []
         for args in (["mvn", "-q", "-o", "package"], ["mvn", "-q", "package"]):
             r = subprocess.run(args, cwd=proj, capture_output=True, text=True, timeout=timeout)
             if r.returncode == 0 and jar.exists():
                 return jar
-            errors.append(f"$ {' '.join(args)} (exit {r.returncode})\n" + "\n".join((r.stdout + r.stderr).splitlines()[-25:]))
+            errors.append(
+                f"$ {' '.join(args)} (exit {r.returncode})\n" + "\n".join((r.stdout + r.stderr).splitlines()[-25:])
+            )
         raise MiniDFSError(f"building {proj} failed:\n" + "\n\n".join(errors))
 
     # --- lifecycle --------------------------------------------------------------------
@@ -183,14 +189,18 @@ class MiniDFS:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise MiniDFSError(f"MiniDFSCluster: no answer to {what!r} within {timeout:.0f} s; Java output tail:\n{_tail(self.log_path)}")
+                raise MiniDFSError(
+                    f"MiniDFSCluster: no answer to {what!r} within {timeout:.0f} s; Java output tail:\n{_tail(self.log_path)}"
+                )
             try:
                 line = self._lines.get(timeout=min(left, 0.5))
             except queue.Empty:
                 continue
             if line is None:
                 rc = self._proc.wait(5) if self._proc else None
-                raise MiniDFSError(f"MiniDFSCluster exited (code {rc}) during {what!r}; Java output tail:\n{_tail(self.log_path)}")
+                raise MiniDFSError(
+                    f"MiniDFSCluster exited (code {rc}) during {what!r}; Java output tail:\n{_tail(self.log_path)}"
+                )
             if line.startswith(prefixes):
                 return line
             if line.startswith("ERR"):

@@ -81,9 +81,15 @@ class Source:
 
 
 # --- masking (RoBERTa / BERT MLM) ----------------------------------------------------------
-def mask_tokens(ids: torch.Tensor, vocab_size: int, g: torch.Generator, *, prob: float = 0.15,
-                mask_id: int = ByteTokenizer.MASK, special_below: int = ByteTokenizer.OFFSET
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_tokens(
+    ids: torch.Tensor,
+    vocab_size: int,
+    g: torch.Generator,
+    *,
+    prob: float = 0.15,
+    mask_id: int = ByteTokenizer.MASK,
+    special_below: int = ByteTokenizer.OFFSET,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT-style masking: ``prob`` of the tokens are predicted; of those 80% -> MASK, 10% random, 10% kept."""
     ids = ids.clone()
     labels = ids.clone()
@@ -117,8 +123,14 @@ class WikiTextBlocks:
 
     NAMES = ("wiki.train.raw", "wiki.train.tokens", "wiki.valid.raw", "wiki.test.raw")
 
-    def __init__(self, path: str | os.PathLike[str], block_size: int, *, tokenizer: ByteTokenizer = TOKENIZER,
-                 max_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        block_size: int,
+        *,
+        tokenizer: ByteTokenizer = TOKENIZER,
+        max_bytes: int | None = None,
+    ) -> None:
         self.path = find_file(path, self.NAMES)
         self.block_size = block_size
         ids: list[int] = []
@@ -173,7 +185,7 @@ def read_squad(path: str | os.PathLike[str]) -> list[SquadExample]:
                     continue
                 a = answers[0]
                 start = int(a["answer_start"])
-                if ctx[start:start + len(a["text"])] != a["text"]:  # some files are off by a few characters
+                if ctx[start : start + len(a["text"])] != a["text"]:  # some files are off by a few characters
                     found = ctx.find(a["text"], max(start - 20, 0))
                     if found < 0:
                         found = ctx.find(a["text"])
@@ -209,7 +221,7 @@ class SquadFeatures:
             ctx0 = len(q) + 2
             self.input_ids[i, : len(ids)] = torch.tensor(ids)
             self.attention_mask[i, : len(ids)] = 1
-            self.token_type_ids[i, ctx0: len(ids)] = 1
+            self.token_type_ids[i, ctx0 : len(ids)] = 1
             if ex.answer_start >= 0 and ex.answer_text:
                 b0 = len(ex.context[: ex.answer_start].encode("utf-8"))  # byte offset = token offset
                 b1 = b0 + len(ex.answer_text.encode("utf-8")) - 1
@@ -222,9 +234,13 @@ class SquadFeatures:
         return self.input_ids.shape[0]
 
     def rows(self, idx: list[int]) -> Batch:
-        return {"input_ids": self.input_ids[idx], "attention_mask": self.attention_mask[idx],
-                "token_type_ids": self.token_type_ids[idx], "start_positions": self.start_positions[idx],
-                "end_positions": self.end_positions[idx]}
+        return {
+            "input_ids": self.input_ids[idx],
+            "attention_mask": self.attention_mask[idx],
+            "token_type_ids": self.token_type_ids[idx],
+            "start_positions": self.start_positions[idx],
+            "end_positions": self.end_positions[idx],
+        }
 
 
 # --- ImageNet-style folders --------------------------------------------------------------
@@ -269,8 +285,9 @@ class ImageFolder:
             im = im.convert("RGB")
             w, h = im.size
             s = self.image_size / min(w, h)
-            im = im.resize((max(self.image_size, round(w * s)), max(self.image_size, round(h * s))),
-                           Image.Resampling.BILINEAR)
+            im = im.resize(
+                (max(self.image_size, round(w * s)), max(self.image_size, round(h * s))), Image.Resampling.BILINEAR
+            )
             w, h = im.size
             left, top = (w - self.image_size) // 2, (h - self.image_size) // 2
             im = im.crop((left, top, left + self.image_size, top + self.image_size))
@@ -282,17 +299,21 @@ class ImageFolder:
 
     def rows(self, idx: list[int]) -> Batch:
         items = [self.load(i) for i in idx]
-        return {"pixel_values": torch.stack([x for x, _ in items]),
-                "labels": torch.tensor([y for _, y in items], dtype=torch.long)}
+        return {
+            "pixel_values": torch.stack([x for x, _ in items]),
+            "labels": torch.tensor([y for _, y in items], dtype=torch.long),
+        }
 
 
 # --- sources for the examples ----------------------------------------------------------------
 def causal_lm_source(data: str | None, *, batch: int, seq: int, vocab_size: int, seed: int) -> Source:
     """Causal LM batches (``input_ids`` = ``labels``): synthetic tokens, or WikiText blocks."""
     if data is None:
+
         def synth(k: int) -> Batch:
             x = torch.randint(TOKENIZER.OFFSET, vocab_size, (batch, seq), generator=_gen(seed, k))
             return {"input_ids": x, "labels": x}
+
         return Source(synth, 0, f"synthetic tokens ({batch}x{seq}, vocab {vocab_size})")
     _need_vocab(vocab_size)
     wt = WikiTextBlocks(data, seq)
@@ -300,6 +321,7 @@ def causal_lm_source(data: str | None, *, batch: int, seq: int, vocab_size: int,
     def real(k: int) -> Batch:
         x = wt.blocks[batch_indices(k, batch, len(wt), seed)]
         return {"input_ids": x, "labels": x}
+
     return Source(real, len(wt), f"WikiText {wt.path} ({len(wt)} blocks of {seq} byte tokens)")
 
 
@@ -317,14 +339,19 @@ def masked_lm_source(data: str | None, *, batch: int, seq: int, vocab_size: int,
             x = wt.blocks[batch_indices(k, batch, len(wt), seed)]
         ids, labels = mask_tokens(x, vocab_size, g)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    desc = (f"synthetic tokens ({batch}x{seq}, vocab {vocab_size})" if wt is None
-            else f"WikiText {wt.path} ({len(wt)} blocks of {seq} byte tokens)")
+
+    desc = (
+        f"synthetic tokens ({batch}x{seq}, vocab {vocab_size})"
+        if wt is None
+        else f"WikiText {wt.path} ({len(wt)} blocks of {seq} byte tokens)"
+    )
     return Source(get, 0 if wt is None else len(wt), desc + ", 15% masked")
 
 
 def squad_source(data: str | None, *, batch: int, seq: int, vocab_size: int, seed: int) -> Source:
     """Extractive QA batches (start/end positions): synthetic, or SQuAD v1.1/v2.0 JSON."""
     if data is None:
+
         def synth(k: int) -> Batch:
             g = _gen(seed, k)
             ids = torch.randint(TOKENIZER.OFFSET, vocab_size, (batch, seq), generator=g)
@@ -333,37 +360,58 @@ def squad_source(data: str | None, *, batch: int, seq: int, vocab_size: int, see
             ids[:, qlen] = TOKENIZER.SEP
             ids[:, -1] = TOKENIZER.SEP
             tt = torch.zeros_like(ids)
-            tt[:, qlen + 1:] = 1
+            tt[:, qlen + 1 :] = 1
             start = torch.randint(qlen + 1, seq - 2, (batch,), generator=g)
             end = torch.minimum(start + torch.randint(0, 8, (batch,), generator=g), torch.tensor(seq - 2))
-            return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": tt,
-                    "start_positions": start, "end_positions": end}
+            return {
+                "input_ids": ids,
+                "attention_mask": torch.ones_like(ids),
+                "token_type_ids": tt,
+                "start_positions": start,
+                "end_positions": end,
+            }
+
         return Source(synth, 0, f"synthetic question/context pairs ({batch}x{seq}, vocab {vocab_size})")
     _need_vocab(vocab_size)
     feats = SquadFeatures(read_squad(data), seq)
 
     def real(k: int) -> Batch:
         return feats.rows(batch_indices(k, batch, len(feats), seed))
-    return Source(real, len(feats), f"SQuAD {data} ({len(feats)} questions, {feats.answerable} answers "
-                                    f"within {seq} byte tokens)")
+
+    return Source(
+        real, len(feats), f"SQuAD {data} ({len(feats)} questions, {feats.answerable} answers within {seq} byte tokens)"
+    )
 
 
-def image_source(data: str | None, *, batch: int, image_size: int, num_labels: int, seed: int,
-                 channels: int = 3) -> tuple[Source, list[str] | None]:
+def image_source(
+    data: str | None, *, batch: int, image_size: int, num_labels: int, seed: int, channels: int = 3
+) -> tuple[Source, list[str] | None]:
     """Image classification batches: synthetic, or an ImageNet-style folder (returns its class names)."""
     if data is None:
+
         def synth(k: int) -> Batch:
             g = _gen(seed, k)
-            return {"pixel_values": torch.randn(batch, channels, image_size, image_size, generator=g),
-                    "labels": torch.randint(0, num_labels, (batch,), generator=g)}
-        return Source(synth, 0, f"synthetic images ({batch}x{channels}x{image_size}x{image_size}, "
-                                f"{num_labels} classes)"), None
+            return {
+                "pixel_values": torch.randn(batch, channels, image_size, image_size, generator=g),
+                "labels": torch.randint(0, num_labels, (batch,), generator=g),
+            }
+
+        return Source(
+            synth, 0, f"synthetic images ({batch}x{channels}x{image_size}x{image_size}, {num_labels} classes)"
+        ), None
     folder = ImageFolder(data, image_size)
 
     def real(k: int) -> Batch:
         return folder.rows(batch_indices(k, batch, len(folder), seed))
-    return (Source(real, len(folder), f"image folder {folder.root} ({len(folder)} images, "
-                                      f"{len(folder.classes)} classes, {image_size}px)"), folder.classes)
+
+    return (
+        Source(
+            real,
+            len(folder),
+            f"image folder {folder.root} ({len(folder)} images, {len(folder.classes)} classes, {image_size}px)",
+        ),
+        folder.classes,
+    )
 
 
 def _need_vocab(vocab_size: int) -> None:

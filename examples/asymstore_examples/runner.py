@@ -67,7 +67,8 @@ def parser(ex: Example) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog=f"examples/{ex.name}.py",
         description=f"{ex.title}, trained with asymstore checkpointing (tiny by default: minutes on a CPU).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     g = ap.add_argument_group("model and data")
     g.add_argument("--preset", default="tiny", choices=list(ex.presets), help="model size")
     g.add_argument("--list-presets", action="store_true", help="print the presets with parameter counts and exit")
@@ -86,14 +87,25 @@ def parser(ex: Example) -> argparse.ArgumentParser:
     c = ap.add_argument_group("checkpointing")
     c.add_argument("--steps", type=int, default=8, help="train until this optimizer step")
     c.add_argument("--every", type=int, default=1, help="checkpoint every N steps")
-    c.add_argument("--strategy", default="asym", choices=STRATEGIES,
-                   help="asym: asymmetric partitions in forward/backward; uniform: equal partitions "
-                        "(DataStates-LLM-like); checkfreq: blocking snapshot, background persist; sync: blocking")
-    c.add_argument("--dir", default=None,
-                   help="local (NVMe) checkpoint tier (default: a fresh temporary directory; with --kill-at or "
-                        "--resume a fixed one under the temporary directory, so the two runs meet)")
-    c.add_argument("--hdfs", default=None, metavar="URL",
-                   help="also promote checkpoints to this HDFS tier, e.g. hdfs://namenode:9000/ckpt/gpt2")
+    c.add_argument(
+        "--strategy",
+        default="asym",
+        choices=STRATEGIES,
+        help="asym: asymmetric partitions in forward/backward; uniform: equal partitions "
+        "(DataStates-LLM-like); checkfreq: blocking snapshot, background persist; sync: blocking",
+    )
+    c.add_argument(
+        "--dir",
+        default=None,
+        help="local (NVMe) checkpoint tier (default: a fresh temporary directory; with --kill-at or "
+        "--resume a fixed one under the temporary directory, so the two runs meet)",
+    )
+    c.add_argument(
+        "--hdfs",
+        default=None,
+        metavar="URL",
+        help="also promote checkpoints to this HDFS tier, e.g. hdfs://namenode:9000/ckpt/gpt2",
+    )
     c.add_argument("--keep", type=int, default=None, help="keep the newest N checkpoints on --dir (default: all)")
     c.add_argument("--keep-hdfs", type=int, default=None, help="keep the newest N checkpoints on --hdfs")
     c.add_argument("--host-slots", type=int, default=2, help="snapshot slots in host memory")
@@ -102,17 +114,27 @@ def parser(ex: Example) -> argparse.ArgumentParser:
     c.add_argument("--trace", default=None, metavar="PATH", help="write a Chrome/Perfetto timeline JSON")
 
     r = ap.add_argument_group("failure and recovery")
-    r.add_argument("--kill-at", type=int, default=None, metavar="K",
-                   help="SIGKILL this process right after optimizer step K (a crash: what is not durable is lost)")
+    r.add_argument(
+        "--kill-at",
+        type=int,
+        default=None,
+        metavar="K",
+        help="SIGKILL this process right after optimizer step K (a crash: what is not durable is lost)",
+    )
     r.add_argument("--resume", action="store_true", help="restore the newest complete checkpoint and continue")
     r.add_argument("--fresh", action="store_true", help="delete checkpoints already in --dir/--hdfs first")
-    r.add_argument("--no-check", action="store_true",
-                   help="skip the closing restore into a fresh model and the bit-identity check")
+    r.add_argument(
+        "--no-check", action="store_true", help="skip the closing restore into a fresh model and the bit-identity check"
+    )
     r.add_argument("--summary-json", default=None, metavar="PATH", help="also write the summary as JSON")
 
     d = ap.add_argument_group("clusters")
-    d.add_argument("--deepspeed", default=None, metavar="CONFIG",
-                   help="train with DeepSpeed (e.g. examples/launch/ds_zero3.json); launch with the deepspeed launcher")
+    d.add_argument(
+        "--deepspeed",
+        default=None,
+        metavar="CONFIG",
+        help="train with DeepSpeed (e.g. examples/launch/ds_zero3.json); launch with the deepspeed launcher",
+    )
     d.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     ap.set_defaults(**ex.defaults)
     return ap
@@ -138,8 +160,9 @@ def state_hash(model: nn.Module) -> str:
 
 def _tensors_equal(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-            a.cpu(), b.cpu())
+        return (
+            isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.cpu(), b.cpu())
+        )
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_tensors_equal(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
@@ -238,8 +261,11 @@ def run(ex: Example, argv: list[str] | None = None) -> int:
 
     con = Console()
     torch.set_num_threads(args.threads or max(os.cpu_count() or 1, 1))
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     cfg = ex.make_config(preset, args)
     torch.manual_seed(args.seed)
     model = ex.make_model(cfg).to(device)
@@ -257,12 +283,23 @@ def run(ex: Example, argv: list[str] | None = None) -> int:
             con.print(f"[dim]deleted {len(existing)} old checkpoint(s) in {ckpt_dir}[/]")
         else:
             store.close()
-            _die(f"{ckpt_dir} already holds checkpoints (steps {_ranges(existing)}); pass --resume to continue "
-                 "from the newest, or --fresh to delete them")
+            _die(
+                f"{ckpt_dir} already holds checkpoints (steps {_ranges(existing)}); pass --resume to continue "
+                "from the newest, or --fresh to delete them"
+            )
 
     pos = {"batch": 0}  # data position: batches consumed, read right after each optimizer step
-    ck = AsymCheckpointer(model, opt, store, every=args.every, scheduler=sched, strategy=args.strategy,
-                          warmup=args.warmup, extras=lambda: dict(pos), trace=bool(args.trace))
+    ck = AsymCheckpointer(
+        model,
+        opt,
+        store,
+        every=args.every,
+        scheduler=sched,
+        strategy=args.strategy,
+        warmup=args.warmup,
+        extras=lambda: dict(pos),
+        trace=bool(args.trace),
+    )
     resumed: dict[str, Any] | None = None
     if args.resume:
         if existing:
@@ -270,20 +307,27 @@ def run(ex: Example, argv: list[str] | None = None) -> int:
             extras = ck.resume()
             pos["batch"] = int(extras.get("batch", ck.step))
             rep = store.last_restore
-            resumed = {"step": ck.step, "tier": rep.tier if rep else "?", "seconds": time.perf_counter() - t,
-                       "events": rep.events if rep else []}
+            resumed = {
+                "step": ck.step,
+                "tier": rep.tier if rep else "?",
+                "seconds": time.perf_counter() - t,
+                "events": rep.events if rep else [],
+            }
         else:
             con.print(f"[yellow]--resume: no complete checkpoint in {ckpt_dir}; starting from step 0[/]")
     start = ck.step
 
     n_params = sum(p.numel() for p in model.parameters())
     tiers_txt = " -> ".join(["host memory"] + [f"{t.name} ({t.url})" for t in store.tiers])
-    con.print(f"[bold]{ex.title}[/] \\[{args.preset}]: {n_params / 1e6:.2f}M parameters on {device}, "
-              f"{source.description}")
+    con.print(
+        f"[bold]{ex.title}[/] \\[{args.preset}]: {n_params / 1e6:.2f}M parameters on {device}, {source.description}"
+    )
     con.print(f"strategy [cyan]{args.strategy}[/], checkpoint every {args.every} step(s) into {tiers_txt}")
     if resumed:
-        con.print(f"[green]resumed from step {resumed['step']}[/] (tier {resumed['tier']}, "
-                  f"{resumed['seconds'] * 1000:.0f} ms), data position {pos['batch']}")
+        con.print(
+            f"[green]resumed from step {resumed['step']}[/] (tier {resumed['tier']}, "
+            f"{resumed['seconds'] * 1000:.0f} ms), data position {pos['batch']}"
+        )
 
     losses: list[float] = []
     t0 = time.perf_counter()
@@ -312,19 +356,36 @@ def run(ex: Example, argv: list[str] | None = None) -> int:
         check = _restore_check(ex, cfg, args, model, opt, store, ckpt_dir, device)
 
     result = {
-        "example": ex.name, "preset": args.preset, "parameters": n_params, "strategy": args.strategy,
-        "device": str(device), "data": source.description, "dir": ckpt_dir, "hdfs": args.hdfs,
-        "start_step": start, "final_step": ck.step, "iterations": iters,
-        "resumed_from": resumed["step"] if resumed else None, "resumed_tier": resumed["tier"] if resumed else None,
-        "train_seconds": train_s, "seconds_per_iteration": train_s / max(iters, 1),
-        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-        "checkpoints": summ["checkpoints"], "skipped": summ["skipped"],
-        "median_stall_s": summ["median_stall_s"], "hidden_fraction": summ["hidden_fraction"],
+        "example": ex.name,
+        "preset": args.preset,
+        "parameters": n_params,
+        "strategy": args.strategy,
+        "device": str(device),
+        "data": source.description,
+        "dir": ckpt_dir,
+        "hdfs": args.hdfs,
+        "start_step": start,
+        "final_step": ck.step,
+        "iterations": iters,
+        "resumed_from": resumed["step"] if resumed else None,
+        "resumed_tier": resumed["tier"] if resumed else None,
+        "train_seconds": train_s,
+        "seconds_per_iteration": train_s / max(iters, 1),
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+        "checkpoints": summ["checkpoints"],
+        "skipped": summ["skipped"],
+        "median_stall_s": summ["median_stall_s"],
+        "hidden_fraction": summ["hidden_fraction"],
         "bytes_per_checkpoint": summ["bytes_per_checkpoint"],
-        "state_hash": final_hash, "steps": store.steps(), "memory": store.memory_report(),
+        "state_hash": final_hash,
+        "steps": store.steps(),
+        "memory": store.memory_report(),
         "where": {str(s): store.where(s) for s in store.steps()},
-        "tiers": [{k: t[k] for k in ("name", "url", "steps", "bytes_written", "errors", "last_error")}
-                  for t in store.status()["tiers"]],
+        "tiers": [
+            {k: t[k] for k in ("name", "url", "steps", "bytes_written", "errors", "last_error")}
+            for t in store.status()["tiers"]
+        ],
         "check": check,
     }
     stored = [h for h in ck.history if h.stored_bytes]
@@ -348,8 +409,16 @@ def _optim(model: nn.Module, args: argparse.Namespace) -> tuple[torch.optim.Opti
     return opt, sched
 
 
-def _restore_check(ex: Example, cfg: Any, args: argparse.Namespace, model: nn.Module, opt: torch.optim.Optimizer,
-                   store: Any, ckpt_dir: str, device: torch.device) -> dict[str, Any]:
+def _restore_check(
+    ex: Example,
+    cfg: Any,
+    args: argparse.Namespace,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    store: Any,
+    ckpt_dir: str,
+    device: torch.device,
+) -> dict[str, Any]:
     """Restore the newest checkpoint from the persistent tiers into a fresh model, as a restarted job would."""
     from asymstore.trainer_hooks import AsymCheckpointer
 
@@ -365,12 +434,17 @@ def _restore_check(ex: Example, cfg: Any, args: argparse.Namespace, model: nn.Mo
         rep = store2.last_restore
         verify = store2.tiers[0].reader(ck2.step).verify() if store2.tiers[0].has(ck2.step) else None
         same_step = ck2.step == store.steps()[-1]
-        exact = (_tensors_equal(model.state_dict(), model2.state_dict())
-                 and _tensors_equal(opt.state_dict()["state"], opt2.state_dict()["state"]))
-        return {"step": ck2.step, "tier": rep.tier if rep else "?", "seconds": seconds,
-                "verify_ok": verify.ok if verify is not None else True,
-                "verify_problems": list(verify.problems) if verify is not None and not verify.ok else [],
-                "bit_identical": bool(exact and same_step)}
+        exact = _tensors_equal(model.state_dict(), model2.state_dict()) and _tensors_equal(
+            opt.state_dict()["state"], opt2.state_dict()["state"]
+        )
+        return {
+            "step": ck2.step,
+            "tier": rep.tier if rep else "?",
+            "seconds": seconds,
+            "verify_ok": verify.ok if verify is not None else True,
+            "verify_problems": list(verify.problems) if verify is not None and not verify.ok else [],
+            "bit_identical": bool(exact and same_step),
+        }
     finally:
         store2.close()
 
@@ -382,26 +456,34 @@ def _print_summary(con: Any, ex: Example, args: argparse.Namespace, r: dict[str,
     tab = Table(title=f"asymstore {ex.name} summary", show_header=False)
     tab.add_row("model", f"{ex.title} \\[{r['preset']}], {r['parameters'] / 1e6:.2f}M parameters, {r['device']}")
     tab.add_row("iterations", f"{r['iterations']} (steps {r['start_step']} -> {r['final_step']})")
-    tab.add_row("resumed from", "-" if r["resumed_from"] is None
-                else f"step {r['resumed_from']} (tier {r['resumed_tier']})")
+    tab.add_row(
+        "resumed from", "-" if r["resumed_from"] is None else f"step {r['resumed_from']} (tier {r['resumed_tier']})"
+    )
     tab.add_row("training time", f"{r['train_seconds']:.1f} s ({r['seconds_per_iteration']:.2f} s/iter)")
     if r["loss_first"] is not None:
         tab.add_row("loss first -> last", f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}")
-    tab.add_row("checkpoints", f"{r['checkpoints']} taken this run, strategy {r['strategy']}" +
-                (f", {r['skipped']} skipped" if r["skipped"] else ""))
+    tab.add_row(
+        "checkpoints",
+        f"{r['checkpoints']} taken this run, strategy {r['strategy']}"
+        + (f", {r['skipped']} skipped" if r["skipped"] else ""),
+    )
     tab.add_row("median stall per checkpoint", f"{r['median_stall_s'] * 1000:.1f} ms")
     tab.add_row("bytes copied inside fwd/bwd", f"{r['hidden_fraction'] * 100:.0f}%")
     tab.add_row("checkpoint size", _fmt_bytes(r["bytes_per_checkpoint"]))
     if "stored_bytes" in r:
-        tab.add_row("stored, stored/raw", f"{_fmt_bytes(r['stored_bytes'])}, {r['compression_ratio']:.3f} "
-                                            f"(codecs {escape(str(r['codecs']))})")
+        tab.add_row(
+            "stored, stored/raw",
+            f"{_fmt_bytes(r['stored_bytes'])}, {r['compression_ratio']:.3f} (codecs {escape(str(r['codecs']))})",
+        )
     tab.add_row("host memory reserved", ", ".join(f"{k}={_fmt_bytes(v)}" for k, v in r["memory"].items()))
     for steps, where in where_summary(store):
         tab.add_row(f"steps {steps}", f"complete on {where}")
     for t in r["tiers"]:
         err = f", {t['errors']} errors ({t['last_error']})" if t["errors"] else ""
-        tab.add_row(f"tier {t['name']}", f"{t['url']}: {len(t['steps'])} checkpoints, "
-                                         f"{_fmt_bytes(t['bytes_written'])} written{err}")
+        tab.add_row(
+            f"tier {t['name']}",
+            f"{t['url']}: {len(t['steps'])} checkpoints, {_fmt_bytes(t['bytes_written'])} written{err}",
+        )
     c = r["check"]
     if c:
         tab.add_row("restored", f"step {c['step']} from tier '{c['tier']}' in {c['seconds'] * 1000:.0f} ms")
@@ -426,8 +508,10 @@ def run_deepspeed(ex: Example, args: argparse.Namespace, preset: Preset) -> int:
     try:
         from asymstore.trainer_hooks import deepspeed_hooks
     except ImportError as e:
-        _die("--deepspeed needs asymstore.trainer_hooks.deepspeed_hooks, which this asymstore installation does "
-             f"not have ({e}). Update asymstore, or run without --deepspeed (plain PyTorch, one process).")
+        _die(
+            "--deepspeed needs asymstore.trainer_hooks.deepspeed_hooks, which this asymstore installation does "
+            f"not have ({e}). Update asymstore, or run without --deepspeed (plain PyTorch, one process)."
+        )
     checkpointer = deepspeed_hooks.DeepSpeedAsymCheckpointer
 
     with open(args.deepspeed) as f:
@@ -449,15 +533,21 @@ def run_deepspeed(ex: Example, args: argparse.Namespace, preset: Preset) -> int:
             model = ex.make_model(cfg)
     else:
         model = ex.make_model(cfg)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()],
-                                           config=ds_cfg)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()], config=ds_cfg)
     source = ex.make_data(args, cfg)
     if args.dir is None:
         _die("--deepspeed needs --dir (a directory every rank can write, e.g. node-local NVMe)")
     store = open_tiers(args, args.dir, rank=rank, world_size=world)
     pos = {"batch": 0}
-    ck = checkpointer(engine, store, every=args.every, strategy=args.strategy, warmup=args.warmup,
-                      extras=lambda: dict(pos), trace=bool(args.trace))
+    ck = checkpointer(
+        engine,
+        store,
+        every=args.every,
+        strategy=args.strategy,
+        warmup=args.warmup,
+        extras=lambda: dict(pos),
+        trace=bool(args.trace),
+    )
     start = 0
     if args.resume and store.steps():
         extras = ck.resume()
@@ -483,10 +573,21 @@ def run_deepspeed(ex: Example, args: argparse.Namespace, preset: Preset) -> int:
     store.flush(timeout=3600)
     if rank == 0:
         s = ck.summary() if hasattr(ck, "summary") else {}
-        print(json.dumps({"example": ex.name, "preset": args.preset, "ranks": world, "iterations": step - start,
-                          "resumed_from": start if args.resume else None,
-                          "seconds": time.perf_counter() - t0, "summary": s,
-                          "where": {str(x): store.where(x) for x in store.steps()}}, default=str))
+        print(
+            json.dumps(
+                {
+                    "example": ex.name,
+                    "preset": args.preset,
+                    "ranks": world,
+                    "iterations": step - start,
+                    "resumed_from": start if args.resume else None,
+                    "seconds": time.perf_counter() - t0,
+                    "summary": s,
+                    "where": {str(x): store.where(x) for x in store.steps()},
+                },
+                default=str,
+            )
+        )
     store.close()
     return 0
 
@@ -494,6 +595,7 @@ def run_deepspeed(ex: Example, args: argparse.Namespace, preset: Preset) -> int:
 def make_main(ex: Example) -> Callable[[list[str] | None], int]:
     def main(argv: list[str] | None = None) -> int:
         return run(ex, argv)
+
     return main
 
 
