@@ -11,6 +11,10 @@ class ConfigError(AsymstoreError, ValueError):
     """A configuration value or URL is invalid; the message says what to change."""
 
 
+class InvalidKeyError(ConfigError):
+    """An object key is not a relative '/'-separated path of plain components (see ``check_key``)."""
+
+
 class BackendUnavailableError(AsymstoreError):
     """A tier backend cannot be used (missing optional dependency, unreachable service)."""
 

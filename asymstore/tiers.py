@@ -122,7 +122,7 @@ class PersistentTier:
         return self.stats
 
     def bandwidth(self) -> float:
-        if not self.store.durable and self.scheme == "memory":
+        if self.store.capabilities.volatile:
             return float("inf")
         return self.probe().bandwidth or float("inf")
 
@@ -131,7 +131,7 @@ class PersistentTier:
         chunk = self.config.chunk_bytes
         if self.fixed_partition_bytes:
             return self.fixed_partition_bytes
-        if not self.store.durable and self.scheme == "memory":
+        if self.store.capabilities.volatile:
             # no write latency to amortise: as large as the budget allows, which two pipeline stages share,
             # each holding at most a source range and an encoded copy
             b = min(max(checkpoint_bytes, chunk), self.config.staging_budget_bytes // 4)

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 from asymstore.errors import BackendUnavailableError, ConfigError
 
-from .base import Buffer, ByteRange, ObjectStore, as_buffers
+from .base import Buffer, ByteRange, Capabilities, ObjectStore, as_buffers
 
 T = TypeVar("T")
 
@@ -145,8 +145,7 @@ class HdfsObjectStore(ObjectStore):
     * ``config``: extra hdfs-native / Hadoop client settings, merged over the fail-fast defaults.
     """
 
-    schemes = ("hdfs",)
-    durable = True
+    capabilities = Capabilities(durable=True, volatile=False, atomic_rename=True, ranged_reads=True)
 
     def __init__(
         self,

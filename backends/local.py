@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlparse
 
 from asymstore.errors import BackendUnavailableError, ConfigError
 
-from .base import Buffer, ByteRange, ObjectStore, as_buffers
+from .base import Buffer, ByteRange, Capabilities, ObjectStore, as_buffers
 
 _IOV_MAX = 512
 _DIRECT_ALIGN = 4096
@@ -42,7 +42,7 @@ def path_from_url(url: str) -> str:
 
 
 class LocalObjectStore(ObjectStore):
-    schemes = ("file",)
+    capabilities = Capabilities(durable=True, volatile=False, atomic_rename=True, ranged_reads=True)
 
     def __init__(self, url: str, *, fsync: bool = True, direct_io: bool = True) -> None:
         super().__init__(url)

@@ -5,15 +5,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Sequence
 
-from .base import Buffer, ByteRange, ObjectStore, as_buffers
+from .base import Buffer, ByteRange, Capabilities, ObjectStore, as_buffers
 
 _NAMESPACES: dict[str, dict[str, bytes]] = {}
 _LOCK = threading.Lock()
 
 
 class MemoryObjectStore(ObjectStore):
-    schemes = ("memory",)
-    durable = False
+    capabilities = Capabilities(durable=False, volatile=True, atomic_rename=False, ranged_reads=True)
 
     def __init__(self, url: str) -> None:
         super().__init__(url)

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from asymstore.interfaces import Capabilities
+
 PY = os.environ.get("ASYMSTORE_TEST_PYTHON") or None  # interpreter for child processes (default: sys.executable)
 
 
@@ -93,3 +95,7 @@ def flip_byte(path: str, offset: int) -> None:
         b = f.read(1)
         f.seek(offset)
         f.write(bytes([b[0] ^ 0xFF]))
+
+
+#: capabilities of a remote durable tier, for in-memory fakes that stand in for one
+REMOTE = Capabilities(durable=True, volatile=False, atomic_rename=True, ranged_reads=True)

@@ -25,6 +25,7 @@ from asymstore.compression import (
     sample_slices,
 )
 from asymstore.errors import ConfigError
+from tests.helpers import REMOTE
 
 from .helpers import assert_bitequal
 
@@ -97,7 +98,7 @@ class SlowTier(MemoryObjectStore):
 
 def test_auto_compresses_what_pays_on_a_slow_tier() -> None:
     slow = SlowTier(f"memory://slow-{uuid.uuid4().hex}")
-    slow.durable = True
+    slow.capabilities = REMOTE
     noise = torch.from_numpy(np.random.default_rng(1).integers(0, 256, 4 << 20, dtype=np.uint8))  # incompressible
     state = {"zeros": torch.zeros(1 << 20), "noise": noise}
     with Store([slow], chunk_bytes=1 << 16, partition_bytes=4 << 20) as s:
@@ -138,7 +139,7 @@ def test_writer_measures_each_partition_once_per_reuse_window(monkeypatch, reuse
     monkeypatch.setattr(writer_mod, "measure_candidates", lambda *a, **k: calls.append(1) or real(*a, **k))
     slow = SlowTier(f"memory://slow-{uuid.uuid4().hex}")
     slow.bytes_per_s = 200e6
-    slow.durable = True
+    slow.capabilities = REMOTE
     noise = torch.from_numpy(np.random.default_rng(1).integers(0, 256, 1 << 20, dtype=np.uint8))
     state = {"zeros": torch.zeros(1 << 18), "noise": noise}
     with Store([slow], chunk_bytes=1 << 16, partition_bytes=1 << 20, codec_reuse=reuse) as s:

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from asymstore import EveryN, LatestN, Store, TierSpec
 from asymstore.backends.memory import MemoryObjectStore
 from asymstore.retention import ByteBudget, plan_deletions, promotion_wanted
+from tests.helpers import REMOTE
 
 from .helpers import assert_bitequal
 
@@ -117,7 +118,7 @@ class GatedStore(MemoryObjectStore):
 
 def test_a_blocked_lower_tier_never_blocks_training(tmp_path) -> None:
     slow = GatedStore(f"memory://gated-{uuid.uuid4().hex}")
-    slow.durable = True  # act like a remote durable tier
+    slow.capabilities = REMOTE  # act like a remote durable tier
     with Store(
         [TierSpec(str(tmp_path), keep=2), TierSpec(slow, keep=None)], **SMALL, host_slots=2, partition_bytes=1 << 16
     ) as s:
