@@ -108,7 +108,7 @@ class LazyTensor:
                 if row_bytes
                 else torch.empty((stop - start, *self.shape[1:]), dtype=self.dtype)
             )
-            return rows[(slice(None, None, step), *rest)]
+            return rows[(slice(None, None, step),) + tuple(rest)]
         return self.read()[index]
 
 
