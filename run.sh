@@ -3,6 +3,7 @@
 #   ./run.sh demo   - a short training run with asymmetric checkpointing, a restore and a summary
 #                     (examples/gpt2.py --preset demo; extra flags go to it, e.g. ./run.sh demo --strategy sync)
 #   ./run.sh test   - the whole test suite (./run.sh test-quick skips the slow tests)
+#   ./run.sh lint   - ruff (lint + format check) and mypy --strict on asymstore, backends, trainer_hooks
 #   ./run.sh bench NAME - a benchmark script from benchmarks/
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -35,6 +36,10 @@ case "$cmd" in
     if [[ "${CI:-}" == "true" ]]; then export ASYMSTORE_REQUIRE_HDFS=1; fi
     exec python -m pytest -q "$@" ;;
   test-quick) exec python -m pytest -q -m "not slow" "$@" ;;
+  lint)
+    ruff check .
+    ruff format --check .
+    mypy -p asymstore ;;
   bench) name=$1; shift; exec python "benchmarks/$name.py" "$@" ;;
-  *) echo "usage: ./run.sh {demo|test|test-quick|bench NAME}" >&2; exit 2 ;;
+  *) echo "usage: ./run.sh {demo|test|test-quick|lint|bench NAME}" >&2; exit 2 ;;
 esac
