@@ -1,4 +1,4 @@
-r"""Optimal flush batch size for writes to a slower tier (design 2.3). Pure: no I/O, no torch.
+r"""Optimal flush batch size for writes to a slower tier. Pure: no I/O, no torch.
 
 Model
 -----
@@ -251,6 +251,7 @@ class WriteCostFit:
     identifiable: bool
 
     def predict(self, nbytes: float) -> float:
+        """Predicted seconds of one write of ``nbytes``."""
         return self.latency_s + (0.0 if math.isinf(self.bandwidth) else nbytes / self.bandwidth)
 
 
@@ -278,10 +279,12 @@ class LatencyBandwidthModel:
         self._fit = None
 
     def extend(self, samples: Iterable[tuple[int, float]]) -> None:
+        """Record several ``(bytes, seconds)`` writes."""
         for nbytes, seconds in samples:
             self.add(nbytes, seconds)
 
     def clear(self) -> None:
+        """Forget every sample (e.g. after the tier's hardware changed)."""
         self._samples.clear()
         self._fit = None
 
@@ -296,10 +299,12 @@ class LatencyBandwidthModel:
 
     @property
     def latency_s(self) -> float:
+        """The fitted per-write latency ``T_d`` (s)."""
         return self.fit().latency_s
 
     @property
     def bandwidth(self) -> float:
+        """The fitted write bandwidth ``BW`` (bytes/s, may be ``inf``)."""
         return self.fit().bandwidth
 
     def optimal_batch_bytes(self, C: int, **kwargs: object) -> int:
@@ -316,7 +321,7 @@ class LatencyBandwidthModel:
         mb = math.fsum(bs) / n
         mt = math.fsum(ts) / n
         sbb = math.fsum((b - mb) ** 2 for b in bs)
-        sbt = math.fsum((b - mb) * (t - mt) for b, t in zip(bs, ts))
+        sbt = math.fsum((b - mb) * (t - mt) for b, t in zip(bs, ts, strict=True))
         spread = max(bs) - min(bs)
         if n == 1 or spread <= 1e-9 * max(mb, 1.0) or sbb <= 0.0:
             lat = min(self._prior, mt)
@@ -329,7 +334,7 @@ class LatencyBandwidthModel:
             return WriteCostFit(max(mt, 0.0), math.inf, n, True)
         if lat < 0.0:  # best fit through the origin: t = b * slope
             sb2 = math.fsum(b * b for b in bs)
-            slope = math.fsum(b * t for b, t in zip(bs, ts)) / sb2
+            slope = math.fsum(b * t for b, t in zip(bs, ts, strict=True)) / sb2
             lat = 0.0
             if slope <= 0.0:
                 return WriteCostFit(0.0, math.inf, n, True)

@@ -33,6 +33,8 @@ class CodecEstimate:
 
 @dataclass(frozen=True)
 class CodecChoice:
+    """The planner's pick for one partition: the chain, its predicted time, raw's time and the ratio."""
+
     spec: CodecSpec
     predicted_s: float
     raw_s: float
@@ -152,9 +154,11 @@ class CodecDecisions:
         self._d: dict[Hashable, _Decision] = {}
 
     def next_checkpoint(self) -> None:
+        """A new checkpoint starts: remembered choices age by one."""
         self.checkpoints += 1
 
     def get(self, key: Hashable, tier_bw: float) -> CodecSpec | None:
+        """The remembered chain of partition ``key``, unless too old or the bandwidth moved (then ``None``)."""
         d = self._d.get(key)
         if d is None or self.checkpoints - d.made_at >= self.reuse:
             return None
@@ -164,6 +168,7 @@ class CodecDecisions:
         return d.spec
 
     def put(self, key: Hashable, spec: CodecSpec, tier_bw: float) -> None:
+        """Remember the chain measured for partition ``key`` at bandwidth ``tier_bw``."""
         if len(self._d) >= self.max_entries and key not in self._d:
             self._d.clear()  # a new layout: the old one's partitions will not come back
         self._d[key] = _Decision(spec, tier_bw, self.checkpoints)

@@ -37,8 +37,6 @@ class Config:
     staging_budget_bytes: int = 512 * MiB
     #: Background checkpoint failures are logged and counted instead of raised on the next call.
     non_fatal: bool = False
-    #: Verify chunk checksums on every read (always on for restore; lazy reads may skip for speed).
-    verify_reads: bool = True
     #: This process's rank and the number of ranks writing each checkpoint (each writes its shard;
     #: rank 0 commits the step once every rank's shard is durable).
     rank: int = 0
@@ -79,6 +77,7 @@ class Config:
             raise ConfigError(f"background_nice must be in 0..19, got {self.background_nice}")
 
     def replace(self, **changes: Any) -> Config:
+        """A copy with ``changes`` applied (validated again)."""
         return dataclasses.replace(self, **changes)
 
     @classmethod
@@ -93,7 +92,7 @@ class Config:
                 continue
             cur = getattr(cfg, f.name)
             try:
-                if isinstance(cur, bool) or f.name in ("pin_memory", "non_fatal", "verify_reads"):
+                if isinstance(cur, bool) or f.name in ("pin_memory", "non_fatal"):
                     changes[f.name] = raw.lower() in ("1", "true", "yes", "on")
                 elif isinstance(cur, float):
                     changes[f.name] = float(raw)

@@ -11,42 +11,66 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
 from .errors import SnapshotSlotsBusyError
 from .layout import Layout
+from .write_plan import CheckpointContent
 
 _PAGE = 4096
 
 
 def cuda_available() -> bool:
+    """Whether CUDA is present (host slots are then pinned by default)."""
     return torch.cuda.is_available()
 
 
 @dataclass
 class Slot:
+    """One host snapshot slot: a reusable buffer, and the checkpoint it holds once ready."""
+
     index: int
     buffer: torch.Tensor | None = None  # uint8, 1-D
     state: Literal["free", "filling", "ready"] = "free"
     step: int | None = None
-    layout: Layout | None = None
-    skeleton: Any = None
-    numpy_names: list[str] = field(default_factory=list)
-    user: dict[str, Any] = field(default_factory=dict)
+    #: what the checkpoint in the buffer holds besides its bytes (set when the slot becomes ready)
+    content: CheckpointContent | None = None
     persisting: bool = False
     ready_time: float = 0.0
     leases: int = 0  # readers (promotions, restores) that must not see the slot reused
 
     @property
+    def layout(self) -> Layout | None:
+        """The layout of the stream in the buffer (``None`` before the slot was first ready)."""
+        return self.content.layout if self.content is not None else None
+
+    @property
+    def skeleton(self) -> Any:
+        """The state's skeleton (``None`` before the slot was first ready)."""
+        return self.content.skeleton if self.content is not None else None
+
+    @property
+    def numpy_names(self) -> list[str]:
+        """Names of tensors that were numpy arrays, sorted."""
+        return list(self.content.numpy_names) if self.content is not None else []
+
+    @property
+    def user(self) -> dict[str, Any]:
+        """The user's metadata saved with the checkpoint."""
+        return dict(self.content.user) if self.content is not None else {}
+
+    @property
     def capacity(self) -> int:
+        """Bytes of the buffer (0 before the first allocation)."""
         return 0 if self.buffer is None else self.buffer.numel()
 
     def memview(self) -> memoryview:
-        assert self.buffer is not None and self.layout is not None
-        return self.buffer.numpy().data.cast("B")[: self.layout.total_bytes]
+        """The checkpoint's stream in the buffer, as flat bytes (no copy)."""
+        assert self.buffer is not None and self.content is not None
+        return self.buffer.numpy().data.cast("B")[: self.content.layout.total_bytes]
 
 
 class HostPool:
@@ -63,6 +87,7 @@ class HostPool:
     # --- memory accounting -------------------------------------------------------
     @property
     def reserved_bytes(self) -> int:
+        """Host memory held by the slots' buffers (bytes)."""
         return sum(s.capacity for s in self.slots)
 
     def _alloc(self, slot: Slot, nbytes: int) -> None:
@@ -116,24 +141,18 @@ class HostPool:
         self._alloc(pick, nbytes)
         return pick
 
-    def mark_ready(
-        self,
-        slot: Slot,
-        *,
-        layout: Layout,
-        skeleton: Any,
-        numpy_names: list[str],
-        user: dict[str, Any],
-        persisting: bool,
-    ) -> None:
+    def mark_ready(self, slot: Slot, *, content: CheckpointContent, persisting: bool) -> None:
+        """The slot's buffer holds the whole checkpoint ``content`` describes; ``persisting``: its persistence
+        starts now (the slot is not reused before :meth:`mark_persisted`)."""
         with self._cv:
-            slot.layout, slot.skeleton, slot.numpy_names, slot.user = layout, skeleton, numpy_names, user
+            slot.content = content
             slot.state = "ready"
             slot.persisting = persisting
             slot.ready_time = time.monotonic()
             self._cv.notify_all()
 
     def mark_persisted(self, slot: Slot) -> None:
+        """The slot's persistence finished (or failed): it may be reused."""
         with self._cv:
             slot.persisting = False
             self._cv.notify_all()
@@ -145,6 +164,7 @@ class HostPool:
             self._cv.notify_all()
 
     def drop(self, step: int) -> None:
+        """Forget the host copy of ``step`` (its slot becomes free)."""
         with self._cv:
             for s in self.slots:
                 if s.step == step and s.state == "ready":
@@ -161,11 +181,13 @@ class HostPool:
         return None
 
     def unlease(self, slot: Slot) -> None:
+        """End a :meth:`lease`."""
         with self._cv:
             slot.leases -= 1
             self._cv.notify_all()
 
     def find(self, step: int) -> Slot | None:
+        """The ready slot holding ``step``, if any (not leased: it may be reused at any time)."""
         with self._cv:
             for s in self.slots:
                 if s.step == step and s.state == "ready":
@@ -173,6 +195,7 @@ class HostPool:
         return None
 
     def steps(self) -> list[int]:
+        """Steps complete in host memory, oldest first."""
         with self._cv:
             return sorted(s.step for s in self.slots if s.state == "ready" and s.step is not None)
 
@@ -180,7 +203,3 @@ class HostPool:
         """Wait until no slot holding ``step`` is still being persisted."""
         with self._cv:
             return self._cv.wait_for(lambda: not any(s.step == step and s.persisting for s in self.slots), timeout)
-
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        with self._cv:
-            return self._cv.wait_for(lambda: not any(s.persisting for s in self.slots), timeout)

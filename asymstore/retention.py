@@ -1,8 +1,13 @@
-"""Retention and promotion policies for a tier chain (pure: no I/O).
+"""Retention, promotion and delta decisions for a tier chain (pure: no I/O).
 
-A tier keeps a step when *any* of its policies keeps it. The planners never delete the
-only complete copy of the newest step, a delta base that a kept step depends on, or a
-step that a lower tier still has to receive.
+Everything about the life of a step on a tier is decided here, over what the tier manager knows:
+
+* which steps a tier receives (:func:`promotion_wanted`) and keeps (the policies, :func:`plan_deletions`);
+* which steps may be deleted now (:func:`plan_retention`): a tier keeps a step when *any* of its policies keeps
+  it, and never deletes the only durable copy of the newest step, a step a lower tier still has to receive, or
+  a delta base while a kept step depends on it (dependents are deleted before their base);
+* whether a step is written as an XOR delta against the tier's base, and which step becomes the next base
+  (:func:`delta_decision`, :func:`next_delta_state`).
 """
 
 from __future__ import annotations
@@ -11,12 +16,18 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .errors import ConfigError
+from .interfaces import RetentionPolicy
 
 
 class Policy:
-    """Which of a tier's steps (oldest first, with stored sizes) to keep."""
+    """A convenient base for retention policies: receives every step; subclasses say what they keep.
+
+    Any object with ``keep`` and ``wants`` (the :class:`~asymstore.interfaces.RetentionPolicy` protocol) is a
+    policy; subclassing this one is optional.
+    """
 
     def keep(self, steps: Sequence[int], sizes: Mapping[int, int]) -> set[int]:
+        """The steps to keep among ``steps`` (oldest first; ``sizes``: stored bytes per step)."""
         raise NotImplementedError
 
     def wants(self, step: int, age: int) -> bool:
@@ -27,6 +38,8 @@ class Policy:
 
 @dataclass(frozen=True)
 class LatestN(Policy):
+    """Keep (and receive) the newest ``n`` steps."""
+
     n: int
 
     def __post_init__(self) -> None:
@@ -34,9 +47,11 @@ class LatestN(Policy):
             raise ConfigError(f"LatestN needs n >= 1, got {self.n}")
 
     def keep(self, steps: Sequence[int], sizes: Mapping[int, int]) -> set[int]:
+        """The newest ``n`` of ``steps``."""
         return set(sorted(steps)[-self.n :])
 
     def wants(self, step: int, age: int) -> bool:
+        """Receive a step while it is among the newest ``n``."""
         return age < self.n
 
 
@@ -52,10 +67,12 @@ class EveryN(Policy):
             raise ConfigError(f"EveryN needs n >= 1, got {self.n}")
 
     def keep(self, steps: Sequence[int], sizes: Mapping[int, int]) -> set[int]:
+        """The multiples of ``n`` among ``steps`` (the newest ``limit`` of them when set)."""
         hits = sorted(s for s in steps if s % self.n == 0)
         return set(hits if self.limit is None else hits[-self.limit :])
 
     def wants(self, step: int, age: int) -> bool:
+        """Receive the multiples of ``n``."""
         return step % self.n == 0
 
 
@@ -66,6 +83,7 @@ class ByteBudget(Policy):
     max_bytes: int
 
     def keep(self, steps: Sequence[int], sizes: Mapping[int, int]) -> set[int]:
+        """The newest steps whose sizes add up to at most ``max_bytes`` (always the newest)."""
         out: set[int] = set()
         used = 0
         for s in sorted(steps, reverse=True):
@@ -76,40 +94,154 @@ class ByteBudget(Policy):
         return out
 
     def wants(self, step: int, age: int) -> bool:
+        """Receive only the newest step."""
         return age == 0
 
 
 @dataclass(frozen=True)
 class KeepAll(Policy):
+    """Keep every step (the default of a tier without ``keep``)."""
+
     def keep(self, steps: Sequence[int], sizes: Mapping[int, int]) -> set[int]:
+        """All of ``steps``."""
         return set(steps)
 
 
-def parse_keep(keep: int | Policy | Iterable[Policy] | None) -> tuple[Policy, ...]:
-    """``5`` -> LatestN(5); ``None`` -> keep everything; a policy or list of policies as is."""
+def parse_keep(keep: int | RetentionPolicy | Iterable[RetentionPolicy] | None) -> tuple[RetentionPolicy, ...]:
+    """``5`` -> LatestN(5); ``None`` -> keep everything; a policy or list of policies as is.
+
+    A policy is any object satisfying :class:`~asymstore.interfaces.RetentionPolicy`.
+    """
     if keep is None:
         return (KeepAll(),)
-    if isinstance(keep, int):
+    if isinstance(keep, int) and not isinstance(keep, bool):
         return (LatestN(keep),)
-    if isinstance(keep, Policy):
+    if isinstance(keep, RetentionPolicy):
         return (keep,)
-    pols = tuple(keep)
-    if not pols or not all(isinstance(p, Policy) for p in pols):
-        raise ConfigError(f"keep must be an int, a Policy or a list of Policies, got {keep!r}")
+    try:
+        pols = tuple(keep)  # type: ignore[arg-type]
+    except TypeError:
+        pols = ()
+    if not pols or not all(isinstance(p, RetentionPolicy) for p in pols):
+        raise ConfigError(f"keep must be an int, a retention policy or a list of them, got {keep!r}")
     return pols
 
 
-def promotion_wanted(policies: Sequence[Policy], step: int, *, age: int) -> bool:
+def promotion_wanted(policies: Sequence[RetentionPolicy], step: int, *, age: int) -> bool:
     """A tier receives a step that one of its policies would keep; ``age`` counts the step's
     position among the source's steps from the newest (0 = newest)."""
     return any(p.wants(step, age) for p in policies)
 
 
 def plan_deletions(
-    steps: Sequence[int], sizes: Mapping[int, int], policies: Sequence[Policy], *, protected: Iterable[int] = ()
+    steps: Sequence[int],
+    sizes: Mapping[int, int],
+    policies: Sequence[RetentionPolicy],
+    *,
+    protected: Iterable[int] = (),
 ) -> list[int]:
-    """Steps of this tier to delete: not kept by any policy and not ``protected``."""
+    """Steps of this tier to delete: not kept by any policy and not ``protected`` (oldest first)."""
     keep: set[int] = set(protected)
     for p in policies:
         keep |= p.keep(steps, sizes)
     return sorted(s for s in steps if s not in keep)
+
+
+def plan_retention(
+    steps: Sequence[int],
+    sizes: Mapping[int, int],
+    policies: Sequence[RetentionPolicy],
+    *,
+    delta_bases: Mapping[int, int | None],
+    durable_elsewhere: Iterable[int] = (),
+    pending: Iterable[int] = (),
+) -> list[int]:
+    """The steps of a tier to delete now, in the order to delete them (dependents before their base).
+
+    ``delta_bases``: each step's delta base (``None``: a full checkpoint); ``durable_elsewhere``: steps
+    complete on another durable tier; ``pending``: steps a lower tier still has to receive from this one.
+    Never deleted: the newest step unless it is durable elsewhere, a pending step, the delta base of a step
+    that stays.
+    """
+    if not steps:
+        return []
+    protected = set(pending)
+    newest = max(steps)
+    if newest not in set(durable_elsewhere):
+        protected.add(newest)  # never delete the only complete copy of the newest step
+    doomed = set(plan_deletions(steps, sizes, policies, protected=protected))
+    kept = set(steps) - doomed
+    # delta bases of kept steps stay (a base is always a full checkpoint: one level to follow)
+    doomed -= {b for s in kept if (b := delta_bases.get(s)) is not None}
+    return sorted(doomed, reverse=True)  # a delta is newer than its base: dependents go first
+
+
+# --- deltas ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DeltaState:
+    """What a tier remembers about its delta base: the base step, its layout signature, and how many deltas
+    were written against it since it was written."""
+
+    base_step: int | None = None
+    signature: str | None = None
+    since_base: int = 0
+
+
+@dataclass(frozen=True)
+class DeltaDecision:
+    """Whether a step may be written as an XOR delta: against ``base_step`` (``None``: full), and why."""
+
+    base_step: int | None
+    reason: str
+
+
+def delta_decision(
+    step: int, signature: str, state: DeltaState, *, delta_every: int, whole_stream: bool
+) -> DeltaDecision:
+    """Whether ``step`` (laid out as ``signature``) may be XOR-encoded against the tier's base.
+
+    A full base is written every ``delta_every`` checkpoints and the ones between are offered the base; a
+    stream read range by range (from another tier) is never a delta (the XOR needs the whole stream at hand).
+    """
+    if delta_every <= 0:
+        return DeltaDecision(None, "deltas off")
+    if not whole_stream:
+        return DeltaDecision(None, "stream read range by range")
+    if state.base_step is None:
+        return DeltaDecision(None, "no base yet")
+    if state.signature != signature:
+        return DeltaDecision(None, "layout changed since the base")
+    if state.base_step == step:
+        return DeltaDecision(None, "step is the base")
+    if state.since_base >= delta_every - 1:
+        return DeltaDecision(None, f"a full checkpoint every {delta_every}")
+    return DeltaDecision(state.base_step, f"delta {state.since_base + 1} of {delta_every - 1}")
+
+
+def next_delta_state(
+    state: DeltaState, step: int, signature: str, *, delta_every: int, used_delta: bool
+) -> tuple[DeltaState, bool]:
+    """The tier's delta state after writing ``step`` from a whole stream, and whether that stream becomes
+    the new base (a step written in full, while deltas are on, is the base of the next ones)."""
+    if delta_every <= 0:
+        return state, False
+    if used_delta:
+        return DeltaState(state.base_step, state.signature, state.since_base + 1), False
+    return DeltaState(step, signature, 0), True
+
+
+__all__ = [
+    "ByteBudget",
+    "DeltaDecision",
+    "DeltaState",
+    "EveryN",
+    "KeepAll",
+    "LatestN",
+    "Policy",
+    "delta_decision",
+    "next_delta_state",
+    "parse_keep",
+    "plan_deletions",
+    "plan_retention",
+    "promotion_wanted",
+]

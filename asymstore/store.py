@@ -31,6 +31,7 @@ from .errors import (
     StepNotFoundError,
 )
 from .hostpool import HostPool, Slot
+from .interfaces import RetentionPolicy
 from .layout import Layout, plan_layout
 from .manifest import Manifest
 from .snapshot import copy_all, dest_view
@@ -38,6 +39,7 @@ from .state import FlatState, flatten, unflatten
 from .threads import lower_thread_priority
 from .tiermanager import TierManager
 from .tiers import PersistentTier
+from .write_plan import CheckpointContent
 from .writer import WriteReport
 
 log = logging.getLogger("asymstore")
@@ -47,16 +49,21 @@ NameFilter = Iterable[str] | Callable[[str], bool] | None
 
 @dataclass(frozen=True)
 class TierSpec:
-    """A persistent tier and its retention: ``keep`` is an int (latest N), a policy or a list of them."""
+    """A persistent tier and its retention: ``keep`` is an int (latest N), a policy or a list of them.
+
+    A policy is any object satisfying :class:`~asymstore.interfaces.RetentionPolicy` (``keep`` and ``wants``).
+    """
 
     url: str | ObjectStore
-    keep: Any = None
+    keep: int | RetentionPolicy | list[RetentionPolicy] | None = None
     name: str | None = None
     partition_bytes: int | None = None
 
 
 @dataclass
 class SaveResult:
+    """What one save did: the snapshot's time and, per persistent tier written, its write report."""
+
     step: int
     skipped: bool = False
     snapshot_seconds: float = 0.0
@@ -66,6 +73,7 @@ class SaveResult:
 
     @property
     def raw_bytes(self) -> int:
+        """Bytes of the checkpoint's stream (0 when no tier was written)."""
         return next(iter(self.reports.values())).raw_bytes if self.reports else 0
 
 
@@ -77,13 +85,16 @@ class SaveHandle:
         self._future = future
 
     def done(self) -> bool:
+        """Whether persistence finished (or failed)."""
         return self._future.done()
 
     def result(self, timeout: float | None = None) -> SaveResult:
+        """Wait for persistence to the first persistent tier; re-raise its error."""
         return self._future.result(timeout)
 
     @property
     def skipped(self) -> bool:
+        """Whether the slot policy skipped this checkpoint (every host slot was still persisting)."""
         return self._future.done() and not self._future.exception() and self._future.result().skipped
 
 
@@ -108,6 +119,7 @@ class PendingSnapshot:
 
     @property
     def buffer(self) -> torch.Tensor:
+        """The slot's buffer the snapshot is copied into."""
         assert self.slot.buffer is not None
         return self.slot.buffer
 
@@ -222,6 +234,7 @@ class Store:
             )
 
     def abort_snapshot(self, snap: PendingSnapshot) -> None:
+        """Give the slot of a snapshot that will not be committed back (e.g. its copy failed)."""
         self.host.release(snap.slot)
 
     def commit_snapshot(self, snap: PendingSnapshot, *, copies_done: Callable[[], None] | None = None) -> SaveHandle:
@@ -242,14 +255,8 @@ class Store:
         return SaveHandle(snap.step, self._executor.submit(self._persist, snap, snap_s, copies_done))
 
     def _mark_ready(self, snap: PendingSnapshot) -> None:
-        self.host.mark_ready(
-            snap.slot,
-            layout=snap.layout,
-            skeleton=snap.flat.skeleton,
-            numpy_names=sorted(snap.flat.numpy_names),
-            user=snap.user,
-            persisting=bool(self.tiers),
-        )
+        content = CheckpointContent(snap.layout, snap.flat.skeleton, tuple(snap.flat.numpy_names), snap.user)
+        self.host.mark_ready(snap.slot, content=content, persisting=bool(self.tiers))
 
     def _persist(self, snap: PendingSnapshot, snap_s: float, copies_done: Callable[[], None] | None) -> SaveResult:
         result = SaveResult(snap.step, snapshot_seconds=snap_s, persist_started=time.perf_counter())
@@ -262,14 +269,8 @@ class Store:
                     raise
                 self._mark_ready(snap)
             assert self.manager is not None
-            rep = self.manager.persist_primary(
-                snap.step,
-                snap.slot.memview(),
-                snap.layout,
-                snap.flat.skeleton,
-                sorted(snap.flat.numpy_names),
-                snap.user,
-            )
+            assert snap.slot.content is not None
+            rep = self.manager.persist_primary(snap.step, snap.slot.memview(), snap.slot.content)
             result.reports[self.tiers[0].name] = rep
             result.persist_finished = time.perf_counter()
             return result
@@ -312,6 +313,7 @@ class Store:
         return handle
 
     def save_async(self, state: Any, step: int, *, user: dict[str, Any] | None = None) -> SaveHandle:
+        """``save(..., blocking=False)``: returns once the snapshot is in host memory."""
         return self.save(state, step, blocking=False, user=user)
 
     def wait(self, timeout: float | None = None) -> None:

@@ -6,30 +6,42 @@ promotion thread that copies committed steps from the tier above (or straight fr
 host slot while it is still there), in batches of that tier's B* bytes — one object per
 batch — retrying with backoff when the tier is unreachable. Training never waits on a
 promotion: a dead HDFS only delays the steps it has not received yet.
+
+Both paths share one tail (:meth:`TierManager._write`): plan, write, finalize (multi-rank), mark, record
+history, apply retention. They differ only in their source. What to delete is decided by
+:func:`.retention.plan_retention`; this module only gathers what it needs.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import CorruptCheckpointError
 from .hostpool import HostPool
-from .layout import Layout
-from .retention import plan_deletions, promotion_wanted
+from .interfaces import StreamSource
+from .retention import plan_retention, promotion_wanted
+from .retry import Backoff, poll
 from .threads import lower_thread_priority
 from .tiers import PersistentTier
+from .write_plan import CheckpointContent
 from .writer import ReaderSource, WriteReport
 
 log = logging.getLogger("asymstore.tiers")
 
+#: a write's source: the whole stream (a host slot), or a factory of a range source given the range size
+Source = memoryview | Callable[[int], StreamSource]
+
 
 @dataclass
 class TierActivity:
+    """What a tier's writers did: the step in flight, counts, the last error and recent write history."""
+
     in_flight: int | None = None
     promoted: int = 0
     deleted: int = 0
@@ -41,6 +53,8 @@ class TierActivity:
 
 
 class TierManager:
+    """Persists snapshots to the first tier, promotes them down the chain, applies retention."""
+
     def __init__(self, tiers: Sequence[PersistentTier], host: HostPool, *, max_backoff_s: float = 30.0) -> None:
         self.tiers = list(tiers)
         self.host = host
@@ -61,41 +75,69 @@ class TierManager:
         for th in self._threads:
             th.start()
 
-    # --- the first persistent tier -------------------------------------------------
-    def persist_primary(
-        self, step: int, stream: memoryview, layout: Layout, skeleton: Any, numpy_names: list[str], user: dict[str, Any]
-    ) -> WriteReport:
-        tier = self.tiers[0]
+    # --- writing: one path for the first tier and for promotions ---------------------------------
+    def persist_primary(self, step: int, stream: memoryview, content: CheckpointContent) -> WriteReport:
+        """Write a snapshot from its host slot (``stream``) to the first persistent tier."""
+        return self._write(0, step, stream, content)
+
+    def promote(self, k: int, step: int) -> WriteReport:
+        """Copy ``step`` from the fastest place that has it (its host slot, else tier ``k-1``) into tier ``k``."""
+        dst = self.tiers[k]
+        if dst.multi_rank and dst.has_shard(step):  # only the global marker is missing (rank 0)
+            act = self.activity[dst.name]
+            act.in_flight = step
+            try:
+                dst.finalize(step)
+                self._mark(dst, step, True)
+            finally:
+                act.in_flight = None
+            self._housekeep(k)
+            return WriteReport(step, 0, 0, 0)
+        slot = self.host.lease(step)
+        try:
+            if slot is not None and slot.content is not None:
+                return self._write(k, step, slot.memview(), slot.content)
+            reader = self.tiers[k - 1].reader(step)
+            content = CheckpointContent.of_manifest(reader.manifest)
+            return self._write(k, step, lambda max_range: ReaderSource(reader, max_range), content)
+        finally:
+            if slot is not None:
+                self.host.unlease(slot)
+
+    def _write(self, k: int, step: int, source: Source, content: CheckpointContent) -> WriteReport:
+        """Plan, write, finalize (multi-rank), mark, record history, apply retention."""
+        tier = self.tiers[k]
         act = self.activity[tier.name]
         act.in_flight = step
         try:
             with tier.lock:
-                writer = tier.writer(layout.total_bytes)
-                act.last_partition_bytes = writer.partition_bytes
-                rep = writer.write(
-                    step,
-                    stream,
-                    layout,
-                    skeleton,
-                    numpy_names=numpy_names,
-                    user=user,
-                    delta_base=tier.delta_for(layout.signature),
-                    prefix=tier.shard_prefix(step),
-                )
-                tier.after_write(step, stream, layout.signature, rep.delta_base is not None)
+                whole = isinstance(source, memoryview)
+                plan = tier.plan(step, content.layout, whole_stream=whole)
+                act.last_partition_bytes = plan.partition_bytes
+                stream = source if isinstance(source, memoryview) else source(plan.partition_bytes)
+                rep = tier.writer().write(plan, stream, content, delta_base=tier.delta_base(plan))
+                if isinstance(stream, memoryview):
+                    tier.after_write(plan, stream, content.layout.signature, rep)
             if tier.multi_rank and tier.config.rank == 0:
                 tier.finalize(step)
+            self._mark(tier, step, True)
+            if k:
+                act.promoted += 1
             act.history.append((step, rep.seconds, rep.stored_bytes))
             del act.history[:-100]
         finally:
             act.in_flight = None
-        self._mark(tier, step, True)
-        try:
-            self.apply_retention(0)
-        except Exception as e:  # retention is housekeeping: it never fails a checkpoint
-            log.warning("retention on %s failed: %s", tier.name, e)
-        self.notify()
+        self._housekeep(k)
         return rep
+
+    def _housekeep(self, k: int) -> None:
+        """Retention on tier ``k`` and on its source tier (which may now let go of what ``k`` received)."""
+        for j in (k - 1, k) if k else (0,):
+            try:
+                self.apply_retention(j)
+            except Exception as e:  # retention is housekeeping: it never fails a checkpoint
+                log.warning("retention on %s failed: %s", self.tiers[j].name, e)
+        self.notify()
 
     # --- what each tier holds ------------------------------------------------------
     def steps_of(self, tier: PersistentTier, *, refresh: bool = False) -> list[int]:
@@ -115,6 +157,7 @@ class TierManager:
                 (known.add if present else known.discard)(step)
 
     def notify(self) -> None:
+        """Wake the promotion threads (a new step may be pending)."""
         with self._cv:
             self._cv.notify_all()
 
@@ -136,7 +179,7 @@ class TierManager:
         dst = self.tiers[k]
         lower_thread_priority(dst.config.background_nice, dst.config.background_idle)
         act = self.activity[dst.name]
-        backoff = 0.5
+        backoff = Backoff(initial_s=0.5, max_s=self.max_backoff_s)
         while True:
             with self._cv:
                 if self._closed:
@@ -150,76 +193,17 @@ class TierManager:
             try:
                 self.steps_of(dst, refresh=True)  # this thread owns the (possibly slow) listing
                 todo = self.pending(k)
-                for step in todo[:1]:  # re-evaluate after each step: newer ones may have arrived
-                    self.promote(k, step)
-                    backoff = 0.5
-                if todo:
-                    self.apply_retention(k - 1)
-                    self.apply_retention(k)
-                    with self._cv:
-                        self._cv.notify_all()  # more may be pending: loop without waiting
+                if todo:  # one at a time, then re-evaluate: newer ones may have arrived
+                    self.promote(k, todo[0])
+                    backoff.reset()
                     act.retry_at = 0.0
-                    continue
+                    self.notify()  # more may be pending: loop without waiting
             except Exception as e:  # unreachable tier, damaged source ...: retry later
+                wait_s = backoff.next()
                 act.errors += 1
                 act.last_error = f"{type(e).__name__}: {e}"
-                act.retry_at = time.monotonic() + backoff
-                log.warning("promotion to %s failed (%s); retrying in %.1f s", dst.name, act.last_error, backoff)
-                backoff = min(backoff * 2, self.max_backoff_s)
-
-    def promote(self, k: int, step: int) -> WriteReport:
-        """Copy ``step`` from the fastest place that has it into tier ``k``."""
-        dst = self.tiers[k]
-        act = self.activity[dst.name]
-        act.in_flight = step
-        if dst.multi_rank and dst.has_shard(step):  # only the global marker is missing (rank 0)
-            try:
-                dst.finalize(step)
-                self._mark(dst, step, True)
-                return WriteReport(step, 0, 0, 0)
-            finally:
-                act.in_flight = None
-        slot = self.host.lease(step)
-        try:
-            if slot is not None and slot.layout is not None:
-                layout, skeleton, names, user = slot.layout, slot.skeleton, slot.numpy_names, slot.user
-                source: Any = slot.memview()
-            else:
-                reader = self.tiers[k - 1].reader(step)
-                m = reader.manifest
-                layout, skeleton, names, user = m.layout, m.skeleton, m.numpy_names, m.user
-                source = None
-            with dst.lock:
-                writer = dst.writer(layout.total_bytes)
-                act.last_partition_bytes = writer.partition_bytes
-                if source is None:
-                    source = ReaderSource(reader, writer.partition_bytes)
-                    delta = None
-                else:
-                    delta = dst.delta_for(layout.signature)
-                rep = writer.write(
-                    step,
-                    source,
-                    layout,
-                    skeleton,
-                    numpy_names=names,
-                    user=user,
-                    delta_base=delta,
-                    prefix=dst.shard_prefix(step),
-                )
-                if isinstance(source, memoryview):
-                    dst.after_write(step, source, layout.signature, rep.delta_base is not None)
-            if dst.multi_rank and dst.config.rank == 0:
-                dst.finalize(step)
-            self._mark(dst, step, True)
-            act.promoted += 1
-            act.history.append((step, rep.seconds, rep.stored_bytes))
-            del act.history[:-100]
-            return rep
-        finally:
-            act.in_flight = None
-            if slot is not None:
-                self.host.unlease(slot)
+                act.retry_at = time.monotonic() + wait_s
+                log.warning("promotion to %s failed (%s); retrying in %.1f s", dst.name, act.last_error, wait_s)
 
     # --- retention ---------------------------------------------------------------
     def _commit(self, tier: PersistentTier, step: int) -> dict[str, Any]:
@@ -228,31 +212,31 @@ class TierManager:
             self._commit_cache[key] = dict(tier.commit_info(step))
         return self._commit_cache[key]
 
+    def _durable_elsewhere(self, tier: PersistentTier) -> set[int]:
+        out: set[int] = set()
+        for t in self.tiers:
+            if t is not tier and t.store.durable:
+                with self._known_lock:  # what is known; an unlisted tier protects everything
+                    out |= self._known.get(t.name, set())
+        return out
+
     def apply_retention(self, j: int) -> list[int]:
-        """Delete steps of tier ``j`` that its policies do not keep, unless deleting would lose data."""
+        """Delete the steps of tier ``j`` that :func:`.retention.plan_retention` lets go; returns them."""
         tier = self.tiers[j]
         steps = self.steps_of(tier)
         if not steps:
             return []
         try:
-            sizes = {s: int(self._commit(tier, s).get("stored_bytes", 0)) for s in steps}
-            protected: set[int] = set()
-            durable_elsewhere = set()
-            for t in self.tiers:
-                if t is not tier and t.store.durable:
-                    with self._known_lock:  # what is known; an unlisted tier protects everything
-                        durable_elsewhere |= self._known.get(t.name, set())
-            newest = max(steps)
-            if newest not in durable_elsewhere:
-                protected.add(newest)  # never delete the only complete copy of the newest step
-            if j + 1 < len(self.tiers):
-                protected |= set(self.pending(j + 1))  # still to be promoted from here
-            keep_now = set(steps) - set(plan_deletions(steps, sizes, tier.policies, protected=protected))
-            for s in list(keep_now):  # delta bases of kept steps stay
-                base = self._commit(tier, s).get("delta_base")
-                if isinstance(base, int):
-                    protected.add(base)
-            doomed = plan_deletions(steps, sizes, tier.policies, protected=protected)
+            commits = {s: self._commit(tier, s) for s in steps}
+            bases = {s: b if isinstance(b := c.get("delta_base"), int) else None for s, c in commits.items()}
+            doomed = plan_retention(
+                steps,
+                {s: int(c.get("stored_bytes", 0)) for s, c in commits.items()},
+                tier.policies,
+                delta_bases=bases,
+                durable_elsewhere=self._durable_elsewhere(tier),
+                pending=self.pending(j + 1) if j + 1 < len(self.tiers) else (),
+            )
         except CorruptCheckpointError as e:
             log.warning("retention on %s skipped: %s", tier.name, e)
             return []
@@ -265,6 +249,7 @@ class TierManager:
 
     # --- status and lifecycle ------------------------------------------------------
     def status(self) -> list[dict[str, Any]]:
+        """Per tier: known steps, pending and in-flight promotions, write measurements, counts, last error."""
         out = []
         for k, t in enumerate(self.tiers):
             act = self.activity[t.name]
@@ -293,21 +278,22 @@ class TierManager:
             )
         return out
 
+    def _idle(self) -> bool | None:
+        busy = any(
+            self.pending(k) or self.activity[t.name].in_flight is not None for k, t in enumerate(self.tiers) if k
+        )
+        if not busy:
+            return True
+        self.notify()
+        return None
+
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until no promotion is pending; False on timeout (see :meth:`status` for errors)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            busy = any(
-                self.pending(k) or self.activity[t.name].in_flight is not None for k, t in enumerate(self.tiers) if k
-            )
-            if not busy:
-                return True
-            if deadline is not None and time.monotonic() > deadline:
-                return False
-            self.notify()
-            time.sleep(0.05)
+        wait_s = math.inf if timeout is None else timeout
+        return poll(self._idle, timeout_s=wait_s, backoff=Backoff(initial_s=0.05, max_s=0.05)) is not None
 
     def close(self) -> None:
+        """Stop the promotion threads (pending promotions stay pending)."""
         with self._cv:
             self._closed = True
             self._cv.notify_all()

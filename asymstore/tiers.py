@@ -1,4 +1,9 @@
-"""A persistent tier: an object store plus what asymstore measures and keeps about it."""
+"""A persistent tier: a backend plus what asymstore measures and keeps about it.
+
+The tier measures its write costs (:class:`WriteStats`), holds its delta base and retention policies, and
+asks the planners for every decision: :mod:`.write_plan` for how a checkpoint is written (B*, codecs) and
+:mod:`.retention` for deltas and deletions.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +15,18 @@ from dataclasses import dataclass, field
 from asymstore.backends import open_object_store, scheme_of
 from asymstore.backends.base import ObjectStore
 
-from .batch_plan import LatencyBandwidthModel, optimal_batch_bytes
+from .batch_plan import LatencyBandwidthModel
 from .compression import CodecDecisions
 from .config import Config, MiB
 from .errors import CheckpointFailedError, CorruptCheckpointError
+from .interfaces import RetentionPolicy
+from .layout import Layout
 from .manifest import COMMIT_KEY, GROUP_KEY, global_commit_record, parse_commit, parse_step_dir, shard_dir, step_dir
 from .reader import CheckpointReader, committed_steps
-from .retention import Policy, parse_keep
-from .writer import CheckpointWriter, DeltaBase, ensure_root_group
+from .retention import DeltaState, next_delta_state, parse_keep
+from .retry import Backoff, poll
+from .write_plan import WriteModel, WriteOptions, WritePlan, batch_bytes, parse_compression, plan_write
+from .writer import CheckpointWriter, DeltaBase, WriteReport, ensure_root_group
 from .zarrfmt import dumps, group_metadata
 
 
@@ -35,6 +44,7 @@ class WriteStats:
     small_write_s: float = 0.0
 
     def observe(self, nbytes: int, seconds: float) -> None:
+        """Record one real write of ``nbytes`` that took ``seconds``."""
         self.writes += 1
         self.bytes_written += nbytes
         self.seconds_writing += seconds
@@ -43,12 +53,18 @@ class WriteStats:
 
     @property
     def latency_s(self) -> float:
+        """Per-write latency: the fitted intercept, at least the probe's small-write time."""
         fitted = self.model.latency_s if len(self.model) else 0.0
         return max(fitted, self.small_write_s)
 
     @property
     def bandwidth(self) -> float:
+        """Fitted write bandwidth (bytes/s; 0 before any measurement)."""
         return self.model.bandwidth if len(self.model) else 0.0
+
+    def write_model(self) -> WriteModel:
+        """The measured costs as the write planner takes them."""
+        return WriteModel(self.latency_s, self.bandwidth, self.stage_bandwidth)
 
     @property
     def throughput(self) -> float:
@@ -65,7 +81,7 @@ class PersistentTier:
         config: Config,
         *,
         name: str | None = None,
-        keep: int | Policy | list[Policy] | None = None,
+        keep: int | RetentionPolicy | list[RetentionPolicy] | None = None,
         partition_bytes: int | None = None,
     ) -> None:
         if isinstance(url_or_store, ObjectStore):
@@ -86,9 +102,10 @@ class PersistentTier:
         self.codec_decisions = CodecDecisions(reuse=config.codec_reuse)
         self._probed = False
         self.lock = threading.Lock()  # one writer per tier at a time
+        #: what :mod:`.retention` decides deltas from; ``delta`` holds the base's stream
+        self.delta_state = DeltaState()
         self.delta: DeltaBase | None = None
         self._delta_buf: bytearray | None = None
-        self.since_base = 0
         ensure_root_group(self.store)
 
     # --- measurement -------------------------------------------------------------
@@ -122,72 +139,80 @@ class PersistentTier:
         return self.stats
 
     def bandwidth(self) -> float:
+        """Current write bandwidth (bytes/s); ``inf`` for a volatile backend (a memory copy)."""
         if self.store.capabilities.volatile:
             return float("inf")
         return self.probe().bandwidth or float("inf")
 
-    def partition_bytes(self, checkpoint_bytes: int) -> int:
-        """B*: the batch (= stored object) size minimising the modelled flush time (design 2.3)."""
-        chunk = self.config.chunk_bytes
-        if self.fixed_partition_bytes:
-            return self.fixed_partition_bytes
-        if self.store.capabilities.volatile:
-            # no write latency to amortise: as large as the budget allows, which two pipeline stages share,
-            # each holding at most a source range and an encoded copy
-            b = min(max(checkpoint_bytes, chunk), self.config.staging_budget_bytes // 4)
-        else:
-            st = self.probe()
-            # CheckpointWriter encodes partition i+1 while it writes partition i: buffers=2 in the time model.
-            # Memory held per stage, in partitions: the source range (a ReaderSource buffer when promoting from
-            # the tier above; nothing when it reads a host slot) plus, when it may compress or delta-encode,
-            # the encoded copy (``buffers`` divides the budget between the two stages). Raw partitions written
-            # from the slots hold nothing: the budget does not bound them.
-            raw = self.config.compression == "none" and self.config.delta_every <= 0
-            held = (0 if self.writes_from_slots_only else 1) + (0 if raw else 1)
-            b = optimal_batch_bytes(
-                max(checkpoint_bytes, 1),
-                st.latency_s,
-                st.bandwidth or 1e9,
-                stage_bandwidth=st.stage_bandwidth,
-                buffers=2,
-                staging_budget_bytes=self.config.staging_budget_bytes // held if held else None,
-                min_batch_bytes=chunk,
-                align=chunk,
-            )
-        return max(-(-b // chunk), 1) * chunk
+    # --- planning and writing ----------------------------------------------------
+    def write_options(self) -> WriteOptions:
+        """How this tier is written: the configuration, its role and its backend's capabilities."""
+        c = self.config
+        return WriteOptions(
+            chunk_bytes=c.chunk_bytes,
+            compression=parse_compression(c.compression),
+            partition_bytes=self.fixed_partition_bytes,
+            delta_every=c.delta_every,
+            staging_budget_bytes=c.staging_budget_bytes,
+            from_slots_only=self.writes_from_slots_only,
+            volatile=self.store.capabilities.volatile,
+        )
 
-    def writer(self, checkpoint_bytes: int) -> CheckpointWriter:
+    def _model(self, options: WriteOptions) -> WriteModel | None:
+        return self.probe().write_model() if options.needs_model else None
+
+    def partition_bytes(self, checkpoint_bytes: int) -> int:
+        """B* of a checkpoint of ``checkpoint_bytes`` on this tier (asks :func:`.write_plan.batch_bytes`)."""
+        options = self.write_options()
+        return batch_bytes(checkpoint_bytes, options, self._model(options))
+
+    def plan(self, step: int, layout: Layout, *, whole_stream: bool) -> WritePlan:
+        """The write plan of ``step`` on this tier (probes the tier first when B* needs its write model)."""
+        options = self.write_options()
+        return plan_write(
+            step,
+            layout,
+            options,
+            model=self._model(options),
+            delta=self.delta_state,
+            whole_stream=whole_stream,
+            prefix=self.shard_prefix(step),
+        )
+
+    def writer(self) -> CheckpointWriter:
+        """A writer executing plans on this tier's backend, feeding its measurements and codec memory."""
         return CheckpointWriter(
             self.store,
-            partition_bytes=self.partition_bytes(checkpoint_bytes),
-            chunk_bytes=self.config.chunk_bytes,
-            compression=self.config.compression,
             tier_bandwidth=self.bandwidth,
             on_write=self.stats.observe,
             decisions=self.codec_decisions,
         )
 
     # --- delta bases -------------------------------------------------------------
-    def delta_for(self, signature: str) -> DeltaBase | None:
-        k = self.config.delta_every
-        if k <= 0 or self.delta is None or self.delta.signature != signature or self.since_base >= k - 1:
+    def delta_base(self, plan: WritePlan) -> DeltaBase | None:
+        """The stream of the base ``plan`` offers (``None`` when it offers none)."""
+        if plan.delta_base is None:
             return None
+        assert self.delta is not None and self.delta.step == plan.delta_base
         return self.delta
 
-    def after_write(self, step: int, stream: memoryview, signature: str, used_delta: bool) -> None:
-        if self.config.delta_every <= 0:
-            return
-        if used_delta:
-            self.since_base += 1
+    def after_write(self, plan: WritePlan, stream: memoryview, signature: str, report: WriteReport) -> None:
+        """Update the delta state after ``plan`` was written from the whole ``stream``; keep a new base."""
+        used = report.delta_base is not None
+        c = self.config
+        self.delta_state, new_base = next_delta_state(
+            self.delta_state, plan.step, signature, delta_every=c.delta_every, used_delta=used
+        )
+        if not new_base:
             return
         if self._delta_buf is None or len(self._delta_buf) != len(stream):
             self._delta_buf = bytearray(len(stream))
         self._delta_buf[:] = stream
-        self.delta = DeltaBase(step, signature, memoryview(self._delta_buf))
-        self.since_base = 0
+        self.delta = DeltaBase(plan.step, signature, memoryview(self._delta_buf))
 
     @property
     def reserved_bytes(self) -> int:
+        """Host memory held for the delta base (bytes)."""
         return len(self._delta_buf) if self._delta_buf is not None else 0
 
     # --- catalogue ---------------------------------------------------------------
@@ -200,9 +225,11 @@ class PersistentTier:
     # --- multi-rank ----------------------------------------------------------------
     @property
     def multi_rank(self) -> bool:
+        """Whether several ranks write each checkpoint (each its own rank directory)."""
         return self.config.world_size > 1
 
     def shard_prefix(self, step: int) -> str:
+        """Where this rank writes ``step``: the step's directory, or its rank directory in a multi-rank run."""
         return shard_dir(step, self.config.rank, self.config.world_size) + "/"
 
     def has_shard(self, step: int) -> bool:
@@ -211,26 +238,22 @@ class PersistentTier:
     def finalize(self, step: int, *, timeout: float | None = None) -> None:
         """Rank 0: once every rank's shard marker is durable, write the step's global marker."""
         n = self.config.world_size
-        deadline = time.monotonic() + (self.config.commit_timeout_s if timeout is None else timeout)
+        wait_s = self.config.commit_timeout_s if timeout is None else timeout
         keys = {r: f"{shard_dir(step, r, n)}/{COMMIT_KEY}" for r in range(n)}
         raw: dict[int, bytes] = {}
-        delay = 0.01
-        while len(raw) < n:
+
+        def all_markers() -> dict[int, bytes] | None:
             for r, k in keys.items():
-                if r not in raw:
-                    b = self.store.get(k)
-                    if b is not None:
-                        raw[r] = b
-            if len(raw) == n:
-                break
-            if time.monotonic() > deadline:
-                missing = sorted(set(keys) - set(raw))
-                raise CheckpointFailedError(
-                    f"step {step} not committed on {self.name}: ranks {missing} did not "
-                    f"finish their shards within {self.config.commit_timeout_s:.0f} s"
-                )
-            time.sleep(delay)
-            delay = min(delay * 2, 0.5)
+                if r not in raw and (b := self.store.get(k)) is not None:
+                    raw[r] = b
+            return raw if len(raw) == n else None
+
+        if poll(all_markers, timeout_s=wait_s, backoff=Backoff(initial_s=0.01, max_s=0.5)) is None:
+            missing = sorted(set(keys) - set(raw))
+            raise CheckpointFailedError(
+                f"step {step} not committed on {self.name}: ranks {missing} did not "
+                f"finish their shards within {wait_s:.0f} s"
+            )
         markers = {r: parse_commit(b, keys[r]) for r, b in raw.items()}
         prefix = step_dir(step) + "/"
         self.store.put(prefix + GROUP_KEY, dumps(group_metadata({"asymstore": {"step": step, "ranks": n}})))
@@ -285,4 +308,5 @@ class PersistentTier:
             self.store.delete_prefix(self.shard_prefix(step))
 
     def close(self) -> None:
+        """Release the backend."""
         self.store.close()

@@ -14,7 +14,10 @@ import pytest
 from asymstore import writer as writer_mod
 from asymstore.backends.memory import MemoryObjectStore
 from asymstore.layout import plan_layout
+from asymstore.manifest import step_dir
 from asymstore.reader import CheckpointReader
+from asymstore.retention import DeltaState
+from asymstore.write_plan import CheckpointContent, WriteOptions, parse_compression, plan_write
 from asymstore.writer import CheckpointWriter, DeltaBase, ReaderSource
 
 CHUNK = 4096
@@ -23,6 +26,19 @@ PART = 4 * CHUNK
 
 def _layout(nbytes: int):
     return plan_layout([("w", "float32", (nbytes // 4,), nbytes)])
+
+
+def _write(store, step, stream, layout, *, compression="none", delta: DeltaBase | None = None):
+    """Plan ``step`` with fixed partitions of PART bytes and execute the plan."""
+    options = WriteOptions(
+        chunk_bytes=CHUNK, partition_bytes=PART, compression=parse_compression(compression), delta_every=4
+    )
+    state = DeltaState(delta.step, delta.signature, 0) if delta else DeltaState()
+    plan = plan_write(
+        step, layout, options, delta=state, whole_stream=isinstance(stream, memoryview), prefix=step_dir(step) + "/"
+    )
+    content = CheckpointContent(layout, {"__tensor__": "w"})
+    return CheckpointWriter(store).write(plan, stream, content, delta_base=delta)
 
 
 def _stream(nbytes: int, seed: int) -> np.ndarray:
@@ -65,9 +81,8 @@ def test_next_partition_is_encoded_while_the_current_one_is_written(monkeypatch)
     monkeypatch.setattr(writer_mod, "encode_shard", spy)
     n = 6 * PART
     store = SlowStore(delay=0.05)
-    w = CheckpointWriter(store, partition_bytes=PART, chunk_bytes=CHUNK, compression="none")
     data = _stream(n, 1)
-    rep = w.write(1, memoryview(data), _layout(n), {"__tensor__": "w"}, numpy_names=[])
+    rep = _write(store, 1, memoryview(data), _layout(n))
     assert rep.objects == 6
     shard_puts = [p for p in store.puts if "/c/" in p[0]]
     assert len(shard_puts) == 6 and len(encodes) == 6
@@ -82,15 +97,14 @@ def test_next_partition_is_encoded_while_the_current_one_is_written(monkeypatch)
 def test_pipelined_output_reads_back_exactly(compression: str) -> None:
     n = 7 * PART + 3 * CHUNK + 100  # a partial last partition and a partial last chunk
     store = MemoryObjectStore(f"memory://pipeline-{uuid.uuid4().hex}")
-    w = CheckpointWriter(store, partition_bytes=PART, chunk_bytes=CHUNK, compression=compression)
     layout = _layout(n - n % 4)
     n = layout.total_bytes
     base = _stream(n, 2)
-    w.write(1, memoryview(base), layout, {"__tensor__": "w"}, numpy_names=[])
+    _write(store, 1, memoryview(base), layout, compression=compression)
     cur = base.copy()
     cur[::97] ^= 0x11  # sparse changes: the XOR delta of each partition differs
     delta = DeltaBase(1, layout.signature, memoryview(base))
-    rep = w.write(2, memoryview(cur), layout, {"__tensor__": "w"}, numpy_names=[], delta_base=delta)
+    rep = _write(store, 2, memoryview(cur), layout, compression=compression, delta=delta)
     if compression == "xor-zstd":
         assert rep.delta_base == 1 and all(label.startswith("xor-") for label in rep.codecs)
     opener = lambda s: CheckpointReader.open(store, s)  # noqa: E731
@@ -102,15 +116,11 @@ def test_promotion_source_keeps_the_range_being_written_intact() -> None:
     n = 9 * PART
     src_store = MemoryObjectStore(f"memory://pipeline-{uuid.uuid4().hex}")
     data = _stream(n, 3)
-    CheckpointWriter(src_store, partition_bytes=PART, chunk_bytes=CHUNK, compression="none").write(
-        5, memoryview(data), _layout(n), {"__tensor__": "w"}, numpy_names=[]
-    )
+    _write(src_store, 5, memoryview(data), _layout(n))
     reader = CheckpointReader.open(src_store, 5)
     dst = SlowStore(delay=0.01)
     source = ReaderSource(reader, PART)
-    CheckpointWriter(dst, partition_bytes=PART, chunk_bytes=CHUNK, compression="none").write(
-        5, source, reader.manifest.layout, reader.manifest.skeleton, numpy_names=[]
-    )
+    _write(dst, 5, source, reader.manifest.layout)
     assert _read_all(dst, 5, n) == data.tobytes()
     with pytest.raises(ValueError, match="exceeds"):
         source.read(0, PART + 1)
@@ -127,9 +137,7 @@ def test_pipelined_read_is_exact_reports_progress_in_order_and_stops_at_damage(c
     n = 6 * PART
     store = MemoryObjectStore(f"memory://pipeline-{uuid.uuid4().hex}")
     data = _stream(n, 4)
-    rep = CheckpointWriter(store, partition_bytes=PART, chunk_bytes=CHUNK, compression=compression).write(
-        3, memoryview(data), _layout(n), {"__tensor__": "w"}, numpy_names=[]
-    )
+    rep = _write(store, 3, memoryview(data), _layout(n), compression=compression)
     (label,) = rep.codecs
     seen: list[int] = []
     out = bytearray(n)
