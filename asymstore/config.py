@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .errors import ConfigError
+from .write_plan import parse_compression
 
 MiB = 1 << 20
 
@@ -67,6 +68,7 @@ class Config:
             raise ConfigError(
                 f"partition_bytes ({self.partition_bytes}) must be a multiple of chunk_bytes ({self.chunk_bytes})"
             )
+        parse_compression(self.compression)  # an unknown chain fails here, not at the first write
         if self.codec_reuse < 1:
             raise ConfigError(f"codec_reuse must be >= 1 (checkpoints), got {self.codec_reuse}")
         if self.delta_every < 0:

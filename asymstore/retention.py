@@ -176,6 +176,12 @@ def plan_retention(
     return sorted(doomed, reverse=True)  # a delta is newer than its base: dependents go first
 
 
+def dependents(step: int, delta_bases: Mapping[int, int | None]) -> list[int]:
+    """The steps XOR-encoded against ``step`` (``delta_bases``: each step's base): while any is there, deleting
+    ``step`` would make them unreadable."""
+    return sorted(s for s, b in delta_bases.items() if b == step)
+
+
 # --- deltas ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DeltaState:
@@ -239,6 +245,7 @@ __all__ = [
     "LatestN",
     "Policy",
     "delta_decision",
+    "dependents",
     "next_delta_state",
     "parse_keep",
     "plan_deletions",

@@ -33,7 +33,7 @@ from .errors import ConfigError, StepExistsError
 from .interfaces import ObjectStore, StreamSource
 from .layout import Layout, PartitionSpan, dominant_itemsize
 from .manifest import COMMIT_KEY, GROUP_KEY, Manifest, PartitionRecord, commit_record, step_dir
-from .write_plan import CheckpointContent, WritePlan, effective_chunk_bytes, parse_compression
+from .write_plan import CheckpointContent, WritePlan
 from .zarrfmt import EncodedShard, array_metadata, dumps, encode_shard, group_metadata, shard_key
 
 if TYPE_CHECKING:
@@ -350,7 +350,5 @@ __all__ = [
     "DeltaBase",
     "ReaderSource",
     "WriteReport",
-    "effective_chunk_bytes",
     "ensure_root_group",
-    "parse_compression",
 ]
