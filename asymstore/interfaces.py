@@ -86,6 +86,21 @@ def check_key(key: str) -> str:
     return key
 
 
+def check_prefix(prefix: str) -> str:
+    """Return ``prefix`` if it is a valid listing prefix, else raise :class:`~asymstore.errors.InvalidKeyError`.
+
+    A listing prefix is the leading characters of keys: ``''``, or a string whose components before its last
+    '/' are valid as in :func:`check_key` (the last one may be partial: ``'step_'``, or empty: ``'step_1/'``).
+    """
+    if not isinstance(prefix, str):
+        raise InvalidKeyError(f"listing prefix must be a str, got {prefix!r}")
+    if "\\" in prefix or "\0" in prefix:
+        raise InvalidKeyError(f"invalid listing prefix {prefix!r}: no backslash or NUL in keys")
+    if "/" in prefix:
+        check_key(prefix[: prefix.rfind("/")])
+    return prefix
+
+
 def dir_prefix(prefix: str) -> str:
     """The directory form of a listing prefix: ``''`` or ending with one '/' (``'step_1'`` -> ``'step_1/'``)."""
     if not prefix:
@@ -318,5 +333,6 @@ __all__ = [
     "StreamSource",
     "as_buffers",
     "check_key",
+    "check_prefix",
     "dir_prefix",
 ]

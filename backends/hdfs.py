@@ -6,7 +6,8 @@ Why these choices:
 
 * Fail fast. hdfs-native retries an unreachable NameNode for about three minutes by default;
   a checkpoint tier must not stall training that long. ``dfs.client.failover.max.attempts`` is
-  set to 0 and this backend does its own short, bounded retry (``retries``, ``backoff_s``). When
+  set to 0 and this backend does its own short, bounded retry (``retries``, ``backoff_s``, with
+  :func:`asymstore.retry.retry`). When
   the NameNode stays unreachable the call raises :class:`BackendUnavailableError` naming the URL.
 * One object = one HDFS file. ``put`` streams the given buffers in slices of at most
   ``write_chunk`` bytes without joining them (each slice is copied once into a ``bytes``: hdfs-native
@@ -23,15 +24,15 @@ from __future__ import annotations
 
 import builtins
 import posixpath
-import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from asymstore.errors import BackendUnavailableError, ConfigError
+from asymstore.retry import Backoff, poll, retry
 
-from .base import Buffer, ByteRange, Capabilities, ObjectStore, as_buffers
+from .base import Buffer, ByteRange, Capabilities, ObjectStore, as_buffers, check_key, check_prefix, dir_prefix
 
 T = TypeVar("T")
 
@@ -88,23 +89,8 @@ _UNREACHABLE_MARKERS = (
 )
 
 
-def _buffers(data: Buffer | Sequence[Buffer]) -> list[memoryview]:
-    """``as_buffers``, but any single object with the buffer protocol (a numpy array) is one buffer.
-
-    ``base.as_buffers`` treats every non-bytes/bytearray/memoryview argument as a sequence, which turns
-    an ndarray into one buffer per element.
-    """
-    if not isinstance(data, (list, tuple)):
-        try:
-            mv = memoryview(data)  # type: ignore[arg-type]
-        except TypeError:
-            pass
-        else:
-            return as_buffers(mv)
-    return as_buffers(data)
-
-
 def _is_transient(exc: BaseException) -> bool:
+    """Whether an hdfs-native error is worth retrying (network, NameNode restarting, pipeline rebuilt)."""
     if isinstance(exc, (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
     if isinstance(exc, (ConnectionError, TimeoutError)):
@@ -122,6 +108,7 @@ def _names_no_file(exc: BaseException) -> bool:
 
 
 def _is_unreachable(exc: BaseException) -> bool:
+    """Whether an error means the NameNode is not there at all (rather than a transient failure)."""
     if isinstance(exc, ConnectionRefusedError):
         return True
     msg = str(exc).lower()
@@ -196,12 +183,12 @@ class HdfsObjectStore(ObjectStore):
 
     # --- helpers ----------------------------------------------------------------------
     def _path(self, key: str) -> str:
-        key = key.strip("/")
-        if not key:
-            return self.root
-        if any(p in ("", ".", "..") for p in key.split("/")):
-            raise ValueError(f"invalid key {key!r}: empty, '.' or '..' path components are not allowed")
-        return posixpath.join(self.root, key)
+        return posixpath.join(self.root, check_key(key))
+
+    def _dir(self, prefix: str) -> str:
+        """The HDFS directory of a directory prefix (``''``: the root)."""
+        d = dir_prefix(prefix)
+        return posixpath.join(self.root, d.rstrip("/")) if d else self.root
 
     def _rel(self, path: str) -> str:
         # hdfs-native returns absolute paths for recursive listings.
@@ -213,30 +200,21 @@ class HdfsObjectStore(ObjectStore):
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         """Run ``fn`` with bounded retry of transient errors; map "NameNode gone" to BackendUnavailableError."""
-        delay = self.backoff_s
-        attempt = 0
-        t0 = time.monotonic()
-        while True:
-            try:
-                return fn()
-            except Exception as e:
-                if not _is_transient(e):
-                    raise
-                if attempt >= self.retries:
-                    elapsed = time.monotonic() - t0
-                    if _is_unreachable(e):
-                        raise BackendUnavailableError(
-                            f"HDFS at {self.url} is unreachable ({what} failed {attempt + 1} times in "
-                            f"{elapsed:.1f} s: {e}). Check that the NameNode at {self.namenode} is running and "
-                            f"that host and port match its dfs.namenode.rpc-address (fs.defaultFS)."
-                        ) from e
-                    raise BackendUnavailableError(
-                        f"HDFS at {self.url}: {what} failed {attempt + 1} times in {elapsed:.1f} s with a "
-                        f"transient error: {e}. Check the NameNode ({self.namenode}) and DataNode health."
-                    ) from e
-                time.sleep(delay)
-                delay = min(max(delay * 2, 0.05), self.max_backoff_s)
-                attempt += 1
+
+        def give_up(e: BaseException, attempts: int, elapsed: float) -> BaseException:
+            if _is_unreachable(e):
+                return BackendUnavailableError(
+                    f"HDFS at {self.url} is unreachable ({what} failed {attempts} times in "
+                    f"{elapsed:.1f} s: {e}). Check that the NameNode at {self.namenode} is running and "
+                    f"that host and port match its dfs.namenode.rpc-address (fs.defaultFS)."
+                )
+            return BackendUnavailableError(
+                f"HDFS at {self.url}: {what} failed {attempts} times in {elapsed:.1f} s with a "
+                f"transient error: {e}. Check the NameNode ({self.namenode}) and DataNode health."
+            )
+
+        backoff = Backoff(initial_s=self.backoff_s, max_s=self.max_backoff_s, factor=2.0, floor_s=0.05)
+        return retry(fn, retries=self.retries, transient=_is_transient, backoff=backoff, give_up=give_up)
 
     def _write_options(self) -> Any:
         return self._hdfs_native.WriteOptions(
@@ -274,13 +252,15 @@ class HdfsObjectStore(ObjectStore):
 
     # --- writes -----------------------------------------------------------------------
     def put(self, key: str, data: Buffer | Sequence[Buffer]) -> None:
+        """Write ``key`` as one HDFS file (durable once closed: every replica acknowledged it)."""
         path = self._path(key)
-        bufs = _buffers(data)
+        bufs = as_buffers(data)
         self._call(f"put {key!r}", lambda: self._write_file(path, bufs))
 
     def put_atomic(self, key: str, data: Buffer | Sequence[Buffer]) -> None:
+        """Write a hidden temporary file next to ``key`` and rename it over ``key`` (atomic at the NameNode)."""
         path = self._path(key)
-        bufs = _buffers(data)
+        bufs = as_buffers(data)
         parent, name = posixpath.split(path)
 
         def attempt() -> None:
@@ -298,6 +278,7 @@ class HdfsObjectStore(ObjectStore):
         self._call(f"put_atomic {key!r}", attempt)
 
     def delete(self, key: str) -> None:
+        """Delete the file of ``key`` if present."""
         path = self._path(key)
 
         def run() -> None:
@@ -310,12 +291,13 @@ class HdfsObjectStore(ObjectStore):
 
     def delete_prefix(self, prefix: str) -> int:
         """Remove everything under ``prefix`` with one recursive delete per matching directory."""
+        check_prefix(prefix)
         if prefix == "" or prefix.endswith("/"):
-            d = self._path(prefix)
+            d = self._dir(prefix)
             return self._call(f"delete_prefix {prefix!r}", lambda: self._delete_tree(d, keep_dir=(d == self.root)))
         # A partial name ("step_00"): match the parent's children by name.
         parent_key, partial = posixpath.split(prefix)
-        parent = self._path(parent_key)
+        parent = self._dir(parent_key)
 
         def run() -> int:
             n = 0
@@ -334,8 +316,10 @@ class HdfsObjectStore(ObjectStore):
 
     def _delete_tree(self, d: str, *, keep_dir: bool) -> int:
         try:
+            if not self._client.get_file_info(d).isdir:  # an object: not a directory prefix of anything
+                return 0
             count = int(self._client.get_content_summary(d).file_count)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return 0
         if keep_dir:
             for st in self._list_dir(d):
@@ -368,37 +352,35 @@ class HdfsObjectStore(ObjectStore):
         reader = self._open(path)
         if reader is None or (end is not None and end <= len(reader)):
             return reader
-        deadline = time.monotonic() + self.visible_wait_s
-        delay = 0.02
-        while True:
-            try:
-                st = self._client.get_file_info(path)
-            except FileNotFoundError:
-                return None
-            if int(st.length) <= len(reader):
-                return reader
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"{path}: readers see {len(reader)} of {st.length} bytes after {self.visible_wait_s:.0f} s "
-                    "(last block not reported by any DataNode)"
-                )
-            time.sleep(delay)
-            delay = min(delay * 2, 0.5)
-            reader = self._open(path)
-            if reader is None:
-                return None
+        state: dict[str, Any] = {"reader": reader, "seen": len(reader), "length": None}
 
-    @staticmethod
-    def _resolve(size: int, byte_range: ByteRange | None) -> tuple[int, int]:
-        if byte_range is None:
-            return 0, size
-        start = byte_range.start
-        if start < 0:
-            start = max(size + start, 0)
-        start = min(start, size)
-        return start, min(byte_range.length, size - start)
+        def whole() -> tuple[Any] | None:
+            current = state["reader"]
+            if current is None:  # reopen: the last reader saw too little
+                current = self._open(path)
+                if current is None:
+                    return (None,)
+                state["reader"], state["seen"] = current, len(current)
+            try:
+                info = self._client.get_file_info(path)
+            except FileNotFoundError:
+                return (None,)
+            state["length"] = int(info.length)
+            if state["length"] <= len(current):
+                return (current,)
+            state["reader"] = None
+            return None
+
+        got = poll(whole, timeout_s=self.visible_wait_s, backoff=Backoff(initial_s=0.02, max_s=0.5))
+        if got is None:
+            raise TimeoutError(
+                f"{path}: readers see {state['seen']} of {state['length']} bytes after {self.visible_wait_s:.0f} s "
+                "(last block not reported by any DataNode)"
+            )
+        return got[0]
 
     def get(self, key: str, byte_range: ByteRange | None = None) -> bytes | None:
+        """Read the object, or the range :meth:`ByteRange.resolve` gives, with one ranged read."""
         path = self._path(key)
 
         if byte_range is None or byte_range.start < 0:
@@ -410,10 +392,11 @@ class HdfsObjectStore(ObjectStore):
             reader = self._open_visible(path, end)
             if reader is None:
                 return None
-            start, length = self._resolve(len(reader), byte_range)
-            if length == 0:
+            size = len(reader)
+            start, stop = (0, size) if byte_range is None else byte_range.resolve(size)
+            if stop == start:
                 return b""
-            return bytes(reader.read_range(start, length))
+            return bytes(reader.read_range(start, stop - start))
 
         return self._call(f"get {key!r}", run)
 
@@ -428,8 +411,8 @@ class HdfsObjectStore(ObjectStore):
             if reader is None:
                 return False
             size = len(reader)
-            start = offset + size if offset < 0 else offset
-            if start < 0 or start + want > size:
+            start, stop = ByteRange(offset, want).resolve(size)
+            if stop - start != want:
                 raise EOFError(f"{key}: wanted {want} bytes at {offset}, object has {size}")
             pos = 0
             if want:
@@ -444,6 +427,7 @@ class HdfsObjectStore(ObjectStore):
         return self._call(f"get_into {key!r}", run)
 
     def size(self, key: str) -> int | None:
+        """Length of the file of ``key`` from the NameNode, ``None`` if missing or a directory."""
         path = self._path(key)
 
         def run() -> int | None:
@@ -470,18 +454,23 @@ class HdfsObjectStore(ObjectStore):
             sts = list(self._client.list_status(d, True))
         except (FileNotFoundError, NotADirectoryError):
             return []
+        # (listing a file lists that file: keep only what lies below ``d``)
+        below = d.rstrip("/") + "/"
         return [
-            self._rel(st.path) for st in sts if not st.isdir and not posixpath.basename(st.path).startswith(TMP_PREFIX)
+            self._rel(st.path)
+            for st in sts
+            if not st.isdir and st.path.startswith(below) and not posixpath.basename(st.path).startswith(TMP_PREFIX)
         ]
 
     def list(self, prefix: str = "") -> Iterator[str]:
         """Keys under ``prefix``, recursively (one recursive listing of the deepest directory that covers it)."""
+        check_prefix(prefix)
         if prefix == "" or prefix.endswith("/"):
-            d = self._path(prefix)
+            d = self._dir(prefix)
             keys = self._call(f"list {prefix!r}", lambda: self._walk(d))
             return iter(keys)
         parent_key, partial = posixpath.split(prefix)
-        parent = self._path(parent_key)
+        parent = self._dir(parent_key)
 
         def run() -> list[str]:
             out: list[str] = []
@@ -499,28 +488,31 @@ class HdfsObjectStore(ObjectStore):
         return iter(self._call(f"list {prefix!r}", run))
 
     def list_dirs(self, prefix: str = "") -> builtins.list[str]:
-        """Immediate child directories under ``prefix`` from one (non-recursive) listing.
+        """Child directories of the directory ``prefix`` that hold an object, from one listing per child.
 
-        Unlike the generic implementation this also reports empty directories.
+        A child is checked with a recursive listing that stops at its first object, so empty directories
+        (left behind by ``delete``) and directories holding only temporaries are not listed.
         """
-        if prefix == "" or prefix.endswith("/"):
-            d = self._path(prefix)
-            sts = self._call(f"list_dirs {prefix!r}", lambda: self._list_dir(d))
-            return sorted(posixpath.basename(st.path) for st in sts if st.isdir)
-        parent_key, partial = posixpath.split(prefix)
-        parent = self._path(parent_key)
-        sts = self._call(f"list_dirs {prefix!r}", lambda: self._list_dir(parent))
-        names = (posixpath.basename(st.path) for st in sts if st.isdir)
-        return sorted(n[len(partial) :] for n in names if n.startswith(partial) and len(n) > len(partial))
+        d = self._dir(prefix)
+
+        def run() -> builtins.list[str]:
+            children = [st for st in self._list_dir(d) if st.isdir]
+            names = [posixpath.basename(st.path) for st in children]
+            return sorted(n for n in names if self._holds_object(posixpath.join(d, n)))
+
+        return self._call(f"list_dirs {prefix!r}", run)
+
+    def _holds_object(self, d: str) -> bool:
+        try:
+            for st in self._client.list_status(d, True):
+                if not st.isdir and not posixpath.basename(st.path).startswith(TMP_PREFIX):
+                    return True
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        return False
 
     # --- lifecycle --------------------------------------------------------------------
-    def ping(self) -> None:
-        """Check that the NameNode answers (raises BackendUnavailableError otherwise)."""
-        self._call("ping", lambda: self._client.get_file_info("/"))
-
     def close(self) -> None:
+        """Drop the client (hdfs-native closes its connections when it is collected)."""
         # hdfs-native has no explicit close; dropping the client closes its connections.
         self._client = None
-
-    def __repr__(self) -> str:
-        return f"HdfsObjectStore({self.url!r})"

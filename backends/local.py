@@ -9,18 +9,27 @@ from __future__ import annotations
 
 import builtins
 import os
+import re
 import shutil
-import uuid
-from collections.abc import Iterable, Sequence
+import stat
+from collections.abc import Sequence
 from urllib.parse import unquote, urlparse
 
 from asymstore.errors import BackendUnavailableError, ConfigError
+from asymstore.files import atomic_write, fsync_dir
 
-from .base import Buffer, ByteRange, Capabilities, ObjectStore, as_buffers
+from .base import Buffer, ByteRange, Capabilities, ObjectStore, as_buffers, check_key, check_prefix, dir_prefix
 
 _IOV_MAX = 512
 _DIRECT_ALIGN = 4096
 _DIRECT_MIN = 1 << 20
+#: the temporary name :func:`asymstore.files.atomic_write` gives a file while it is written
+_TEMP_NAME = re.compile(r"\.tmp-[0-9a-f]{12}$")
+
+
+def _is_temp(name: str) -> bool:
+    """Whether a file name is an unfinished ``put_atomic`` (listings skip it)."""
+    return _TEMP_NAME.search(name) is not None
 
 
 def _address(buf: memoryview) -> int:
@@ -31,6 +40,7 @@ def _address(buf: memoryview) -> int:
 
 
 def path_from_url(url: str) -> str:
+    """The absolute local path of a ``file://`` URL or a plain path (``~`` expanded)."""
     if "://" not in url:
         return os.path.abspath(os.path.expanduser(url))
     u = urlparse(url)
@@ -42,6 +52,9 @@ def path_from_url(url: str) -> str:
 
 
 class LocalObjectStore(ObjectStore):
+    """Objects as files below a local directory; ``fsync`` makes every put durable, ``direct_io`` bypasses the
+    page cache for large page-aligned buffers."""
+
     capabilities = Capabilities(durable=True, volatile=False, atomic_rename=True, ranged_reads=True)
 
     def __init__(self, url: str, *, fsync: bool = True, direct_io: bool = True) -> None:
@@ -58,9 +71,12 @@ class LocalObjectStore(ObjectStore):
             raise BackendUnavailableError(f"checkpoint directory {self.root} is not writable")
 
     def _path(self, key: str) -> str:
-        if key.startswith("/") or ".." in key.split("/"):
-            raise ConfigError(f"invalid object key {key!r}")
-        return os.path.join(self.root, key)
+        return os.path.join(self.root, check_key(key))
+
+    def _dir(self, prefix: str) -> str:
+        """The directory a directory prefix names (``''``: the root)."""
+        d = dir_prefix(prefix)
+        return os.path.join(self.root, d.rstrip("/")) if d else self.root
 
     def _write_file(self, path: str, data: Buffer | Sequence[Buffer]) -> None:
         bufs = [b for b in as_buffers(data) if len(b)]
@@ -112,70 +128,65 @@ class LocalObjectStore(ObjectStore):
         return n
 
     def put(self, key: str, data: Buffer | Sequence[Buffer]) -> None:
+        """Write ``key`` in place (``O_DIRECT`` head + ``writev``), fsynced when ``fsync``."""
         path = self._path(key)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self._write_file(path, data)
 
     def put_atomic(self, key: str, data: Buffer | Sequence[Buffer]) -> None:
-        path = self._path(key)
-        d = os.path.dirname(path)
-        os.makedirs(d, exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
-        try:
-            self._write_file(tmp, data)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        self._fsync_dir(d)
-
-    def _fsync_dir(self, d: str) -> None:
-        if not self.fsync:
-            return
-        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        """Write a temporary file the way :meth:`put` does, rename it over ``key``, fsync the directory."""
+        atomic_write(self._path(key), lambda tmp: self._write_file(tmp, data), fsync_parent=self.fsync)
 
     def barrier(self, prefix: str) -> None:
-        top = self._path(prefix.rstrip("/")) if prefix else self.root
-        if not os.path.isdir(top):
+        """Fsync every directory under the directory ``prefix`` and its parent (so their names are durable)."""
+        top = self._dir(prefix)
+        if not self.fsync or not os.path.isdir(top):
             return
         for dirpath, _dirs, _files in os.walk(top):
-            self._fsync_dir(dirpath)
-        self._fsync_dir(os.path.dirname(top) if prefix else top)
+            fsync_dir(dirpath)
+        fsync_dir(os.path.dirname(top) if prefix else top)
 
     def delete(self, key: str) -> None:
+        """Unlink the file of ``key`` if present (its directories stay; empty ones are never listed)."""
         try:
             os.unlink(self._path(key))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             pass
 
     def delete_prefix(self, prefix: str) -> int:
-        p = self._path(prefix.rstrip("/")) if prefix else self.root
-        if prefix.endswith("/") and os.path.isdir(p):
-            n = sum(len(f) for _, _, f in os.walk(p))
-            shutil.rmtree(p, ignore_errors=True)
-            return n
-        return super().delete_prefix(prefix)
+        """Remove every object whose key starts with ``prefix``: whole directories with one ``rmtree`` each."""
+        check_prefix(prefix)
+        parent_key, _, partial = prefix.rpartition("/")
+        parent = os.path.join(self.root, parent_key) if parent_key else self.root
+        try:
+            entries = [e for e in os.scandir(parent) if e.name.startswith(partial)]
+        except (FileNotFoundError, NotADirectoryError):
+            return 0
+        n = 0
+        for e in entries:
+            if e.is_dir(follow_symlinks=False):
+                n += _count_objects(e.path)
+                shutil.rmtree(e.path, ignore_errors=True)
+            else:
+                n += 0 if _is_temp(e.name) else 1
+                try:
+                    os.unlink(e.path)
+                except FileNotFoundError:
+                    pass
+        return n
 
     def get(self, key: str, byte_range: ByteRange | None = None) -> bytes | None:
+        """Read the object (or a range of it, resolved by :meth:`ByteRange.resolve`) with ``preadv``."""
         try:
             fd = os.open(self._path(key), os.O_RDONLY)
-        except (FileNotFoundError, NotADirectoryError):
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
         try:
-            size = os.fstat(fd).st_size
-            if byte_range is None:
-                start, length = 0, size
-            else:
-                start = byte_range.start if byte_range.start >= 0 else max(size + byte_range.start, 0)
-                length = max(min(byte_range.length, size - start), 0)
-            buf = bytearray(length)
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                return None
+            start, end = (0, st.st_size) if byte_range is None else byte_range.resolve(st.st_size)
+            buf = bytearray(end - start)
             self._pread_into(fd, memoryview(buf), start)
             return bytes(buf)
         finally:
@@ -191,38 +202,59 @@ class LocalObjectStore(ObjectStore):
             got += n
 
     def get_into(self, key: str, out: memoryview, offset: int = 0) -> bool:
+        """Read ``len(out)`` bytes at ``offset`` (negative: from the end) straight into ``out``."""
         try:
             fd = os.open(self._path(key), os.O_RDONLY)
-        except (FileNotFoundError, NotADirectoryError):
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return False
         try:
-            self._pread_into(fd, out, offset)
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                return False
+            start, end = ByteRange(offset, len(out)).resolve(st.st_size)
+            if end - start != len(out):
+                raise EOFError(f"{key}: wanted {len(out)} bytes at {offset}, object has {st.st_size}")
+            self._pread_into(fd, out, start)
             return True
         finally:
             os.close(fd)
 
     def size(self, key: str) -> int | None:
+        """Size of the file of ``key``, ``None`` if it is missing or a directory."""
         try:
-            return os.stat(self._path(key)).st_size
+            st = os.stat(self._path(key))
         except (FileNotFoundError, NotADirectoryError):
             return None
+        return None if stat.S_ISDIR(st.st_mode) else st.st_size
 
-    def list(self, prefix: str = "") -> Iterable[str]:
-        # walk only the directory the prefix points into
-        base_dir = os.path.dirname(prefix)
+    def list(self, prefix: str = "") -> builtins.list[str]:
+        """Keys starting with ``prefix``: a walk of the deepest directory the prefix names, temporaries skipped."""
+        check_prefix(prefix)
+        base_dir = prefix.rpartition("/")[0]
         top = os.path.join(self.root, base_dir) if base_dir else self.root
         out = []
         for dirpath, _dirs, files in os.walk(top):
             rel = os.path.relpath(dirpath, self.root)
             for f in files:
                 k = f if rel == "." else f"{rel}/{f}"
-                if k.startswith(prefix) and ".tmp-" not in f:
+                if k.startswith(prefix) and not _is_temp(f):
                     out.append(k)
         return out
 
     def list_dirs(self, prefix: str = "") -> builtins.list[str]:
-        top = os.path.join(self.root, prefix) if prefix else self.root
+        """Child directories of the directory ``prefix`` that hold at least one object, sorted."""
         try:
-            return sorted(e.name for e in os.scandir(top) if e.is_dir())
-        except FileNotFoundError:
+            entries = list(os.scandir(self._dir(prefix)))
+        except (FileNotFoundError, NotADirectoryError):
             return []
+        return sorted(e.name for e in entries if e.is_dir(follow_symlinks=False) and _holds_object(e.path))
+
+
+def _holds_object(path: str) -> bool:
+    """Whether directory ``path`` holds an object at any depth (stops at the first one)."""
+    return any(not _is_temp(f) for _, _, files in os.walk(path) for f in files)
+
+
+def _count_objects(path: str) -> int:
+    """How many objects lie below directory ``path``."""
+    return sum(not _is_temp(f) for _, _, files in os.walk(path) for f in files)

@@ -18,7 +18,7 @@ import uuid
 
 from asymstore.backends.base import ByteRange
 from asymstore.backends.hdfs import HdfsObjectStore
-from asymstore.testing.minidfs import MiniDFS
+from tests.minidfs import MiniDFS
 
 MiB = 1 << 20
 

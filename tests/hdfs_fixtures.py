@@ -1,6 +1,6 @@
 """pytest fixtures for a real HDFS (Hadoop's MiniDFSCluster, started once per session).
 
-``hdfs_cluster`` yields a started :class:`asymstore.testing.minidfs.MiniDFS` (``.url`` is
+``hdfs_cluster`` yields a started :class:`tests.minidfs.MiniDFS` (``.url`` is
 ``hdfs://127.0.0.1:PORT``). Without Java, Maven or hdfs-native the tests that use it are skipped,
 unless ``ASYMSTORE_REQUIRE_HDFS=1`` (CI) makes that a failure.
 """
@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from asymstore.testing.minidfs import MiniDFS, MiniDFSError, missing_tools
+from .minidfs import MiniDFS, MiniDFSError, missing_tools
 
 
 def _unavailable(reason: str) -> None:

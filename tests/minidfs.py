@@ -25,7 +25,7 @@ from pathlib import Path
 
 #: The Maven project (in a source checkout); ASYMSTORE_HDFS_TEST_CLUSTER overrides it.
 PROJECT_DIR = Path(
-    os.environ.get("ASYMSTORE_HDFS_TEST_CLUSTER") or Path(__file__).resolve().parents[2] / "hdfs-test-cluster"
+    os.environ.get("ASYMSTORE_HDFS_TEST_CLUSTER") or Path(__file__).resolve().parents[1] / "hdfs-test-cluster"
 )
 JAR_NAME = "hdfs-test-cluster.jar"
 
@@ -123,7 +123,6 @@ class MiniDFS:
         tmp = Path(tmpdir)
         tmp.mkdir(parents=True, exist_ok=True)
         self.log_path = tmp / "minidfs.log"
-        log = open(self.log_path, "w")
         cmd = [
             java,
             f"-Xmx{self.heap}",
@@ -144,7 +143,7 @@ class MiniDFS:
             str(self.ibr_interval_ms),
         ]
         t0 = time.monotonic()
-        try:
+        with open(self.log_path, "w") as log:
             self._proc = subprocess.Popen(
                 cmd,
                 stdin=subprocess.PIPE,
@@ -154,8 +153,6 @@ class MiniDFS:
                 bufsize=1,
                 start_new_session=True,  # own process group: killed as a whole
             )
-        finally:
-            log.close()
         _live.add(self)
         threading.Thread(target=self._pump, args=(self._proc,), daemon=True, name="minidfs-stdout").start()
         try:

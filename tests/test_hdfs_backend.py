@@ -1,4 +1,8 @@
-"""HdfsObjectStore against a real HDFS (MiniDFSCluster, block size 1 MiB so 5 MiB objects span blocks)."""
+"""HDFS-specific checks of HdfsObjectStore on a real HDFS (MiniDFSCluster, block size 1 MiB so 5 MiB objects span
+blocks): write slicing, reads across blocks, fail-fast retries, NameNode outages, late block reports.
+
+The behaviour every backend shares is pinned by the conformance kit (tests/test_conformance_backends.py).
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,15 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from asymstore.backends.base import ByteRange
-from asymstore.backends.hdfs import HdfsObjectStore
+from asymstore.backends.hdfs import TMP_PREFIX, HdfsObjectStore
 from asymstore.errors import BackendUnavailableError
-from asymstore.testing.minidfs import MiniDFS
+from asymstore.retry import Backoff
+
+from .minidfs import MiniDFS
 
 pytestmark = pytest.mark.hdfs
 pytest.importorskip("hdfs_native", reason="hdfs-native is not installed (pip install 'asymstore[hdfs]')")
@@ -23,17 +28,11 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def store(hdfs_cluster: MiniDFS) -> Iterator[HdfsObjectStore]:
+def backend(hdfs_cluster: MiniDFS) -> Iterator[HdfsObjectStore]:
     s = HdfsObjectStore(f"{hdfs_cluster.url}/t/{uuid.uuid4().hex}")
     yield s
     s.delete_prefix("")
     s.close()
-
-
-def _put_all(store: HdfsObjectStore, items: dict[str, bytes]) -> None:
-    # In parallel: a close() on a one-DataNode cluster often waits ~0.5 s for the block report.
-    with ThreadPoolExecutor(8) as ex:
-        list(ex.map(lambda kv: store.put(*kv), items.items()))
 
 
 def _free_closed_port() -> int:
@@ -43,93 +42,42 @@ def _free_closed_port() -> int:
 
 
 @pytest.mark.parametrize("size", [0, 1, 4097, 5 * MiB + 3])
-def test_round_trip_sizes(store: HdfsObjectStore, size: int) -> None:
+def test_round_trip_sizes(backend: HdfsObjectStore, size: int) -> None:
     data = os.urandom(size)
-    store.put("obj", data)
-    assert store.size("obj") == size
-    assert store.get("obj") == data
+    backend.put("obj", data)
+    assert backend.size("obj") == size
+    assert backend.get("obj") == data
 
 
-def test_multi_buffer_put_is_concatenated(store: HdfsObjectStore) -> None:
+def test_multi_buffer_put_is_concatenated(backend: HdfsObjectStore) -> None:
     import numpy as np
 
     parts = [os.urandom(3 * MiB + 1), b"", bytearray(b"xyz"), memoryview(np.arange(1000, dtype=np.float32))]
     expected = b"".join(bytes(p) for p in parts)
-    store.write_chunk = 1 * MiB  # force the slicing path
-    store.put("a/multi", parts)
-    assert store.get("a/multi") == expected
+    backend.write_chunk = 1 * MiB  # force the slicing path
+    backend.put("a/multi", parts)
+    assert backend.get("a/multi") == expected
     arr = np.arange(3 * MiB // 4 + 5, dtype=np.float32).reshape(-1, 1)  # one buffer, not a sequence
-    store.put("a/array", arr)
-    assert store.get("a/array") == arr.tobytes()
+    backend.put("a/array", arr)
+    assert backend.get("a/array") == arr.tobytes()
 
 
-def test_ranged_reads_and_get_into(store: HdfsObjectStore) -> None:
+def test_ranged_reads_and_get_into(backend: HdfsObjectStore) -> None:
     data = os.urandom(2 * MiB + 123)
-    store.put("r", data)
-    assert store.get("r", ByteRange(0, 10)) == data[:10]
-    assert store.get("r", ByteRange(MiB - 5, 10)) == data[MiB - 5 : MiB + 5]  # across a block boundary
-    assert store.get("r", ByteRange(-16, 16)) == data[-16:]
-    assert store.get("r", ByteRange(-16, 4)) == data[-16:-12]
-    assert store.get("r", ByteRange(len(data) - 3, 100)) == data[-3:]  # clipped at the end
-    assert store.get("r", ByteRange(len(data) + 5, 10)) == b""
-    assert store.get("r", ByteRange(5, 0)) == b""
+    backend.put("r", data)
+    assert backend.get("r", ByteRange(0, 10)) == data[:10]
+    assert backend.get("r", ByteRange(MiB - 5, 10)) == data[MiB - 5 : MiB + 5]  # across a block boundary
+    assert backend.get("r", ByteRange(-16, 16)) == data[-16:]
+    assert backend.get("r", ByteRange(-16, 4)) == data[-16:-12]
+    assert backend.get("r", ByteRange(len(data) - 3, 100)) == data[-3:]  # clipped at the end
+    assert backend.get("r", ByteRange(len(data) + 5, 10)) == b""
+    assert backend.get("r", ByteRange(5, 0)) == b""
     buf = bytearray(MiB + 7)
-    assert store.get_into("r", memoryview(buf), offset=MiB - 3)
+    assert backend.get_into("r", memoryview(buf), offset=MiB - 3)
     assert bytes(buf) == data[MiB - 3 : 2 * MiB + 4]
     with pytest.raises(EOFError):
-        store.get_into("r", memoryview(bytearray(10)), offset=len(data) - 5)
-    assert store.get_into("missing", memoryview(bytearray(4))) is False
-
-
-def test_missing_key(store: HdfsObjectStore) -> None:
-    assert store.get("nope") is None
-    assert store.get("nope", ByteRange(0, 4)) is None
-    assert store.size("nope") is None
-    assert not store.exists("nope")
-    store.delete("nope")  # not an error
-    store.put("d/x", b"1")
-    assert store.get("d") is None  # a directory is not an object
-    assert store.size("d") is None
-
-
-def test_listing(store: HdfsObjectStore) -> None:
-    keys = ["step_1/a", "step_1/sub/b", "step_2/c", "step_10/d", "top"]
-    _put_all(store, {k: k.encode() for k in keys})
-    assert sorted(store.list()) == sorted(keys)
-    assert sorted(store.list("step_1/")) == ["step_1/a", "step_1/sub/b"]
-    assert sorted(store.list("step_1")) == ["step_1/a", "step_1/sub/b", "step_10/d"]
-    assert sorted(store.list("to")) == ["top"]
-    assert list(store.list("absent/")) == []
-    assert store.list_dirs() == ["step_1", "step_10", "step_2"]
-    assert store.list_dirs("step_1/") == ["sub"]
-    assert store.list_dirs("step_") == ["1", "10", "2"]  # same answer as the generic implementation
-
-
-def test_delete_and_delete_prefix(store: HdfsObjectStore) -> None:
-    _put_all(store, {k: b"v" for k in ["s1/a", "s1/b/c", "s10/a", "s2/a", "x"]})
-    store.delete("x")
-    assert store.get("x") is None
-    assert store.delete_prefix("s1/") == 2
-    assert sorted(store.list()) == ["s10/a", "s2/a"]
-    assert store.list_dirs() == ["s10", "s2"]  # the directory itself is gone
-    assert store.delete_prefix("s") == 2
-    assert list(store.list()) == []
-    assert store.delete_prefix("nothing/") == 0
-
-
-def test_put_atomic_overwrites_and_leaves_no_temporaries(store: HdfsObjectStore) -> None:
-    store.put_atomic("commit/MARKER", b"first")
-    store.put_atomic("commit/MARKER", [b"sec", b"ond"])
-    assert store.get("commit/MARKER") == b"second"
-    assert list(store.list()) == ["commit/MARKER"]
-    raw = [st.path for st in store._client.list_status(store._path("commit"), False)]
-    assert len(raw) == 1, raw
-
-
-def test_invalid_keys_rejected(store: HdfsObjectStore) -> None:
-    for bad in ["../escape", "a//b", "a/./b"]:
-        with pytest.raises(ValueError):
-            store.put(bad, b"x")
+        backend.get_into("r", memoryview(bytearray(10)), offset=len(data) - 5)
+    assert backend.get_into("missing", memoryview(bytearray(4))) is False
 
 
 def test_unreachable_namenode_fails_fast() -> None:
@@ -147,30 +95,30 @@ def test_unreachable_namenode_fails_fast() -> None:
     assert time.monotonic() - t0 < 2
 
 
-def test_namenode_down_then_restarted(hdfs_cluster: MiniDFS, store: HdfsObjectStore) -> None:
-    store.put("before", b"kept")
-    writer = store._client.create(store._path("open-while-down"), store._write_options())
+def test_namenode_down_then_restarted(hdfs_cluster: MiniDFS, backend: HdfsObjectStore) -> None:
+    backend.put("before", b"kept")
+    writer = backend._client.create(backend._path("open-while-down"), backend._write_options())
     writer.write(b"y" * 1000)
     hdfs_cluster.stop_namenode()
     try:
         t0 = time.monotonic()
         # Default retry policy (3 retries, 0.5 s doubling backoff): a clear error in seconds.
         with pytest.raises(BackendUnavailableError, match="unreachable") as ei:
-            store.put("during", b"x" * 1000)
+            backend.put("during", b"x" * 1000)
         assert time.monotonic() - t0 < 15
-        assert "NameNode" in str(ei.value) and store.url in str(ei.value)
+        assert "NameNode" in str(ei.value) and backend.url in str(ei.value)
         # A file already open for writing cannot be completed either, and says so without hanging.
         t0 = time.monotonic()
         with pytest.raises(OSError):
             writer.close()
         assert time.monotonic() - t0 < 15
         with pytest.raises(BackendUnavailableError):
-            HdfsObjectStore(store.url, retries=0).get("before")
+            HdfsObjectStore(backend.url, retries=0).get("before")
     finally:
         hdfs_cluster.start_namenode()
-    store.put("during", b"x" * 1000)
-    assert store.get("during") == b"x" * 1000
-    assert store.get("before") == b"kept"
+    backend.put("during", b"x" * 1000)
+    assert backend.get("during") == b"x" * 1000
+    assert backend.get("before") == b"kept"
 
 
 @pytest.mark.slow
@@ -190,3 +138,40 @@ def test_reads_see_whole_file_with_committed_close(hdfs_cluster: MiniDFS, tmp_pa
                 assert s.get(f"{phase}/{i}") == data
                 buf = bytearray(len(data))
                 assert s.get_into(f"{phase}/{i}", memoryview(buf)) and bytes(buf) == data
+
+
+def test_retries_transient_errors_with_the_backoff_schedule() -> None:
+    """Transient errors are retried (``retries`` times, delays from ``asymstore.retry.Backoff``); others are not."""
+    b = HdfsObjectStore(f"hdfs://127.0.0.1:{_free_closed_port()}/r", retries=2, backoff_s=0.01, max_backoff_s=0.02)
+    calls: list[float] = []
+
+    def flaky() -> str:
+        calls.append(time.monotonic())
+        if len(calls) < 3:
+            raise ConnectionResetError("connection reset by peer")
+        return "ok"
+
+    assert b._call("flaky", flaky) == "ok"
+    assert len(calls) == 3
+    assert calls[2] - calls[0] >= 0.01 + 0.02 * 0.9  # 0.01 s, then doubled to the 0.02 s cap
+    calls.clear()
+
+    def missing() -> None:
+        calls.append(0.0)
+        raise FileNotFoundError("gone")
+
+    with pytest.raises(FileNotFoundError):
+        b._call("missing", missing)
+    assert len(calls) == 1
+    with pytest.raises(BackendUnavailableError, match=r"failed 3 times .* transient error"):
+        b._call("always", lambda: (_ for _ in ()).throw(ConnectionResetError("connection reset")))
+    assert Backoff(initial_s=0.01, max_s=0.02, floor_s=0.05).next() == 0.01
+
+
+def test_list_dirs_skips_directories_holding_only_temporaries(backend: HdfsObjectStore) -> None:
+    backend.put("kept/x", b"1")
+    w = backend._client.create(backend._path(f"tmp-only/{TMP_PREFIX}x.0"), backend._write_options())
+    w.write(b"partial")
+    w.close()
+    assert backend.list_dirs() == ["kept"]
+    assert sorted(backend.list()) == ["kept/x"]

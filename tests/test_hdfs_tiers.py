@@ -12,7 +12,7 @@ import torch
 
 from asymstore import EveryN, LatestN, Store, TierSpec, open_checkpoint
 from asymstore.backends.hdfs import HdfsObjectStore
-from asymstore.testing.minidfs import MiniDFS
+from tests.minidfs import MiniDFS
 
 from .backend_conformance import ObjectStoreConformance
 from .helpers import assert_bitequal

@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = (
     "import importlib.util, sys, asymstore, asymstore.backends.local, asymstore.backends.memory, "
-    "asymstore.trainer_hooks, asymstore.trainer_hooks.executor, asymstore.testing.minidfs; "
+    "asymstore.trainer_hooks, asymstore.trainer_hooks.executor, asymstore.testing.process; "
     "assert importlib.util.find_spec('backends') is None, 'top-level backends'; "
     "assert importlib.util.find_spec('trainer_hooks') is None, 'top-level trainer_hooks'; "
     "print(asymstore.__file__); print(asymstore.backends.__file__); print(asymstore.trainer_hooks.__file__)"
