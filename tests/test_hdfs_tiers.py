@@ -14,7 +14,6 @@ from asymstore import EveryN, LatestN, Store, TierSpec, open_checkpoint
 from asymstore.backends.hdfs import HdfsObjectStore
 from tests.minidfs import MiniDFS
 
-from .backend_conformance import ObjectStoreConformance
 from .helpers import assert_bitequal
 
 pytestmark = pytest.mark.hdfs
@@ -39,16 +38,6 @@ def hdfs_url(hdfs_cluster: MiniDFS) -> Iterator[str]:
     s = HdfsObjectStore(url)
     s.delete_prefix("")
     s.close()
-
-
-class TestHdfsConformance(ObjectStoreConformance):
-    """The generic object-store suite on HDFS."""
-
-    @pytest.fixture
-    def store(self, hdfs_url: str) -> Iterator[HdfsObjectStore]:
-        s = HdfsObjectStore(hdfs_url)
-        yield s
-        s.close()
 
 
 def test_round_trip_promotion_retention(tmp_path, hdfs_url) -> None:
