@@ -1,43 +1,70 @@
-"""Lazy, partial reads of a checkpoint: tensors with shape and dtype, read on slicing."""
+"""Lazy, partial reads of a checkpoint: tensors with shape and dtype, read on slicing.
+
+A :class:`LazyCheckpoint` reads from a :class:`~asymstore.interfaces.RangeSource`: a tier's
+:class:`~asymstore.reader.CheckpointReader`, a host snapshot slot, or a
+:class:`~asymstore.catalog.FallbackSource` over several copies in the catalog's read order.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from asymstore.backends import open_object_store
-from asymstore.backends.base import ObjectStore
 
+from . import catalog
 from .dtypes import from_name, info
 from .errors import StepNotFoundError
-from .hostpool import Slot
+from .hostpool import HostPool, Slot
+from .interfaces import ObjectStore, RangeSource
 from .layout import Layout, TensorEntry
-from .reader import CheckpointReader, committed_steps
+from .reader import CheckpointReader
 from .state import unflatten
 
+Fallbacks = Sequence[tuple[str, Callable[[], RangeSource]]]
 
-class _HostSource:
-    """Reads from a host snapshot slot (no I/O)."""
 
-    def __init__(self, slot: Slot) -> None:
-        assert slot.buffer is not None and slot.layout is not None
-        self.buffer = slot.buffer
-        self.layout = slot.layout
-        self.bytes_read = 0
+class _HostSource(RangeSource):
+    """Reads from a host snapshot slot (no I/O).
+
+    With its ``pool``, every read leases the slot, so a slot reused for a newer step is never read: the read
+    raises :class:`~asymstore.errors.StepNotFoundError` instead (and a :class:`~asymstore.catalog.FallbackSource`
+    moves on to the next copy).
+    """
+
+    def __init__(self, slot: Slot, pool: HostPool | None = None) -> None:
+        assert slot.buffer is not None and slot.layout is not None and slot.step is not None
+        self.slot = slot
+        self.step = slot.step
+        self.pool = pool
+        self._bytes_read = 0
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes copied out of the slot so far."""
+        return self._bytes_read
 
     def read_range_into(self, start: int, end: int, out: memoryview) -> None:
-        out[:] = self.buffer[start:end].numpy().data.cast("B")
-        self.bytes_read += end - start
+        """Copy stream bytes ``[start, end)`` of the slot into ``out``."""
+        slot = self.pool.lease(self.step) if self.pool is not None else self.slot
+        if slot is None or slot.buffer is None:
+            raise StepNotFoundError(f"step {self.step} left host memory")
+        try:
+            out[:] = slot.buffer[start:end].numpy().data.cast("B")
+        finally:
+            if self.pool is not None:
+                self.pool.unlease(slot)
+        self._bytes_read += end - start
 
 
 class LazyTensor:
     """One stored tensor. ``t[rows]`` reads only the chunks holding those rows; ``read()`` all of it."""
 
-    def __init__(self, entry: TensorEntry, source: CheckpointReader | _HostSource) -> None:
+    def __init__(self, entry: TensorEntry, source: RangeSource) -> None:
         self.entry = entry
         self._src = source
         self.name = entry.name
@@ -48,6 +75,7 @@ class LazyTensor:
 
     @property
     def ndim(self) -> int:
+        """Number of dimensions."""
         return len(self.shape)
 
     def __len__(self) -> int:
@@ -70,6 +98,7 @@ class LazyTensor:
         return raw.view(self.dtype).view(self.shape) if self.nbytes else torch.empty(self.shape, dtype=self.dtype)
 
     def numpy(self) -> np.ndarray:
+        """The whole tensor as a numpy array (dtypes numpy lacks come back as their raw bit patterns)."""
         t = self.read()
         view = info(self.dtype).view_dtype
         return (
@@ -108,35 +137,60 @@ class LazyTensor:
                 if row_bytes
                 else torch.empty((stop - start, *self.shape[1:]), dtype=self.dtype)
             )
-            return rows[(slice(None, None, step),) + tuple(rest)]
+            every: tuple[Any, ...] = (slice(None, None, step), *rest)
+            return rows[every]
         return self.read()[index]
 
 
 class LazyCheckpoint(Mapping[str, LazyTensor]):
-    """A committed checkpoint: name -> :class:`LazyTensor`; ``skeleton`` and ``user`` metadata."""
+    """A committed checkpoint: name -> :class:`LazyTensor`; ``skeleton`` and ``user`` metadata.
 
-    def __init__(self, reader: CheckpointReader) -> None:
-        self._src: CheckpointReader | _HostSource = reader
-        self.reader: CheckpointReader | None = reader
+    ``fallbacks``: ``(name, opener)`` of further copies of the same step, in read order; a range that is
+    damaged on one copy is read from the next (:class:`~asymstore.catalog.FallbackSource`).
+    """
+
+    def __init__(self, reader: CheckpointReader, *, fallbacks: Fallbacks = ()) -> None:
         m = reader.manifest
-        self.step = m.step
-        self.layout: Layout = m.layout
-        self.skeleton = m.skeleton
-        self.user = m.user
-        self._entries = m.layout.by_name()
+        self.reader: CheckpointReader | None = reader
+        self._init(reader, fallbacks, step=m.step, layout=m.layout, skeleton=m.skeleton, user=m.user)
+
+    def _init(
+        self, first: RangeSource, fallbacks: Fallbacks, *, step: int, layout: Layout, skeleton: Any, user: Any
+    ) -> None:
+        self._src: RangeSource = catalog.FallbackSource(first, fallbacks) if fallbacks else first
+        self.step, self.layout, self.skeleton, self.user = step, layout, skeleton, user
+        self._entries = layout.by_name()
 
     @classmethod
-    def from_host(cls, slot: Slot) -> LazyCheckpoint:
+    def from_host(cls, slot: Slot, *, pool: HostPool | None = None, fallbacks: Fallbacks = ()) -> LazyCheckpoint:
+        """A checkpoint read straight from a ready host snapshot slot (leased per read when ``pool`` is given)."""
         self = cls.__new__(cls)
-        self._src = _HostSource(slot)
         self.reader = None
         assert slot.layout is not None and slot.step is not None
-        self.step, self.layout, self.skeleton, self.user = slot.step, slot.layout, slot.skeleton, slot.user
-        self._entries = slot.layout.by_name()
+        self._init(
+            _HostSource(slot, pool),
+            fallbacks,
+            step=slot.step,
+            layout=slot.layout,
+            skeleton=slot.skeleton,
+            user=slot.user,
+        )
+        return self
+
+    def with_fallbacks(self, fallbacks: Fallbacks) -> LazyCheckpoint:
+        """This checkpoint, reading from ``fallbacks`` (in order) when a range is damaged or gone on its source."""
+        if fallbacks:
+            self._src = catalog.FallbackSource(self._src, fallbacks)
         return self
 
     @property
+    def source(self) -> RangeSource:
+        """Where the tensors' bytes are read from."""
+        return self._src
+
+    @property
     def bytes_read(self) -> int:
+        """Stored bytes fetched so far by reads of this checkpoint."""
         return self._src.bytes_read
 
     def __getitem__(self, name: str) -> LazyTensor:
@@ -157,16 +211,13 @@ class LazyCheckpoint(Mapping[str, LazyTensor]):
         return unflatten(self.skeleton, cache.__getitem__)
 
 
-def open_checkpoint(url: str | ObjectStore, step: int | None = None) -> LazyCheckpoint:
-    """Open a committed checkpoint lazily straight from a tier URL (newest step by default)."""
-    store = url if isinstance(url, ObjectStore) else open_object_store(url)
+def open_checkpoint(url: str | ObjectStore, step: int | None = None, *, rank: int | None = None) -> LazyCheckpoint:
+    """Open a committed checkpoint lazily straight from a tier URL (newest step by default; ``rank``: which
+    rank's part of a multi-rank step, default rank 0)."""
+    backend = url if isinstance(url, ObjectStore) else open_object_store(url)
     if step is None:
-        steps = committed_steps(store)
+        steps = catalog.committed_steps(backend)
         if not steps:
-            raise StepNotFoundError(f"no committed checkpoint in {store.url}")
+            raise StepNotFoundError(f"no committed checkpoint in {backend.url}")
         step = steps[-1]
-
-    def reader(s: int) -> CheckpointReader:
-        return CheckpointReader.open(store, s, base_reader=reader)
-
-    return LazyCheckpoint(reader(step))
+    return LazyCheckpoint(catalog.open_reader(backend, step, rank=rank))

@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from asymstore.backends.base import ByteRange, ObjectStore
-
 from .codecs import decode_chunk
 from .errors import CorruptCheckpointError, StepNotFoundError
+from .interfaces import ByteRange, ObjectStore, RangeSource
 from .layout import PartitionSpan, cut_stream, overlapping
-from .manifest import COMMIT_KEY, GROUP_KEY, Manifest, PartitionRecord, parse_commit, parse_step_dir, step_dir
+from .manifest import COMMIT_KEY, GROUP_KEY, Manifest, PartitionRecord, parse_commit, step_dir
 from .zarrfmt import crc32c, decode_index, index_nbytes, shard_key
 
 Progress = Callable[[int, int], None]
@@ -27,6 +26,8 @@ Progress = Callable[[int, int], None]
 
 @dataclass
 class VerifyReport:
+    """What :meth:`CheckpointReader.verify` found: objects and bytes checked, and each problem."""
+
     step: int
     ok: bool = True
     checked_objects: int = 0
@@ -34,8 +35,9 @@ class VerifyReport:
     problems: list[tuple[str, str]] = field(default_factory=list)  # (object key, message)
 
 
-class CheckpointReader:
-    """A committed step on one object store. Open with :meth:`open`."""
+class CheckpointReader(RangeSource):
+    """A committed step on one backend, verified as it is read. Open with :meth:`open` (or, with its delta
+    base wired, :func:`asymstore.catalog.open_reader`)."""
 
     def __init__(
         self,
@@ -55,7 +57,12 @@ class CheckpointReader:
         self._indexes: dict[int, np.ndarray] = {}
         self._base_factory = base_reader
         self._base: CheckpointReader | None = None
-        self.bytes_read = 0  # stored bytes fetched from the backend (for lazy-read accounting)
+        self._bytes_read = 0  # stored bytes fetched from the backend (for lazy-read accounting)
+
+    @property
+    def bytes_read(self) -> int:
+        """Stored bytes fetched from the backend so far (for lazy-read accounting)."""
+        return self._bytes_read
 
     # --- opening -----------------------------------------------------------------
     @classmethod
@@ -120,7 +127,7 @@ class CheckpointReader:
             raw = self.store.get(key, ByteRange(-index_nbytes(cps), index_nbytes(cps)))
             if raw is None:
                 raise CorruptCheckpointError(f"{key} is missing", (key,))
-            self.bytes_read += len(raw)
+            self._bytes_read += len(raw)
             idx = decode_index(raw, cps, key)
             self._indexes[rec.span.index] = idx
         return idx
@@ -165,7 +172,7 @@ class CheckpointReader:
             if not self.store.get_into(key, out[:n], 0):
                 raise CorruptCheckpointError(f"{key} is missing", (key,))
             tail = self.store.get(key, ByteRange(n, size - n)) or b""
-            self.bytes_read += size
+            self._bytes_read += size
 
             def check_raw() -> None:
                 pad = nchunks * C - n
@@ -184,7 +191,7 @@ class CheckpointReader:
         blob = self.store.get(key)
         if blob is None:
             raise CorruptCheckpointError(f"{key} is missing", (key,))
-        self.bytes_read += len(blob)
+        self._bytes_read += len(blob)
 
         def check_decode() -> None:
             idx = decode_index(blob[-index_nbytes(cps) :], cps, key)
@@ -263,7 +270,7 @@ class CheckpointReader:
             blob = self.store.get(key, ByteRange(off0, off1 - off0))
             if blob is None or len(blob) != off1 - off0:
                 raise CorruptCheckpointError(f"{key} is missing or truncated", (key,))
-            self.bytes_read += len(blob)
+            self._bytes_read += len(blob)
             mv = memoryview(blob)
             for k in range(k0, k1 + 1):
                 off, sz = int(idx[k, 0]) - off0, int(idx[k, 1])
@@ -299,10 +306,10 @@ class CheckpointReader:
 
 
 def committed_steps(store: ObjectStore) -> list[int]:
-    """Steps with a commit marker on ``store``, oldest first."""
-    out = []
-    for d in store.list_dirs(""):
-        s = parse_step_dir(d)
-        if s is not None and store.exists(f"{d}/{COMMIT_KEY}"):
-            out.append(s)
-    return sorted(out)
+    """Steps with a commit marker on ``store``, oldest first.
+
+    Deprecated alias of :func:`asymstore.catalog.committed_steps`.
+    """
+    from .catalog import committed_steps as listing
+
+    return listing(store)

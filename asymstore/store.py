@@ -19,7 +19,7 @@ import torch
 
 from asymstore.backends.base import ObjectStore
 
-from . import dtypes
+from . import catalog, dtypes
 from .config import Config
 from .errors import (
     AsymstoreError,
@@ -31,9 +31,11 @@ from .errors import (
     StepNotFoundError,
 )
 from .hostpool import HostPool, Slot
-from .interfaces import RetentionPolicy
+from .interfaces import RangeSource, RetentionPolicy
 from .layout import Layout, plan_layout
+from .lazy import LazyCheckpoint
 from .manifest import Manifest
+from .reader import VerifyReport
 from .snapshot import copy_all, dest_view
 from .state import FlatState, flatten, unflatten
 from .threads import lower_thread_priority
@@ -44,6 +46,8 @@ from .writer import WriteReport
 
 log = logging.getLogger("asymstore")
 
+#: a step's stream, what describes it, and the function to call when done with it
+_Stream = tuple[torch.Tensor, Manifest | Slot, Callable[[], None]]
 NameFilter = Iterable[str] | Callable[[str], bool] | None
 
 
@@ -84,6 +88,17 @@ class SaveHandle:
         self.step = step
         self._future = future
 
+    @property
+    def future(self) -> Future[SaveResult]:
+        """The persistence of this checkpoint as a :class:`concurrent.futures.Future` (result: the
+        :class:`SaveResult`); for integrations that chain work on it."""
+        return self._future
+
+    def add_done_callback(self, fn: Callable[[SaveHandle], object]) -> None:
+        """Call ``fn(handle)`` once persistence finished or failed (at once if it already has), on the
+        thread that finished it; ``fn`` calls :meth:`result` to learn how it went."""
+        self._future.add_done_callback(lambda _f: fn(self))
+
     def done(self) -> bool:
         """Whether persistence finished (or failed)."""
         return self._future.done()
@@ -100,6 +115,8 @@ class SaveHandle:
 
 @dataclass
 class RestoreReport:
+    """What the last :meth:`Store.restore` did: the step, the source it read, its time, and the fallbacks."""
+
     step: int
     tier: str
     seconds: float
@@ -181,6 +198,11 @@ class Store:
             err, self._bg_error = self._bg_error, None
         if err is not None:
             raise CheckpointFailedError(f"a background checkpoint failed: {err}") from err
+
+    def raise_if_failed(self) -> None:
+        """Raise :class:`~asymstore.errors.CheckpointFailedError` (once) if a background checkpoint failed
+        since the last call; every call of the API does this first."""
+        self._raise_background()
 
     def forget_background_error(self, err: BaseException) -> None:
         """``err`` was reported to the user another way (e.g. by a :class:`SaveHandle`): the next call
@@ -347,10 +369,14 @@ class Store:
     def _listing(self, tier: PersistentTier) -> list[int]:
         """A tier's committed steps; an unreachable tier counts as empty (and says so)."""
         try:
-            return tier.committed_steps()
+            return catalog.committed_steps(tier.store)
         except AsymstoreError as e:
             log.warning("tier %s cannot be listed: %s", tier.name, e)
             return []
+
+    def _chain(self) -> list[tuple[str, ObjectStore]]:
+        """``(name, backend)`` of the persistent tiers, in chain order."""
+        return [(t.name, t.store) for t in self.tiers]
 
     def steps(self) -> list[int]:
         """Steps complete on at least one tier, oldest first."""
@@ -361,37 +387,58 @@ class Store:
 
     @property
     def rank(self) -> int:
+        """This process's rank (0 for a single-process store)."""
         return self.config.rank
 
     @property
     def world_size(self) -> int:
+        """How many ranks write each checkpoint."""
         return self.config.world_size
 
+    @property
+    def tier_urls(self) -> dict[str, str]:
+        """Root URL of each persistent tier by tier name, in chain order (fastest first)."""
+        return {t.name: t.url for t in self.tiers}
+
     def where(self, step: int) -> list[str]:
-        out = ["host"] if self.host.find(step) is not None else []
-        return out + [t.name for t in self.tiers if step in self._listing(t)]
+        """Where ``step`` is complete, in the read order: ``"host"``, then tier names in chain order."""
+        return [src.name for src in self._read_order(step, None)]
 
     def latest_step(self) -> int | None:
+        """The newest step complete on at least one tier (``None`` when there is none)."""
         s = self.steps()
         return s[-1] if s else None
 
+    def verify(self, step: int, *, tier: str | None = None) -> VerifyReport:
+        """Read and check every stored object of ``step`` on ``tier`` (default: the first persistent tier that
+        holds it); damage is reported, never raised. ``StepNotFoundError`` when no persistent tier holds it."""
+        names = [tier] if tier is not None else [n for n in self.where(step) if n != catalog.HOST]
+        if not names or (tier is not None and not self._tier(tier).has(step)):
+            raise StepNotFoundError(f"step {step} is not committed on {tier or 'any persistent tier'}")
+        t = self._tier(names[0])
+        try:
+            rank = self._shard_rank(step, catalog.Source(t.name, t.store), None)
+            reader = catalog.open_reader(t.store, step, rank=rank)
+        except CorruptCheckpointError as e:
+            rep = VerifyReport(step, ok=False)
+            rep.problems.append((e.objects[0] if e.objects else f"step {step}", str(e)))
+            return rep
+        return reader.verify()
+
     # --- restoring ---------------------------------------------------------------
-    def _sources(self, step: int) -> list[str]:
-        return self.where(step)
+    def _read_order(self, step: int, rank: int | None) -> list[catalog.Source]:
+        """The catalog's read policy for ``step``: host memory first, then the tiers in chain order."""
+        return catalog.read_sources(
+            step, host=self.host.find(step) is not None, tiers=self._chain(), rank=rank, my_rank=self.rank
+        )
 
-    def _shard_rank(self, step: int, source: str, rank: int | None) -> int:
-        """Which rank's shard to read: the given one; else ours when the world size matches the
-        checkpoint's, else rank 0's (a replicated or consolidated state on another world size)."""
-        if rank is not None:
-            return rank
-        if source == "host":
-            return self.rank
-        ranks = int(self._tier(source).commit_info(step).get("ranks", 1))  # type: ignore[call-overload]
-        return self.rank if ranks == self.world_size else 0
+    def _shard_rank(self, step: int, source: catalog.Source, rank: int | None) -> int:
+        """Which rank's directory to read (:func:`asymstore.catalog.read_rank`; host memory holds ours)."""
+        if source.backend is None:
+            return self.rank if rank is None else rank
+        return catalog.read_rank(source.backend, step, rank=rank, my_rank=self.rank, world_size=self.world_size)
 
-    def _read_stream(
-        self, step: int, source: str, rank: int | None = None, *, copy: bool = True
-    ) -> tuple[torch.Tensor, Manifest | Slot, Callable[[], None]]:
+    def _read_stream(self, step: int, source: catalog.Source, rank: int | None = None, *, copy: bool = True) -> _Stream:
         """The step's stream from ``source`` and a function to call when done with it.
 
         From host memory with ``copy=False`` the slot itself is returned, leased against
@@ -399,9 +446,9 @@ class Store:
         out of it, with no intermediate buffer).
         """
         r = self._shard_rank(step, source, rank)
-        if source == "host":
+        if source.backend is None:
             if r != self.rank:
-                raise StepNotFoundError(f"host memory holds rank {self.rank}'s shard, not rank {r}'s")
+                raise StepNotFoundError(f"host memory holds rank {self.rank}'s part, not rank {r}'s")
             slot = self.host.lease(step)
             if slot is None or slot.layout is None or slot.buffer is None:
                 if slot is not None:
@@ -413,11 +460,13 @@ class Store:
                 self.host.unlease(slot)
                 return buf, slot, lambda: None
             return view, slot, lambda: self.host.unlease(slot)
-        tier = self._tier(source)
-        reader = tier.reader(step, r)
+        reader = catalog.open_reader(source.backend, step, rank=r)
         buf = torch.empty(max(reader.manifest.layout.total_bytes, 1), dtype=torch.uint8)
         reader.read_all_into(buf.numpy().data)
         return buf, reader.manifest, lambda: None
+
+    def _stream_reader(self, step: int, rank: int | None, copy: bool) -> Callable[[catalog.Source], _Stream]:
+        return lambda src: self._read_stream(step, src, rank, copy=copy)
 
     def _tier(self, name: str) -> PersistentTier:
         for t in self.tiers:
@@ -430,40 +479,40 @@ class Store:
     ) -> Any:
         """Restore ``step`` (default: the newest complete one) as a new state, or in place ``into``.
 
-        Falls back to the next tier on damage, and (when ``step`` is None) to older steps.
-        What happened is in :attr:`last_restore`.
+        Reads in the catalog's order (host memory, then the tiers in chain order), falling back to the
+        next source on damage, and (when ``step`` is None) to older steps. What happened is in
+        :attr:`last_restore`.
         """
         self._check_open()
         self._raise_background()
-        candidates = [step] if step is not None else list(reversed(self.steps()))
-        if step is not None and step not in self.steps():
-            raise StepNotFoundError(f"step {step} is not complete on any tier; complete steps: {self.steps()}")
+        steps = self.steps()
+        if step is not None and step not in steps:
+            raise StepNotFoundError(f"step {step} is not complete on any tier; complete steps: {steps}")
+        candidates = [step] if step is not None else list(reversed(steps))
         if not candidates:
             raise StepNotFoundError("no complete checkpoint on any tier")
-        events: list[str] = []
-        damaged: list[str] = []  # object keys named by the failures, for CorruptCheckpointError.objects
+        failures: list[tuple[int, catalog.Failure]] = []
         t0 = time.perf_counter()
         for s in candidates:
-            for source in self._sources(s):
-                try:
-                    buf, meta, release = self._read_stream(s, source, rank, copy=into is None)
-                except (CorruptCheckpointError, StepNotFoundError) as e:
-                    if isinstance(e, CorruptCheckpointError):
-                        damaged += [o for o in e.objects if o not in damaged]
-                    events.append(f"step {s} on {source}: {e}")
-                    log.warning("restore: step %s on %s unusable (%s); trying the next source", s, source, e)
-                    continue
-                layout = meta.layout
-                assert layout is not None
-                skeleton = meta.skeleton
-                self.last_restore = RestoreReport(s, source, time.perf_counter() - t0, events)
-                if events:
-                    log.warning("restored step %s from %s after fallbacks: %s", s, source, "; ".join(events))
-                try:
-                    return self._materialise(buf, layout, skeleton, into, strict)
-                finally:
-                    release()
-        raise CorruptCheckpointError("no readable checkpoint: " + "; ".join(events), tuple(damaged))
+            outcome, failed = catalog.try_in_order(
+                self._read_order(s, rank), self._stream_reader(s, rank, into is None)
+            )
+            failures += [(s, f) for f in failed]
+            if outcome is None:
+                continue
+            buf, meta, release = outcome.value
+            layout = meta.layout
+            assert layout is not None
+            events = [f"step {fs} on {f}" for fs, f in failures]
+            self.last_restore = RestoreReport(s, outcome.source.name, time.perf_counter() - t0, events)
+            if events:
+                log.warning("restored step %s from %s after fallbacks: %s", s, outcome.source.name, "; ".join(events))
+            try:
+                return self._materialise(buf, layout, meta.skeleton, into, strict)
+            finally:
+                release()
+        what = f"step {step}" if step is not None else "any complete step"
+        raise catalog.no_readable_copy(what, [f for _, f in failures])
 
     def _materialise(self, buf: torch.Tensor, layout: Layout, skeleton: Any, into: Any, strict: bool) -> Any:
         entries = layout.by_name()
@@ -484,23 +533,39 @@ class Store:
         pick = [n for n in ck if _selected(n, names)]
         return {n: ck[n].read() for n in pick}
 
-    def open_checkpoint(self, step: int | None = None) -> Any:
-        """A lazy mapping name -> :class:`~asymstore.lazy.LazyTensor` from the fastest persistent tier."""
-        from .lazy import LazyCheckpoint
+    def _lazy_copy(self, step: int, source: catalog.Source, rank: int | None) -> Callable[[], RangeSource]:
+        """An opener of ``source``'s copy of ``step`` as a range source (a fallback of a lazy checkpoint)."""
+        if source.backend is None:
+            return lambda: self._open_lazy(step, source, rank).source
+        backend, r = source.backend, self._shard_rank(step, source, rank)
+        return lambda: catalog.open_reader(backend, step, rank=r)
 
+    def _open_lazy(self, step: int, source: catalog.Source, rank: int | None) -> LazyCheckpoint:
+        if source.backend is None:
+            slot = self.host.find(step)
+            if slot is None or slot.layout is None:
+                raise StepNotFoundError(f"step {step} left host memory")
+            return LazyCheckpoint.from_host(slot, pool=self.host)
+        return LazyCheckpoint(catalog.open_reader(source.backend, step, rank=self._shard_rank(step, source, rank)))
+
+    def open_checkpoint(self, step: int | None = None, *, rank: int | None = None) -> LazyCheckpoint:
+        """A lazy mapping name -> :class:`~asymstore.lazy.LazyTensor` of ``step`` (default: the newest).
+
+        Reads in the catalog's order: the host memory slot, then the tiers in chain order; a copy that is
+        damaged (when opened or when a range is read) is replaced by the next one. ``rank``: which rank's
+        part of a multi-rank step (default: ours when the world size matches, else rank 0's).
+        """
         s = self.latest_step() if step is None else step
         if s is None:
             raise StepNotFoundError("no complete checkpoint on any tier")
-        for t in self.tiers:
-            if t.has(s):
-                return LazyCheckpoint(t.reader(s))
-        slot = self.host.find(s)
-        if slot is not None:
-            return LazyCheckpoint.from_host(slot)
-        raise StepNotFoundError(f"step {s} is not complete on any tier")
+        sources = self._read_order(s, rank)
+        outcome = catalog.read_first(sources, lambda src: self._open_lazy(s, src, rank), what=f"step {s}")
+        later = sources[sources.index(outcome.source) + 1 :]
+        return outcome.value.with_fallbacks([(src.name, self._lazy_copy(s, src, rank)) for src in later])
 
-    def discard_uncommitted(self) -> dict[str, list[int]]:
-        """Delete this rank's leftovers of checkpoints that never committed, on every reachable tier.
+    def discard_uncommitted(self, *, after: int | None = None) -> dict[str, list[int]]:
+        """Delete this rank's leftovers of checkpoints that never committed, on every reachable tier (only
+        steps newer than ``after`` if given).
 
         Call it when a job starts or resumes (the trainer hooks' ``resume`` does), never while
         this process is saving. Returns the steps cleaned per tier.
@@ -508,7 +573,7 @@ class Store:
         out: dict[str, list[int]] = {}
         for t in self.tiers:
             try:
-                cleaned = t.discard_uncommitted()
+                cleaned = t.discard_uncommitted(after=after)
             except AsymstoreError as e:
                 log.warning("tier %s: leftovers not cleaned (%s)", t.name, e)
                 continue
@@ -524,12 +589,12 @@ class Store:
             raise StepNotFoundError(f"step {step} is not complete on any tier")
         self.host.wait_persisted(step)  # a slot being persisted is never freed under its writer
         for t in self.tiers:
-            deps = t.dependents(step)
+            deps = catalog.dependents(t.store, step)
             if deps:
                 raise AsymstoreError(f"step {step} is the delta base of steps {deps} on {t.name}; delete those first")
         self.host.drop(step)
         for t in self.tiers:
-            if t.has(step):
+            if catalog.is_committed(t.store, step):
                 t.delete(step)
 
     # --- accounting and lifecycle ------------------------------------------------

@@ -15,14 +15,15 @@ from dataclasses import dataclass, field
 from asymstore.backends import open_object_store, scheme_of
 from asymstore.backends.base import ObjectStore
 
+from . import catalog
 from .batch_plan import LatencyBandwidthModel
 from .compression import CodecDecisions
 from .config import Config, MiB
-from .errors import CheckpointFailedError, CorruptCheckpointError
+from .errors import CheckpointFailedError
 from .interfaces import RetentionPolicy
 from .layout import Layout
-from .manifest import COMMIT_KEY, GROUP_KEY, global_commit_record, parse_commit, parse_step_dir, shard_dir, step_dir
-from .reader import CheckpointReader, committed_steps
+from .manifest import COMMIT_KEY, GROUP_KEY, global_commit_record, parse_commit, shard_dir, step_dir
+from .reader import CheckpointReader
 from .retention import DeltaState, next_delta_state, parse_keep
 from .retry import Backoff, poll
 from .write_plan import WriteModel, WriteOptions, WritePlan, batch_bytes, parse_compression, plan_write
@@ -217,10 +218,12 @@ class PersistentTier:
 
     # --- catalogue ---------------------------------------------------------------
     def committed_steps(self) -> list[int]:
-        return committed_steps(self.store)
+        """Steps committed on this tier, oldest first (:func:`asymstore.catalog.committed_steps`)."""
+        return catalog.committed_steps(self.store)
 
     def has(self, step: int) -> bool:
-        return self.store.exists(f"{step_dir(step)}/{COMMIT_KEY}")
+        """Whether ``step`` is committed on this tier."""
+        return catalog.is_committed(self.store, step)
 
     # --- multi-rank ----------------------------------------------------------------
     @property
@@ -233,7 +236,8 @@ class PersistentTier:
         return shard_dir(step, self.config.rank, self.config.world_size) + "/"
 
     def has_shard(self, step: int) -> bool:
-        return self.store.exists(self.shard_prefix(step) + COMMIT_KEY)
+        """Whether this rank's part of ``step`` is committed (its rank directory's marker)."""
+        return catalog.rank_committed(self.store, step, rank=self.config.rank, world_size=self.config.world_size)
 
     def finalize(self, step: int, *, timeout: float | None = None) -> None:
         """Rank 0: once every rank's shard marker is durable, write the step's global marker."""
@@ -261,42 +265,27 @@ class PersistentTier:
         self.store.put_atomic(prefix + COMMIT_KEY, global_commit_record(step, n, markers, raw))
 
     def commit_info(self, step: int) -> dict[str, object]:
-        raw = self.store.get(f"{step_dir(step)}/{COMMIT_KEY}")
-        if raw is None:
-            return {}
-        return parse_commit(raw, f"{step_dir(step)}/{COMMIT_KEY}")
+        """The step's parsed commit marker on this tier (``{}`` when not committed)."""
+        return catalog.commit_info(self.store, step)
 
     def reader(self, step: int, rank: int | None = None) -> CheckpointReader:
-        """A reader of ``step``; multi-rank steps open ``rank``'s shard (default: this store's rank)."""
-        r = self.config.rank if rank is None else rank
-        return CheckpointReader.open(self.store, step, base_reader=lambda s: self.reader(s, r), rank=r)
+        """A reader of ``step``; multi-rank steps open ``rank``'s directory (default: this store's rank)."""
+        return catalog.open_reader(self.store, step, rank=self.config.rank if rank is None else rank)
 
     def dependents(self, step: int) -> list[int]:
-        out = []
-        for s in self.committed_steps():
-            try:
-                if self.commit_info(s).get("delta_base") == step:
-                    out.append(s)
-            except CorruptCheckpointError:
-                continue
-        return out
+        """Committed steps on this tier stored as XOR deltas of ``step``."""
+        return catalog.dependents(self.store, step)
 
-    def discard_uncommitted(self) -> list[int]:
-        """Remove this rank's objects of steps that were never committed (crashed attempts).
+    def discard_uncommitted(self, *, after: int | None = None) -> list[int]:
+        """Remove this rank's objects of steps that were never committed (crashed attempts), only those newer
+        than ``after`` if given.
 
         Only this process writes them, so this is safe whenever it is not saving right now,
         e.g. when a job starts or resumes. Returns the steps cleaned.
         """
-        out = []
-        for d in self.store.list_dirs(""):
-            s = parse_step_dir(d)
-            if s is None or self.store.exists(f"{d}/{COMMIT_KEY}"):
-                continue
-            prefix = self.shard_prefix(s)
-            if self.store.list_dirs(prefix) or any(True for _ in self.store.list(prefix)):
-                self.store.delete_prefix(prefix)
-                out.append(s)
-        return out
+        return catalog.discard_uncommitted(
+            self.store, rank=self.config.rank, world_size=self.config.world_size, after=after
+        )
 
     def delete(self, step: int) -> None:
         """Un-commit first (marker), then remove the objects (a rank > 0 removes only its shard)."""
