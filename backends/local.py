@@ -156,6 +156,13 @@ class LocalObjectStore(ObjectStore):
     def delete_prefix(self, prefix: str) -> int:
         """Remove every object whose key starts with ``prefix``: whole directories with one ``rmtree`` each."""
         check_prefix(prefix)
+        if prefix.endswith("/"):  # a directory: remove it whole, not just what it holds
+            top = self._dir(prefix)
+            if not os.path.isdir(top):
+                return 0
+            n = _count_objects(top)
+            shutil.rmtree(top, ignore_errors=True)
+            return n
         parent_key, _, partial = prefix.rpartition("/")
         parent = os.path.join(self.root, parent_key) if parent_key else self.root
         try:

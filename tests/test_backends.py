@@ -151,3 +151,11 @@ def test_local_listings_skip_temporaries(tmp_path: Path) -> None:
     assert sorted(b.list()) == ["kept/x"]
     assert b.delete_prefix("tmp-only/") == 0
     assert not (tmp_path / "root" / "tmp-only" / "COMMIT.tmp-0123456789ab").exists()
+
+
+def test_local_delete_prefix_removes_the_directory(tmp_path: Path) -> None:
+    b = LocalObjectStore(str(tmp_path / "root"))
+    b.put("step_1/r00000/x", b"1")
+    b.put("step_1/COMMIT", b"1")
+    assert b.delete_prefix("step_1/") == 2
+    assert os.listdir(tmp_path / "root") == []

@@ -76,7 +76,8 @@ def test_ls_table_and_tiers(ckpt, capsys, monkeypatch):
 
 def test_ls_json(ckpt, capsys):
     a, b, _ = ckpt
-    os.makedirs(b / "step_000000000009")  # an interrupted save: a step directory without a commit marker
+    os.makedirs(b / "step_000000000009/r00000")  # an interrupted save: objects of a step, no commit marker
+    (b / "step_000000000009/r00000/part").write_bytes(b"partial")
     rc, out, _ = _run(["ls", "--json", str(a), str(b)], capsys)
     assert rc == 0
     doc = json.loads(out)
