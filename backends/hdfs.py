@@ -7,8 +7,8 @@ Why these choices:
 * Fail fast. hdfs-native retries an unreachable NameNode for about three minutes by default;
   a checkpoint tier must not stall training that long. ``dfs.client.failover.max.attempts`` is
   set to 0 and this backend does its own short, bounded retry (``retries``, ``backoff_s``, with
-  :func:`asymstore.retry.retry`). When
-  the NameNode stays unreachable the call raises :class:`BackendUnavailableError` naming the URL.
+  :func:`asymstore.retry.retry`). When the NameNode stays unreachable the call raises
+  :class:`BackendUnavailableError` naming the URL.
 * One object = one HDFS file. ``put`` streams the given buffers in slices of at most
   ``write_chunk`` bytes without joining them (each slice is copied once into a ``bytes``: hdfs-native
   converts other buffer types byte by byte, which is 10x slower); it is durable when the file is closed (all DataNodes
@@ -16,8 +16,9 @@ Why these choices:
   additionally makes the DataNodes fsync before close.
 * ``put_atomic`` writes a hidden temporary file next to the key and renames it over the key
   (HDFS rename with overwrite is atomic at the NameNode).
-* ``delete_prefix`` and ``list_dirs`` use directory operations (one recursive delete, one listing)
-  instead of walking every object.
+* ``delete_prefix`` uses one recursive delete per matching directory instead of deleting every object;
+  ``list_dirs`` lists the directory once and each child until its first object (a directory left empty
+  by ``delete`` is not listed).
 """
 
 from __future__ import annotations
