@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import fnmatch
+import functools
 import json
 import os
 import struct
@@ -26,6 +27,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from .errors import AsymstoreError, ConfigError, CorruptCheckpointError, StepNotFoundError
+from .files import atomic_file
 
 EXIT_OK, EXIT_DAMAGED, EXIT_USAGE = 0, 1, 2
 
@@ -52,31 +54,27 @@ def _open_store(url: str) -> Any:
     return open_object_store(url)
 
 
-def _committed(store: Any) -> list[int]:
-    from .reader import committed_steps
+def _committed(backend: Any) -> list[int]:
+    from .catalog import committed_steps
 
-    return committed_steps(store)
+    return committed_steps(backend)
 
 
-def _partial_steps(store: Any) -> list[int]:
+def _partial_steps(backend: Any) -> list[int]:
     """Step directories without a commit marker (interrupted or in-flight saves)."""
-    from .manifest import COMMIT_KEY, parse_step_dir
+    from .catalog import partial_steps
 
-    out = []
-    for d in store.list_dirs(""):
-        s = parse_step_dir(d)
-        if s is not None and not store.exists(f"{d}/{COMMIT_KEY}"):
-            out.append(s)
-    return sorted(out)
+    return partial_steps(backend)
 
 
-def _reader(store: Any, step: int) -> Any:
-    from .reader import CheckpointReader
+def _reader(backend: Any, step: int) -> Any:
+    from .catalog import open_reader
 
-    def factory(s: int) -> CheckpointReader:
-        return CheckpointReader.open(store, s, base_reader=factory)
+    return open_reader(backend, step)
 
-    return factory(step)
+
+def _source_reader(source: Any, *, step: int) -> Any:
+    return _reader(source.backend, step)
 
 
 def _pick_step(store: Any, url: str, step: int | None) -> int:
@@ -98,6 +96,7 @@ def _pick_step(store: Any, url: str, step: int | None) -> int:
 
 # --- formatting helpers -------------------------------------------------------------
 def human_bytes(n: float) -> str:
+    """``1536`` -> ``'1.50 KiB'``."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
@@ -165,6 +164,9 @@ def _tier_headers(urls: Sequence[str]) -> list[str]:
 
 # --- ls -----------------------------------------------------------------------------
 def cmd_ls(args: argparse.Namespace) -> int:
+    """``asymstore ls``: steps, sizes, codecs, and the tiers each is complete on."""
+    from .catalog import Source, try_in_order
+
     stores = [(u, _open_store(u)) for u in args.urls]
     status: dict[str, dict[int, str]] = {}
     for url, st in stores:
@@ -187,15 +189,15 @@ def cmd_ls(args: argparse.Namespace) -> int:
             "delta_base": None,
             "tiers": {u: status[u].get(step, "absent") for u, _ in stores},
         }
-        for url, st in stores:  # details from the first tier where the step is complete and readable
-            if status[url].get(step) != "complete":
-                continue
-            try:
-                r = _reader(st, step)
-            except CorruptCheckpointError as e:
-                row["tiers"][url] = "damaged"
-                row.setdefault("problems", []).append(f"{url}: {e}")
-                continue
+        # details from the first tier (in the given order) where the step is complete and readable
+        sources = [Source(url, st) for url, st in stores if status[url].get(step) == "complete"]
+        outcome, failures = try_in_order(sources, functools.partial(_source_reader, step=step))
+        for f in failures:
+            if isinstance(f.error, CorruptCheckpointError):
+                row["tiers"][f.source.name] = "damaged"
+                row.setdefault("problems", []).append(str(f))
+        if outcome is not None:
+            r = outcome.value
             m = r.manifest
             raw, stored = m.layout.total_bytes, m.stored_bytes
             row.update(
@@ -207,7 +209,6 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 delta_base=m.delta_base,
                 tensors=len(m.layout.tensors),
             )
-            break
         rows.append(row)
 
     if args.json:
@@ -252,7 +253,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             *(marks[r["tiers"][u]] for u, _ in stores),
         )
     con.print(table)
-    for h, (url, _) in zip(heads, stores):
+    for h, (url, _) in zip(heads, stores, strict=True):
         con.print(f"  {h} = {url}", soft_wrap=True)
     for r in rows:
         for p in r.get("problems", []):
@@ -303,6 +304,7 @@ def _match(name: str, pattern: str | None) -> bool:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    """``asymstore show``: tensors, partitions with their codecs, and metadata of one step."""
     from rich.table import Table
 
     from .dtypes import from_name
@@ -436,6 +438,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 # --- verify -------------------------------------------------------------------------
 def cmd_verify(args: argparse.Namespace) -> int:
+    """``asymstore verify``: read and check every stored object of one step or all (exit 1 on damage)."""
     st = _open_store(args.url)
     if args.all:
         steps = _committed(st)
@@ -505,6 +508,7 @@ def safetensors_metadata(step: int, skeleton: Any, user: dict[str, Any]) -> dict
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """``asymstore export``: write a step's tensors to a safetensors file (atomically)."""
     st = _open_store(args.url)
     step = _pick_step(st, args.url, args.step)
     r = _reader(st, step)
@@ -534,33 +538,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     hb = json.dumps(header, separators=(",", ":")).encode()
     hb += b" " * (-len(hb) % 8)
     out_path = args.out
-    tmp = f"{out_path}.tmp-{os.getpid()}"
     total = off
     buf = bytearray(min(max((t.nbytes for t in order), default=0), _PIECE))
     mv = memoryview(buf)
-    try:
-        with open(tmp, "wb") as f, _progress(args, f"export step {step}", total) as bar:
-            f.write(struct.pack("<Q", len(hb)))
-            f.write(hb)
-            done = 0
-            for t in order:  # tensor by tensor, in pieces: memory stays at one piece
-                pos = t.offset
-                while pos < t.end:
-                    n = min(_PIECE, t.end - pos)
-                    r.read_range_into(pos, pos + n, mv[:n])
-                    f.write(mv[:n])
-                    pos += n
-                    done += n
-                    bar(done)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out_path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_file(out_path) as f, _progress(args, f"export step {step}", total) as bar:
+        f.write(struct.pack("<Q", len(hb)))
+        f.write(hb)
+        done = 0
+        for t in order:  # tensor by tensor, in pieces: memory stays at one piece
+            pos = t.offset
+            while pos < t.end:
+                n = min(_PIECE, t.end - pos)
+                r.read_range_into(pos, pos + n, mv[:n])
+                f.write(mv[:n])
+                pos += n
+                done += n
+                bar(done)
     if not args.quiet:
         _console(args).print(f"wrote {len(order)} tensors ({human_bytes(total)}) of step {step} to {out_path}")
     return EXIT_OK
@@ -568,6 +561,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 # --- entry point --------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``asymstore`` command."""
     p = argparse.ArgumentParser(
         prog="asymstore",
         description="Inspect, verify and export asymstore checkpoints. "
@@ -613,6 +607,7 @@ _COMMANDS = {"ls": cmd_ls, "show": cmd_show, "verify": cmd_verify, "export": cmd
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``asymstore`` command; returns its exit code."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
