@@ -28,18 +28,15 @@ attached; detaching finishes the snapshot in flight outside the timed region.
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_overhead.py            # full run (~25 min on 2 cores)
-    PYTHONPATH=. python benchmarks/bench_overhead.py --quick    # smoke run (~2 min)
+    python -m benchmarks.bench_overhead            # full run (~25 min on 2 cores)
+    python -m benchmarks.bench_overhead --quick    # smoke run (~2 min)
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import datetime as _dt
 import gc
-import importlib.util
-import json
 import os
 import shutil
 import statistics
@@ -47,46 +44,32 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+import torch
 
-
-def _use_source_tree() -> None:
-    """Import ``asymstore``, ``asymstore.backends`` and ``asymstore.trainer_hooks`` from this checkout.
-
-    The package maps ``backends/`` and ``trainer_hooks/`` to ``asymstore.*`` through package-dir; an editable
-    install of another checkout would otherwise supply those two from there.
-    """
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
-    import asymstore  # noqa: F401  (from ROOT, first on sys.path)
-
-    for sub, d in (("backends", "backends"), ("trainer_hooks", "trainer_hooks")):
-        name = f"asymstore.{sub}"
-        path = os.path.join(ROOT, d, "__init__.py")
-        if name in sys.modules or not os.path.exists(path):
-            continue
-        spec = importlib.util.spec_from_file_location(name, path, submodule_search_locations=[os.path.join(ROOT, d)])
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-        setattr(sys.modules["asymstore"], sub, mod)
-
-
-_use_source_tree()
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from _gpt2 import Data, add_model_args, build_model  # noqa: E402
-from _machine import machine_info, machine_line, other_cpu_busy  # noqa: E402
-from _rawio import write_direct  # noqa: E402
-
-import asymstore  # noqa: E402
-from asymstore.store import Store, TierSpec  # noqa: E402
-from asymstore.trainer_hooks import AsymCheckpointer  # noqa: E402
+import asymstore
+from asymstore.store import Store, TierSpec
+from asymstore.trainer_hooks import AsymCheckpointer
+from benchmarks._gpt2 import Data, add_model_args, build_model
+from benchmarks._harness import (
+    RESULTS,
+    Block,
+    busy_warning,
+    command_line,
+    fmt_ms,
+    machine_info,
+    machine_line,
+    median,
+    now,
+    other_cpu_busy,
+    paired,
+    round_order,
+    time_block,
+    write_report,
+)
+from benchmarks._rawio import write_direct
 
 VARIANTS = (
     "baseline",
@@ -379,9 +362,8 @@ def run_block(
     warmup: int,
     block: int,
     record: bool = True,
-) -> tuple[float, list[float], tuple[float, float], float, float]:
-    """One block; returns (seconds per iteration incl. the final drain, the iterations' own times, the timed
-    window, process CPU seconds per iteration, the final drain's seconds)."""
+) -> Block:
+    """One block: ``warmup`` untimed iterations, a drain, then ``block`` timed iterations and the final drain."""
     gc.collect()
     v.before_block()
     for _ in range(warmup):
@@ -392,34 +374,20 @@ def run_block(
         v.start_timed()
     if isinstance(v, (TorchSave, DcpAsync)):
         v.timed = record
-    iters: list[float] = []
-    phases.enabled = True
-    c0 = time.process_time()
-    t0 = time.perf_counter()
-    for _ in range(block):
-        ti = time.perf_counter()
+
+    def step() -> None:
         train_step(model, opt, data.next(), phases)
         v.after_iter()
-        iters.append(time.perf_counter() - ti)
-    t_last = time.perf_counter()
-    v.drain()
-    t1 = time.perf_counter()
-    c1 = time.process_time()
+
+    phases.enabled = True
+    res = time_block(step, v.drain, iterations=block)
     phases.enabled = False
     if isinstance(v, AsymstoreVariant) and record:
         v.end_timed()
     if isinstance(v, (TorchSave, DcpAsync)):
         v.timed = False
     v.after_block()
-    return (t1 - t0) / block, iters, (t0, t1), (c1 - c0) / block, t1 - t_last
-
-
-def median(xs: list[float]) -> float:
-    return float(statistics.median(xs)) if xs else float("nan")
-
-
-def fmt_ms(s: float) -> str:
-    return "-" if s != s else f"{s * 1e3:.1f}"
+    return res
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -539,7 +507,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_model_args(p, layers=8, batch=16, seq=128)
     p.add_argument("--keep", type=int, default=2, help="checkpoints kept per variant (older ones deleted)")
     p.add_argument("--dir", default=None, help="checkpoint directory (default: a fresh temp dir, removed after)")
-    p.add_argument("--out", default=os.path.join(HERE, "results"), help="where overhead.md and the PNG go")
+    p.add_argument("--out", default=RESULTS, help="where overhead.md and the PNG go")
     p.add_argument("--tag", default="", help="suffix for the output file names (e.g. _before)")
     a = p.parse_args(argv)
     if a.quick:
@@ -547,336 +515,390 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-    names = [n.strip() for n in args.variants.split(",") if n.strip()]
-    bad = [n for n in names if n not in VARIANTS]
-    if bad or "baseline" not in names:
-        raise SystemExit(f"unknown variants {bad} (and baseline is required); choose from {VARIANTS}")
-    started = _dt.datetime.now().astimezone()
-    load0 = os.getloadavg()
-    busy0 = other_cpu_busy()  # before this process does anything
-    t_start = time.perf_counter()
-    model, opt = build_model(args)
-    data = Data(args)
-    phases = PhaseLog()
-    n_params = sum(p.numel() for p in model.parameters())
-    for _ in range(2):  # global warm-up: allocator, AdamW state creation
-        train_step(model, opt, data.next(), phases)
-    p_bytes, o_bytes = state_bytes(model, opt)
-    root = args.dir or tempfile.mkdtemp(prefix="asym-bench-", dir=os.environ.get("ASYM_BENCH_DIR"))
-    os.makedirs(root, exist_ok=True)
-    variants: dict[str, Variant] = {}
+@dataclass
+class Run:
+    """What a run measured, per variant: blocks' seconds per iteration, CPU, iterations, drains, steady means."""
+
+    args: argparse.Namespace
+    names: list[str]
+    variants: dict[str, Variant]
+    root: str
+    n_params: int
+    p_bytes: int
+    o_bytes: int
+    per_iter: dict[str, list[float]] = field(default_factory=dict)
+    raw_iters: dict[str, list[float]] = field(default_factory=dict)
+    cpu_iter: dict[str, list[float]] = field(default_factory=dict)
+    drains: dict[str, list[float]] = field(default_factory=dict)
+    steady: dict[str, list[float]] = field(default_factory=dict)  # per block: mean of iterations 2..N
+    asym_window: tuple[float, float] | None = None
+    asym_spans: list[tuple[str, float, float]] = field(default_factory=list)
+
+
+def make_variants(
+    names: list[str],
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    root: str,
+    args: argparse.Namespace,
+    nbytes: int,
+) -> dict[str, Variant]:
+    """The checkpointers (and references) by name, each writing under ``root``."""
+    out: dict[str, Variant] = {}
     for n in names:
         if n == "baseline":
-            variants[n] = Baseline()
+            out[n] = Baseline()
         elif n in ASYM_STRATEGIES:
-            variants[n] = AsymstoreVariant(n, model, opt, root, args.keep, warmup=args.warmup)
+            out[n] = AsymstoreVariant(n, model, opt, root, args.keep, warmup=args.warmup)
         elif n == "asym-host":
-            variants[n] = AsymstoreVariant(
-                "asym", model, opt, root, args.keep, warmup=args.warmup, name=n, host_only=True
-            )
+            out[n] = AsymstoreVariant("asym", model, opt, root, args.keep, warmup=args.warmup, name=n, host_only=True)
         elif n == "asym-no-idle":
-            variants[n] = AsymstoreVariant(
+            out[n] = AsymstoreVariant(
                 "asym", model, opt, root, args.keep, warmup=args.warmup, name=n, background_idle=False
             )
         elif n == "torch.save":
-            variants[n] = TorchSave(model, opt, root, args.keep)
+            out[n] = TorchSave(model, opt, root, args.keep)
         elif n == "write-floor":
-            variants[n] = WriteFloor(p_bytes + o_bytes, root)
+            out[n] = WriteFloor(nbytes, root)
         else:
-            variants[n] = DcpAsync(model, opt, root, args.keep)
+            out[n] = DcpAsync(model, opt, root, args.keep)
+    return out
 
+
+def run_rounds(run: Run, model: torch.nn.Module, opt: torch.optim.Optimizer, data: Data, phases: PhaseLog) -> None:
+    """Every variant's block per round, ``--warmup-rounds`` untimed rounds first, in rotation or shuffled."""
+    args = run.args
+    for d in (run.per_iter, run.raw_iters, run.cpu_iter, run.drains, run.steady):
+        d.update({n: [] for n in run.names})
+    for r in range(-args.warmup_rounds, args.rounds):
+        record = r >= 0
+        # shuffle: a fresh seeded permutation each round; rotate: the starting variant rotates
+        seed = [args.seed, r + args.warmup_rounds] if args.order == "shuffle" else None
+        for n in round_order(run.names, r, order=args.order, seed=seed):
+            if n == "asym":
+                phases.spans.clear()
+            b = run_block(run.variants[n], model, opt, data, phases, args.warmup, args.block, record)
+            if not record:
+                print(f"warm-up round {n:>15}: {b.per_iter * 1e3:8.1f} ms/iter (not counted)", flush=True)
+                continue
+            if n == "asym":
+                run.asym_window = b.window
+                run.asym_spans = list(phases.spans)
+            phases.spans.clear()
+            run.per_iter[n].append(b.per_iter)
+            run.cpu_iter[n].append(b.cpu_per_iter)
+            run.raw_iters[n].extend(b.iters)
+            run.drains[n].append(b.drain)
+            run.steady[n].append(statistics.fmean(b.iters[1:]) if len(b.iters) > 1 else b.iters[0])
+            print(
+                f"round {r + 1}/{args.rounds} {n:>15}: {b.per_iter * 1e3:8.1f} ms/iter, cpu "
+                f"{b.cpu_per_iter * 1e3:6.0f} ms/iter  (iterations {', '.join(f'{x * 1e3:.0f}' for x in b.iters)} ms)",
+                flush=True,
+            )
+
+
+def summarize(run: Run) -> list[dict[str, Any]]:
+    """One row per variant: medians, overhead vs the baseline's median, paired overheads, stalls, CPU."""
+    base = median(run.per_iter["baseline"])
+    base_cpu = median(run.cpu_iter["baseline"])
+    rows = []
+    for n in run.names:
+        med = median(run.per_iter[n])
+        pair = paired(run.per_iter[n], run.per_iter["baseline"])
+        rows.append(
+            {
+                "variant": n,
+                "median_ms": med * 1e3,
+                "overhead_pct": (med - base) / base * 100,
+                "median_stall_ms": median(run.variants[n].stalls()) * 1e3,
+                "paired_pct": pair.median,
+                "paired_min": pair.min,
+                "paired_max": pair.max,
+                "steady_paired_pct": paired(run.steady[n], run.steady["baseline"]).median,
+                "drain_ms": median(run.drains[n]) * 1e3,
+                "cpu_ms": median(run.cpu_iter[n]) * 1e3,
+                "cpu_overhead_pct": (median(run.cpu_iter[n]) - base_cpu) / base_cpu * 100,
+                "blocks": len(run.per_iter[n]),
+                "iters": len(run.raw_iters[n]),
+                "min_ms": min(run.per_iter[n]) * 1e3,
+                "max_ms": max(run.per_iter[n]) * 1e3,
+            }
+        )
+    return rows
+
+
+def _persist_part(ck: AsymCheckpointer, attr: str) -> float:
+    return median(
+        [
+            getattr(h.result().reports[k], attr)
+            for h in ck.handles
+            if h.done() and not h.skipped
+            for k in h.result().reports
+        ]
+    )
+
+
+def asym_details(run: Run) -> dict[str, Any]:
+    """asym: predicted vs measured stall, hidden fraction, persistence ({} without asym)."""
+    av = run.variants.get("asym")
+    if not isinstance(av, AsymstoreVariant):
+        return {}
+    ck = av.ck
+    ts = av.timed_stats()
+    plan = ck._plan_cache[1] if ck._plan_cache else None  # the plan in use (read-only peek for reporting)
+    return {
+        "predicted_barrier_stall_ms": plan.predicted_stall_s * 1e3 if plan is not None else float("nan"),
+        "plan_remainder_bytes": plan.remainder_bytes if plan is not None else 0,
+        "plan_partitions": len([p for p in plan.partitions if p.nbytes]) if plan is not None else 0,
+        "measured_barrier_stall_ms": median([s.stall_s for s in ts]) * 1e3,
+        "measured_begin_ms": median([s.begin_s for s in ts]) * 1e3,
+        "hidden_fraction": (sum(s.hidden_bytes for s in ts) / max(sum(s.bytes for s in ts), 1)),
+        "persist_ms": median([s.persist_s for s in ts if s.persist_s is not None]) * 1e3,
+        "hidden_copy_ms": median([s.hidden_copy_s for s in ts]) * 1e3,
+        "copy_bandwidth_gbs": (ck._copy_bw or 0) / 1e9,
+        "replans": ck.replans,
+        "persist_encode_ms": _persist_part(ck, "encode_seconds") * 1e3,
+        "persist_write_ms": _persist_part(ck, "write_seconds") * 1e3,
+        "checkpoint_bytes": ts[-1].bytes if ts else 0,
+    }
+
+
+def write_timeline(run: Run, res_dir: str) -> str | None:
+    """The asym timeline PNG and its Chrome trace (the last timed asym block); returns the PNG's path."""
+    av = run.variants.get("asym")
+    if not isinstance(av, AsymstoreVariant) or run.asym_window is None:
+        return None
+    png = os.path.join(res_dir, f"timeline_asym{run.args.tag}.png")
+    # the last timed asym block, its first two iterations and its drain
+    w0, w1 = run.asym_window
+    its = [s for s in run.asym_spans if s[0] == "forward"]
+    if len(its) >= 3 and run.args.block > 3:
+        w1 = min(w1, its[2][1] + 0.05)
+    plot_timeline(
+        av.ck,
+        run.asym_spans,
+        (w0 - 0.02, w1 + 0.02),
+        png,
+        f"asym: {run.n_params / 1e6:.1f}M-param GPT-2, {(run.p_bytes + run.o_bytes) / 2**20:.0f} MiB state, "
+        f"checkpoint every iteration (from the Chrome-trace events of the last timed block)",
+    )
+    av.ck.write_trace(os.path.join(res_dir, f"trace_asym{run.args.tag}.json"))
+    return png
+
+
+def goals(by: dict[str, dict[str, Any]]) -> str:
+    """The goals' PASS/FAIL lines (and the write-floor reference)."""
+    out = []
+    if "asym" in by:
+        ov = by["asym"]["paired_pct"]
+        out.append(("asym overhead <= 5% of the iteration time", ov <= 5.0, f"{ov:.2f}%"))
+        dcp = by.get("dcp.async_save")
+        if dcp is not None and dcp["paired_pct"] > 0:
+            ratio = ov / dcp["paired_pct"]
+            out.append(("asym overhead <= 0.25 x dcp.async_save overhead", ratio <= 0.25, f"ratio {ratio:.3f}"))
+    text = "\n".join(f"- {'PASS' if ok else 'FAIL'}: {g} ({val})" for g, ok, val in out)
+    if "write-floor" in by and "asym" in by:
+        floor = by["write-floor"]["paired_pct"]
+        text += (
+            f"\n- for reference (not a goal): writing the same bytes alone each iteration (`write-floor`) "
+            f"cost {floor:+.2f}%; asym's overhead beyond that: {by['asym']['paired_pct'] - floor:+.2f}%"
+        )
+    return text
+
+
+def result_table(rows: list[dict[str, Any]], block: int) -> str:
+    """The markdown table of :func:`summarize`'s rows."""
+    lines = [
+        "| variant | median ms/iter | overhead vs baseline | paired overhead: median [min, max] | "
+        "median stall per checkpoint (ms) | drain at block end (ms) | in-block iterations 2..N, paired "
+        "(no drain) | process CPU ms/iter (vs baseline) | blocks x iters | block min-max ms/iter |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r["variant"] == "baseline":
+            ov_s = pair_s = st_s = drain_s = steady_s = "-"
+            cpu_s = f"{r['cpu_ms']:.0f}"
+        else:
+            ov_s = f"{r['overhead_pct']:+.2f}%"
+            pair_s = f"**{r['paired_pct']:+.2f}%** [{r['paired_min']:+.1f}, {r['paired_max']:+.1f}]"
+            st_s = fmt_ms(r["median_stall_ms"] / 1e3)
+            cpu_s = f"{r['cpu_ms']:.0f} ({r['cpu_overhead_pct']:+.1f}%)"
+            drain_s = f"{r['drain_ms']:.0f}"
+            steady_s = f"{r['steady_paired_pct']:+.2f}%"
+        lines.append(
+            f"| {r['variant']} | {r['median_ms']:.1f} | {ov_s} | {pair_s} | {st_s} | {drain_s} | {steady_s} | "
+            f"{cpu_s} | {r['blocks']} x {block} | {r['min_ms']:.0f}-{r['max_ms']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def sizes_section(run: Run, extra: dict[str, Any], base_s: float) -> str:
+    """The model, state and block sizes of the run."""
+    a = run.args
+    ck = (
+        f" (asymstore checkpoint: {extra['checkpoint_bytes'] / 2**20:.1f} MiB incl. RNG states, step counters)"
+        if extra
+        else ""
+    )
+    return (
+        f"- model: GPT-2 (`GPT2Config(n_layer={a.layers}, n_embd={a.embd}, n_head={a.heads}, "
+        f"vocab_size={a.vocab})`, tied embeddings, dropout 0), **{run.n_params / 1e6:.2f}M parameters**, AdamW\n"
+        f"- state: **{(run.p_bytes + run.o_bytes) / 2**20:.1f} MiB** = params {run.p_bytes / 2**20:.1f} MiB + "
+        f"AdamW moments {run.o_bytes / 2**20:.1f} MiB{ck}\n"
+        f"- batch {a.batch} x sequence length {a.seq} synthetic tokens (seeded RNG); "
+        f"baseline iteration **{base_s * 1e3:.0f} ms** (median)\n"
+        f"- blocks: {a.warmup} untimed warm-up + {a.block} timed iterations (+ drain), {a.rounds} rounds "
+        f"({a.order}) after {a.warmup_rounds} untimed warm-up round(s); checkpoint every iteration; keep last "
+        f"{a.keep} per variant\n"
+    )
+
+
+def asym_section(extra: dict[str, Any]) -> str:
+    """The asym plan, hidden fraction and persistence lines ("" without asym)."""
+    if not extra:
+        return ""
+    return (
+        f"- asym plan: {extra['plan_partitions']} partitions, remainder {extra['plan_remainder_bytes'] / 2**20:.2f} "
+        f"MiB, predicted barrier stall **{extra['predicted_barrier_stall_ms']:.1f} ms** vs measured median "
+        f"**{extra['measured_barrier_stall_ms']:.1f} ms** (plus {extra['measured_begin_ms']:.1f} ms synchronous "
+        f"snapshot begin after the step)\n"
+        f"- asym: {extra['hidden_fraction'] * 100:.1f}% of bytes copied inside forward/backward windows, "
+        f"median copy-thread time {extra['hidden_copy_ms']:.1f} ms/checkpoint, measured copy bandwidth "
+        f"{extra['copy_bandwidth_gbs']:.2f} GB/s, median persistence {extra['persist_ms']:.0f} ms/checkpoint "
+        f"(encode incl. codec choice {extra['persist_encode_ms']:.0f} ms, writes incl. fsync "
+        f"{extra['persist_write_ms']:.0f} ms), "
+        f"replans {extra['replans']}\n"
+    )
+
+
+EXPLAIN = (
+    "Overhead vs baseline: median of the variant's blocks against the median of the baseline's. Paired "
+    "overhead: each round's block against the baseline block of the same round, median over the rounds "
+    "(with the smallest and largest round): the machine's slow drift, which moves all variants of a round "
+    "together, cancels; the goals are judged on it. It includes each block's final drain (the background "
+    "work of the block's last checkpoint, waited for with the training stopped), which a run that never "
+    "stops would overlap with its next iteration: that drain, spread over the block's {block} "
+    "iterations, is in the figure. For reference, the in-block column pairs the mean of each block's "
+    "iterations 2..N (each carrying the background work of the previous checkpoint, as in a long run; the "
+    "first has none in flight) without the drain.\n\n"
+    "Stall per checkpoint: training-thread time spent on it. asymstore: synchronous snapshot begin after the "
+    "step + wait at the barrier before the next optimizer step (for `sync` the barrier includes the "
+    "persistence); torch.save: the whole save + fsync; dcp.async_save: waiting for the previous future + the "
+    "`async_save` call (staging). Process CPU: user+system time of all threads of this process per "
+    "iteration (less sensitive than wall time to other load on a shared machine).\n\n"
+)
+
+
+def machine_section(run: Run, mi: dict[str, Any], env: dict[str, Any]) -> str:
+    """Machine, where asymstore was imported from, other load, the checkpoint directory."""
+    busy0, load0, load1 = env["busy"], env["load"][0], env["load"][1]
+    other = f"{busy0:.0%} of the cores busy over 3 s" if busy0 is not None else "not measurable (no /proc/stat)"
+    where = run.root if run.args.dir else "a temp dir under " + tempfile.gettempdir()
+    return (
+        f"## Machine\n\n- {machine_line(mi)}\n"
+        f"- asymstore {asymstore.__version__} imported from `{os.path.dirname(asymstore.__file__)}`, hooks from "
+        f"`{os.path.dirname(sys.modules['asymstore.trainer_hooks'].__file__ or '')}`, backends from "
+        f"`{os.path.dirname(sys.modules['asymstore.backends'].__file__ or '')}`\n"
+        f"- other work at start: {other}; load average at start {load0[0]:.2f}, at end {load1[0]:.2f} "
+        f"(1-min, lags by minutes)\n"
+        f"- checkpoint directory on the local disk ({where})\n\n"
+    )
+
+
+def report(run: Run, rows: list[dict[str, Any]], extra: dict[str, Any], env: dict[str, Any]) -> str:
+    """The markdown report."""
+    by = {r["variant"]: r for r in rows}
+    base = median(run.per_iter["baseline"])
+    method = (__doc__ or "").split("Method:", 1)[1].split("Usage::", 1)[0].strip()
+    png = env["png"]
+    return (
+        f"# Checkpointing overhead per iteration (checkpoint at every iteration)\n\n"
+        f"Measured {env['started']:%Y-%m-%d %H:%M %Z} by `{env['cmd']}` ({env['total_s'] / 60:.1f} min).\n\n"
+        f"{busy_warning(env['busy'])}"
+        f"{result_table(rows, run.args.block)}\n\n"
+        + EXPLAIN.format(block=run.args.block)
+        + f"## Goals\n\n{goals(by)}\n\n## asym details\n\n{asym_section(extra)}\n"
+        f"## Sizes\n\n{sizes_section(run, extra, base)}\n"
+        + machine_section(run, env["machine"], env)
+        + f"## Method\n\n{method}\n\n"
+        + (f"Timeline of asym: `{os.path.basename(png)}`.\n" if png else "")
+    )
+
+
+def setup(args: argparse.Namespace, names: list[str]) -> tuple[Run, torch.nn.Module, torch.optim.Optimizer, Data]:
+    """Model, optimizer, data (two warm-up steps: allocator, AdamW state) and the variants."""
+    model, opt = build_model(args)
+    data = Data(args)
+    for _ in range(2):  # global warm-up: allocator, AdamW state creation
+        train_step(model, opt, data.next(), PhaseLog())
+    p_bytes, o_bytes = state_bytes(model, opt)
+    root = args.dir or tempfile.mkdtemp(prefix="asym-bench-", dir=os.environ.get("ASYM_BENCH_DIR"))
+    os.makedirs(root, exist_ok=True)
+    variants = make_variants(names, model, opt, root, args, p_bytes + o_bytes)
+    n_params = sum(p.numel() for p in model.parameters())
+    run = Run(args, names, variants, root, n_params, p_bytes, o_bytes)
     print(
         f"model: GPT-2 ({args.layers} layers, d={args.embd}, vocab {args.vocab}), {n_params / 1e6:.2f}M params; "
         f"state {(p_bytes + o_bytes) / 2**20:.1f} MiB (params {p_bytes / 2**20:.1f} + AdamW moments "
         f"{o_bytes / 2**20:.1f}); batch {args.batch} x seq {args.seq}; torch threads {torch.get_num_threads()}",
         flush=True,
     )
-    per_iter: dict[str, list[float]] = {n: [] for n in names}
-    raw_iters: dict[str, list[float]] = {n: [] for n in names}
-    cpu_iter: dict[str, list[float]] = {n: [] for n in names}
-    drains: dict[str, list[float]] = {n: [] for n in names}
-    steady: dict[str, list[float]] = {n: [] for n in names}  # per block: mean of iterations 2..N
-    asym_window: tuple[float, float] | None = None
-    for r in range(-args.warmup_rounds, args.rounds):
-        record = r >= 0
-        if args.order == "shuffle":  # a fresh seeded permutation each round: no fixed neighbour for any variant
-            order = list(names)
-            np.random.default_rng([args.seed, r + args.warmup_rounds]).shuffle(order)
-        else:  # rotation: the starting variant rotates, the cyclic neighbours stay the same
-            order = names[r % len(names) :] + names[: r % len(names)]
-        for n in order:
-            v = variants[n]
-            phases.spans.clear() if n == "asym" else None
-            dt, its, win, cpu, drain = run_block(v, model, opt, data, phases, args.warmup, args.block, record)
-            if not record:
-                print(f"warm-up round {n:>15}: {dt * 1e3:8.1f} ms/iter (not counted)", flush=True)
-                continue
-            if n == "asym":
-                asym_window = win
-                asym_spans = list(phases.spans)
-            phases.spans.clear()
-            per_iter[n].append(dt)
-            cpu_iter[n].append(cpu)
-            raw_iters[n].extend(its)
-            drains[n].append(drain)
-            steady[n].append(statistics.fmean(its[1:]) if len(its) > 1 else its[0])
-            print(
-                f"round {r + 1}/{args.rounds} {n:>15}: {dt * 1e3:8.1f} ms/iter, cpu {cpu * 1e3:6.0f} ms/iter  "
-                f"(iterations {', '.join(f'{x * 1e3:.0f}' for x in its)} ms)",
-                flush=True,
-            )
+    return run, model, opt, data
 
-    base = median(per_iter["baseline"])
-    base_cpu = median(cpu_iter["baseline"])
-    rows = []
-    for n in names:
-        med = median(per_iter[n])
-        ov = (med - base) / base * 100
-        v = variants[n]
-        st = v.stalls()
-        # paired: each round's block against the same round's baseline block (slow drift of the machine cancels)
-        paired = [(x / b - 1) * 100 for x, b in zip(per_iter[n], per_iter["baseline"])]
-        paired_steady = [(x / b - 1) * 100 for x, b in zip(steady[n], steady["baseline"])]
-        rows.append(
-            {
-                "variant": n,
-                "median_ms": med * 1e3,
-                "overhead_pct": ov,
-                "median_stall_ms": median(st) * 1e3,
-                "paired_pct": median(paired),
-                "paired_min": min(paired),
-                "paired_max": max(paired),
-                "steady_paired_pct": median(paired_steady),
-                "drain_ms": median(drains[n]) * 1e3,
-                "cpu_ms": median(cpu_iter[n]) * 1e3,
-                "cpu_overhead_pct": (median(cpu_iter[n]) - base_cpu) / base_cpu * 100,
-                "blocks": len(per_iter[n]),
-                "iters": len(raw_iters[n]),
-                "min_ms": min(per_iter[n]) * 1e3,
-                "max_ms": max(per_iter[n]) * 1e3,
-            }
-        )
-    by = {r["variant"]: r for r in rows}
 
-    # asym: predicted vs measured stall, hidden fraction, persistence
-    extra: dict[str, Any] = {}
-    if "asym" in variants:
-        av = variants["asym"]
-        assert isinstance(av, AsymstoreVariant)
-        ck = av.ck
-        ts = av.timed_stats()
-        plan = ck._plan_cache[1] if ck._plan_cache else None  # the plan in use (read-only peek for reporting)
-        extra = {
-            "predicted_barrier_stall_ms": plan.predicted_stall_s * 1e3 if plan is not None else float("nan"),
-            "plan_remainder_bytes": plan.remainder_bytes if plan is not None else 0,
-            "plan_partitions": len([p for p in plan.partitions if p.nbytes]) if plan is not None else 0,
-            "measured_barrier_stall_ms": median([s.stall_s for s in ts]) * 1e3,
-            "measured_begin_ms": median([s.begin_s for s in ts]) * 1e3,
-            "hidden_fraction": (sum(s.hidden_bytes for s in ts) / max(sum(s.bytes for s in ts), 1)),
-            "persist_ms": median([s.persist_s for s in ts if s.persist_s is not None]) * 1e3,
-            "hidden_copy_ms": median([s.hidden_copy_s for s in ts]) * 1e3,
-            "copy_bandwidth_gbs": (ck._copy_bw or 0) / 1e9,
-            "replans": ck.replans,
-            "persist_encode_ms": median(
-                [
-                    h.result().reports[k].encode_seconds
-                    for h in ck.handles
-                    if h.done() and not h.skipped
-                    for k in h.result().reports
-                ]
-            )
-            * 1e3,
-            "persist_write_ms": median(
-                [
-                    h.result().reports[k].write_seconds
-                    for h in ck.handles
-                    if h.done() and not h.skipped
-                    for k in h.result().reports
-                ]
-            )
-            * 1e3,
-            "checkpoint_bytes": ts[-1].bytes if ts else 0,
-        }
-    res_dir = args.out
-    os.makedirs(res_dir, exist_ok=True)
-    png = None
-    if "asym" in variants and asym_window is not None:
-        av = variants["asym"]
-        assert isinstance(av, AsymstoreVariant)
-        png = os.path.join(res_dir, f"timeline_asym{args.tag}.png")
-        # the last timed asym block, its first two iterations and its drain
-        w0, w1 = asym_window
-        its = [s for s in asym_spans if s[0] == "forward"]
-        if len(its) >= 3:
-            w1 = min(w1, its[2][1] + 0.05) if args.block > 3 else w1
-        plot_timeline(
-            av.ck,
-            asym_spans,
-            (w0 - 0.02, w1 + 0.02),
-            png,
-            f"asym: {n_params / 1e6:.1f}M-param GPT-2, {(p_bytes + o_bytes) / 2**20:.0f} MiB state, "
-            f"checkpoint every iteration (from the Chrome-trace events of the last timed block)",
-        )
-        av.ck.write_trace(os.path.join(res_dir, f"trace_asym{args.tag}.json"))
+def variant_names(spec: str) -> list[str]:
+    """The ``--variants`` list, checked (baseline is required)."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    bad = [n for n in names if n not in VARIANTS]
+    if bad or "baseline" not in names:
+        raise SystemExit(f"unknown variants {bad} (and baseline is required); choose from {VARIANTS}")
+    return names
 
-    for v in variants.values():
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+    names = variant_names(args.variants)
+    env: dict[str, Any] = {"started": now(), "load": [os.getloadavg()], "cmd": command_line(__name__, argv)}
+    env["busy"] = other_cpu_busy()  # before this process does anything
+    t_start = time.perf_counter()
+    run, model, opt, data = setup(args, names)
+    phases = PhaseLog()
+    run_rounds(run, model, opt, data, phases)
+    rows = summarize(run)
+    extra = asym_details(run)
+    os.makedirs(args.out, exist_ok=True)
+    env["png"] = write_timeline(run, args.out)
+    for v in run.variants.values():
         v.close()
     if args.dir is None:
-        shutil.rmtree(root, ignore_errors=True)
-
-    load1 = os.getloadavg()
-    total_s = time.perf_counter() - t_start
-    ratio = (
-        by["asym"]["paired_pct"] / by["dcp.async_save"]["paired_pct"]
-        if "asym" in by and "dcp.async_save" in by and by["dcp.async_save"]["paired_pct"] > 0
-        else float("nan")
+        shutil.rmtree(run.root, ignore_errors=True)
+    env["load"].append(os.getloadavg())
+    env["total_s"] = time.perf_counter() - t_start
+    env["machine"] = machine_info()
+    table = result_table(rows, args.block)
+    out_md = write_report(
+        os.path.join(args.out, f"overhead{args.tag}.md"),
+        report(run, rows, extra, env),
+        {
+            "rows": rows,
+            "per_block_s": run.per_iter,
+            "cpu_per_block_s": run.cpu_iter,
+            "iterations_s": run.raw_iters,
+            "drain_s": run.drains,
+            "steady_per_block_s": run.steady,
+            "asym": extra,
+            "args": vars(args),
+            "machine": env["machine"],
+            "load": env["load"],
+            "other_busy_at_start": env["busy"],
+            "date": env["started"].isoformat(),
+        },
     )
-    goals = []
-    if "asym" in by:
-        ov = by["asym"]["paired_pct"]
-        goals.append(("asym overhead <= 5% of the iteration time", ov <= 5.0, f"{ov:.2f}%"))
-        if ratio == ratio:
-            goals.append(("asym overhead <= 0.25 x dcp.async_save overhead", ratio <= 0.25, f"ratio {ratio:.3f}"))
-
-    # ---- report ----
-    lines = []
-    lines.append(
-        "| variant | median ms/iter | overhead vs baseline | paired overhead: median [min, max] | "
-        "median stall per checkpoint (ms) | drain at block end (ms) | in-block iterations 2..N, paired "
-        "(no drain) | process CPU ms/iter (vs baseline) | blocks x iters | block min-max ms/iter |"
-    )
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        is_base = r["variant"] == "baseline"
-        ov_s = "-" if is_base else "%+.2f%%" % r["overhead_pct"]
-        pair_s = "-" if is_base else f"**{r['paired_pct']:+.2f}%** [{r['paired_min']:+.1f}, {r['paired_max']:+.1f}]"
-        st_s = "-" if is_base else fmt_ms(r["median_stall_ms"] / 1e3)
-        cpu_s = f"{r['cpu_ms']:.0f}" + ("" if is_base else " (%+.1f%%)" % r["cpu_overhead_pct"])
-        drain_s = "-" if is_base else f"{r['drain_ms']:.0f}"
-        steady_s = "-" if is_base else f"{r['steady_paired_pct']:+.2f}%"
-        lines.append(
-            f"| {r['variant']} | {r['median_ms']:.1f} | {ov_s} | {pair_s} | {st_s} | {drain_s} | {steady_s} | {cpu_s} | "
-            f"{r['blocks']} x {args.block} | {r['min_ms']:.0f}-{r['max_ms']:.0f} |"
-        )
-    table = "\n".join(lines)
-    mi = machine_info()
-    cmd = (
-        "PYTHONPATH=. python benchmarks/"
-        + os.path.basename(__file__)
-        + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
-    )
-    sizes = (
-        f"- model: GPT-2 (`GPT2Config(n_layer={args.layers}, n_embd={args.embd}, n_head={args.heads}, "
-        f"vocab_size={args.vocab})`, tied embeddings, dropout 0), **{n_params / 1e6:.2f}M parameters**, AdamW\n"
-        f"- state: **{(p_bytes + o_bytes) / 2**20:.1f} MiB** = params {p_bytes / 2**20:.1f} MiB + AdamW moments "
-        f"{o_bytes / 2**20:.1f} MiB"
-        + (
-            f" (asymstore checkpoint: {extra['checkpoint_bytes'] / 2**20:.1f} MiB incl. RNG states, step counters)"
-            if extra
-            else ""
-        )
-        + "\n"
-        f"- batch {args.batch} x sequence length {args.seq} synthetic tokens (seeded RNG); "
-        f"baseline iteration **{base * 1e3:.0f} ms** (median)\n"
-        f"- blocks: {args.warmup} untimed warm-up + {args.block} timed iterations (+ drain), {args.rounds} rounds "
-        f"({args.order}) after {args.warmup_rounds} untimed warm-up round(s); checkpoint every iteration; keep last {args.keep} per variant\n"
-    )
-    goal_lines = "\n".join(f"- {'PASS' if ok else 'FAIL'}: {g} ({val})" for g, ok, val in goals)
-    if "write-floor" in by and "asym" in by:
-        floor = by["write-floor"]["paired_pct"]
-        goal_lines += (
-            f"\n- for reference (not a goal): writing the same bytes alone each iteration (`write-floor`) "
-            f"cost {floor:+.2f}%; asym's overhead beyond that: {by['asym']['paired_pct'] - floor:+.2f}%"
-        )
-    asym_lines = ""
-    if extra:
-        asym_lines = (
-            f"- asym plan: {extra['plan_partitions']} partitions, remainder {extra['plan_remainder_bytes'] / 2**20:.2f} "
-            f"MiB, predicted barrier stall **{extra['predicted_barrier_stall_ms']:.1f} ms** vs measured median "
-            f"**{extra['measured_barrier_stall_ms']:.1f} ms** (plus {extra['measured_begin_ms']:.1f} ms synchronous "
-            f"snapshot begin after the step)\n"
-            f"- asym: {extra['hidden_fraction'] * 100:.1f}% of bytes copied inside forward/backward windows, "
-            f"median copy-thread time {extra['hidden_copy_ms']:.1f} ms/checkpoint, measured copy bandwidth "
-            f"{extra['copy_bandwidth_gbs']:.2f} GB/s, median persistence {extra['persist_ms']:.0f} ms/checkpoint "
-            f"(encode incl. codec choice {extra['persist_encode_ms']:.0f} ms, writes incl. fsync "
-            f"{extra['persist_write_ms']:.0f} ms), "
-            f"replans {extra['replans']}\n"
-        )
-    cores = os.cpu_count() or 1
-    busy = busy0 is not None and busy0 > 0.25  # at the start: during the run, training loads every core
-    warn = (
-        f"**Warning: the machine was busy with other work when the run started ({busy0:.0%} of {cores} cores "
-        f"busy over 3 s before the model was built): wall times include that contention; see the block "
-        f"min-max column before trusting small differences.**\n\n"
-        if busy
-        else ""
-    )
-    md = (
-        f"# Checkpointing overhead per iteration (checkpoint at every iteration)\n\n"
-        f"Measured {started:%Y-%m-%d %H:%M %Z} by `{cmd}` ({total_s / 60:.1f} min).\n\n{warn}"
-        f"{table}\n\n"
-        f"Overhead vs baseline: median of the variant's blocks against the median of the baseline's. Paired "
-        f"overhead: each round's block against the baseline block of the same round, median over the rounds "
-        f"(with the smallest and largest round): the machine's slow drift, which moves all variants of a round "
-        f"together, cancels; the goals are judged on it. It includes each block's final drain (the background "
-        f"work of the block's last checkpoint, waited for with the training stopped), which a run that never "
-        f"stops would overlap with its next iteration: that drain, spread over the block's {args.block} "
-        f"iterations, is in the figure. For reference, the in-block column pairs the mean of each block's "
-        f"iterations 2..N (each carrying the background work of the previous checkpoint, as in a long run; the "
-        f"first has none in flight) without the drain.\n\n"
-        f"Stall per checkpoint: training-thread time spent on it. asymstore: synchronous snapshot begin after the "
-        f"step + wait at the barrier before the next optimizer step (for `sync` the barrier includes the "
-        f"persistence); torch.save: the whole save + fsync; dcp.async_save: waiting for the previous future + the "
-        f"`async_save` call (staging). Process CPU: user+system time of all threads of this process per "
-        f"iteration (less sensitive than wall time to other load on a shared machine).\n\n"
-        f"## Goals\n\n{goal_lines}\n\n## asym details\n\n{asym_lines}\n"
-        f"## Sizes\n\n{sizes}\n"
-        f"## Machine\n\n- {machine_line(mi)}\n"
-        f"- asymstore "
-        f"{asymstore.__version__} imported from `{os.path.dirname(asymstore.__file__)}`, hooks from "
-        f"`{os.path.dirname(sys.modules['asymstore.trainer_hooks'].__file__ or '')}`, backends from "
-        f"`{os.path.dirname(sys.modules['asymstore.backends'].__file__ or '')}`\n"
-        f"- other work at start: "
-        + (f"{busy0:.0%} of the cores busy over 3 s" if busy0 is not None else "not measurable (no /proc/stat)")
-        + f"; load average at start {load0[0]:.2f}, at end {load1[0]:.2f} (1-min, lags by minutes)\n"
-        f"- checkpoint directory on the local disk ({root if args.dir else 'a temp dir under ' + tempfile.gettempdir()})\n\n"
-        f"## Method\n\n"
-        + (__doc__ or "").split("Method:", 1)[1].split("Usage::", 1)[0].strip()
-        + "\n\n"
-        + (f"Timeline of asym: `{os.path.basename(png)}`.\n" if png else "")
-    )
-    out_md = os.path.join(res_dir, f"overhead{args.tag}.md")
-    with open(out_md, "w") as f:
-        f.write(md)
-    with open(os.path.join(res_dir, f"overhead{args.tag}.json"), "w") as f:
-        json.dump(
-            {
-                "rows": rows,
-                "per_block_s": per_iter,
-                "cpu_per_block_s": cpu_iter,
-                "iterations_s": raw_iters,
-                "drain_s": drains,
-                "steady_per_block_s": steady,
-                "asym": extra,
-                "args": vars(args),
-                "machine": mi,
-                "load": [load0, load1],
-                "other_busy_at_start": busy0,
-                "date": started.isoformat(),
-            },
-            f,
-            indent=1,
-        )
-    print()
-    print(table)
-    print()
-    print(sizes)
-    print(asym_lines)
-    print(goal_lines)
-    print(f"\nwrote {out_md}" + (f" and {png}" if png else "") + f" in {total_s / 60:.1f} min")
+    print(f"\n{table}\n\n{sizes_section(run, extra, median(run.per_iter['baseline']))}\n{asym_section(extra)}")
+    print(goals({r["variant"]: r for r in rows}))
+    png = env["png"]
+    print(f"\nwrote {out_md}" + (f" and {png}" if png else "") + f" in {env['total_s'] / 60:.1f} min")
     return 0
 
 
