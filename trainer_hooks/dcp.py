@@ -99,10 +99,11 @@ __all__ = [
 FORMAT = "asymstore-dcp/1"
 _ID_RE = re.compile(r"^(?P<url>.+?)/step_(?P<step>\d+)/?$")
 
-Tiers = str | os.PathLike | Store | Sequence[str | TierSpec]
+Tiers = str | os.PathLike[str] | Store | Sequence[str | TierSpec]
+_Chain = str | os.PathLike[str] | Sequence[str | TierSpec]
 
 
-def parse_checkpoint_id(checkpoint_id: str | os.PathLike) -> tuple[str, int]:
+def parse_checkpoint_id(checkpoint_id: str | os.PathLike[str]) -> tuple[str, int]:
     """``"<tier url>/step_<N>"`` -> (url, N)."""
     m = _ID_RE.match(os.fspath(checkpoint_id))
     if m is None:
@@ -199,6 +200,7 @@ def metadata_to_json(md: Metadata) -> dict[str, Any]:
 
 
 def metadata_from_json(d: dict[str, Any]) -> Metadata:
+    """The inverse of :func:`metadata_to_json`; refuses documents of another format."""
     if d.get("format") != FORMAT:
         raise CorruptCheckpointError(f"not a DCP checkpoint written by asymstore (format {d.get('format')!r})")
     sdm: dict[str, Any] = {}
@@ -239,19 +241,21 @@ class _StoreOwner:
 
     def __init__(self, tiers: Tiers | None, options: dict[str, Any]) -> None:
         self.given = tiers if isinstance(tiers, Store) else None
-        self.tiers: Any = None if isinstance(tiers, Store) else tiers
+        self.tiers: _Chain | None = None if isinstance(tiers, Store) else tiers
         self.options = options
         self._stores: dict[tuple[int, int], Store] = {}
 
     @property
     def url(self) -> str | None:
         if self.given is not None:
-            return self.given.tiers[0].url if self.given.tiers else None
+            return next(iter(self.given.tier_urls.values()), None)
         t = self.tiers
         if t is None:
             return None
         first = t if isinstance(t, (str, os.PathLike)) else t[0]
-        return os.fspath(first.url if isinstance(first, TierSpec) else first)
+        if isinstance(first, TierSpec):
+            return first.url if isinstance(first.url, str) else first.url.url
+        return os.fspath(first)
 
     def set_url(self, url: str) -> None:
         if self.given is not None:
@@ -274,8 +278,8 @@ class _StoreOwner:
             raise ValueError("no asymstore URL: pass one to the writer/reader or a checkpoint_id '<url>/step_<N>'")
         key = (rank, world_size)
         if key not in self._stores:
-            tiers = [self.tiers] if isinstance(self.tiers, (str, os.PathLike)) else list(self.tiers)
-            tiers = [os.fspath(t) if isinstance(t, os.PathLike) else t for t in tiers]
+            chain = [self.tiers] if isinstance(self.tiers, (str, os.PathLike)) else list(self.tiers)
+            tiers = [t if isinstance(t, TierSpec) else os.fspath(t) for t in chain]
             self._stores[key] = Store(tiers, **{**self.options, "rank": rank, "world_size": world_size})
         return self._stores[key]
 
@@ -292,7 +296,7 @@ class _CheckpointIdMixin:
     _fixed_step: int | None
     step: int | None
 
-    def _use_checkpoint_id(self, checkpoint_id: str | os.PathLike | None) -> None:
+    def _use_checkpoint_id(self, checkpoint_id: str | os.PathLike[str] | None) -> None:
         self.step = self._fixed_step
         if checkpoint_id is not None:
             url, step = parse_checkpoint_id(checkpoint_id)
@@ -305,7 +309,7 @@ class _CheckpointIdMixin:
         return None if url is None or self.step is None else f"{url}/step_{self.step}"
 
     @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
         return _ID_RE.match(os.fspath(checkpoint_id)) is not None
 
 
@@ -330,24 +334,29 @@ class AsymStorageWriter(_CheckpointIdMixin, StorageWriter):
         self.last_step: int | None = None
 
     # -- phase 1 --
-    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        """Phase 1: start a new save (``checkpoint_id`` "<url>/step_<N>" names the store and step)."""
         self.save_id = uuid.uuid4().hex
         self._held = None
         self._use_checkpoint_id(checkpoint_id)
 
     def storage_meta(self) -> StorageMeta | None:
+        """What DCP records about this save: the checkpoint id and a save id."""
         return StorageMeta(checkpoint_id=self.checkpoint_id, save_id=self.save_id)
 
     # -- phases 2-4 --
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        """Phase 2: remember whether this rank coordinates (rank 0); refuses ``use_collectives=False``."""
         if kwargs.get("use_collectives", True) is False:
             raise AsymstoreError("AsymStorageWriter needs use_collectives=True (rank 0 commits the step)")
         self.is_coordinator = is_coordinator
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        """Phase 3: the local plan is used as it is."""
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        """Phase 4 (coordinator): choose the step, refuse a committed one, tell each rank its index."""
         n = len(plans)
         store = self._owner.store(0, n)
         step = self.step
@@ -364,6 +373,7 @@ class AsymStorageWriter(_CheckpointIdMixin, StorageWriter):
 
     # -- phase 5 --
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        """Phase 5: ranks > 0 save their items as their rank directory (blocking); rank 0 holds its items."""
         fut: Future[list[WriteResult]] = Future()
         try:
             info = plan.storage_data
@@ -413,6 +423,7 @@ class AsymStorageWriter(_CheckpointIdMixin, StorageWriter):
 
     # -- phase 6 --
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        """Phase 6 (coordinator): save rank 0's items with DCP's metadata as JSON; the step commits once all are durable."""
         if self._held is None:
             raise AsymstoreError("finish() without write_data() on the coordinator")
         _, state, step, n = self._held
@@ -433,6 +444,7 @@ class AsymStorageWriter(_CheckpointIdMixin, StorageWriter):
         self.last_step = step
 
     def close(self) -> None:
+        """Close the stores this writer opened (waiting for promotions down the tier chain)."""
         self._owner.close()
 
 
@@ -452,7 +464,8 @@ class AsymStorageReader(_CheckpointIdMixin, StorageReader):
         self.storage_data: dict[MetadataIndex, dict[str, Any]] = {}
         self._shards: dict[int, LazyCheckpoint] = {}
 
-    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        """Start a new load (``checkpoint_id`` "<url>/step_<N>" names the store and step)."""
         self.load_id = uuid.uuid4().hex
         self.storage_data = {}
         self._shards = {}
@@ -471,21 +484,17 @@ class AsymStorageReader(_CheckpointIdMixin, StorageReader):
             self.step = latest
         return self.step
 
-    def _open_shard(self, rank: int, skip: int = 0) -> LazyCheckpoint:
-        """Rank ``rank``'s shard from the ``skip``-th tier (fastest first) that holds the step."""
+    def _open_shard(self, rank: int) -> LazyCheckpoint:
+        """Rank ``rank``'s part of the step, read in the catalog's order (fastest tier first); a range that is
+        damaged on one tier is read from the next (:meth:`Store.open_checkpoint`)."""
         step = self._step()
-        tiers = [t for t in self._store().tiers if t.has(step)]
-        errors = []
-        for t in tiers[skip:]:
-            try:
-                return LazyCheckpoint(t.reader(step, rank))
-            except CorruptCheckpointError as e:
-                errors.append(f"{t.name}: {e}")
-        if not tiers:
-            raise StepNotFoundError(f"step {step} is not committed in {self._owner.url}")
-        raise CorruptCheckpointError(f"rank {rank}'s shard of step {step} is unreadable: " + "; ".join(errors))
+        try:
+            return self._store().open_checkpoint(step, rank=rank)
+        except StepNotFoundError as e:
+            raise StepNotFoundError(f"step {step} is not committed in {self._owner.url}: {e}") from e
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        """DCP's ``Metadata`` of the step, from the manifest of rank 0's part."""
         ck = self._open_shard(0)
         doc = ck.user.get("dcp")
         if doc is None:
@@ -500,34 +509,32 @@ class AsymStorageReader(_CheckpointIdMixin, StorageReader):
         return md
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        """Remember where each item lives (``storage_data`` of the metadata)."""
         self.storage_data = metadata.storage_data
         if self.storage_data is None:
             raise CorruptCheckpointError("DCP metadata without storage_data")
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        """The local plan is used as it is."""
         return plan
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        """The global plan is used as it is."""
         return plans
 
     def _read(self, req: ReadItem) -> torch.Tensor:
         info = self.storage_data[req.storage_index]
         rank, name = int(info["rank"]), info["name"]
-        for attempt in range(2):
-            if attempt or rank not in self._shards:
-                self._shards[rank] = self._open_shard(rank, skip=attempt)
-            lt = self._shards[rank][name]
-            try:
-                if req.type == LoadItemType.BYTE_IO or not lt.shape:
-                    return lt.read()
-                o0, l0 = int(req.storage_offsets[0]), int(req.lengths[0])
-                return lt[o0 : o0 + l0]  # reads only the chunks holding these rows
-            except CorruptCheckpointError:
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
+        if rank not in self._shards:
+            self._shards[rank] = self._open_shard(rank)
+        lt = self._shards[rank][name]
+        if req.type == LoadItemType.BYTE_IO or not lt.shape:
+            return lt.read()
+        o0, l0 = int(req.storage_offsets[0]), int(req.lengths[0])
+        return lt[o0 : o0 + l0]  # reads only the chunks holding these rows
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        """Read every item of ``plan`` (only the chunks holding its rows) into the planner's tensors."""
         fut: Future[None] = Future()
         try:
             for req in plan.items:
@@ -552,6 +559,7 @@ class AsymStorageReader(_CheckpointIdMixin, StorageReader):
         return fut
 
     def close(self) -> None:
+        """Close the stores this reader opened."""
         self._owner.close()
 
 
@@ -564,6 +572,7 @@ class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
     """
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        """Unpickle a bytes item with ``torch.load(weights_only=True)`` and place it in the state dict."""
         from torch.distributed.checkpoint._traverse import set_element
 
         obj = torch.load(value, weights_only=True)

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from asymstore.errors import ConfigError, StateMismatchError, StepNotFoundError, UnsupportedValueError
-from asymstore.manifest import parse_step_dir
+from asymstore.files import atomic_file
 from asymstore.state import flatten
 from asymstore.store import Store
 
@@ -167,7 +167,7 @@ class DeepSpeedAsymCheckpointer(AsymCheckpointer):
         flat buffers behind every ``ds_tensor``)."""
         eo = self.engine.optimizer
         if self.stage in (1, 2):
-            return [g[pid] for g, pid in zip(eo.parallel_partitioned_bit16_groups, self._partition_ids())]
+            return [g[pid] for g, pid in zip(eo.parallel_partitioned_bit16_groups, self._partition_ids(), strict=True)]
         if self.stage == 3:
             return list(eo.fp16_partitioned_groups_flat)
         return []
@@ -188,6 +188,7 @@ class DeepSpeedAsymCheckpointer(AsymCheckpointer):
         return {k: v for k, v in vars(sc).items() if isinstance(v, (bool, int, float))}
 
     def state(self) -> dict[str, Any]:
+        """The rank's state to snapshot: what it owns at its ZeRO stage (see the module table), counters, RNG."""
         e = self.engine
         st: dict[str, Any] = {
             "rng": rng_state(),
@@ -319,16 +320,16 @@ class DeepSpeedAsymCheckpointer(AsymCheckpointer):
         lp, masters = self.lp_partitions(), self.master_partitions()
         if len(z["lp"]) != len(lp) or len(z["fp32"]) != len(masters):
             raise StateMismatchError(f"step {step}: {len(z['fp32'])} partitions saved, the engine has {len(masters)}")
-        for dst, src in list(zip(lp, z["lp"])) + list(zip(masters, z["fp32"])):
+        for dst, src in list(zip(lp, z["lp"], strict=True)) + list(zip(masters, z["fp32"], strict=True)):
             if dst.shape != src.shape or dst.dtype != src.dtype:
                 raise StateMismatchError(
                     f"step {step}: partition {tuple(src.shape)} {src.dtype} saved, the engine "
                     f"has {tuple(dst.shape)} {dst.dtype}"
                 )
             dst.data.copy_(src)
-        for p, s in zip(masters, z["optimizer_state"]):
+        for p, s in zip(masters, z["optimizer_state"], strict=False):
             self.inner.state[p] = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
-        for g, saved in zip(self.inner.param_groups, z["param_groups"]):
+        for g, saved in zip(self.inner.param_groups, z["param_groups"], strict=False):
             g.update(saved)
         bufs = dict(self.model.named_buffers())
         for name, b in restored.get("buffers", {}).items():
@@ -352,19 +353,10 @@ class DeepSpeedAsymCheckpointer(AsymCheckpointer):
             eo.checkpoint_event_epilogue()  # persistent (never partitioned) parameters are gathered again
 
     def _discard_uncommitted_after(self, step: int) -> None:
-        for tier in self.store.tiers:
-            for d in tier.store.list_dirs(""):
-                s = parse_step_dir(d.rstrip("/"))
-                if s is not None and s > step and not tier.has(s):
-                    n = tier.store.delete_prefix(tier.shard_prefix(s))
-                    if n:
-                        log.info(
-                            "removed %d objects of rank %d's shard of the uncommitted step %d on %s",
-                            n,
-                            self.store.rank,
-                            s,
-                            tier.name,
-                        )
+        """Remove this rank's objects of uncommitted steps newer than ``step`` (the crashed run's attempts)."""
+        cleaned = self.store.discard_uncommitted(after=step)
+        for tier, steps in cleaned.items():
+            log.info("removed rank %d's objects of the uncommitted steps %s on %s", self.store.rank, steps, tier)
 
 
 # --- the checkpoint engine ---------------------------------------------------------
@@ -470,7 +462,7 @@ except ImportError:  # pragma: no cover - deepspeed is optional
     _DSCheckpointEngine = object
 
 
-class AsymstoreCheckpointEngine(_DSCheckpointEngine):
+class AsymstoreCheckpointEngine(_DSCheckpointEngine):  # type: ignore[misc]  # deepspeed ships no type information
     """A DeepSpeed checkpoint engine that stores through asymstore tiers.
 
     Mapping: a tag is one asymstore step (``tag_to_step``, default: its trailing integer; the tag
@@ -513,6 +505,7 @@ class AsymstoreCheckpointEngine(_DSCheckpointEngine):
         self.last_commit_s = 0.0
 
     def create(self, info: Any) -> None:
+        """Start collecting the files of checkpoint ``info.tag``."""
         self._tag = str(info.tag)
         self._files, self._paths = {}, {}
 
@@ -525,6 +518,7 @@ class AsymstoreCheckpointEngine(_DSCheckpointEngine):
         return parts[-2] if len(parts) > 1 else "", parts[-1]
 
     def save(self, state_dict: Any, path: str) -> None:
+        """Take one file DeepSpeed writes (converted, checked for storable values at once)."""
         tag, key = self._key(path)
         if self._tag is None:
             self._tag = tag
@@ -537,6 +531,7 @@ class AsymstoreCheckpointEngine(_DSCheckpointEngine):
         self._paths[key] = str(path)
 
     def commit(self, info: Any) -> bool:
+        """Save the collected files as the tag's step, then write a pointer file at each DeepSpeed path."""
         t0 = time.perf_counter()
         tag = str(info.tag)
         step = self.tag_to_step(tag)
@@ -554,20 +549,20 @@ class AsymstoreCheckpointEngine(_DSCheckpointEngine):
                 "world_size": self.store.world_size,
                 "key": key,
             }
-            tmp = f"{path}.tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(ptr, f)
-            os.replace(tmp, path)
+            with atomic_file(path) as f:
+                f.write(json.dumps(ptr).encode())
         self._files, self._paths, self._tag = {}, {}, None
         self.last_commit_s = time.perf_counter() - t0
         return True
 
     def wait(self) -> None:
+        """Wait for every non-blocking commit; re-raise a failure."""
         for h in self.handles:
             h.result()
         self.handles = []
 
     def load(self, path: str, map_location: Any = None) -> Any:
+        """Read the pointer file at ``path`` and return the file it names from asymstore."""
         try:
             with open(path) as f:
                 ptr = json.load(f)
@@ -595,6 +590,7 @@ class AsymstoreCheckpointEngine(_DSCheckpointEngine):
         return out
 
     def preserves_storage_sharing(self) -> bool:
+        """No: the state is copied into a host slot anyway, so DeepSpeed need not clone it."""
         return False  # the state is copied into a host slot anyway: no need for DeepSpeed's clone
 
 

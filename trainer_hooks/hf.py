@@ -125,6 +125,7 @@ class AsymstoreCallback(TrainerCallback):
         lr_scheduler: Any = None,
         **kwargs: Any,
     ) -> None:
+        """Attach the checkpointer to the Trainer's model, optimizer and scheduler; resume first if asked."""
         if model is None or optimizer is None:
             raise RuntimeError("AsymstoreCallback needs the Trainer's model and optimizer in on_train_begin")
         opt = _unwrap(optimizer, "optimizer", torch.optim.Optimizer)
@@ -167,5 +168,6 @@ class AsymstoreCallback(TrainerCallback):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        """Detach the hooks (waiting for the last checkpoint's persistence with ``wait_at_end``)."""
         if self.checkpointer is not None:
             self.checkpointer.detach(finish=self.wait_at_end)

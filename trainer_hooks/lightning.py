@@ -44,10 +44,12 @@ import uuid
 from typing import Any
 
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 
 from asymstore.errors import AsymstoreError, CheckpointFailedError, StepNotFoundError, UnsupportedValueError
+from asymstore.files import atomic_file
 from asymstore.state import flatten
 from asymstore.store import SaveHandle, Store, open_store
 
@@ -72,7 +74,8 @@ class AsymstoreCheckpointIO(CheckpointIO):
     # --- paths <-> steps -------------------------------------------------------------
     @property
     def url(self) -> str:
-        return self.store.tiers[0].url if self.store.tiers else "memory"
+        """The first persistent tier's URL (recorded in pointer files), ``"memory"`` without one."""
+        return next(iter(self.store.tier_urls.values()), "memory")
 
     def _new_step(self) -> int:
         with self._lock:
@@ -98,10 +101,14 @@ class AsymstoreCheckpointIO(CheckpointIO):
     def _write_pointer(self, path: str, step: int) -> None:
         body = json.dumps({"format": POINTER_FORMAT, "store": self.url, "step": step}).encode()
         fs = get_filesystem(path)
+        if isinstance(fs, LocalFileSystem):
+            with atomic_file(os.path.abspath(path)) as out:
+                out.write(body)
+            return
         parent = os.path.dirname(path)
         if parent:
             fs.makedirs(parent, exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"  # another filesystem: its own temporary name + rename
         with fs.open(tmp, "wb") as f:
             f.write(body)
         fs.mv(tmp, path)
@@ -147,6 +154,7 @@ class AsymstoreCheckpointIO(CheckpointIO):
                 log.warning("could not delete step %s replaced by %s at %s: %s", replaced, step, path, e)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        """Save ``checkpoint`` as a new step; returns once it is committed, then writes the pointer file."""
         if storage_options is not None:
             raise TypeError(
                 f"{type(self).__name__} does not take storage_options (got {storage_options!r}); "
@@ -168,9 +176,11 @@ class AsymstoreCheckpointIO(CheckpointIO):
             state = self.store.restore(step)
         except StepNotFoundError as e:
             raise FileNotFoundError(f"{path} points at step {step} of {self.url}, which is gone: {e}") from e
-        return _map_location(state, map_location)
+        out: dict[str, Any] = _map_location(state, map_location)
+        return out
 
     def remove_checkpoint(self, path: Any) -> None:
+        """Delete the step saved under ``path`` and its pointer file."""
         path = os.fspath(path)
         step = self._read_pointer(path)
         if step is None and not self.pointer_files:
@@ -192,6 +202,7 @@ class AsymstoreCheckpointIO(CheckpointIO):
             log.warning("teardown: promotions still pending down the tier chain (see store.status())")
 
     def close(self) -> None:
+        """Tear down, and close the store if this plugin opened it."""
         self.teardown()
         if self._owns_store:
             self.store.close()
@@ -212,10 +223,7 @@ class AsyncAsymstoreCheckpointIO(AsymstoreCheckpointIO):
         with self._lock:
             err, self._error = self._error, None
         if err is not None:
-            try:  # the store keeps the same failure for its next call: it is delivered here, once
-                self.store._raise_background()
-            except CheckpointFailedError:
-                pass
+            self.store.forget_background_error(err)  # delivered here, once: the store must not raise it again
             raise CheckpointFailedError(f"a background Lightning checkpoint failed: {err}") from err
 
     def _wait_path(self, path: str) -> None:
@@ -228,6 +236,7 @@ class AsyncAsymstoreCheckpointIO(AsymstoreCheckpointIO):
             done.wait()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        """Copy ``checkpoint`` into a host slot and persist it in the background; the pointer follows the commit."""
         self._raise_error()
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options (got {storage_options!r})")
@@ -253,21 +262,24 @@ class AsyncAsymstoreCheckpointIO(AsymstoreCheckpointIO):
 
         with self._lock:
             self._pending[path] = (handle, done)
-        handle._future.add_done_callback(finished)
+        handle.add_done_callback(finished)
 
     def load_checkpoint(
         self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
+        """Wait for saves in flight (re-raising a failure), then load as the synchronous plugin does."""
         self._wait_all()
         self._raise_error()
         return super().load_checkpoint(path, map_location, weights_only)
 
     def remove_checkpoint(self, path: Any) -> None:
+        """Wait for a save to ``path`` in flight, then delete it as the synchronous plugin does."""
         self._raise_error()
         self._wait_path(os.fspath(path))
         super().remove_checkpoint(path)
 
     def teardown(self) -> None:
+        """Wait for every save in flight, re-raise a failure, then tear down as the synchronous plugin does."""
         self._wait_all()
         try:
             self._raise_error()

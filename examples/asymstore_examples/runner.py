@@ -166,12 +166,16 @@ def _tensors_equal(a: Any, b: Any) -> bool:
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_tensors_equal(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_tensors_equal(x, y) for x, y in zip(a, b))
+        return (
+            isinstance(b, (list, tuple))
+            and len(a) == len(b)
+            and all(_tensors_equal(x, y) for x, y in zip(a, b, strict=True))
+        )
     return True  # plain values (lr, betas ...) are not the point of the check
 
 
 def _durable_steps(store: Any) -> list[int]:
-    return sorted({s for t in store.tiers for s in t.committed_steps()})
+    return [s for s in store.steps() if any(w != "host" for w in store.where(s))]
 
 
 def _ranges(steps: list[int]) -> str:
@@ -318,7 +322,7 @@ def run(ex: Example, argv: list[str] | None = None) -> int:
     start = ck.step
 
     n_params = sum(p.numel() for p in model.parameters())
-    tiers_txt = " -> ".join(["host memory"] + [f"{t.name} ({t.url})" for t in store.tiers])
+    tiers_txt = " -> ".join(["host memory"] + [f"{name} ({url})" for name, url in store.tier_urls.items()])
     con.print(
         f"[bold]{ex.title}[/] \\[{args.preset}]: {n_params / 1e6:.2f}M parameters on {device}, {source.description}"
     )
@@ -432,7 +436,8 @@ def _restore_check(
         ck2.resume()
         seconds = time.perf_counter() - t
         rep = store2.last_restore
-        verify = store2.tiers[0].reader(ck2.step).verify() if store2.tiers[0].has(ck2.step) else None
+        first = next(iter(store2.tier_urls), None)
+        verify = store2.verify(ck2.step, tier=first) if first in store2.where(ck2.step) else None
         same_step = ck2.step == store.steps()[-1]
         exact = _tensors_equal(model.state_dict(), model2.state_dict()) and _tensors_equal(
             opt.state_dict()["state"], opt2.state_dict()["state"]
