@@ -40,6 +40,6 @@ case "$cmd" in
     ruff check .
     ruff format --check .
     mypy -p asymstore ;;
-  bench) name=$1; shift; exec python "benchmarks/$name.py" "$@" ;;
+  bench) name=${1:?usage: ./run.sh bench NAME}; shift; exec python -m "benchmarks.${name%.py}" "$@" ;;
   *) echo "usage: ./run.sh {demo|test|test-quick|lint|bench NAME}" >&2; exit 2 ;;
 esac
