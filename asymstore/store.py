@@ -596,6 +596,8 @@ class Store:
         for t in self.tiers:
             if catalog.is_committed(t.store, step):
                 t.delete(step)
+                if self.manager is not None:  # the promotion threads must not copy the step it no longer has
+                    self.manager.steps_of(t, refresh=True)
 
     # --- accounting and lifecycle ------------------------------------------------
     def memory_report(self) -> dict[str, int]:
