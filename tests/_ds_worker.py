@@ -23,8 +23,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `tests.*` helpers
-
 import torch
 from torch import nn
 
