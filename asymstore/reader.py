@@ -8,6 +8,7 @@ every stored chunk. Damage raises :class:`CorruptCheckpointError` naming the obj
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,13 +42,13 @@ class CheckpointReader(RangeSource):
 
     def __init__(
         self,
-        store: ObjectStore,
+        backend: ObjectStore,
         manifest: Manifest,
         commit: dict[str, object],
         base_reader: Callable[[int], CheckpointReader] | None = None,
         prefix: str | None = None,
     ) -> None:
-        self.store = store
+        self.backend = backend
         self.manifest = manifest
         self.commit = commit
         self.step = manifest.step
@@ -64,11 +65,17 @@ class CheckpointReader(RangeSource):
         """Stored bytes fetched from the backend so far (for lazy-read accounting)."""
         return self._bytes_read
 
+    @property
+    def store(self) -> ObjectStore:
+        """Deprecated alias of :attr:`backend` (the tier's object store)."""
+        warnings.warn("CheckpointReader.store is deprecated; use .backend", DeprecationWarning, stacklevel=2)
+        return self.backend
+
     # --- opening -----------------------------------------------------------------
     @classmethod
     def open(
         cls,
-        store: ObjectStore,
+        backend: ObjectStore,
         step: int,
         base_reader: Callable[[int], CheckpointReader] | None = None,
         *,
@@ -76,9 +83,9 @@ class CheckpointReader(RangeSource):
     ) -> CheckpointReader:
         """Open a committed step; for a multi-rank step, the shard of ``rank`` (default 0)."""
         prefix = step_dir(step) + "/"
-        raw_commit = store.get(prefix + COMMIT_KEY)
+        raw_commit = backend.get(prefix + COMMIT_KEY)
         if raw_commit is None:
-            raise StepNotFoundError(f"step {step} is not committed in {store.url}")
+            raise StepNotFoundError(f"step {step} is not committed in {backend.url}")
         commit = parse_commit(raw_commit, prefix + COMMIT_KEY)
         if "ranks" in commit:  # multi-rank: the global marker vouches for each rank's marker
             ranks = int(commit["ranks"])
@@ -86,7 +93,7 @@ class CheckpointReader(RangeSource):
             if not 0 <= r < ranks:
                 raise StepNotFoundError(f"step {step} has ranks 0..{ranks - 1}, not rank {r}")
             prefix = f"{prefix}r{r:05d}/"
-            raw_shard = store.get(prefix + COMMIT_KEY)
+            raw_shard = backend.get(prefix + COMMIT_KEY)
             want = dict(commit["shards_crc32c"]).get(str(r))
             if raw_shard is None or crc32c(raw_shard) != want:
                 raise CorruptCheckpointError(
@@ -94,7 +101,7 @@ class CheckpointReader(RangeSource):
                 )
             commit = parse_commit(raw_shard, prefix + COMMIT_KEY)
             commit["ranks"] = ranks
-        group = store.get(prefix + GROUP_KEY)
+        group = backend.get(prefix + GROUP_KEY)
         if group is None:
             raise CorruptCheckpointError(
                 f"{prefix}{GROUP_KEY} is missing although step {step} is committed", (prefix + GROUP_KEY,)
@@ -105,7 +112,7 @@ class CheckpointReader(RangeSource):
             manifest = Manifest.from_json(json.loads(group)["attributes"]["asymstore"])
         except (KeyError, ValueError, TypeError) as e:
             raise CorruptCheckpointError(f"{prefix}{GROUP_KEY}: invalid manifest ({e})", (prefix + GROUP_KEY,)) from e
-        return cls(store, manifest, commit, base_reader, prefix)
+        return cls(backend, manifest, commit, base_reader, prefix)
 
     def _key(self, rec: PartitionRecord) -> str:
         return self.prefix + shard_key(rec.label, rec.shard)
@@ -124,7 +131,7 @@ class CheckpointReader(RangeSource):
         if idx is None:
             cps = self.manifest.chunks_per_shard
             key = self._key(rec)
-            raw = self.store.get(key, ByteRange(-index_nbytes(cps), index_nbytes(cps)))
+            raw = self.backend.get(key, ByteRange(-index_nbytes(cps), index_nbytes(cps)))
             if raw is None:
                 raise CorruptCheckpointError(f"{key} is missing", (key,))
             self._bytes_read += len(raw)
@@ -157,7 +164,7 @@ class CheckpointReader(RangeSource):
         verifies every chunk against the manifest's crc32c, decodes into ``out`` and applies a delta; the
         two may run on different threads (:meth:`read_all_into` overlaps one's stage 2 with the next's 1)."""
         key = self._key(rec)
-        size = self.store.size(key)
+        size = self.backend.size(key)
         if size is None:
             raise CorruptCheckpointError(f"{key} is missing", (key,))
         if size != rec.stored_bytes:
@@ -169,9 +176,9 @@ class CheckpointReader(RangeSource):
         nchunks = -(-n // C)
         if spec.kind == "raw":
             # the shard's data region is the partition's bytes: read straight into place
-            if not self.store.get_into(key, out[:n], 0):
+            if not self.backend.get_into(key, out[:n], 0):
                 raise CorruptCheckpointError(f"{key} is missing", (key,))
-            tail = self.store.get(key, ByteRange(n, size - n)) or b""
+            tail = self.backend.get(key, ByteRange(n, size - n)) or b""
             self._bytes_read += size
 
             def check_raw() -> None:
@@ -188,7 +195,7 @@ class CheckpointReader(RangeSource):
                     self._apply_delta(rec.span, out[:n])
 
             return check_raw
-        blob = self.store.get(key)
+        blob = self.backend.get(key)
         if blob is None:
             raise CorruptCheckpointError(f"{key} is missing", (key,))
         self._bytes_read += len(blob)
@@ -219,7 +226,7 @@ class CheckpointReader(RangeSource):
         out = []
         for label in self.manifest.codecs:
             key = f"{self.prefix}{label}/zarr.json"
-            raw = self.store.get(key)
+            raw = self.backend.get(key)
             if raw is None or crc32c(raw) != want.get(label):
                 out.append((key, "missing" if raw is None else "checksum mismatch"))
         return out
@@ -267,7 +274,7 @@ class CheckpointReader(RangeSource):
             # one ranged read for the run of chunks, then decode each
             off0 = int(idx[k0, 0])
             off1 = int(idx[k1, 0]) + int(idx[k1, 1])
-            blob = self.store.get(key, ByteRange(off0, off1 - off0))
+            blob = self.backend.get(key, ByteRange(off0, off1 - off0))
             if blob is None or len(blob) != off1 - off0:
                 raise CorruptCheckpointError(f"{key} is missing or truncated", (key,))
             self._bytes_read += len(blob)
@@ -305,11 +312,11 @@ class CheckpointReader(RangeSource):
         return rep
 
 
-def committed_steps(store: ObjectStore) -> list[int]:
-    """Steps with a commit marker on ``store``, oldest first.
+def committed_steps(backend: ObjectStore) -> list[int]:
+    """Steps with a commit marker on ``backend``, oldest first.
 
     Deprecated alias of :func:`asymstore.catalog.committed_steps`.
     """
     from .catalog import committed_steps as listing
 
-    return listing(store)
+    return listing(backend)

@@ -369,14 +369,14 @@ class Store:
     def _listing(self, tier: PersistentTier) -> list[int]:
         """A tier's committed steps; an unreachable tier counts as empty (and says so)."""
         try:
-            return catalog.committed_steps(tier.store)
+            return catalog.committed_steps(tier.backend)
         except AsymstoreError as e:
             log.warning("tier %s cannot be listed: %s", tier.name, e)
             return []
 
     def _chain(self) -> list[tuple[str, ObjectStore]]:
         """``(name, backend)`` of the persistent tiers, in chain order."""
-        return [(t.name, t.store) for t in self.tiers]
+        return [(t.name, t.backend) for t in self.tiers]
 
     def steps(self) -> list[int]:
         """Steps complete on at least one tier, oldest first."""
@@ -417,8 +417,8 @@ class Store:
             raise StepNotFoundError(f"step {step} is not committed on {tier or 'any persistent tier'}")
         t = self._tier(names[0])
         try:
-            rank = self._shard_rank(step, catalog.Source(t.name, t.store), None)
-            reader = catalog.open_reader(t.store, step, rank=rank)
+            rank = self._shard_rank(step, catalog.Source(t.name, t.backend), None)
+            reader = catalog.open_reader(t.backend, step, rank=rank)
         except CorruptCheckpointError as e:
             rep = VerifyReport(step, ok=False)
             rep.problems.append((e.objects[0] if e.objects else f"step {step}", str(e)))
@@ -589,12 +589,12 @@ class Store:
             raise StepNotFoundError(f"step {step} is not complete on any tier")
         self.host.wait_persisted(step)  # a slot being persisted is never freed under its writer
         for t in self.tiers:
-            deps = catalog.dependents(t.store, step)
+            deps = catalog.dependents(t.backend, step)
             if deps:
                 raise AsymstoreError(f"step {step} is the delta base of steps {deps} on {t.name}; delete those first")
         self.host.drop(step)
         for t in self.tiers:
-            if catalog.is_committed(t.store, step):
+            if catalog.is_committed(t.backend, step):
                 t.delete(step)
                 if self.manager is not None:  # the promotion threads must not copy the step it no longer has
                     self.manager.steps_of(t, refresh=True)

@@ -215,7 +215,7 @@ class TierManager:
     def _durable_elsewhere(self, tier: PersistentTier) -> set[int]:
         out: set[int] = set()
         for t in self.tiers:
-            if t is not tier and t.store.durable:
+            if t is not tier and t.backend.durable:
                 with self._known_lock:  # what is known; an unlisted tier protects everything
                     out |= self._known.get(t.name, set())
         return out

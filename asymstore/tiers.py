@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 
 from asymstore.backends import open_object_store, scheme_of
@@ -86,11 +87,11 @@ class PersistentTier:
         partition_bytes: int | None = None,
     ) -> None:
         if isinstance(url_or_store, ObjectStore):
-            self.store = url_or_store
+            self.backend = url_or_store
         else:
             opts = config.backend_options.get(scheme_of(url_or_store), {})
-            self.store = open_object_store(url_or_store, **opts)
-        self.url = self.store.url
+            self.backend = open_object_store(url_or_store, **opts)
+        self.url = self.backend.url
         self.scheme = scheme_of(self.url)
         self.name = name or self.scheme
         self.config = config
@@ -107,7 +108,13 @@ class PersistentTier:
         self.delta_state = DeltaState()
         self.delta: DeltaBase | None = None
         self._delta_buf: bytearray | None = None
-        ensure_root_group(self.store)
+        ensure_root_group(self.backend)
+
+    @property
+    def store(self) -> ObjectStore:
+        """Deprecated alias of :attr:`backend` (the tier's object store)."""
+        warnings.warn("PersistentTier.store is deprecated; use .backend", DeprecationWarning, stacklevel=2)
+        return self.backend
 
     # --- measurement -------------------------------------------------------------
     def probe(self) -> WriteStats:
@@ -125,7 +132,7 @@ class PersistentTier:
         try:
             for i, n in enumerate((4096, 4096, 4096, 2 * MiB, 8 * MiB)):
                 t0 = time.perf_counter()
-                self.store.put(f"{prefix}{i}", memoryview(big)[:n])
+                self.backend.put(f"{prefix}{i}", memoryview(big)[:n])
                 dt = time.perf_counter() - t0
                 self.stats.model.add(n, dt)
                 if n == 4096:
@@ -135,13 +142,13 @@ class PersistentTier:
             crc32c(big)
             self.stats.stage_bandwidth = len(big) / max(time.perf_counter() - t0, 1e-9)
         finally:
-            self.store.delete_prefix(prefix)
+            self.backend.delete_prefix(prefix)
         self._probed = True
         return self.stats
 
     def bandwidth(self) -> float:
         """Current write bandwidth (bytes/s); ``inf`` for a volatile backend (a memory copy)."""
-        if self.store.capabilities.volatile:
+        if self.backend.capabilities.volatile:
             return float("inf")
         return self.probe().bandwidth or float("inf")
 
@@ -156,7 +163,7 @@ class PersistentTier:
             delta_every=c.delta_every,
             staging_budget_bytes=c.staging_budget_bytes,
             from_slots_only=self.writes_from_slots_only,
-            volatile=self.store.capabilities.volatile,
+            volatile=self.backend.capabilities.volatile,
         )
 
     def _model(self, options: WriteOptions) -> WriteModel | None:
@@ -183,7 +190,7 @@ class PersistentTier:
     def writer(self) -> CheckpointWriter:
         """A writer executing plans on this tier's backend, feeding its measurements and codec memory."""
         return CheckpointWriter(
-            self.store,
+            self.backend,
             tier_bandwidth=self.bandwidth,
             on_write=self.stats.observe,
             decisions=self.codec_decisions,
@@ -219,11 +226,11 @@ class PersistentTier:
     # --- catalogue ---------------------------------------------------------------
     def committed_steps(self) -> list[int]:
         """Steps committed on this tier, oldest first (:func:`asymstore.catalog.committed_steps`)."""
-        return catalog.committed_steps(self.store)
+        return catalog.committed_steps(self.backend)
 
     def has(self, step: int) -> bool:
         """Whether ``step`` is committed on this tier."""
-        return catalog.is_committed(self.store, step)
+        return catalog.is_committed(self.backend, step)
 
     # --- multi-rank ----------------------------------------------------------------
     @property
@@ -237,7 +244,7 @@ class PersistentTier:
 
     def has_shard(self, step: int) -> bool:
         """Whether this rank's part of ``step`` is committed (its rank directory's marker)."""
-        return catalog.rank_committed(self.store, step, rank=self.config.rank, world_size=self.config.world_size)
+        return catalog.rank_committed(self.backend, step, rank=self.config.rank, world_size=self.config.world_size)
 
     def finalize(self, step: int, *, timeout: float | None = None) -> None:
         """Rank 0: once every rank's shard marker is durable, write the step's global marker."""
@@ -248,7 +255,7 @@ class PersistentTier:
 
         def all_markers() -> dict[int, bytes] | None:
             for r, k in keys.items():
-                if r not in raw and (b := self.store.get(k)) is not None:
+                if r not in raw and (b := self.backend.get(k)) is not None:
                     raw[r] = b
             return raw if len(raw) == n else None
 
@@ -260,21 +267,21 @@ class PersistentTier:
             )
         markers = {r: parse_commit(b, keys[r]) for r, b in raw.items()}
         prefix = step_dir(step) + "/"
-        self.store.put(prefix + GROUP_KEY, dumps(group_metadata({"asymstore": {"step": step, "ranks": n}})))
-        self.store.barrier(prefix)
-        self.store.put_atomic(prefix + COMMIT_KEY, global_commit_record(step, n, markers, raw))
+        self.backend.put(prefix + GROUP_KEY, dumps(group_metadata({"asymstore": {"step": step, "ranks": n}})))
+        self.backend.barrier(prefix)
+        self.backend.put_atomic(prefix + COMMIT_KEY, global_commit_record(step, n, markers, raw))
 
     def commit_info(self, step: int) -> dict[str, object]:
         """The step's parsed commit marker on this tier (``{}`` when not committed)."""
-        return catalog.commit_info(self.store, step)
+        return catalog.commit_info(self.backend, step)
 
     def reader(self, step: int, rank: int | None = None) -> CheckpointReader:
         """A reader of ``step``; multi-rank steps open ``rank``'s directory (default: this store's rank)."""
-        return catalog.open_reader(self.store, step, rank=self.config.rank if rank is None else rank)
+        return catalog.open_reader(self.backend, step, rank=self.config.rank if rank is None else rank)
 
     def dependents(self, step: int) -> list[int]:
         """Committed steps on this tier stored as XOR deltas of ``step``."""
-        return catalog.dependents(self.store, step)
+        return catalog.dependents(self.backend, step)
 
     def discard_uncommitted(self, *, after: int | None = None) -> list[int]:
         """Remove this rank's objects of steps that were never committed (crashed attempts), only those newer
@@ -284,18 +291,18 @@ class PersistentTier:
         e.g. when a job starts or resumes. Returns the steps cleaned.
         """
         return catalog.discard_uncommitted(
-            self.store, rank=self.config.rank, world_size=self.config.world_size, after=after
+            self.backend, rank=self.config.rank, world_size=self.config.world_size, after=after
         )
 
     def delete(self, step: int) -> None:
         """Un-commit first (marker), then remove the objects (a rank > 0 removes only its shard)."""
         prefix = step_dir(step) + "/"
         if self.config.rank == 0:
-            self.store.delete(prefix + COMMIT_KEY)
-            self.store.delete_prefix(prefix if not self.multi_rank else self.shard_prefix(step))
+            self.backend.delete(prefix + COMMIT_KEY)
+            self.backend.delete_prefix(prefix if not self.multi_rank else self.shard_prefix(step))
         else:
-            self.store.delete_prefix(self.shard_prefix(step))
+            self.backend.delete_prefix(self.shard_prefix(step))
 
     def close(self) -> None:
         """Release the backend."""
-        self.store.close()
+        self.backend.close()

@@ -106,7 +106,7 @@ def test_reader_factory_wires_the_delta_base(tmp_path) -> None:
         s.save(base, 1)
         nxt = {k: v + 1e-3 for k, v in base.items()}
         s.save(nxt, 2)
-        assert catalog.commit_info(s.tiers[0].store, 2).get("delta_base") == 1
+        assert catalog.commit_info(s.tiers[0].backend, 2).get("delta_base") == 1
     b = LocalObjectStore(root)
     r = catalog.open_reader(b, 2)
     assert isinstance(r, RangeSource)
@@ -120,7 +120,7 @@ def test_read_order_is_host_then_tiers_in_chain_order(tmp_path, memory_url) -> N
         s.save(_state(1), 1)
         assert s.flush(30)
         assert s.where(1) == ["host", "file", "memory"]
-        chain = [(t.name, t.store) for t in s.tiers]
+        chain = [(t.name, t.backend) for t in s.tiers]
         assert [x.name for x in catalog.read_sources(1, host=True, tiers=chain)] == ["host", "file", "memory"]
         # host memory holds only this rank's part
         assert [x.name for x in catalog.read_sources(1, host=True, tiers=chain, rank=1)] == ["file", "memory"]
@@ -131,7 +131,7 @@ def test_read_order_is_host_then_tiers_in_chain_order(tmp_path, memory_url) -> N
     with Store([str(tmp_path / "a"), memory_url], chunk_bytes=CHUNK, partition_bytes=PART) as fresh:
         assert fresh.where(1) == ["file", "memory"]
         ck = fresh.open_checkpoint(1)
-        assert ck.reader is not None and ck.reader.store.url == fresh.tier_urls["file"]
+        assert ck.reader is not None and ck.reader.backend.url == fresh.tier_urls["file"]
 
 
 def _damage_first_shard(root: str, step: int) -> str:
@@ -156,7 +156,7 @@ def test_fallback_on_damage_in_chain_order(tmp_path, memory_url) -> None:
         ck = fresh.open_checkpoint(4)
         assert isinstance(ck.source, catalog.FallbackSource)
         assert_bitequal(ck.load(), state)
-        assert isinstance(ck.source.current, CheckpointReader) and ck.source.current.store.url == memory_url
+        assert isinstance(ck.source.current, CheckpointReader) and ck.source.current.backend.url == memory_url
 
 
 def test_no_readable_copy_names_the_damage(tmp_path) -> None:
