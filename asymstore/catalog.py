@@ -29,7 +29,7 @@ from typing import Generic, TypeVar
 
 from .errors import AsymstoreError, CorruptCheckpointError, StepNotFoundError
 from .interfaces import ObjectStore, RangeSource
-from .manifest import COMMIT_KEY, parse_commit, parse_step_dir, shard_dir, step_dir
+from .manifest import COMMIT_KEY, parse_commit, parse_step_dir, rank_dir, step_dir
 from .reader import CheckpointReader
 from .retention import dependents as _dependents
 
@@ -101,12 +101,12 @@ def committed_ranks(backend: ObjectStore, step: int) -> list[int]:
 
 def rank_committed(backend: ObjectStore, step: int, *, rank: int, world_size: int) -> bool:
     """Whether ``rank``'s part of ``step`` is committed (its rank directory's marker, or the step's for one rank)."""
-    return backend.exists(f"{shard_dir(step, rank, world_size)}/{COMMIT_KEY}")
+    return backend.exists(f"{rank_dir(step, rank, world_size)}/{COMMIT_KEY}")
 
 
 def rank_leftovers(backend: ObjectStore, step: int, *, rank: int, world_size: int) -> int:
     """How many objects ``rank`` holds under ``step`` (its rank directory; the whole step for one rank)."""
-    return sum(1 for _ in backend.list(shard_dir(step, rank, world_size) + "/"))
+    return sum(1 for _ in backend.list(rank_dir(step, rank, world_size) + "/"))
 
 
 def discard_uncommitted(backend: ObjectStore, *, rank: int, world_size: int, after: int | None = None) -> list[int]:
@@ -119,7 +119,7 @@ def discard_uncommitted(backend: ObjectStore, *, rank: int, world_size: int, aft
         if after is not None and s <= after:
             continue
         if rank_leftovers(backend, s, rank=rank, world_size=world_size):
-            n = backend.delete_prefix(shard_dir(s, rank, world_size) + "/")
+            n = backend.delete_prefix(rank_dir(s, rank, world_size) + "/")
             log.info("removed %d objects of rank %d of the uncommitted step %d in %s", n, rank, s, backend.url)
             out.append(s)
     return out

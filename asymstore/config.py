@@ -38,11 +38,11 @@ class Config:
     staging_budget_bytes: int = 512 * MiB
     #: Background checkpoint failures are logged and counted instead of raised on the next call.
     non_fatal: bool = False
-    #: This process's rank and the number of ranks writing each checkpoint (each writes its shard;
-    #: rank 0 commits the step once every rank's shard is durable).
+    #: This process's rank and the number of ranks writing each checkpoint (each writes its rank directory;
+    #: rank 0 commits the step once every rank's directory is durable).
     rank: int = 0
     world_size: int = 1
-    #: How long rank 0 waits for the other ranks' shards before giving the step up (seconds).
+    #: How long rank 0 waits for the other ranks' directories before giving the step up (seconds).
     commit_timeout_s: float = 300.0
     #: How long ``close()`` waits for pending promotions down the tier chain (seconds).
     close_timeout_s: float = 120.0

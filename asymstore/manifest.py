@@ -26,9 +26,13 @@ def step_dir(step: int) -> str:
     return f"step_{step:012d}"
 
 
-def shard_dir(step: int, rank: int, world_size: int) -> str:
-    """Where one rank's part of a step lives: the step itself for one rank, ``step_X/rNNNNN`` otherwise."""
+def rank_dir(step: int, rank: int, world_size: int) -> str:
+    """A rank's directory of a step: the step directory itself for one rank, ``step_X/rNNNNN`` otherwise."""
     return step_dir(step) if world_size == 1 else f"{step_dir(step)}/r{rank:05d}"
+
+
+#: Deprecated alias of :func:`rank_dir`.
+shard_dir = rank_dir
 
 
 def global_commit_record(

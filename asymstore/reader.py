@@ -81,7 +81,7 @@ class CheckpointReader(RangeSource):
         *,
         rank: int | None = None,
     ) -> CheckpointReader:
-        """Open a committed step; for a multi-rank step, the shard of ``rank`` (default 0)."""
+        """Open a committed step; for a multi-rank step, the rank directory of ``rank`` (default 0)."""
         prefix = step_dir(step) + "/"
         raw_commit = backend.get(prefix + COMMIT_KEY)
         if raw_commit is None:
@@ -93,13 +93,13 @@ class CheckpointReader(RangeSource):
             if not 0 <= r < ranks:
                 raise StepNotFoundError(f"step {step} has ranks 0..{ranks - 1}, not rank {r}")
             prefix = f"{prefix}r{r:05d}/"
-            raw_shard = backend.get(prefix + COMMIT_KEY)
+            raw_rank = backend.get(prefix + COMMIT_KEY)
             want = dict(commit["shards_crc32c"]).get(str(r))
-            if raw_shard is None or crc32c(raw_shard) != want:
+            if raw_rank is None or crc32c(raw_rank) != want:
                 raise CorruptCheckpointError(
                     f"{prefix}{COMMIT_KEY}: missing or does not match the step's marker", (prefix + COMMIT_KEY,)
                 )
-            commit = parse_commit(raw_shard, prefix + COMMIT_KEY)
+            commit = parse_commit(raw_rank, prefix + COMMIT_KEY)
             commit["ranks"] = ranks
         group = backend.get(prefix + GROUP_KEY)
         if group is None:

@@ -417,7 +417,7 @@ class Store:
             raise StepNotFoundError(f"step {step} is not committed on {tier or 'any persistent tier'}")
         t = self._tier(names[0])
         try:
-            rank = self._shard_rank(step, catalog.Source(t.name, t.backend), None)
+            rank = self._read_rank(step, catalog.Source(t.name, t.backend), None)
             reader = catalog.open_reader(t.backend, step, rank=rank)
         except CorruptCheckpointError as e:
             rep = VerifyReport(step, ok=False)
@@ -432,7 +432,7 @@ class Store:
             step, host=self.host.find(step) is not None, tiers=self._chain(), rank=rank, my_rank=self.rank
         )
 
-    def _shard_rank(self, step: int, source: catalog.Source, rank: int | None) -> int:
+    def _read_rank(self, step: int, source: catalog.Source, rank: int | None) -> int:
         """Which rank's directory to read (:func:`asymstore.catalog.read_rank`; host memory holds ours)."""
         if source.backend is None:
             return self.rank if rank is None else rank
@@ -445,7 +445,7 @@ class Store:
         reuse until the release function is called (an in-place restore copies straight
         out of it, with no intermediate buffer).
         """
-        r = self._shard_rank(step, source, rank)
+        r = self._read_rank(step, source, rank)
         if source.backend is None:
             if r != self.rank:
                 raise StepNotFoundError(f"host memory holds rank {self.rank}'s part, not rank {r}'s")
@@ -537,7 +537,7 @@ class Store:
         """An opener of ``source``'s copy of ``step`` as a range source (a fallback of a lazy checkpoint)."""
         if source.backend is None:
             return lambda: self._open_lazy(step, source, rank).source
-        backend, r = source.backend, self._shard_rank(step, source, rank)
+        backend, r = source.backend, self._read_rank(step, source, rank)
         return lambda: catalog.open_reader(backend, step, rank=r)
 
     def _open_lazy(self, step: int, source: catalog.Source, rank: int | None) -> LazyCheckpoint:
@@ -546,7 +546,7 @@ class Store:
             if slot is None or slot.layout is None:
                 raise StepNotFoundError(f"step {step} left host memory")
             return LazyCheckpoint.from_host(slot, pool=self.host)
-        return LazyCheckpoint(catalog.open_reader(source.backend, step, rank=self._shard_rank(step, source, rank)))
+        return LazyCheckpoint(catalog.open_reader(source.backend, step, rank=self._read_rank(step, source, rank)))
 
     def open_checkpoint(self, step: int | None = None, *, rank: int | None = None) -> LazyCheckpoint:
         """A lazy mapping name -> :class:`~asymstore.lazy.LazyTensor` of ``step`` (default: the newest).

@@ -83,7 +83,7 @@ class TierManager:
     def promote(self, k: int, step: int) -> WriteReport:
         """Copy ``step`` from the fastest place that has it (its host slot, else tier ``k-1``) into tier ``k``."""
         dst = self.tiers[k]
-        if dst.multi_rank and dst.has_shard(step):  # only the global marker is missing (rank 0)
+        if dst.multi_rank and dst.rank_committed(step):  # only the global marker is missing (rank 0)
             act = self.activity[dst.name]
             act.in_flight = step
             try:
@@ -171,8 +171,8 @@ class TierManager:
             return []
         n = len(steps)
         todo = [s for i, s in enumerate(steps) if s not in have and promotion_wanted(dst.policies, s, age=n - 1 - i)]
-        if dst.multi_rank and dst.config.rank > 0:  # a rank > 0 is done once its own shard is there
-            todo = [s for s in todo if not dst.has_shard(s)]
+        if dst.multi_rank and dst.config.rank > 0:  # a rank > 0 is done once its own rank directory is committed
+            todo = [s for s in todo if not dst.rank_committed(s)]
         return sorted(todo, reverse=True)
 
     def _promoter(self, k: int) -> None:

@@ -23,7 +23,7 @@ from .config import Config, MiB
 from .errors import CheckpointFailedError
 from .interfaces import RetentionPolicy
 from .layout import Layout
-from .manifest import COMMIT_KEY, GROUP_KEY, global_commit_record, parse_commit, shard_dir, step_dir
+from .manifest import COMMIT_KEY, GROUP_KEY, global_commit_record, parse_commit, rank_dir, step_dir
 from .reader import CheckpointReader
 from .retention import DeltaState, next_delta_state, parse_keep
 from .retry import Backoff, poll
@@ -184,7 +184,7 @@ class PersistentTier:
             model=self._model(options),
             delta=self.delta_state,
             whole_stream=whole_stream,
-            prefix=self.shard_prefix(step),
+            prefix=self.rank_prefix(step),
         )
 
     def writer(self) -> CheckpointWriter:
@@ -238,19 +238,19 @@ class PersistentTier:
         """Whether several ranks write each checkpoint (each its own rank directory)."""
         return self.config.world_size > 1
 
-    def shard_prefix(self, step: int) -> str:
+    def rank_prefix(self, step: int) -> str:
         """Where this rank writes ``step``: the step's directory, or its rank directory in a multi-rank run."""
-        return shard_dir(step, self.config.rank, self.config.world_size) + "/"
+        return rank_dir(step, self.config.rank, self.config.world_size) + "/"
 
-    def has_shard(self, step: int) -> bool:
+    def rank_committed(self, step: int) -> bool:
         """Whether this rank's part of ``step`` is committed (its rank directory's marker)."""
         return catalog.rank_committed(self.backend, step, rank=self.config.rank, world_size=self.config.world_size)
 
     def finalize(self, step: int, *, timeout: float | None = None) -> None:
-        """Rank 0: once every rank's shard marker is durable, write the step's global marker."""
+        """Rank 0: once every rank's directory marker is durable, write the step's global marker."""
         n = self.config.world_size
         wait_s = self.config.commit_timeout_s if timeout is None else timeout
-        keys = {r: f"{shard_dir(step, r, n)}/{COMMIT_KEY}" for r in range(n)}
+        keys = {r: f"{rank_dir(step, r, n)}/{COMMIT_KEY}" for r in range(n)}
         raw: dict[int, bytes] = {}
 
         def all_markers() -> dict[int, bytes] | None:
@@ -263,7 +263,7 @@ class PersistentTier:
             missing = sorted(set(keys) - set(raw))
             raise CheckpointFailedError(
                 f"step {step} not committed on {self.name}: ranks {missing} did not "
-                f"finish their shards within {wait_s:.0f} s"
+                f"finish their rank directories within {wait_s:.0f} s"
             )
         markers = {r: parse_commit(b, keys[r]) for r, b in raw.items()}
         prefix = step_dir(step) + "/"
@@ -295,13 +295,13 @@ class PersistentTier:
         )
 
     def delete(self, step: int) -> None:
-        """Un-commit first (marker), then remove the objects (a rank > 0 removes only its shard)."""
+        """Un-commit first (marker), then remove the objects (a rank > 0 removes only its rank directory)."""
         prefix = step_dir(step) + "/"
         if self.config.rank == 0:
             self.backend.delete(prefix + COMMIT_KEY)
-            self.backend.delete_prefix(prefix if not self.multi_rank else self.shard_prefix(step))
+            self.backend.delete_prefix(prefix if not self.multi_rank else self.rank_prefix(step))
         else:
-            self.backend.delete_prefix(self.shard_prefix(step))
+            self.backend.delete_prefix(self.rank_prefix(step))
 
     def close(self) -> None:
         """Release the backend."""

@@ -122,12 +122,12 @@ def reference_state(engine: Any) -> dict[str, Any]:
 
 def open_store(root: str, rank: int, world: int, kill_step: int | None = None) -> Any:
     from asymstore.backends.local import LocalObjectStore
-    from asymstore.manifest import shard_dir
+    from asymstore.manifest import rank_dir
     from asymstore.store import Store
 
     tier: Any = root
     if kill_step is not None:
-        prefix = shard_dir(kill_step, rank, world) + "/"
+        prefix = rank_dir(kill_step, rank, world) + "/"
 
         class KillMidSave(LocalObjectStore):
             puts = 0

@@ -11,11 +11,11 @@
 
 Mapping. A DCP checkpoint is one asymstore *step* of the store at the URL (a tier chain:
 ``"/nvme/ckpt"`` or ``["/nvme/ckpt", "hdfs://nn:8020/ckpt"]``). Each DCP rank's write items
-(tensor chunks and bytes items) become that rank's asymstore shard (``step_X/rNNNNN``
+(tensor chunks and bytes items) become that rank's part of the step, in its rank directory (``step_X/rNNNNN``
 for several ranks), named ``<fqn>@<chunk offsets>`` (tensors) or ``<fqn>`` (bytes). DCP's
 ``Metadata`` (state-dict metadata, planner data, where each item lives) is serialized as
-**JSON** into the manifest of rank 0's shard (``user["dcp"]``); rank 0 writes the step's
-global commit marker only after every rank's shard is durable, so a checkpoint is visible
+**JSON** into the manifest of rank 0's part (``user["dcp"]``); rank 0 writes the step's
+global commit marker only after every rank's directory is durable, so a checkpoint is visible
 only when complete, and it moves down the tier chain like any other step.
 
 Phases of :class:`AsymStorageWriter`, in order (DCP's calls):
@@ -24,14 +24,14 @@ Phases of :class:`AsymStorageWriter`, in order (DCP's calls):
 2. ``set_up_storage_writer`` (all ranks): remember the role.
 3. ``prepare_local_plan`` (all ranks): nothing to change.
 4. ``prepare_global_plan`` (coordinator): choose the step (given, or the newest + 1),
-   refuse one already committed, and tell every rank its shard index and the world size
+   refuse one already committed, and tell every rank its rank index and the world size
    through ``SavePlan.storage_data``.
-5. ``write_data`` (all ranks): ranks > 0 save their items as their shard, blocking until
+5. ``write_data`` (all ranks): ranks > 0 save their items as their part of the step, blocking until
    durable; the coordinator (rank 0) only resolves its items and holds them.
-6. ``finish`` (coordinator): serialize ``Metadata`` as JSON and save rank 0's shard with it;
-   asymstore then commits the step globally (after all shards are durable).
+6. ``finish`` (coordinator): serialize ``Metadata`` as JSON and save rank 0's part with it;
+   asymstore then commits the step globally (after all rank directories are durable).
 
-Rank 0 writes its shard in ``finish`` because DCP's ``Metadata`` only exists there and
+Rank 0 writes its part in ``finish`` because DCP's ``Metadata`` only exists there and
 asymstore's commit marker must vouch for it; with N ranks, rank 0's bytes are written after
 the others' (not concurrently).
 
@@ -229,7 +229,7 @@ def metadata_from_json(d: dict[str, Any]) -> Metadata:
 
 
 def _item_key(item: WriteItem) -> str:
-    """The name of a write item inside its rank's shard."""
+    """The name of a write item inside its rank's part of the step."""
     off = item.index.offset
     if item.type == WriteItemType.BYTE_IO or off is None:
         return item.index.fqn
@@ -387,7 +387,7 @@ class AsymStorageWriter(_CheckpointIdMixin, StorageWriter):
                 data = planner.resolve_data(item)
                 key = _item_key(item)
                 if key in state:
-                    raise AsymstoreError(f"two DCP write items map to the shard key {key!r}")
+                    raise AsymstoreError(f"two DCP write items map to the key {key!r}")
                 if item.type == WriteItemType.BYTE_IO:
                     assert isinstance(data, io.BytesIO)
                     raw = bytes(data.getbuffer())
@@ -440,7 +440,7 @@ class AsymStorageWriter(_CheckpointIdMixin, StorageWriter):
             storage_meta=metadata.storage_meta or self.storage_meta(),
         )
         doc = metadata_to_json(md)
-        self._owner.store(0, n).save(state, step, user={"dcp": doc})  # commits after all shards are durable
+        self._owner.store(0, n).save(state, step, user={"dcp": doc})  # commits after all rank directories are durable
         self.last_step = step
 
     def close(self) -> None:
@@ -452,7 +452,7 @@ class AsymStorageReader(_CheckpointIdMixin, StorageReader):
     """DCP ``StorageReader`` reading a step of an asymstore tier chain, on any world size.
 
     ``step``: default from the checkpoint id, else the newest committed step. Reads come from
-    the fastest tier that holds the step, verified; a damaged shard is read from the next tier.
+    the fastest tier that holds the step, verified; a damaged copy is read from the next tier.
     """
 
     def __init__(self, tiers: Tiers | None = None, step: int | None = None, **store_options: Any) -> None:
@@ -462,13 +462,13 @@ class AsymStorageReader(_CheckpointIdMixin, StorageReader):
         self.step: int | None = step
         self.load_id = uuid.uuid4().hex
         self.storage_data: dict[MetadataIndex, dict[str, Any]] = {}
-        self._shards: dict[int, LazyCheckpoint] = {}
+        self._parts: dict[int, LazyCheckpoint] = {}
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         """Start a new load (``checkpoint_id`` "<url>/step_<N>" names the store and step)."""
         self.load_id = uuid.uuid4().hex
         self.storage_data = {}
-        self._shards = {}
+        self._parts = {}
         self._use_checkpoint_id(checkpoint_id)
 
     def _store(self) -> Store:
@@ -484,7 +484,7 @@ class AsymStorageReader(_CheckpointIdMixin, StorageReader):
             self.step = latest
         return self.step
 
-    def _open_shard(self, rank: int) -> LazyCheckpoint:
+    def _open_rank(self, rank: int) -> LazyCheckpoint:
         """Rank ``rank``'s part of the step, read in the catalog's order (fastest tier first); a range that is
         damaged on one tier is read from the next (:meth:`Store.open_checkpoint`)."""
         step = self._step()
@@ -495,7 +495,7 @@ class AsymStorageReader(_CheckpointIdMixin, StorageReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         """DCP's ``Metadata`` of the step, from the manifest of rank 0's part."""
-        ck = self._open_shard(0)
+        ck = self._open_rank(0)
         doc = ck.user.get("dcp")
         if doc is None:
             raise CorruptCheckpointError(
@@ -525,9 +525,9 @@ class AsymStorageReader(_CheckpointIdMixin, StorageReader):
     def _read(self, req: ReadItem) -> torch.Tensor:
         info = self.storage_data[req.storage_index]
         rank, name = int(info["rank"]), info["name"]
-        if rank not in self._shards:
-            self._shards[rank] = self._open_shard(rank)
-        lt = self._shards[rank][name]
+        if rank not in self._parts:
+            self._parts[rank] = self._open_rank(rank)
+        lt = self._parts[rank][name]
         if req.type == LoadItemType.BYTE_IO or not lt.shape:
             return lt.read()
         o0, l0 = int(req.storage_offsets[0]), int(req.lengths[0])

@@ -1,10 +1,10 @@
-"""DeepSpeed integration: asymmetric snapshots of each rank's shard, and an asymstore checkpoint engine.
+"""DeepSpeed integration: asymmetric snapshots of each rank's part, and an asymstore checkpoint engine.
 
 :class:`DeepSpeedAsymCheckpointer` (ZeRO stages 0-3, plain fp32/bf16 engines without offload)
 copies what *this rank owns* to a host slot during its forward and backward passes, with the
 barrier right before the engine's inner (torch) optimizer modifies anything; every rank writes
-its shard under ``step_X/rNNNNN/`` of a multi-rank :class:`~asymstore.store.Store` and rank 0
-commits the step once every shard is durable. What a rank owns, per stage:
+its part under ``step_X/rNNNNN/`` (its rank directory) of a multi-rank :class:`~asymstore.store.Store` and rank 0
+commits the step once every rank directory is durable. What a rank owns, per stage:
 
 =========  ==================================================================================
 stage 0    the whole (replicated) module state_dict and the torch optimizer's state_dict
@@ -23,7 +23,7 @@ lr scheduler step, ``global_steps += 1``: the whole state "after step t"); the b
 pre-hook on the inner ``torch.optim.Optimizer``, which every stage calls only after its gradient
 reduction, norm and overflow checks (stage 1/2: ``_optimizer_step`` per group, stage 3: per
 sub-group, before the fp32 -> parameter partition copy and the all-gather). Resume restores each
-rank's shard into the engine on the same world size (stage 1/2 then all-gathers the parameter
+rank's part into the engine on the same world size (stage 1/2 then all-gathers the parameter
 partitions, stage 3 re-gathers persistent parameters).
 
 :class:`AsymstoreCheckpointEngine` plugs asymstore under ``engine.save_checkpoint`` /
@@ -86,7 +86,7 @@ def base_optimizer(engine: Any) -> torch.optim.Optimizer:
 
 
 class DeepSpeedAsymCheckpointer(AsymCheckpointer):
-    """Asymmetric checkpointing of a DeepSpeed engine; each rank snapshots its own shard.
+    """Asymmetric checkpointing of a DeepSpeed engine; each rank snapshots its own part.
 
     Use (on every rank)::
 
@@ -278,9 +278,9 @@ class DeepSpeedAsymCheckpointer(AsymCheckpointer):
         return s
 
     def resume(self, step: int | None = None) -> dict[str, Any]:
-        """Restore this rank's shard of ``step`` (default: the newest complete one) into the engine.
+        """Restore this rank's part of ``step`` (default: the newest complete one) into the engine.
 
-        Collective: every rank calls it. Shards of newer, uncommitted steps left by the crashed run are
+        Collective: every rank calls it. Parts of newer, uncommitted steps left by the crashed run are
         removed (each rank its own), so that saving those steps again starts clean.
         """
         e = self.engine
@@ -467,9 +467,9 @@ class AsymstoreCheckpointEngine(_DSCheckpointEngine):  # type: ignore[misc]  # d
 
     Mapping: a tag is one asymstore step (``tag_to_step``, default: its trailing integer; the tag
     is recorded and checked on load); every file DeepSpeed writes under ``save_dir/tag/`` becomes a
-    top-level key (its path relative to the tag directory) of this rank's shard of that step. Each
+    top-level key (its path relative to the tag directory) of this rank's part of that step. Each
     rank stores the files it was asked to save; ``commit(info)`` saves them as one asymstore
-    checkpoint (rank 0 commits globally once every rank's shard is durable). With ``blocking``
+    checkpoint (rank 0 commits globally once every rank's part is durable). With ``blocking``
     (default) rank 0's commit returns only after the global commit, so DeepSpeed's ``latest`` file,
     written right after, never names a step that is not durable. After the commit each rank writes
     a small JSON *pointer file* at each DeepSpeed path (DeepSpeed globs for and checks those paths
@@ -574,17 +574,17 @@ class AsymstoreCheckpointEngine(_DSCheckpointEngine):  # type: ignore[misc]  # d
             raise StepNotFoundError(f"{path} is not an asymstore checkpoint pointer")
         step, rank = int(ptr["step"]), int(ptr["rank"])
         if (step, rank) not in self._cache:
-            shard = self.store.restore(step, rank=rank)
-            self._cache[(step, rank)] = shard
+            part = self.store.restore(step, rank=rank)
+            self._cache[(step, rank)] = part
             while len(self._cache) > 2:
                 self._cache.popitem(last=False)
-        shard = self._cache[(step, rank)]
-        if shard.get("deepspeed_tag") != ptr["tag"]:
+        part = self._cache[(step, rank)]
+        if part.get("deepspeed_tag") != ptr["tag"]:
             raise StateMismatchError(
-                f"step {step} holds DeepSpeed tag {shard.get('deepspeed_tag')!r}, the pointer "
+                f"step {step} holds DeepSpeed tag {part.get('deepspeed_tag')!r}, the pointer "
                 f"{path} names {ptr['tag']!r}"
             )
-        out = decode_deepspeed(shard["files"][ptr["key"]])
+        out = decode_deepspeed(part["files"][ptr["key"]])
         if isinstance(map_location, (str, torch.device)) and str(map_location) != "cpu":
             out = _map_tensors(out, lambda t: t.to(map_location))
         return out
