@@ -49,9 +49,6 @@ class Layout:
     def by_name(self) -> dict[str, TensorEntry]:
         return {t.name: t for t in self.tensors}
 
-    def extents(self) -> list[tuple[int, int]]:
-        return [(t.offset, t.nbytes) for t in self.tensors]
-
 
 def align_up(n: int, align: int) -> int:
     return -(-n // align) * align

@@ -1,49 +1,9 @@
-"""Partition planner for asymmetric partitioned snapshotting (design 2.1).
+"""The snapshot copy planner: which bytes of the state stream are copied to host memory in which window.
 
 The state after optimizer step t does not change during forward(t+1) and backward(t+1), so its copy to host
-memory can be spread over the idle windows of those passes. This module decides *which bytes* of the flat state
-stream are copied in *which window*; it does no I/O and needs no torch. The hook code that executes a plan, and
-the barrier before the optimizer step, live elsewhere.
-
-Model
------
-* The state is one flat byte stream ``[0, total_bytes)``. Tensors sit at offsets aligned to ``align`` bytes.
-* ``fwd_windows`` and ``bwd_windows`` are the overlap times (seconds) of the hook windows, in execution order,
-  measured during warm-up (see :class:`WindowProfile`). The windows of one iteration are taken to follow each
-  other on one timeline: all forward windows, then all backward windows, then the optimizer step.
-* The copy engine is serial (one copy stream / one copy thread) and moves ``copy_bandwidth`` bytes per second.
-
-Sizing rule (fixed version of the original)
--------------------------------------------
-With the windows of both passes concatenated, ``t_1 .. t_n`` and ``T = T_f + T_b = sum(t_i)``, window ``i`` is
-asked for ``r_i = R * t_i / T`` bytes, so that forward and backward *together* sum to ``R`` (the original made
-each list sum to ``R``). Each ``r_i`` is capped at ``safety * copy_bandwidth * t_i`` so the partition finishes
-inside its window; bytes that do not fit carry over to the next windows in order; whatever is still unassigned
-after the last backward window is the ``remainder``, copied at the optimizer step -- the only stall.
-
-Implemented on cumulative positions: after window ``k`` the stream should be copied up to
-``D_k = R * (t_1 + .. + t_k) / T`` (carried bytes are exactly ``D_k`` minus what was issued), so partition ``k``
-ends at ``min(snap_nearest(D_k), snap_floor(start + cap_k))``. Rounding the cap *down* keeps caps honest;
-rounding the target to the *nearest* boundary keeps the cumulative error below one boundary step.
-
-Boundaries
-----------
-* ``split_tensors=True`` (default): boundaries are multiples of ``align`` (and ``total_bytes``); partitions may
-  cut through tensors.
-* ``split_tensors=False`` (needs ``tensor_extents``): boundaries are tensor *start* offsets (and 0 and
-  ``total_bytes``); the alignment padding after a tensor travels with it. A tensor that no later window could
-  hold is pulled into the current window if it fits there ("last chance"). A tensor bigger than every remaining
-  window's cap ("oversized") is issued alone in the remaining window with the longest overlap time (the earliest
-  on ties), because partitions are contiguous in stream order and putting it in the remainder would push every
-  later byte into the remainder too. Its overrun is *not* hidden: the copy queue spills into later windows
-  (their caps shrink accordingly) and :attr:`SnapshotPlan.predicted_stall_s` reports any spill past the last
-  window. Only oversized partitions exceed their cap; :attr:`SnapshotPlan.oversized` lists them.
-* ``min_partition_bytes``: a partition smaller than this is not issued while a later window could still issue a
-  partition of that size; its bytes merge into a later window. When no later window could, it is issued anyway
-  (a small copy beats a stall).
-
-Strategies with the same output type, for comparison: :func:`plan_uniform` (DataStates-LLM style: equal
-partitions over all windows, no caps) and :func:`plan_all_at_step` (CheckFreq / synchronous: all remainder).
+memory is spread over the idle windows of those passes, one *copy range* per window, sized to the window
+(:func:`plan_asymmetric`), with :func:`plan_uniform` and :func:`plan_all_at_step` as baselines. Pure: no I/O,
+no torch. The sizing rule and its derivation: docs/planning.md, section 1.
 """
 
 from __future__ import annotations
@@ -63,6 +23,7 @@ __all__ = [
     "DEFAULT_ALIGN",
     "DEFAULT_SAFETY",
     "REMAINDER_WINDOW",
+    "CopyRange",
     "Partition",
     "SnapshotPlan",
     "WindowProfile",
@@ -75,7 +36,7 @@ __all__ = [
 DEFAULT_ALIGN: Final = 64
 DEFAULT_SAFETY: Final = 0.9
 REMAINDER_WINDOW: Final = -1
-"""``Partition.window`` of the remainder: it is copied at the optimizer step, in no window."""
+"""``CopyRange.window`` of the remainder: it is copied at the optimizer step, in no window."""
 
 _FORMAT: Final = "asymstore.snapshot_plan/1"
 
@@ -139,10 +100,10 @@ def _check_safety(value: object) -> float:
 
 
 @dataclass(frozen=True, slots=True)
-class Partition:
+class CopyRange:
     """The byte range ``[start, end)`` of the state stream, copied in window ``window`` of its list.
 
-    ``window`` indexes ``fwd_windows`` for a forward partition, ``bwd_windows`` for a backward one, and is
+    ``window`` indexes ``fwd_windows`` for a forward copy range, ``bwd_windows`` for a backward one, and is
     :data:`REMAINDER_WINDOW` (-1) for the remainder copied at the optimizer step.
     """
 
@@ -153,11 +114,11 @@ class Partition:
     def __post_init__(self) -> None:
         for name in ("window", "start", "end"):
             if not _is_int(getattr(self, name)):
-                raise ConfigError(f"Partition.{name} must be an int, got {getattr(self, name)!r}")
+                raise ConfigError(f"CopyRange.{name} must be an int, got {getattr(self, name)!r}")
         if self.window < REMAINDER_WINDOW:
-            raise ConfigError(f"Partition.window must be >= {REMAINDER_WINDOW}, got {self.window}")
+            raise ConfigError(f"CopyRange.window must be >= {REMAINDER_WINDOW}, got {self.window}")
         if not 0 <= self.start < self.end:
-            raise ConfigError(f"Partition needs 0 <= start < end, got [{self.start}, {self.end})")
+            raise ConfigError(f"CopyRange needs 0 <= start < end, got [{self.start}, {self.end})")
 
     @property
     def nbytes(self) -> int:
@@ -167,7 +128,7 @@ class Partition:
 def _copy_queue_end(windows: Sequence[float], sizes: Sequence[int], bandwidth: float) -> tuple[float, float]:
     """Simulate the serial copy queue; return ``(end of last window, time the last issued copy finishes)``.
 
-    Partition ``k`` is issued when window ``k`` opens and starts once the previous copy has finished.
+    CopyRange ``k`` is issued when window ``k`` opens and starts once the previous copy has finished.
     """
     now = 0.0
     busy = 0.0
@@ -182,21 +143,21 @@ def _copy_queue_end(windows: Sequence[float], sizes: Sequence[int], bandwidth: f
 class SnapshotPlan:
     """Which bytes of the state stream are copied in which hook window; frozen, JSON round-trippable.
 
-    ``forward`` and ``backward`` hold only the windows that issue a copy (at most one partition per window), in
-    window order, which is also stream order: forward partitions cover ``[0, a)``, backward ones ``[a, b)`` and
+    ``forward`` and ``backward`` hold only the windows that issue a copy (at most one copy range per window), in
+    window order, which is also stream order: forward copy ranges cover ``[0, a)``, backward ones ``[a, b)`` and
     the remainder ``[b, total_bytes)``. The window lists the plan was made for are kept, so the plan can predict
     its stall and tell when measured windows have drifted (:meth:`needs_replan`).
     """
 
-    forward: tuple[Partition, ...]
-    backward: tuple[Partition, ...]
-    remainder: Partition | None
+    forward: tuple[CopyRange, ...]
+    backward: tuple[CopyRange, ...]
+    remainder: CopyRange | None
     fwd_windows: tuple[float, ...] = ()
     bwd_windows: tuple[float, ...] = ()
     copy_bandwidth: float | None = None
     strategy: str = "asymmetric"
     safety: float = 1.0
-    _by_window: dict[tuple[str, int], Partition] = field(init=False, repr=False, compare=False, default_factory=dict)
+    _by_window: dict[tuple[str, int], CopyRange] = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "forward", tuple(self.forward))
@@ -215,36 +176,36 @@ class SnapshotPlan:
         ):
             last_window = -1
             for p in parts:
-                if not isinstance(p, Partition):
-                    raise ConfigError(f"{phase} holds {p!r}, not a Partition")
+                if not isinstance(p, CopyRange):
+                    raise ConfigError(f"{phase} holds {p!r}, not a CopyRange")
                 if not last_window < p.window < len(windows):
                     raise ConfigError(
-                        f"{phase} partition {p} has window {p.window}; windows must increase and be "
+                        f"{phase} copy range {p} has window {p.window}; windows must increase and be "
                         f"< {len(windows)} (the number of {phase} windows)"
                     )
                 if p.start != pos:
-                    raise ConfigError(f"{phase} partition {p} starts at {p.start}, expected {pos} (contiguous)")
+                    raise ConfigError(f"{phase} copy range {p} starts at {p.start}, expected {pos} (contiguous)")
                 last_window = p.window
                 pos = p.end
                 self._by_window[(phase, p.window)] = p
         if self.remainder is not None:
             r = self.remainder
-            if not isinstance(r, Partition) or r.window != REMAINDER_WINDOW or r.start != pos:
+            if not isinstance(r, CopyRange) or r.window != REMAINDER_WINDOW or r.start != pos:
                 raise ConfigError(
-                    f"remainder must be Partition(window={REMAINDER_WINDOW}, start={pos}, ...), got {r!r}"
+                    f"remainder must be CopyRange(window={REMAINDER_WINDOW}, start={pos}, ...), got {r!r}"
                 )
 
     # -- derived ---------------------------------------------------------------------------------------------
 
     @property
-    def partitions(self) -> tuple[Partition, ...]:
-        """All partitions in stream order, the remainder last."""
+    def copy_ranges(self) -> tuple[CopyRange, ...]:
+        """All copy ranges in stream order, the remainder last."""
         tail = (self.remainder,) if self.remainder is not None else ()
         return self.forward + self.backward + tail
 
     @property
     def total_bytes(self) -> int:
-        parts = self.partitions
+        parts = self.copy_ranges
         return parts[-1].end if parts else 0
 
     @property
@@ -261,13 +222,29 @@ class SnapshotPlan:
         """Forward then backward windows: the timeline the plan was made for."""
         return self.fwd_windows + self.bwd_windows
 
-    def forward_partition(self, window: int) -> Partition | None:
-        """The partition the forward hook of ``window`` issues, or ``None``."""
+    def forward_range(self, window: int) -> CopyRange | None:
+        """The copy range the forward hook of ``window`` issues, or ``None``."""
         return self._by_window.get(("forward", window))
 
-    def backward_partition(self, window: int) -> Partition | None:
-        """The partition the backward hook of ``window`` issues, or ``None``."""
+    def backward_range(self, window: int) -> CopyRange | None:
+        """The copy range the backward hook of ``window`` issues, or ``None``."""
         return self._by_window.get(("backward", window))
+
+    @property
+    def partitions(self) -> tuple[CopyRange, ...]:
+        """All copy ranges in stream order, the remainder last.
+
+        Deprecated alias of :attr:`copy_ranges`.
+        """
+        return self.copy_ranges
+
+    def forward_partition(self, window: int) -> CopyRange | None:
+        """The copy range the forward hook of ``window`` issues. Deprecated alias of :meth:`forward_range`."""
+        return self.forward_range(window)
+
+    def backward_partition(self, window: int) -> CopyRange | None:
+        """The copy range the backward hook of ``window`` issues. Deprecated alias of :meth:`backward_range`."""
+        return self.backward_range(window)
 
     def _window_sizes(self) -> list[int]:
         sizes = [0] * (len(self.fwd_windows) + len(self.bwd_windows))
@@ -286,8 +263,8 @@ class SnapshotPlan:
         )
 
     @property
-    def oversized(self) -> tuple[Partition, ...]:
-        """Forward/backward partitions larger than their window's cap (only unsplittable tensors)."""
+    def oversized(self) -> tuple[CopyRange, ...]:
+        """Forward/backward copy ranges larger than their window's cap (only unsplittable tensors)."""
         fcaps, bcaps = self.caps()
         return tuple(p for p in self.forward if p.nbytes > fcaps[p.window]) + tuple(
             p for p in self.backward if p.nbytes > bcaps[p.window]
@@ -303,7 +280,7 @@ class SnapshotPlan:
         """Seconds the optimizer step waits for the snapshot, at ``copy_bandwidth`` (default: the plan's).
 
         Simulates the serial copy queue over the window timeline: any spill of the in-pass copies past the last
-        window, plus the remainder copy. For a plan whose partitions all respect their caps this is exactly
+        window, plus the remainder copy. For a plan whose copy ranges all respect their caps this is exactly
         ``remainder_bytes / copy_bandwidth``.
         """
         bw = self._bandwidth(copy_bandwidth)
@@ -311,11 +288,11 @@ class SnapshotPlan:
         return max(0.0, busy - end_of_windows) + self.remainder_bytes / bw
 
     def predict_overrun_s(self, copy_bandwidth: float | None = None) -> float:
-        """Seconds the copy engine spends on in-pass partitions *after* their own window has closed.
+        """Seconds the copy engine spends on in-pass copy ranges *after* their own window has closed.
 
         Such copies compete with compute they were meant to stay clear of (PCIe, host memory, the GIL on CPU),
         even when the queue still drains before the optimizer step and :attr:`predicted_stall_s` is 0. Zero for
-        a plan whose partitions respect their caps; the main cost of :func:`plan_uniform` on uneven windows.
+        a plan whose copy ranges respect their caps; the main cost of :func:`plan_uniform` on uneven windows.
         """
         bw = self._bandwidth(copy_bandwidth)
         now = busy = overrun = 0.0
@@ -350,7 +327,7 @@ class SnapshotPlan:
     # -- JSON ------------------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        def parts(ps: Iterable[Partition]) -> list[list[int]]:
+        def parts(ps: Iterable[CopyRange]) -> list[list[int]]:
             return [[p.window, p.start, p.end] for p in ps]
 
         return {
@@ -376,14 +353,14 @@ class SnapshotPlan:
             raise ConfigError(f"not a snapshot plan (expected format {_FORMAT!r})")
         try:
 
-            def parts(key: str) -> tuple[Partition, ...]:
-                return tuple(Partition(int(w), int(s), int(e)) for w, s, e in data[key])
+            def parts(key: str) -> tuple[CopyRange, ...]:
+                return tuple(CopyRange(int(w), int(s), int(e)) for w, s, e in data[key])
 
             rem = data["remainder"]
             plan = cls(
                 forward=parts("forward"),
                 backward=parts("backward"),
-                remainder=None if rem is None else Partition(REMAINDER_WINDOW, int(rem[0]), int(rem[1])),
+                remainder=None if rem is None else CopyRange(REMAINDER_WINDOW, int(rem[0]), int(rem[1])),
                 fwd_windows=tuple(data["fwd_windows"]),
                 bwd_windows=tuple(data["bwd_windows"]),
                 copy_bandwidth=data["copy_bandwidth"],
@@ -412,7 +389,7 @@ class SnapshotPlan:
 
 
 class _Cuts:
-    """Allowed partition boundaries: multiples of ``align`` (plus ``total``), or an explicit sorted list."""
+    """Allowed copy range boundaries: multiples of ``align`` (plus ``total``), or an explicit sorted list."""
 
     def __init__(self, total: int, align: int, points: list[int] | None) -> None:
         self.total = total
@@ -478,10 +455,10 @@ def _assemble(
 ) -> SnapshotPlan:
     """Build the plan from ``(timeline_index, start, end)`` triples in order; the rest is remainder."""
     nf = len(fwd)
-    forward = tuple(Partition(k, s, e) for k, s, e in ends if k < nf)
-    backward = tuple(Partition(k - nf, s, e) for k, s, e in ends if k >= nf)
+    forward = tuple(CopyRange(k, s, e) for k, s, e in ends if k < nf)
+    backward = tuple(CopyRange(k - nf, s, e) for k, s, e in ends if k >= nf)
     pos = ends[-1][2] if ends else 0
-    remainder = Partition(REMAINDER_WINDOW, pos, total) if pos < total else None
+    remainder = CopyRange(REMAINDER_WINDOW, pos, total) if pos < total else None
     return SnapshotPlan(
         forward=forward,
         backward=backward,
@@ -502,23 +479,27 @@ def plan_asymmetric(
     *,
     tensor_extents: Sequence[tuple[int, int]] | None = None,
     align: int = DEFAULT_ALIGN,
-    min_partition_bytes: int = 0,
+    min_range_bytes: int = 0,
     safety: float = DEFAULT_SAFETY,
     split_tensors: bool = True,
+    min_partition_bytes: int | None = None,
 ) -> SnapshotPlan:
-    """Plan the copy of ``total_bytes`` over the forward and backward windows (see the module docstring).
+    """Plan the copy of ``total_bytes`` over the forward and backward windows (docs/planning.md, section 1).
 
     ``fwd_windows`` / ``bwd_windows``: overlap seconds per hook window, in execution order. ``copy_bandwidth``:
     measured device-to-host bytes/s. ``tensor_extents``: ``(offset, nbytes)`` of each tensor in the stream,
     offsets multiples of ``align``; required with ``split_tensors=False``. Raises :class:`ConfigError` on
     invalid input (negative/NaN/inf windows, non-positive or NaN bandwidth, ``safety`` outside (0, 1], ...).
+    ``min_partition_bytes``: deprecated alias of ``min_range_bytes``.
     """
+    if min_partition_bytes is not None:
+        min_range_bytes = min_partition_bytes
     fwd = _check_windows("fwd_windows", fwd_windows)
     bwd = _check_windows("bwd_windows", bwd_windows)
     total = _check_int("total_bytes", total_bytes, minimum=0)
     bw = _check_bandwidth(copy_bandwidth)
     align = _check_int("align", align, minimum=1)
-    min_bytes = _check_int("min_partition_bytes", min_partition_bytes, minimum=0)
+    min_bytes = _check_int("min_range_bytes", min_range_bytes, minimum=0)
     safety = _check_safety(safety)
     if not isinstance(split_tensors, bool):
         raise ConfigError(f"split_tensors must be a bool, got {split_tensors!r}")
@@ -585,10 +566,10 @@ def plan_uniform(
     copy_bandwidth: float | None = None,
     align: int = DEFAULT_ALIGN,
 ) -> SnapshotPlan:
-    """Baseline (DataStates-LLM style): equal partitions over all windows, no caps, window lengths ignored.
+    """Baseline (DataStates-LLM style): equal copy ranges over all windows, no caps, window lengths ignored.
 
     Boundary ``k`` is ``k * total / n`` rounded to the nearest multiple of ``align``; a window whose share
-    rounds to nothing issues no partition. ``copy_bandwidth`` is only recorded, to predict the stall (which
+    rounds to nothing issues no copy range. ``copy_bandwidth`` is only recorded, to predict the stall (which
     includes the copy queue spilling past the windows, since nothing is capped).
     """
     fwd = _check_windows("fwd_windows", fwd_windows)
@@ -631,8 +612,8 @@ def should_replan(
     Both are the concatenated forward+backward window lists. True when the number of windows differs (the model
     or its hooks changed), when the total window time moved by more than ``max(rel_tol * planned_total,
     abs_tol_s)``, or when any single window moved by more than ``max(rel_tol * planned_i, abs_tol_s)``. The
-    absolute floor keeps jitter of tiny windows (which carry tiny partitions) from triggering re-plans; a
-    shrinking window matters because its partition would overrun, a growing one because capacity is wasted.
+    absolute floor keeps jitter of tiny windows (which carry tiny copy ranges) from triggering re-plans; a
+    shrinking window matters because its copy range would overrun, a growing one because capacity is wasted.
     """
     planned = _check_windows("planned_windows", planned_windows)
     measured = _check_windows("measured_windows", measured_windows)
@@ -697,3 +678,7 @@ class WindowProfile:
             return tuple(float(statistics.median(col)) for col in zip(*rows))
 
         return med(self._fwd), med(self._bwd)
+
+
+Partition = CopyRange
+"""Deprecated alias of :class:`CopyRange` (a copy range of the snapshot, not a stored partition)."""

@@ -193,24 +193,3 @@ def unflatten(skeleton: JSON, get_tensor: Callable[[str], torch.Tensor]) -> Any:
         return {(k[2:] if k.startswith("____") else k): dec(x) for k, x in v.items()}
 
     return dec(skeleton)
-
-
-def tensor_refs(skeleton: JSON) -> list[str]:
-    """Names of all tensors referenced by a skeleton, in order of first appearance."""
-    out: dict[str, None] = {}
-
-    def walk(v: JSON) -> None:
-        if isinstance(v, list):
-            for x in v:
-                walk(x)
-        elif isinstance(v, dict):
-            if len(v) == 1:
-                ((tag, x),) = v.items()
-                if tag in ("__tensor__", "__ndarray__"):
-                    out.setdefault(x, None)
-                    return
-            for x in v.values():
-                walk(x)
-
-    walk(skeleton)
-    return list(out)

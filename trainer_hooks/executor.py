@@ -1,11 +1,12 @@
-"""Copy executors: where snapshot partitions are copied into the host slot.
+"""Copy executors: where the copy ranges of a snapshot are copied into the host slot.
 
 * :class:`ThreadCopyExecutor` (CPU-only machines): one copy thread; ``Tensor.copy_``
   releases the GIL, so training continues while it runs.
 * :class:`CudaCopyExecutor` (GPU): a dedicated copy stream into pinned host buffers,
-  ordered after the optimizer step that produced the state, one event per partition.
+  ordered after the optimizer step that produced the state, one event per copy range.
 
-Both record per-partition timings for telemetry and bandwidth measurement.
+Both implement :class:`asymstore.interfaces.CopyExecutor` (re-exported here with :class:`CopyRecord`) and
+record per-range timings for telemetry and bandwidth measurement.
 """
 
 from __future__ import annotations
@@ -14,49 +15,14 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from asymstore.interfaces import CopyExecutor, CopyRecord
 from asymstore.layout import Layout
 from asymstore.snapshot import copy_range
 from asymstore.threads import lower_thread_priority
-
-
-@dataclass
-class CopyRecord:
-    start: int
-    end: int
-    t_submit: float
-    t_begin: float = 0.0
-    t_end: float = 0.0
-    where: str = ""  # "forward" | "backward" | "step" | "begin"
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
-
-
-class CopyExecutor:
-    """Copies byte ranges of a layout's stream from live tensors into a slot buffer."""
-
-    def bind(self, buffer: torch.Tensor, layout: Layout, tensors: Mapping[str, torch.Tensor]) -> None:
-        raise NotImplementedError
-
-    def submit(self, start: int, end: int, where: str) -> None:
-        raise NotImplementedError
-
-    def copy_now(self, start: int, end: int, where: str) -> None:
-        """Copy synchronously in the caller (for bytes needed before training may go on)."""
-        raise NotImplementedError
-
-    def drain(self) -> list[CopyRecord]:
-        """Block until every submitted copy is complete (the barrier); returns their records."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
 
 
 class ThreadCopyExecutor(CopyExecutor):
@@ -120,7 +86,7 @@ class ThreadCopyExecutor(CopyExecutor):
         self._copy(rec)
 
     def drain(self) -> list[CopyRecord]:
-        # partitions the copy thread has not started yet are copied here, at full priority: a low-priority
+        # copy ranges the copy thread has not started yet are copied here, at full priority: a low-priority
         # copy thread must never make the barrier wait for the scheduler
         while True:
             try:
@@ -154,7 +120,7 @@ class CudaCopyExecutor(CopyExecutor):
 
     def __init__(self, device: torch.device | None = None) -> None:
         self.device = device or torch.device("cuda", torch.cuda.current_device())
-        self.stream = torch.cuda.Stream(device=self.device)
+        self.stream = torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call]
         self._records: list[tuple[CopyRecord, Any, Any]] = []
         self._buffer: torch.Tensor | None = None
         self._layout: Layout | None = None
@@ -173,8 +139,8 @@ class CudaCopyExecutor(CopyExecutor):
     def _issue(self, start: int, end: int, where: str, sync: bool) -> None:
         assert self._buffer is not None and self._layout is not None
         rec = CopyRecord(start, end, time.perf_counter(), where=where)
-        begin = torch.cuda.Event(enable_timing=True)
-        done = torch.cuda.Event(enable_timing=True)
+        begin = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        done = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
         with torch.cuda.stream(self.stream), torch.no_grad():
             begin.record(self.stream)
             copy_range(self._buffer, self._layout, self._tensors, start, end, non_blocking=True)
@@ -196,7 +162,7 @@ class CudaCopyExecutor(CopyExecutor):
     def fence(self) -> Callable[[], list[CopyRecord]]:
         """Close this snapshot's copies: the returned function (safe to call from another thread,
         after the executor has been bound to the next snapshot) waits for them and returns their records."""
-        end = torch.cuda.Event()
+        end = torch.cuda.Event()  # type: ignore[no-untyped-call]
         end.record(self.stream)
         records = list(self._records)
 
@@ -226,3 +192,6 @@ def make_executor(tensors: Mapping[str, torch.Tensor], *, nice: int = 0, idle: b
     if any(t.is_cuda for t in tensors.values()):
         return CudaCopyExecutor()
     return ThreadCopyExecutor(nice=nice, idle=idle)
+
+
+__all__ = ["CopyExecutor", "CopyRecord", "CudaCopyExecutor", "ThreadCopyExecutor", "make_executor"]

@@ -1,9 +1,9 @@
-"""Asymmetric partitioned snapshotting for a plain PyTorch training loop.
+"""Asymmetric snapshotting for a plain PyTorch training loop.
 
 The state after optimizer step t (parameters, buffers, optimizer state, scheduler, RNG
 states, step, user extras) does not change during forward(t+1) and backward(t+1). It is
-copied to a host slot during those passes, partition by partition from module hooks:
-small partitions in the short forward windows, large ones in the longer backward windows
+copied to a host slot during those passes, one copy range per window from module hooks:
+small copy ranges in the short forward windows, large ones in the longer backward windows
 (:func:`asymstore.snapshot_plan.plan_asymmetric`). An optimizer step pre-hook is the
 barrier: it copies what is left and waits, so no tensor is modified before its snapshot
 is complete; the result is bit-identical to a synchronous copy taken right after step t.
@@ -13,7 +13,7 @@ extras) are laid out first in the stream and copied at once when the snapshot be
 
 Strategies sharing the same storage: ``sync`` (blocking copy and persist), ``checkfreq``
 (blocking snapshot at the step boundary, background persist), ``uniform`` (equal
-partitions in forward/backward, DataStates-LLM-like) and ``asym`` (the default).
+copy ranges in forward/backward, DataStates-LLM-like) and ``asym`` (the default).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -67,7 +67,7 @@ def default_blocks(model: nn.Module) -> list[nn.Module]:
 
 def rng_state() -> dict[str, Any]:
     st: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
 
@@ -95,7 +95,7 @@ class _Active:
     plan: SnapshotPlan
     offset: int  # stream offset where the planned (stable) region starts
     stats: CheckpointStats
-    issued: set[tuple[int, int]] = field(default_factory=set)  # (start, end) of submitted partitions
+    issued: set[tuple[int, int]] = field(default_factory=set)  # (start, end) of submitted copy ranges
 
 
 class AsymCheckpointer:
@@ -109,6 +109,8 @@ class AsymCheckpointer:
             for batch in data:
                 loss = model(batch).sum(); loss.backward(); opt.step(); opt.zero_grad()
         state = ck.resume()             # after a restart: restore everything, returns extras
+
+    ``min_range_bytes``: the smallest copy range issued in a window (``min_partition_bytes``: deprecated alias).
     """
 
     def __init__(
@@ -126,7 +128,8 @@ class AsymCheckpointer:
         trace: bool = False,
         start_step: int = 0,
         replan_tolerance: float = 0.25,
-        min_partition_bytes: int = 1 << 16,
+        min_range_bytes: int = 1 << 16,
+        min_partition_bytes: int | None = None,
     ) -> None:
         if strategy not in STRATEGIES:
             raise ConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -146,7 +149,7 @@ class AsymCheckpointer:
         self.timeline = Timeline(enabled=trace)
         self.step = start_step
         self.replan_tolerance = replan_tolerance
-        self.min_partition_bytes = min_partition_bytes
+        self.min_range_bytes = min_range_bytes if min_partition_bytes is None else min_partition_bytes
         self.history: list[CheckpointStats] = []
         self.handles: list[SaveHandle] = []
         self._handles_stats: list[tuple[SaveHandle, CheckpointStats]] = []
@@ -179,7 +182,7 @@ class AsymCheckpointer:
             self._hooks.append(blk.register_forward_pre_hook(self._make_fwd_hook(i)))
             first_param = next((p for p in reversed(list(blk.parameters())) if p.requires_grad), None)
             if first_param is not None and hasattr(first_param, "register_post_accumulate_grad_hook"):
-                self._hooks.append(first_param.register_post_accumulate_grad_hook(self._make_bwd_hook(i)))
+                self._hooks.append(first_param.register_post_accumulate_grad_hook(self._make_bwd_hook(i)))  # type: ignore[no-untyped-call]
 
     def _attach_step_hooks(self) -> None:
         """The barrier before the first optimizer's step; the snapshot begins after the last one's."""
@@ -277,7 +280,7 @@ class AsymCheckpointer:
         a = self._active
         if a is None or self._executor is None:
             return
-        part = a.plan.forward_partition(idx) if where == "forward" else a.plan.backward_partition(idx)
+        part = a.plan.forward_range(idx) if where == "forward" else a.plan.backward_range(idx)
         if part is not None and part.end > part.start and (part.start, part.end) not in a.issued:
             a.issued.add((part.start, part.end))
             self._executor.submit(a.offset + part.start, a.offset + part.end, where)
@@ -365,7 +368,7 @@ class AsymCheckpointer:
         if self.strategy == "uniform":
             plan = plan_uniform(fwd, bwd, nbytes, copy_bandwidth=self._copy_bw)
         else:
-            plan = plan_asymmetric(fwd, bwd, nbytes, self._copy_bw, min_partition_bytes=self.min_partition_bytes)
+            plan = plan_asymmetric(fwd, bwd, nbytes, self._copy_bw, min_range_bytes=self.min_range_bytes)
         self._plan_cache = ((nbytes, len(fwd), windows), plan)
         return plan
 
@@ -416,10 +419,10 @@ class AsymCheckpointer:
         rem = a.plan.remainder
         self._refresh_after_step(a)
         try:
-            # the remainder, plus any planned partition whose window did not come (a skipped block,
+            # the remainder, plus any planned copy range whose window did not come (a skipped block,
             # or training ended): everything not yet copied is copied now
             gpu = isinstance(ex, CudaCopyExecutor)
-            for p in a.plan.partitions:
+            for p in a.plan.copy_ranges:
                 if p.end > p.start and (p.start, p.end) not in a.issued:
                     # GPU: queued on the copy stream; the compute stream waits for it on the device
                     (ex.submit if gpu else ex.copy_now)(a.offset + p.start, a.offset + p.end, "step")
@@ -535,7 +538,3 @@ class AsymCheckpointer:
 
     def write_trace(self, path: str) -> str:
         return self.timeline.write(path)
-
-
-def iter_strategies() -> Iterable[str]:
-    return iter(STRATEGIES)
