@@ -114,10 +114,20 @@ def test_bad_urls(tmp_path) -> None:
         Store([str(tmp_path)], compression="gzip9").save(_state(0), 0)
 
 
+def _tree_bytes(root) -> dict[str, bytes]:
+    """Every file under ``root``, by name, with its bytes."""
+    out = {}
+    for dp, _, fs in os.walk(root):
+        for name in fs:
+            with open(os.path.join(dp, name), "rb") as f:
+                out[name] = f.read()
+    return out
+
+
 def test_save_existing_step_refused_and_old_step_untouched(tmp_path) -> None:
     with Store([str(tmp_path)], **SMALL) as s:
         s.save(_state(1), 1)
-        files = {p: open(os.path.join(dp, p), "rb").read() for dp, _, fs in os.walk(tmp_path) for p in fs}
+        files = _tree_bytes(tmp_path)
         with pytest.raises(StepExistsError, match="step 1"):
             s.save(_state(99), 1)
         # neither the host copy nor the tier changed, and no stale error lingers
@@ -125,7 +135,7 @@ def test_save_existing_step_refused_and_old_step_untouched(tmp_path) -> None:
         assert s.last_restore.tier == "host"
         s.save(_state(2), 2)
         assert s.steps() == [1, 2]
-    after = {p: open(os.path.join(dp, p), "rb").read() for dp, _, fs in os.walk(tmp_path) for p in fs}
+    after = _tree_bytes(tmp_path)
     assert all(after[p] == files[p] for p in files)
     with Store([str(tmp_path)], **SMALL) as fresh:
         with pytest.raises(StepExistsError):

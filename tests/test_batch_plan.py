@@ -112,7 +112,7 @@ def test_property_optimum_beats_every_feasible_size(
     assert 0 < B <= C
     assert B == C or B % align == 0
     best = cost(C, B, T_d, BW, BW_in, lam, buffers)
-    sweep = list(range(align, C, align)) + [C]
+    sweep = [*range(align, C, align), C]
     for other in sweep:
         assert best <= cost(C, other, T_d, BW, BW_in, lam, buffers) * (1 + 1e-12) + 1e-12
 

@@ -94,7 +94,7 @@ def test_ls_json(ckpt, capsys):
 
 
 def test_show(ckpt, capsys):
-    a, _, st = ckpt
+    a, _, _st = ckpt
     rc, out, _ = _run(["show", str(a), "--step", "1"], capsys)
     assert rc == 0
     for name in ("model/wte.weight", "model/h.0.attn.weight", "optimizer/state/0/exp_avg"):
@@ -229,7 +229,7 @@ def test_user_errors_exit_2_without_traceback(ckpt, tmp_path, capsys, argv, need
     a, _, _ = ckpt
     (tmp_path / "empty").mkdir()
     argv = [x.format(a=a, tmp=tmp_path) for x in argv]
-    rc, out, err = _run(argv, capsys)
+    rc, _out, err = _run(argv, capsys)
     assert rc == 2
     assert needle in err and "Traceback" not in err
     assert not (tmp_path / "does-not-exist").exists()  # the CLI never creates a tier

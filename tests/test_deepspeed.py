@@ -53,16 +53,16 @@ def launch(mode: str, args: dict[str, Any], out: Path) -> list[subprocess.Popen[
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/asymstore/torch_extensions"))
     procs = []
     for r in range(WORLD):
-        log = open(out / f"{mode}_r{r}.log", "wb")
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "tests._ds_worker", mode, json.dumps(args)],
-                cwd=REPO,
-                env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                stdout=log,
-                stderr=subprocess.STDOUT,
+        with open(out / f"{mode}_r{r}.log", "wb") as log:  # the worker keeps its own copy of the descriptor
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "tests._ds_worker", mode, json.dumps(args)],
+                    cwd=REPO,
+                    env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
             )
-        )
     return procs
 
 
@@ -97,7 +97,7 @@ def assert_same(a: Any, b: Any, path: str = "") -> None:
             assert_same(a[k], b[k], f"{path}/{k}")
     elif isinstance(a, (list, tuple)):
         assert isinstance(b, (list, tuple)) and len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_same(x, y, f"{path}/{i}")
     elif hasattr(a, "__dict__") and not isinstance(a, type):
         assert type(a) is type(b), path

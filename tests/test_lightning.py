@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 
 import asymstore  # noqa: E402
 from asymstore.errors import CheckpointFailedError, UnsupportedValueError  # noqa: E402
-from asymstore.trainer_hooks.lightning import (
+from asymstore.trainer_hooks.lightning import (  # noqa: E402
     AsymstoreCheckpointIO,
     AsyncAsymstoreCheckpointIO,
 )
@@ -85,7 +85,7 @@ def test_fit_checkpoint_resume_continue(tmp_path, io_cls):
     url = str(tmp_path / "store")
     io = io_cls(url)
     model = Tiny(seed=1)
-    trainer, ck = _trainer(tmp_path, io, 6)
+    trainer, _ck = _trainer(tmp_path, io, 6)
     trainer.fit(model)  # teardown waits for the async saves
     last = tmp_path / "ckpts" / "last.ckpt"
     pointer = json.loads(last.read_text())  # a small JSON pointer; the data is in the store

@@ -251,7 +251,7 @@ def test_restore_into_module_params(tmp_path) -> None:
     m2 = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.LayerNorm(30))
     with Store([str(tmp_path)], **SMALL) as fresh:
         fresh.restore(1, into={"model": m2.state_dict()})
-    for (k, a), (_, b) in zip(m.state_dict().items(), m2.state_dict().items()):
+    for (k, a), (_, b) in zip(m.state_dict().items(), m2.state_dict().items(), strict=True):
         assert tensor_bytes(a) == tensor_bytes(b), k
 
 
