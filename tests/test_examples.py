@@ -89,6 +89,7 @@ def _ok(r: dict[str, Any]) -> None:
     assert "summary" in r["_stdout"] and "median stall per checkpoint" in r["_stdout"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpt2", "resnet"])
 def test_kill_and_resume_is_bit_identical(runs: dict[str, Any], name: str) -> None:
     r = runs[name]
@@ -107,6 +108,7 @@ def test_kill_and_resume_is_bit_identical(runs: dict[str, Any], name: str) -> No
     assert res["state_hash"] == r["straight"]["state_hash"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["bert", "roberta", "bloom", "vit"])
 def test_run_then_resume(runs: dict[str, Any], name: str) -> None:
     first, res = runs[name]["first"], runs[name]["resumed"]
@@ -123,8 +125,7 @@ def test_list_presets_reach_the_reference_sizes() -> None:
     import argparse
     import importlib.util
 
-    sys.path.insert(0, str(EXAMPLES))  # for asymstore_examples
-    from asymstore_examples.runner import count_params
+    from asymstore_examples.runner import count_params  # examples/ is on pytest's pythonpath (pyproject.toml)
 
     def load(name: str) -> Any:  # under a private name: no top-level module "gpt2" in sys.modules
         spec = importlib.util.spec_from_file_location(f"_asymstore_example_{name}", EXAMPLES / f"{name}.py")

@@ -3,25 +3,27 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from asymstore_examples import data as D  # examples/ is on pytest's pythonpath (pyproject.toml)
 
-from asymstore_examples import data as D
-
-WIKI = """ = Valkyria Chronicles III = 
-
- Senjō no Valkyria 3 : Unrecorded Chronicles is a tactical role @-@ playing video game .
- The game began development in 2010 , carrying over a large portion of the work .
-
- = = Gameplay = = 
-
- As with previous Valkyira Chronicles games , Valkyria Chronicles III is a tactical game .
-"""
+# WikiText's raw format: headings end with a space (kept explicit here)
+WIKI = "\n".join(
+    [
+        " = Valkyria Chronicles III = ",
+        "",
+        " Senjō no Valkyria 3 : Unrecorded Chronicles is a tactical role @-@ playing video game .",
+        " The game began development in 2010 , carrying over a large portion of the work .",
+        "",
+        " = = Gameplay = = ",
+        "",
+        " As with previous Valkyira Chronicles games , Valkyria Chronicles III is a tactical game .",
+        "",
+    ]
+)
 
 
 def test_byte_tokenizer_roundtrip() -> None:
