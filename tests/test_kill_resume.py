@@ -20,17 +20,16 @@ import torch
 from tests.helpers import assert_bitequal
 
 N_STEPS = 12
-TESTS_DIR = str(Path(__file__).resolve().parent)
+REPO = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent("""
     import sys, time
-    sys.path.insert(0, sys.argv[1] + "/..")  # the repository root: tests is a package
     import torch
     import asymstore
     from asymstore.trainer_hooks import AsymCheckpointer
     from tests._hooktest_util import build, full_state, iteration
 
-    tests_dir, ckdir, n, out, pause = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], float(sys.argv[5])
+    ckdir, n, out, pause = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
     # one thread: the CPU kernels used here (linear, batch norm, dropout, AdamW) are then deterministic.
     # (torch.use_deterministic_algorithms would import torch._dynamo: ~10 s per child on a slow disk)
     torch.set_num_threads(1)
@@ -59,15 +58,13 @@ SCRIPT = textwrap.dedent("""
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    # the child must import the same asymstore as this process (e.g. a checkout on PYTHONPATH)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    return env
+    # the child imports the installed asymstore and ``tests`` (a package) from the repository root
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
 
 
 def _start(script: Path, ckdir: Path, out: Path, pause: float = 0.03) -> subprocess.Popen[str]:
-    cmd = [sys.executable, str(script), TESTS_DIR, str(ckdir), str(N_STEPS), str(out), str(pause)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    cmd = [sys.executable, str(script), str(ckdir), str(N_STEPS), str(out), str(pause)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
 
 
 def _finish(p: subprocess.Popen[str], *, kill_at: int | None = None, delay: float = 0.0) -> tuple[int, list[str]]:
