@@ -63,6 +63,7 @@ class CodecSpec:
 
     @property
     def compresses(self) -> bool:
+        """Whether the chain compresses (anything but raw)."""
         return self.kind != "raw"
 
     def zarr_chunk_codecs(self) -> list[dict[str, Any]]:
@@ -86,6 +87,7 @@ class CodecSpec:
         return codecs
 
     def to_json(self) -> dict[str, Any]:
+        """The chain as the JSON object of docs/format.md section 6."""
         return {
             "kind": self.kind,
             "level": self.level,
@@ -97,6 +99,7 @@ class CodecSpec:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> CodecSpec:
+        """The chain from its JSON object."""
         return cls(
             kind=d["kind"],
             level=int(d["level"]),
@@ -107,6 +110,7 @@ class CodecSpec:
         )
 
     def with_delta(self) -> CodecSpec:
+        """The same chain applied to an XOR delta."""
         return CodecSpec(self.kind, self.level, self.cname, self.shuffle, self.typesize, True)
 
 
@@ -117,6 +121,7 @@ LZ4 = CodecSpec("blosc", 5, "lz4", "noshuffle")
 
 
 def blosc_shuffle(typesize: int, cname: str = "zstd", level: int = 1) -> CodecSpec:
+    """A blosc chain with byte shuffle of ``typesize``-byte elements."""
     return CodecSpec("blosc", level, cname, "shuffle", typesize)
 
 

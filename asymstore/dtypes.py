@@ -21,6 +21,8 @@ if sys.byteorder != "little":  # pragma: no cover - no big-endian CI machine
 
 @dataclass(frozen=True)
 class DTypeInfo:
+    """How one torch dtype is stored: its name, element size and the numpy dtype that views its bytes."""
+
     torch_name: str  # e.g. "bfloat16" (torch.<name>)
     itemsize: int
     view_dtype: str  # numpy dtype string a plain reader can use, e.g. "<u2"
@@ -66,6 +68,7 @@ _BY_NAME = {info.torch_name: dt for dt, info in _BY_DTYPE.items()}
 
 
 def info(dtype: torch.dtype) -> DTypeInfo:
+    """The storage description of ``dtype``; raises :class:`UnsupportedValueError` for dtypes the format lacks."""
     try:
         return _BY_DTYPE[dtype]
     except KeyError:
@@ -76,6 +79,7 @@ def info(dtype: torch.dtype) -> DTypeInfo:
 
 
 def from_name(name: str) -> torch.dtype:
+    """The torch dtype named ``name`` (as written in a manifest)."""
     try:
         return _BY_NAME[name]
     except KeyError:
@@ -85,4 +89,5 @@ def from_name(name: str) -> torch.dtype:
 
 
 def supported_dtypes() -> list[torch.dtype]:
+    """Every torch dtype the format can store."""
     return list(_BY_DTYPE)

@@ -21,6 +21,8 @@ DEFAULT_ALIGN = 64
 
 @dataclass(frozen=True)
 class TensorEntry:
+    """One tensor of the stream: name, torch dtype name, shape, offset and size in bytes."""
+
     name: str
     dtype: str  # torch dtype name
     shape: tuple[int, ...]
@@ -29,11 +31,14 @@ class TensorEntry:
 
     @property
     def end(self) -> int:
+        """First stream byte after the tensor."""
         return self.offset + self.nbytes
 
 
 @dataclass(frozen=True)
 class Layout:
+    """Where every tensor sits in a checkpoint's stream (docs/format.md section 5)."""
+
     tensors: tuple[TensorEntry, ...]
     total_bytes: int
     align: int
@@ -47,10 +52,12 @@ class Layout:
         return h.hexdigest()[:32]
 
     def by_name(self) -> dict[str, TensorEntry]:
+        """The entries keyed by tensor name."""
         return {t.name: t for t in self.tensors}
 
 
 def align_up(n: int, align: int) -> int:
+    """``n`` rounded up to a multiple of ``align``."""
     return -(-n // align) * align
 
 
@@ -83,6 +90,7 @@ class PartitionSpan:
 
     @property
     def end(self) -> int:
+        """First stream byte after the partition."""
         return self.start + self.nbytes
 
 

@@ -21,6 +21,7 @@ _STEP_RE = re.compile(r"^step_(\d{12})$")
 
 
 def step_dir(step: int) -> str:
+    """The step directory name of ``step``: ``step_`` and 12 digits."""
     if step < 0 or step >= 10**12:
         raise ValueError(f"step must be in [0, 1e12), got {step}")
     return f"step_{step:012d}"
@@ -55,12 +56,15 @@ def global_commit_record(
 
 
 def parse_step_dir(name: str) -> int | None:
+    """The step of a step directory name, or ``None`` for any other name."""
     m = _STEP_RE.match(name)
     return int(m.group(1)) if m else None
 
 
 @dataclass
 class PartitionRecord:
+    """One ``partitions`` entry of the manifest (docs/format.md section 4.1): a stored object and its checksums."""
+
     span: PartitionSpan
     label: str  # codec chain label == zarr array name
     shard: int  # shard index inside that array
@@ -68,6 +72,7 @@ class PartitionRecord:
     chunk_crcs: list[int]
 
     def to_json(self) -> list[Any]:
+        """The positional JSON array ``[index, start, nbytes, label, shard, stored_bytes, chunk_crcs]``."""
         return [
             self.span.index,
             self.span.start,
@@ -80,12 +85,15 @@ class PartitionRecord:
 
     @classmethod
     def from_json(cls, v: list[Any]) -> PartitionRecord:
+        """The record from its positional JSON array."""
         i, start, n, label, shard, stored, crcs = v
         return cls(PartitionSpan(i, start, n), label, shard, stored, list(crcs))
 
 
 @dataclass
 class Manifest:
+    """A checkpoint's manifest (docs/format.md section 4): layout, skeleton, partitions, codecs, delta base."""
+
     step: int
     layout: Layout
     skeleton: Any
@@ -100,17 +108,21 @@ class Manifest:
 
     @property
     def chunks_per_shard(self) -> int:
+        """Chunks per partition: ``partition_bytes // chunk_bytes``."""
         return self.partition_bytes // self.chunk_bytes
 
     @property
     def stored_bytes(self) -> int:
+        """Bytes stored over all partitions."""
         return sum(p.stored_bytes for p in self.partitions)
 
     def array_nbytes(self, label: str) -> int:
+        """The length of codec array ``label`` (its partitions back to back)."""
         parts = [p for p in self.partitions if p.label == label]
         return (len(parts) - 1) * self.partition_bytes + parts[-1].span.nbytes if parts else 0
 
     def to_json(self) -> dict[str, Any]:
+        """The manifest as the JSON object stored in the step group's attributes."""
         return {
             "format": FORMAT,
             "step": self.step,
@@ -134,6 +146,7 @@ class Manifest:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Manifest:
+        """The manifest from its JSON object; refuses an unknown ``format`` (docs/format.md section 12)."""
         if d.get("format") != FORMAT:
             raise CorruptCheckpointError(f"unknown checkpoint format {d.get('format')!r} (expected {FORMAT})")
         lay = d["layout"]
@@ -166,6 +179,7 @@ def commit_record(
     raw_bytes: int,
     delta_base: int | None,
 ) -> bytes:
+    """The commit marker of a checkpoint directory (docs/format.md section 9.1), checksum last."""
     body = {
         "format": FORMAT,
         "step": step,
@@ -182,6 +196,7 @@ def commit_record(
 
 
 def parse_commit(raw: bytes, where: str) -> dict[str, Any]:
+    """A commit marker's members (without ``crc32c``), its checksum verified."""
     try:
         body = json.loads(raw)
         crc = body.pop("crc32c")

@@ -9,6 +9,7 @@ no torch. The sizing rule and its derivation: docs/planning.md, section 1.
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import math
 import statistics
@@ -122,6 +123,7 @@ class CopyRange:
 
     @property
     def nbytes(self) -> int:
+        """Bytes in the range."""
         return self.end - self.start
 
 
@@ -205,6 +207,7 @@ class SnapshotPlan:
 
     @property
     def total_bytes(self) -> int:
+        """Length of the planned stream."""
         parts = self.copy_ranges
         return parts[-1].end if parts else 0
 
@@ -215,6 +218,7 @@ class SnapshotPlan:
 
     @property
     def remainder_bytes(self) -> int:
+        """Bytes copied at the optimizer step."""
         return self.remainder.nbytes if self.remainder is not None else 0
 
     @property
@@ -327,6 +331,8 @@ class SnapshotPlan:
     # -- JSON ------------------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
+        """The plan as plain JSON-able data."""
+
         def parts(ps: Iterable[CopyRange]) -> list[list[int]]:
             return [[p.window, p.start, p.end] for p in ps]
 
@@ -349,6 +355,7 @@ class SnapshotPlan:
 
     @classmethod
     def from_dict(cls, data: Any) -> SnapshotPlan:
+        """A plan from :meth:`to_dict`'s data, validated."""
         if not isinstance(data, dict) or data.get("format") != _FORMAT:
             raise ConfigError(f"not a snapshot plan (expected format {_FORMAT!r})")
         try:
@@ -377,6 +384,7 @@ class SnapshotPlan:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> SnapshotPlan:
+        """A plan from its JSON text."""
         try:
             data = json.loads(text)
         except ValueError as exc:
@@ -434,7 +442,7 @@ def _tensor_cut_points(extents: Sequence[tuple[int, int]], total: int, align: in
             raise ConfigError(f"tensor_extents[{i}] = ({off}, {nbytes}) ends past total_bytes={total}")
         spans.append((off, nbytes))
     spans.sort()
-    for (o1, n1), (o2, _) in zip(spans, spans[1:]):
+    for (o1, n1), (o2, _) in itertools.pairwise(spans):
         if o1 + n1 > o2:
             raise ConfigError(f"tensor extents overlap: ({o1}, {n1}) and one starting at {o2}")
     return sorted({0, total, *(o for o, _ in spans if o < total)})
@@ -625,7 +633,7 @@ def should_replan(
     tp, tm = math.fsum(planned), math.fsum(measured)
     if abs(tm - tp) > max(rel_tol * tp, abs_tol):
         return True
-    return any(abs(m - p) > max(rel_tol * p, abs_tol) for p, m in zip(planned, measured))
+    return any(abs(m - p) > max(rel_tol * p, abs_tol) for p, m in zip(planned, measured, strict=False))
 
 
 class WindowProfile:
@@ -660,6 +668,7 @@ class WindowProfile:
         self._bwd.append(bwd)
 
     def reset(self) -> None:
+        """Forget every profiled iteration."""
         self._fwd.clear()
         self._bwd.clear()
         self._seen = 0
@@ -675,7 +684,7 @@ class WindowProfile:
             raise ConfigError("WindowProfile has no iterations recorded yet")
 
         def med(rows: deque[tuple[float, ...]]) -> tuple[float, ...]:
-            return tuple(float(statistics.median(col)) for col in zip(*rows))
+            return tuple(float(statistics.median(col)) for col in zip(*rows, strict=False))
 
         return med(self._fwd), med(self._bwd)
 

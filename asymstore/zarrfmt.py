@@ -26,10 +26,12 @@ _ZERO_CACHE: dict[int, bytes] = {}
 
 
 def crc32c(data: Any, value: int = 0) -> int:
+    """CRC-32C of ``data``, continuing from ``value``."""
     return int(_crc32c.crc32c(data, value))
 
 
 def zeros(n: int) -> bytes:
+    """``n`` zero bytes (cached)."""
     z = _ZERO_CACHE.get(n)
     if z is None:
         z = _ZERO_CACHE[n] = bytes(n)
@@ -37,6 +39,7 @@ def zeros(n: int) -> bytes:
 
 
 def index_nbytes(chunks_per_shard: int) -> int:
+    """Size of a shard index: 16 bytes per chunk plus its 4-byte crc32c."""
     return chunks_per_shard * 16 + 4
 
 
@@ -96,6 +99,7 @@ def decode_index(raw: bytes, chunks_per_shard: int, where: str) -> np.ndarray:
 def array_metadata(
     *, nbytes: int, partition_bytes: int, chunk_bytes: int, spec: CodecSpec, attributes: dict[str, Any]
 ) -> dict[str, Any]:
+    """The ``zarr.json`` of a codec chain's 1-D uint8 array (docs/format.md section 6)."""
     return {
         "zarr_format": 3,
         "node_type": "array",
@@ -120,12 +124,15 @@ def array_metadata(
 
 
 def group_metadata(attributes: dict[str, Any]) -> dict[str, Any]:
+    """The ``zarr.json`` of a group with ``attributes``."""
     return {"zarr_format": 3, "node_type": "group", "attributes": attributes}
 
 
 def dumps(obj: Any) -> bytes:
+    """Compact JSON bytes, as every asymstore metadata object is written."""
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
 
 
 def shard_key(label: str, shard: int) -> str:
+    """The object key of shard ``shard`` of array ``label``."""
     return f"{label}/c/{shard}"

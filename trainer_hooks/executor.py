@@ -45,6 +45,7 @@ class ThreadCopyExecutor(CopyExecutor):
         self._thread.start()
 
     def bind(self, buffer: torch.Tensor, layout: Layout, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Start a snapshot: copies go from ``tensors`` into ``buffer`` (waits for the previous one)."""
         self.drain()
         self._buffer, self._layout, self._tensors = buffer, layout, tensors
         self._records = []
@@ -74,6 +75,7 @@ class ThreadCopyExecutor(CopyExecutor):
                 self._done.notify_all()
 
     def submit(self, start: int, end: int, where: str) -> None:
+        """Queue stream bytes ``[start, end)`` for the copy thread."""
         rec = CopyRecord(start, end, time.perf_counter(), where=where)
         self._records.append(rec)
         with self._done:
@@ -81,6 +83,7 @@ class ThreadCopyExecutor(CopyExecutor):
         self._q.put(rec)
 
     def copy_now(self, start: int, end: int, where: str) -> None:
+        """Copy stream bytes ``[start, end)`` now, in the caller."""
         rec = CopyRecord(start, end, time.perf_counter(), where=where)
         self._records.append(rec)
         self._copy(rec)
@@ -88,6 +91,7 @@ class ThreadCopyExecutor(CopyExecutor):
     def drain(self) -> list[CopyRecord]:
         # copy ranges the copy thread has not started yet are copied here, at full priority: a low-priority
         # copy thread must never make the barrier wait for the scheduler
+        """Copy what the thread has not started, wait for the rest; returns the records (re-raises a copy error)."""
         while True:
             try:
                 rec = self._q.get_nowait()
@@ -111,6 +115,7 @@ class ThreadCopyExecutor(CopyExecutor):
         return list(self._records)
 
     def close(self) -> None:
+        """Stop the copy thread."""
         self._q.put(None)
         self._thread.join(timeout=5)
 
@@ -128,6 +133,7 @@ class CudaCopyExecutor(CopyExecutor):
 
     def bind(self, buffer: torch.Tensor, layout: Layout, tensors: Mapping[str, torch.Tensor]) -> None:
         # no drain: the previous snapshot's copies are ordered on the stream and awaited by its fence
+        """Start a snapshot, ordered after the compute stream's work so far."""
         self._buffer, self._layout, self._tensors = buffer, layout, tensors
         self._records = []
         # copies must not start before the optimizer step that produced this state has run
@@ -150,9 +156,11 @@ class CudaCopyExecutor(CopyExecutor):
             done.synchronize()
 
     def submit(self, start: int, end: int, where: str) -> None:
+        """Queue the copy of stream bytes ``[start, end)`` on the copy stream."""
         self._issue(start, end, where, sync=False)
 
     def copy_now(self, start: int, end: int, where: str) -> None:
+        """Copy stream bytes ``[start, end)`` on the copy stream and wait for it."""
         self._issue(start, end, where, sync=True)
 
     def barrier_on_device(self) -> None:
@@ -173,6 +181,7 @@ class CudaCopyExecutor(CopyExecutor):
         return wait
 
     def drain(self) -> list[CopyRecord]:
+        """Wait for every copy on the stream; returns the records with device times."""
         self.stream.synchronize()
         return _timed(self._records)
 
@@ -189,6 +198,7 @@ def _timed(records: list[tuple[CopyRecord, Any, Any]]) -> list[CopyRecord]:
 
 
 def make_executor(tensors: Mapping[str, torch.Tensor], *, nice: int = 0, idle: bool = False) -> CopyExecutor:
+    """The executor for ``tensors``: CUDA when any is on a GPU, else a copy thread."""
     if any(t.is_cuda for t in tensors.values()):
         return CudaCopyExecutor()
     return ThreadCopyExecutor(nice=nice, idle=idle)

@@ -12,6 +12,8 @@ from typing import Any
 
 @dataclass
 class CheckpointStats:
+    """What one checkpoint cost the training: bytes, stall, hidden copy, persistence."""
+
     step: int
     strategy: str
     bytes: int = 0
@@ -27,6 +29,7 @@ class CheckpointStats:
     error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
+        """The statistics as a JSON object."""
         return asdict(self)
 
 
@@ -57,6 +60,7 @@ class Timeline:
             self._events.append(ev)
 
     def events(self) -> list[dict[str, Any]]:
+        """The events collected so far."""
         with self._lock:
             return list(self._events)
 

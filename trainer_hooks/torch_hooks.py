@@ -66,6 +66,7 @@ def default_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def rng_state() -> dict[str, Any]:
+    """The RNG states of python, numpy, torch and (when initialised) CUDA."""
     st: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         st["cuda"] = torch.cuda.get_rng_state_all()
@@ -73,6 +74,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(st: Mapping[str, Any]) -> None:
+    """Restore RNG states taken by :func:`rng_state`."""
     random.setstate(_tupleize(st["python"]))
     np_state = st["numpy"]
     np.random.set_state(tuple(np_state))
@@ -170,6 +172,7 @@ class AsymCheckpointer:
 
     # --- attach / detach ---------------------------------------------------------
     def attach(self) -> AsymCheckpointer:
+        """Install the hooks (idempotent); returns ``self``."""
         if self._hooks:
             return self
         self._attach_block_hooks()
@@ -416,7 +419,6 @@ class AsymCheckpointer:
         assert a is not None and self._executor is not None
         self._active = None
         ex = self._executor
-        rem = a.plan.remainder
         self._refresh_after_step(a)
         try:
             # the remainder, plus any planned copy range whose window did not come (a skipped block,
@@ -511,7 +513,7 @@ class AsymCheckpointer:
         self.store.discard_uncommitted()  # a crashed attempt's partial shards go before anything is saved again
         restored = self.store.restore(step)
         self.model.load_state_dict(restored["model"])
-        for o, s in zip(self.optimizers, restored["optimizers"]):
+        for o, s in zip(self.optimizers, restored["optimizers"], strict=False):
             o.load_state_dict(s)
         if self.scheduler is not None and "scheduler" in restored:
             self.scheduler.load_state_dict(restored["scheduler"])
@@ -522,6 +524,7 @@ class AsymCheckpointer:
 
     # --- reporting ---------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
+        """Checkpoint counts, median stall, hidden fraction, re-plans and copy bandwidth of this run."""
         self._collect_done()
         done = [s for s in self.history if not s.skipped]
         stalls = sorted(s.stall_s + s.begin_s for s in done)  # both are time the training thread waited
@@ -537,4 +540,5 @@ class AsymCheckpointer:
         }
 
     def write_trace(self, path: str) -> str:
+        """Write the Chrome-trace timeline to ``path`` (see :class:`Timeline`)."""
         return self.timeline.write(path)
