@@ -1,49 +1,9 @@
 r"""Optimal flush batch size for writes to a slower tier. Pure: no I/O, no torch.
 
-Model
------
-A checkpoint of ``C`` bytes is flushed to a tier in ``n = ceil(C / B)`` batches of ``B`` bytes (the last one
-holds the rest, ``l = C - (n - 1) B``). One batch is one write (one object on the tier):
-
-* writing ``x`` bytes takes ``w(x) = T_d + x / BW`` -- a fixed per-operation latency (NVMe: syscalls and fsync;
-  HDFS: RPC and block-pipeline setup) plus transfer time;
-* a batch must be fully *staged* (gathered from snapshot slots into one buffer, optionally compressed) before
-  its write starts; staging runs at ``BW_in`` bytes/s: ``s(x) = x / BW_in`` (``BW_in = inf``: free staging);
-* with ``buffers >= 2`` staging buffers, staging of batch ``i+1`` overlaps the write of batch ``i`` (a two-stage
-  pipeline); with ``buffers == 1`` they alternate. Staging memory is ``buffers * B``.
-
-Flush time (exact for this pipeline, a two-machine flow shop; see :func:`flush_time`)::
-
-    buffers == 1:  sum_i (s_i + w_i) = C/BW_in + n T_d + C/BW
-    buffers >= 2:  max( s(B) + (n-1) w(B) + w(l),          # writer-bound: writer busy after the first fill
-                        (n-1) s(B) + w(B) + w(l),          # stager-bound, last full write is the longer tail
-                        (n-1) s(B) + s(l) + w(l) )         # stager-bound, last staging is the longer tail
-
-What is minimised: ``J(B) = flush_time(B) + lambda * buffers * B``, where ``lambda`` (seconds per byte,
-``memory_cost_s_per_byte``, default 0) prices the staging memory held; the hard memory limit is
-``staging_budget_bytes``.
-
-Closed form. In the writer-bound regime (``s(B) <= w(B)``) with ``n ~ C/B``::
-
-    J(B) ~ B/BW_in + C T_d / B + C/BW + lambda k B          (k = buffers)
-    dJ/dB = 0  =>  B_c = sqrt( C * T_d / (1/BW_in + lambda k) )
-
--- the first term is the pipeline fill (nothing is written while the first batch is staged), the second the
-per-operation latencies, the last the memory price. This *is* the original ``sqrt(C T_d C_i / T_c)`` with
-``C_i / T_c`` read as the staging (compression) throughput ``BW_in``; the original's bug was to derive it and
-then hard-code 64 MiB. When staging is slower than writing (``BW_in < BW``) batches above
-``B_x = T_d / (1/BW_in - 1/BW)`` make the stager the bottleneck, where ``J`` only grows with ``B`` (a longer
-tail write), so the continuous optimum is ``min(B_c, B_x)`` (:func:`continuous_optimal_batch_bytes`). With free
-staging and no memory price, ``B_c`` is infinite: one write of everything, limited by the clamps.
-
-Because ``n`` is an integer, ``J`` is a saw-tooth around that envelope; :func:`optimal_batch_bytes` therefore
-evaluates the exact model on every feasible aligned size (vectorised) and returns the minimiser, so the answer
-is exactly optimal for the model among allowed sizes. Feasible sizes are the multiples of ``align`` within
-``[min_batch_bytes, min(max_batch_bytes, staging_budget_bytes // buffers)]``, plus ``C`` itself when ``C`` fits
-(one write of everything; a batch is never larger than ``C``).
-
-:class:`LatencyBandwidthModel` fits ``T_d`` and ``BW`` from observed ``(bytes, seconds)`` writes, so a tier can
-refresh its batch size from real traffic.
+A time model of flushing a checkpoint in batches (per-write latency, bandwidth, staging throughput, staging
+memory) and the exact minimiser B* of it among allowed sizes (:func:`optimal_batch_bytes`), plus
+:class:`LatencyBandwidthModel`, which fits the model from observed writes. The model and the derivation of
+B*: docs/planning.md, section 2.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from typing import Generic, TypeVar
 
 from .errors import AsymstoreError, CorruptCheckpointError, StepNotFoundError
 from .interfaces import ObjectStore, RangeSource
-from .manifest import COMMIT_KEY, parse_commit, parse_step_dir, rank_dir, step_dir
+from .manifest import COMMIT_KEY, commit_delta_bases, parse_commit, parse_step_dir, rank_dir, step_dir
 from .reader import CheckpointReader
 from .retention import dependents as _dependents
 
@@ -78,13 +78,12 @@ def commit_info(backend: ObjectStore, step: int) -> dict[str, object]:
 
 def dependents(backend: ObjectStore, step: int) -> list[int]:
     """Committed steps stored as XOR deltas of ``step`` (deleting ``step`` would make them unreadable)."""
-    bases: dict[int, int | None] = {}
+    bases: dict[int, list[int]] = {}
     for s in committed_steps(backend):
         try:
-            base = commit_info(backend, s).get("delta_base")
+            bases[s] = commit_delta_bases(commit_info(backend, s))
         except CorruptCheckpointError:
             continue
-        bases[s] = base if isinstance(base, int) else None
     return _dependents(step, bases)
 
 

@@ -40,6 +40,7 @@ def global_commit_record(
     step: int, ranks: int, markers: dict[int, dict[str, Any]], marker_bytes: dict[int, bytes]
 ) -> bytes:
     """The step-level marker of a multi-rank checkpoint: written by rank 0 after every rank's marker."""
+    bases = sorted({int(b) for m in markers.values() if isinstance(b := m.get("delta_base"), int)})
     body = {
         "format": FORMAT,
         "step": step,
@@ -49,10 +50,22 @@ def global_commit_record(
         "stored_bytes": sum(int(m.get("stored_bytes", 0)) for m in markers.values()),
         "raw_bytes": sum(int(m.get("raw_bytes", 0)) for m in markers.values()),
         "objects": sum(int(m.get("objects", 0)) for m in markers.values()) + 2,
-        "delta_base": None,
+        # the ranks' delta bases: a retention planner reading only this marker must see every one of them
+        "delta_base": bases[0] if len(bases) == 1 else None,
+        "delta_bases": bases,
     }
     body["crc32c"] = crc32c(dumps(body))
     return dumps(body)
+
+
+def commit_delta_bases(commit: dict[str, Any]) -> list[int]:
+    """The steps a committed step is XOR-encoded against, from its commit marker (``delta_bases`` of a
+    multi-rank step's global marker, else ``delta_base``); empty for a full checkpoint."""
+    many = commit.get("delta_bases")
+    if isinstance(many, list):
+        return sorted({int(b) for b in many})
+    one = commit.get("delta_base")
+    return [one] if isinstance(one, int) else []
 
 
 def parse_step_dir(name: str) -> int | None:

@@ -12,7 +12,7 @@ Everything about the life of a step on a tier is decided here, over what the tie
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .errors import ConfigError
@@ -147,18 +147,32 @@ def plan_deletions(
     return sorted(s for s in steps if s not in keep)
 
 
+#: A step's delta base(s) as commit markers record them: ``None`` (a full checkpoint), one step, or several
+#: (a multi-rank step whose ranks' deltas have different bases)
+DeltaBases = int | None | Collection[int]
+
+
+def bases_of(value: DeltaBases) -> frozenset[int]:
+    """The steps a checkpoint is XOR-encoded against, from a :data:`DeltaBases` value."""
+    if value is None:
+        return frozenset()
+    if isinstance(value, int):
+        return frozenset((value,))
+    return frozenset(int(b) for b in value)
+
+
 def plan_retention(
     steps: Sequence[int],
     sizes: Mapping[int, int],
     policies: Sequence[RetentionPolicy],
     *,
-    delta_bases: Mapping[int, int | None],
+    delta_bases: Mapping[int, DeltaBases],
     durable_elsewhere: Iterable[int] = (),
     pending: Iterable[int] = (),
 ) -> list[int]:
     """The steps of a tier to delete now, in the order to delete them (dependents before their base).
 
-    ``delta_bases``: each step's delta base (``None``: a full checkpoint); ``durable_elsewhere``: steps
+    ``delta_bases``: each step's delta base(s) (``None``: a full checkpoint); ``durable_elsewhere``: steps
     complete on another durable tier; ``pending``: steps a lower tier still has to receive from this one.
     Never deleted: the newest step unless it is durable elsewhere, a pending step, the delta base of a step
     that stays.
@@ -172,14 +186,14 @@ def plan_retention(
     doomed = set(plan_deletions(steps, sizes, policies, protected=protected))
     kept = set(steps) - doomed
     # delta bases of kept steps stay (a base is always a full checkpoint: one level to follow)
-    doomed -= {b for s in kept if (b := delta_bases.get(s)) is not None}
+    doomed -= {b for s in kept for b in bases_of(delta_bases.get(s))}
     return sorted(doomed, reverse=True)  # a delta is newer than its base: dependents go first
 
 
-def dependents(step: int, delta_bases: Mapping[int, int | None]) -> list[int]:
-    """The steps XOR-encoded against ``step`` (``delta_bases``: each step's base): while any is there, deleting
-    ``step`` would make them unreadable."""
-    return sorted(s for s, b in delta_bases.items() if b == step)
+def dependents(step: int, delta_bases: Mapping[int, DeltaBases]) -> list[int]:
+    """The steps XOR-encoded against ``step`` (``delta_bases``: each step's base(s)): while any is there,
+    deleting ``step`` would make them unreadable."""
+    return sorted(s for s, b in delta_bases.items() if step in bases_of(b))
 
 
 # --- deltas ----------------------------------------------------------------------------------------

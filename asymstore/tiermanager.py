@@ -25,6 +25,7 @@ from typing import Any
 from .errors import CorruptCheckpointError
 from .hostpool import HostPool
 from .interfaces import StreamSource
+from .manifest import commit_delta_bases
 from .retention import plan_retention, promotion_wanted
 from .retry import Backoff, poll
 from .threads import lower_thread_priority
@@ -228,7 +229,7 @@ class TierManager:
             return []
         try:
             commits = {s: self._commit(tier, s) for s in steps}
-            bases = {s: b if isinstance(b := c.get("delta_base"), int) else None for s, c in commits.items()}
+            bases = {s: commit_delta_bases(c) for s, c in commits.items()}
             doomed = plan_retention(
                 steps,
                 {s: int(c.get("stored_bytes", 0)) for s, c in commits.items()},

@@ -14,15 +14,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asymstore import LatestN, Store, TierSpec
+from asymstore import LatestN, Store, TierSpec, catalog
 from asymstore.codecs import RAW
-from asymstore.errors import ConfigError
+from asymstore.errors import AsymstoreError, ConfigError
 from asymstore.layout import plan_layout
 from asymstore.retention import (
     DeltaState,
     EveryN,
     KeepAll,
     delta_decision,
+    dependents,
     next_delta_state,
     parse_keep,
     plan_retention,
@@ -220,6 +221,40 @@ def test_deltas_on_a_tier_follow_the_cadence(tmp_path) -> None:
         bases = [s.tiers[0].commit_info(step).get("delta_base") for step in range(8)]
         assert bases == [None, 0, 0, None, 3, 3, None, 6]
         assert torch.equal(s.restore(7)["w"], state["w"])
+
+
+def test_multi_rank_deltas_protect_their_base(tmp_path) -> None:
+    """A multi-rank step's global marker names its ranks' delta bases, so listing and retention that read only
+    that marker see the dependency: the base is neither deleted by retention nor by ``Store.delete``."""
+    opts = dict(chunk_bytes=4096, compression="xor-zstd", delta_every=4, commit_timeout_s=30)
+    root = str(tmp_path)
+    ranks = [Store([TierSpec(root, keep=1)], rank=r, world_size=2, **opts) for r in (1, 0)]
+    try:
+        states = [{"w": torch.zeros(20_000) + r} for r in (1, 0)]
+        for step in range(3):
+            for st_, s in zip(states, ranks, strict=True):
+                st_["w"][step] = step
+                s.save(st_, step, blocking=s.rank == 0)
+        backend = ranks[1].tiers[0].backend
+        commit = catalog.commit_info(backend, 2)
+        assert commit["ranks"] == 2 and commit["delta_bases"] == [0] and commit["delta_base"] == 0
+        # keep=1 keeps only step 2, which needs step 0: step 1 went, step 0 stays
+        assert catalog.committed_steps(backend) == [0, 2]
+        assert catalog.dependents(backend, 0) == [2]
+        with pytest.raises(AsymstoreError, match="delta base"):
+            ranks[1].delete(0)
+        assert torch.equal(ranks[1].restore(2)["w"], states[1]["w"])
+    finally:
+        for s in ranks:
+            s.close()
+
+
+def test_retention_follows_every_base_of_a_step() -> None:
+    """A step with several bases (its ranks' deltas differ) keeps each of them."""
+    steps = [1, 2, 3, 4]
+    bases = {1: None, 2: None, 3: None, 4: [1, 2]}
+    assert plan_retention(steps, {}, [LatestN(1)], delta_bases=bases) == [3]
+    assert dependents(1, bases) == [4] and dependents(2, bases) == [4] and dependents(3, bases) == []
 
 
 # --- retention -------------------------------------------------------------------------------------
