@@ -1,4 +1,5 @@
-"""The package is typed: mypy (configured in pyproject.toml) must pass on the library code."""
+"""The package is typed: ``mypy -p asymstore`` (strict, configured in pyproject.toml) passes on asymstore,
+asymstore.backends and asymstore.trainer_hooks (``./run.sh lint`` runs the same check in CI)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_mypy_clean() -> None:
     pytest.importorskip("mypy")
     r = subprocess.run(
-        [sys.executable, "-m", "mypy", "asymstore", "backends", "trainer_hooks"],
+        [sys.executable, "-m", "mypy", "-p", "asymstore"],
         cwd=ROOT,
         capture_output=True,
         text=True,

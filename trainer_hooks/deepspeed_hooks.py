@@ -97,6 +97,8 @@ class DeepSpeedAsymCheckpointer(AsymCheckpointer):
                 loss = engine(batch); engine.backward(loss); engine.step()
         # after a restart, same world size:
         ck.resume()            # the newest step complete on every rank
+
+    ``min_range_bytes``: the smallest copy range issued in a window (``min_partition_bytes``: deprecated alias).
     """
 
     def __init__(
@@ -111,7 +113,8 @@ class DeepSpeedAsymCheckpointer(AsymCheckpointer):
         blocks: Sequence[torch.nn.Module] | None = None,
         trace: bool = False,
         replan_tolerance: float = 0.25,
-        min_partition_bytes: int = 1 << 16,
+        min_range_bytes: int = 1 << 16,
+        min_partition_bytes: int | None = None,
     ) -> None:
         self.engine = engine
         self.stage = int(engine.zero_optimization_stage())
@@ -153,7 +156,7 @@ class DeepSpeedAsymCheckpointer(AsymCheckpointer):
             trace=trace,
             start_step=int(engine.global_steps),
             replan_tolerance=replan_tolerance,
-            min_partition_bytes=min_partition_bytes,
+            min_range_bytes=min_range_bytes if min_partition_bytes is None else min_partition_bytes,
         )
 
     # --- what this rank owns ------------------------------------------------------
