@@ -48,7 +48,7 @@ def assert_bitequal(got: Any, want: Any, path: str = "<root>") -> None:
         assert tuple(got.shape) == tuple(want.shape), f"{path}: shape {tuple(got.shape)} != {tuple(want.shape)}"
         g, w = tensor_bytes(got), tensor_bytes(want)
         if g != w:
-            first = next(i for i, (a, b) in enumerate(zip(g, w)) if a != b)
+            first = next((i for i, (a, b) in enumerate(zip(g, w, strict=False)) if a != b), min(len(g), len(w)))
             raise AssertionError(f"{path}: tensor bytes differ (first at byte {first})")
         return
     if isinstance(want, np.ndarray):
@@ -73,7 +73,7 @@ def assert_bitequal(got: Any, want: Any, path: str = "<root>") -> None:
             assert_bitequal(got[k], want[k], f"{path}/{k!r}")
     elif isinstance(want, (list, tuple)):
         assert len(got) == len(want), f"{path}: length {len(got)} != {len(want)}"
-        for i, (a, b) in enumerate(zip(got, want)):
+        for i, (a, b) in enumerate(zip(got, want, strict=True)):
             assert_bitequal(a, b, f"{path}/{i}")
     else:
         assert got == want, f"{path}: {got!r} != {want!r}"

@@ -3,6 +3,8 @@ way) or by ``Tensor.copy_`` (the barrier's way), fills the buffer exactly as one
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -57,7 +59,7 @@ def test_ranges_on_one_core_equal_one_synchronous_copy(
     got = torch.zeros(layout.total_bytes, dtype=torch.uint8)
     bounds = sorted({0, layout.total_bytes, *(int(c * layout.total_bytes) for c in cuts)})
     first = 0
-    for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+    for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
         first = copy_range(got, layout, tensors, lo, hi, first=first, single_threaded=single[i])
     for e in layout.tensors:  # the padding between tensors is not part of the stream's content
         assert torch.equal(got[e.offset : e.end], want[e.offset : e.end]), e.name
