@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO-2, 2 ranks (gloo, CPU): DeepSpeed's default checkpoint engine against asymstore.
 
-Variants, in the same processes and engine, run in rotation in blocks (design §8):
+Variants, in the same processes and engine, run in rotation in blocks (docs/benchmarking.md):
 
 * ``none``     no checkpointing (the baseline);
 * ``default``  ``engine.save_checkpoint(dir)`` every N steps with DeepSpeed's default
@@ -15,7 +15,7 @@ persistence), so no variant's writes leak into the next one's timing. Save stall
 hooks (volatile copy at the snapshot begin + the barrier's remainder and wait), max over ranks.
 Iteration overhead: (block time - median ``none`` block time) / iterations. Medians over blocks.
 
-Run: ``python benchmarks/bench_deepspeed.py`` (spawns the two ranks itself).
+Run: ``python -m benchmarks.bench_deepspeed`` (spawns the two ranks itself; ``--quick``: a smoke run).
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchmarks._harness import RESULTS, ROOT, machine_line, round_order, write_report
 
-from _machine import machine_line  # noqa: E402  (benchmarks/, the script's directory)
+REPO = Path(ROOT)
 
 
 def _free_port() -> int:
@@ -45,7 +45,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def rank_main(a: argparse.Namespace) -> None:
+def build_engine(a: argparse.Namespace) -> tuple[Any, Any, Any, int]:
+    """The ZeRO-2 engine over an MLP, its asymstore store and checkpointer, and the parameter count."""
     import deepspeed
     import torch
     from torch import nn
@@ -73,6 +74,38 @@ def rank_main(a: argparse.Namespace) -> None:
     ck = DeepSpeedAsymCheckpointer(
         engine, store, every=a.every, warmup=2, blocks=[m for m in model if isinstance(m, nn.Linear)]
     )
+    return engine, store, ck, n_params
+
+
+def run_variant(v: str, a: argparse.Namespace, engine: Any, ck: Any, it: Any, stalls: dict[str, list[float]]) -> None:
+    """One block of variant ``v`` (``none``, ``default`` or ``asym``), its save stalls appended to ``stalls``."""
+    work = Path(a.work)
+    if v == "none":
+        for _ in range(a.block):
+            it()
+    elif v == "default":
+        for _ in range(a.block):
+            it()
+            if engine.global_steps % a.every == 0:
+                s0 = time.perf_counter()
+                engine.save_checkpoint(str(work / "default"), tag=f"global_step{engine.global_steps}")
+                stalls["default"].append(time.perf_counter() - s0)
+    else:
+        n0 = len(ck.history)
+        ck.attach()
+        for _ in range(a.block):
+            it()
+        ck.detach()  # completes nothing in flight (see global_steps parity), waits for persistence
+        stalls["asym"] += [s.stall_s + s.begin_s for s in ck.history[n0:] if not s.skipped]
+
+
+def rank_main(a: argparse.Namespace) -> None:
+    """One rank: warm-up, one untimed asym block (profiling), then the variants' blocks in rotation."""
+    import torch
+
+    rank = int(os.environ["RANK"])
+    engine, store, ck, n_params = build_engine(a)
+    work = Path(a.work)
     x = torch.randn(a.batch, a.width)
     y = torch.randn(a.batch, 1)
 
@@ -81,14 +114,10 @@ def rank_main(a: argparse.Namespace) -> None:
         engine.backward(loss)
         engine.step()
 
-    def barrier() -> None:
-        torch.distributed.barrier()
-
     for _ in range(3):  # warm-up; global_steps odd at every block start (no snapshot begins at a block's end)
         it()
     results: dict[str, list[float]] = {"none": [], "default": [], "asym": []}
     stalls: dict[str, list[float]] = {"default": [], "asym": []}
-    order = ["none", "default", "asym"]
     # the asym planner needs measured windows: one untimed block first
     ck.attach()
     for _ in range(a.block):
@@ -96,34 +125,17 @@ def rank_main(a: argparse.Namespace) -> None:
     ck.detach()
     ck.history.clear()
     for rep in range(a.repeats):
-        for v in order[rep % 3 :] + order[: rep % 3]:
-            barrier()
+        for v in round_order(["none", "default", "asym"], rep):
+            torch.distributed.barrier()
             t0 = time.perf_counter()
-            if v == "none":
-                for _ in range(a.block):
-                    it()
-            elif v == "default":
-                for _ in range(a.block):
-                    it()
-                    if engine.global_steps % a.every == 0:
-                        s0 = time.perf_counter()
-                        engine.save_checkpoint(str(work / "default"), tag=f"global_step{engine.global_steps}")
-                        stalls["default"].append(time.perf_counter() - s0)
-            else:
-                n0 = len(ck.history)
-                ck.attach()
-                for _ in range(a.block):
-                    it()
-                ck.detach()  # completes nothing in flight (see global_steps parity), waits for persistence
-                stalls["asym"] += [s.stall_s + s.begin_s for s in ck.history[n0:] if not s.skipped]
-            barrier()
+            run_variant(v, a, engine, ck, it, stalls)
+            torch.distributed.barrier()
             results[v].append(time.perf_counter() - t0)
             if v == "default" and rank == 0:
                 for d in (work / "default").glob("global_step*"):
                     shutil.rmtree(d, ignore_errors=True)
     summary = ck.summary()
     store.close()
-    ck_bytes = summary["bytes_per_checkpoint"]
     default_bytes = (
         sum(f.stat().st_size for f in (work / "default").rglob("*.pt")) if (work / "default").exists() else 0
     )
@@ -132,7 +144,7 @@ def rank_main(a: argparse.Namespace) -> None:
             {
                 "blocks": results,
                 "stalls": stalls,
-                "asym_bytes": ck_bytes,
+                "asym_bytes": summary["bytes_per_checkpoint"],
                 "params": n_params,
                 "hidden_fraction": summary["hidden_fraction"],
                 "copy_bw": summary["copy_bandwidth"],
@@ -142,7 +154,10 @@ def rank_main(a: argparse.Namespace) -> None:
     )
 
 
-def main() -> None:
+SIZES = ("width", "depth", "batch", "every", "block", "repeats")
+
+
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--depth", type=int, default=8)
@@ -150,41 +165,39 @@ def main() -> None:
     p.add_argument("--every", type=int, default=2)
     p.add_argument("--block", type=int, default=8)
     p.add_argument("--repeats", type=int, default=6)
+    p.add_argument("--quick", action="store_true", help="smoke run: a small MLP, 2 blocks of 4 per variant")
     p.add_argument("--rank-main", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "deepspeed.md"))
+    p.add_argument("--out", default=os.path.join(RESULTS, "deepspeed.md"))
     a = p.parse_args()
-    if a.rank_main:
-        rank_main(a)
-        return
-    work = Path(tempfile.mkdtemp(prefix="bench_ds_"))
-    env = dict(
-        os.environ,
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
-        WORLD_SIZE="2",
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    )
+    if a.quick:
+        a.width, a.depth, a.batch, a.block, a.repeats = 256, 2, 16, 4, 2
+    return a
+
+
+def spawn_ranks(a: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    """Run the two ranks (``--rank-main``) and return what each wrote."""
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2", OMP_NUM_THREADS="1")
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/asymstore/torch_extensions"))
-    args = [sys.executable, __file__, "--rank-main", "--work", str(work)] + [
-        f"--{k}={getattr(a, k)}" for k in ("width", "depth", "batch", "every", "block", "repeats")
-    ]
-    t0 = time.time()
-    procs = [
-        subprocess.Popen(
-            args,
-            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-            stdout=subprocess.DEVNULL,
-            stderr=open(work / f"log{r}.txt", "w"),
-        )
-        for r in range(2)
-    ]
+    args = [sys.executable, "-m", "benchmarks.bench_deepspeed", "--rank-main", "--work", str(work)]
+    args += [f"--{k}={getattr(a, k)}" for k in SIZES]
+    procs = []
+    for r in range(2):
+        with open(work / f"log{r}.txt", "w") as log:
+            procs.append(
+                subprocess.Popen(
+                    args, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log
+                )
+            )
     rcs = [q.wait() for q in procs]
     if any(rcs):
-        print(open(work / "log0.txt").read()[-3000:], open(work / "log1.txt").read()[-3000:])
+        print((work / "log0.txt").read_text()[-3000:], (work / "log1.txt").read_text()[-3000:])
         raise SystemExit(f"ranks failed: {rcs}")
-    res = [json.loads((work / f"rank{r}.json").read_text()) for r in range(2)]
+    return [json.loads((work / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def report(a: argparse.Namespace, res: list[dict[str, Any]], total_s: float) -> str:
+    """Medians over blocks (each the slower rank's), overheads vs ``none``, stalls, the goal."""
     blk = {v: [max(r["blocks"][v][i] for r in res) for i in range(len(res[0]["blocks"][v]))] for v in res[0]["blocks"]}
     med = {v: statistics.median(x) for v, x in blk.items()}
     it_none = med["none"] / a.block
@@ -192,10 +205,6 @@ def main() -> None:
         v: statistics.median([max(r["stalls"][v][i] for r in res) for i in range(len(res[0]["stalls"][v]))])
         for v in ("default", "asym")
     }
-    rows = []
-    for v in ("none", "default", "asym"):
-        it_s = med[v] / a.block
-        rows.append((v, it_s, (it_s - it_none) / it_none * 100, stall.get(v)))
     ratio = stall["asym"] / stall["default"]
     verdict = "PASS" if ratio <= 0.2 else "FAIL"
     mib = 1 << 20
@@ -219,18 +228,29 @@ def main() -> None:
         "| variant | s / iteration | overhead vs none | save stall / checkpoint |",
         "|---|---:|---:|---:|",
     ]
-    for v, it_s, ov, st in rows:
-        lines.append(f"| {v} | {it_s:.4f} | {ov:+.1f}% | {'-' if st is None else f'{st * 1000:.1f} ms'} |")
-    lines += [
-        "",
-        f"asymstore stall / default stall = {ratio:.3f} (goal <= 0.2): **{verdict}**",
-        "",
-        f"(total run {time.time() - t0:.0f} s)",
-    ]
-    text = "\n".join(lines) + "\n"
+    for v in ("none", "default", "asym"):
+        it_s = med[v] / a.block
+        st = stall.get(v)
+        lines.append(
+            f"| {v} | {it_s:.4f} | {(it_s - it_none) / it_none * 100:+.1f}% | "
+            f"{'-' if st is None else f'{st * 1000:.1f} ms'} |"
+        )
+    lines += ["", f"asymstore stall / default stall = {ratio:.3f} (goal <= 0.2): **{verdict}**", ""]
+    lines += [f"(total run {total_s:.0f} s)"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    a = parse_args()
+    if a.rank_main:
+        rank_main(a)
+        return
+    work = Path(tempfile.mkdtemp(prefix="bench_ds_"))
+    t0 = time.time()
+    res = spawn_ranks(a, work)
+    text = report(a, res, time.time() - t0)
     print(text)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(text)
+    write_report(a.out, text, {"args": vars(a), "ranks": res})
     shutil.rmtree(work, ignore_errors=True)
 
 
