@@ -8,7 +8,8 @@ methods alternate for ``--rounds`` rounds; we report the median wall time and th
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_hostcopy.py
+    python -m benchmarks.bench_hostcopy            # 220 MiB, 9 rounds
+    python -m benchmarks.bench_hostcopy --quick    # smoke run: 16 MiB, 1 round
 """
 
 from __future__ import annotations
@@ -20,20 +21,20 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+from asymstore.snapshot import host_copy, streaming_copy_available
+from benchmarks._harness import RESULTS, machine_line, write_report
 
-from _machine import machine_line  # noqa: E402
-
-from asymstore.snapshot import host_copy, streaming_copy_available  # noqa: E402
+Copy = Callable[[int, int, int], Any]
 
 SIZES = (64 << 10, 1 << 20, 14 << 20)
 
 
-def run(total: int, piece: int, fn, dst: np.ndarray, src: np.ndarray) -> tuple[float, float]:
+def run(total: int, piece: int, fn: Copy, dst: np.ndarray, src: np.ndarray) -> tuple[float, float]:
     d, s = dst.ctypes.data, src.ctypes.data
     t0, c0 = time.perf_counter(), time.thread_time()
     for off in range(0, total, piece):
@@ -41,18 +42,11 @@ def run(total: int, piece: int, fn, dst: np.ndarray, src: np.ndarray) -> tuple[f
     return time.perf_counter() - t0, time.thread_time() - c0
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--mib", type=int, default=220)
-    p.add_argument("--rounds", type=int, default=9)
-    p.add_argument("--out", default=os.path.join(HERE, "results", "hostcopy.md"))
-    a = p.parse_args()
-    if not streaming_copy_available():
-        sys.exit("asymstore._native is not built (no C compiler at install time): nothing to compare")
+def measure(a: argparse.Namespace, methods: dict[str, Copy]) -> dict[tuple[str, int], list[tuple[float, float]]]:
+    """(wall, thread CPU) seconds per method and piece size; methods alternate, round 0 warms up."""
     total = a.mib << 20
     src = np.random.default_rng(0).integers(0, 256, total, dtype=np.uint8)
     dst = np.ones(total, np.uint8)  # touched: page faults are not what is measured
-    methods = {"memmove": ctypes.memmove, "streaming (asymstore)": host_copy}
     res: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for r in range(a.rounds + 1):
         for piece in SIZES:
@@ -62,6 +56,23 @@ def main() -> None:
                     res.setdefault((name, piece), []).append(w)
         assert np.array_equal(dst, src)
         dst[:] = 1
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--mib", type=int, default=220)
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--quick", action="store_true", help="smoke run: 16 MiB, 1 round")
+    p.add_argument("--out", default=os.path.join(RESULTS, "hostcopy.md"))
+    a = p.parse_args()
+    if a.quick:
+        a.mib, a.rounds = 16, 1
+    if not streaming_copy_available():
+        sys.exit("asymstore._native is not built (no C compiler at install time): nothing to compare")
+    total = a.mib << 20
+    methods: dict[str, Copy] = {"memmove": ctypes.memmove, "streaming (asymstore)": host_copy}
+    res = measure(a, methods)
     rows = []
     for piece in SIZES:
         base = statistics.median(w for w, _ in res[("memmove", piece)])
@@ -76,17 +87,15 @@ def main() -> None:
     now = _dt.datetime.now(_dt.timezone.utc)
     text = (
         f"# Host copy: memmove vs streaming stores\n\nMeasured {now:%Y-%m-%d %H:%M} UTC by "
-        f"`PYTHONPATH=. python benchmarks/bench_hostcopy.py --mib {a.mib} --rounds {a.rounds}`.\n\n"
+        f"`python -m benchmarks.bench_hostcopy --mib {a.mib} --rounds {a.rounds}`.\n\n"
         f"{a.mib} MiB copied piece by piece between two pre-faulted buffers on one thread; medians of "
         f"{a.rounds} rounds (methods alternating).\n\n"
         "| piece | method | wall ms | GB/s | thread CPU ms | speed-up vs memmove |\n|---|---|---:|---:|---:|---:|\n"
         + "\n".join(rows)
         + f"\n\n## Machine\n\n- {machine_line()}\n"
     )
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        f.write(text)
-    print(f"wrote {a.out}")
+    data = {"args": vars(a), "seconds": {f"{n} {piece}": v for (n, piece), v in res.items()}}
+    print(f"wrote {write_report(a.out, text, data)}")
 
 
 if __name__ == "__main__":
