@@ -11,7 +11,7 @@ random data, shapes from a transformers ``GPT2Config`` built on the meta device,
   against one ``Tensor.copy_`` of the same bytes into a preallocated buffer;
 * lazy reads of slices: bytes fetched vs the bytes of the chunks touched vs the slice.
 
-Method (design section 8): every variant runs once untimed (warm-up), then all variants
+Method (docs/benchmarking.md): every variant runs once untimed (warm-up), then all variants
 run in rotation ``--repeats`` times; medians are reported. The page cache is dropped
 (``sync; echo 3 > /proc/sys/vm/drop_caches``) before every read when that works (root);
 otherwise the report says reads came from the page cache. Every write is fsynced inside
@@ -38,12 +38,12 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-import _machine
 import torch
-from _rawio import write_direct
 
 import asymstore
 from asymstore.state import flatten
+from benchmarks import _harness as _machine
+from benchmarks._rawio import write_direct
 
 GiB = 1 << 30
 MiB = 1 << 20

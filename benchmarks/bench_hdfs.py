@@ -19,7 +19,7 @@ All writer variants use ``compression="none"`` so every variant stores the same 
 compress; ``auto`` would add codec trials). Throughput is raw state bytes / wall seconds until the step is
 durable on HDFS (writer variants: data + zarr metadata + barrier + commit marker).
 
-Method (design section 8): one untimed warm-up write (B* and single), then all variants in rotation
+Method (docs/benchmarking.md): one untimed warm-up write (B* and single), then all variants in rotation
 ``--repeats`` times (a different seeded order each round, so no variant always runs after the same one);
 medians reported. After each variant, outside its timing: its objects are counted and deleted, and the
 script waits for the DataNodes to drop the deleted blocks and runs ``sync`` (the DataNodes do not fsync; their dirty pages must not be flushed on the next
@@ -42,19 +42,17 @@ import time
 import uuid
 from collections.abc import Callable
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from bench_format import build_state, gpt2_shapes, run_and_report
-
 import asymstore
 from asymstore.backends.hdfs import HdfsObjectStore
 from asymstore.batch_plan import continuous_optimal_batch_bytes
 from asymstore.config import Config
 from asymstore.manifest import step_dir
-from asymstore.testing.minidfs import MiniDFS
 from asymstore.tiermanager import TierManager
 from asymstore.tiers import PersistentTier
+from asymstore.write_plan import WriteOptions, plan_write
 from asymstore.writer import CheckpointWriter
+from benchmarks.bench_format import build_state, gpt2_shapes, run_and_report
+from tests.minidfs import MiniDFS
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -186,7 +184,7 @@ class Bench:
             f"{rep.encode_seconds:.2f} s of {rep.seconds:.2f} s; model after: T_d "
             f"{st.latency_s * 1e3:.1f} ms, BW {st.bandwidth / 1e6:.0f} MB/s"
         )
-        n = self._count(self.hdfs_tier.store, step_dir(STEP) + "/")
+        n = self._count(self.hdfs_tier.backend, step_dir(STEP) + "/")
         self.tm._mark(self.hdfs_tier, STEP, False)
         self.hdfs_tier.delete(STEP)
         return dt, n
@@ -194,9 +192,10 @@ class Bench:
     def v_fixed(self, pbytes: int, label: str) -> Callable[[], tuple[float, int]]:
         def run() -> tuple[float, int]:
             s = self.store(f"p{pbytes // MiB}")
-            w = CheckpointWriter(s, partition_bytes=pbytes, chunk_bytes=self.cfg.chunk_bytes, compression="none")
+            opts = WriteOptions(chunk_bytes=self.cfg.chunk_bytes, partition_bytes=pbytes, compression="none")
+            plan = plan_write(STEP, self.layout, opts, prefix=step_dir(STEP) + "/")
             t0 = time.perf_counter()
-            rep = w.write(STEP, self.mv, self.layout, self.slot.skeleton, numpy_names=self.slot.numpy_names)
+            rep = CheckpointWriter(s).write(plan, self.mv, self.slot.content)
             dt = time.perf_counter() - t0
             self.parts.setdefault(label, []).append(
                 (rep.write_seconds, rep.encode_seconds, dt - rep.write_seconds - rep.encode_seconds)

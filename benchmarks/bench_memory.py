@@ -17,14 +17,14 @@ checkpoint.
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_memory.py                    # 300 checkpoints per variant (~6 min)
-    PYTHONPATH=. python benchmarks/bench_memory.py --checkpoints 40   # smoke run
+    python -m benchmarks.bench_memory                    # 300 checkpoints per variant (~6 min)
+    python -m benchmarks.bench_memory --quick            # smoke run: 30 checkpoints of a 1-layer, 1000-token model
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
+import itertools
 import json
 import os
 import shutil
@@ -32,23 +32,66 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-from _gpt2 import add_model_args  # noqa: E402
-from _machine import machine_line  # noqa: E402
+from benchmarks._gpt2 import add_model_args
+from benchmarks._harness import RESULTS, ROOT, command_line, machine_line, now, write_report
 
 VARIANTS = ("baseline", "asym", "dcp.async_save")
+
+
+def _run_asym(args: argparse.Namespace, model: Any, opt: Any, step: Callable[[int], None], root: str) -> Any:
+    """asym: samples, the store's memory reports and the slot facts."""
+    from asymstore.store import Store, TierSpec
+    from asymstore.testing.process import rss_bytes
+    from asymstore.trainer_hooks import AsymCheckpointer
+
+    samples: list[int] = []
+    reports: list[dict[str, int]] = []
+    with Store([TierSpec(root, keep=args.keep)]) as store:
+        ck = AsymCheckpointer(model, opt, store, every=1, strategy="asym")
+        ck.attach()
+        for i in range(1, args.checkpoints + 1):
+            step(i)
+            samples.append(rss_bytes())
+            reports.append(store.memory_report())
+        ck.detach(finish=True)
+        store.wait()
+        reports.append(store.memory_report())
+        extra = {"host_slots": store.config.host_slots, "checkpoint_bytes": ck.history[-1].bytes}
+    return samples, reports, extra
+
+
+def _run_dcp(args: argparse.Namespace, model: Any, opt: Any, step: Callable[[int], None], root: str) -> list[int]:
+    """dcp.async_save: the previous save awaited before the next, old ones deleted; the samples."""
+    import torch.distributed.checkpoint as dcp
+
+    from asymstore.testing.process import rss_bytes
+
+    fut: Any = None
+    paths: list[str] = []
+    samples: list[int] = []
+    for i in range(1, args.checkpoints + 1):
+        step(i)
+        if fut is not None:
+            fut.result()
+        while len(paths) >= args.keep:
+            shutil.rmtree(paths.pop(0), ignore_errors=True)
+        paths.append(os.path.join(root, f"step_{i}"))
+        fut = dcp.async_save({"model": model.state_dict(), "optim": opt.state_dict()}, checkpoint_id=paths[-1])
+        samples.append(rss_bytes())
+    if fut is not None:
+        fut.result()
+    return samples
 
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
     """One variant in this (fresh) process; returns its samples."""
     import torch
-    from _gpt2 import Data, build_model
 
     from asymstore.testing.process import rss_bytes
+    from benchmarks._gpt2 import Data, build_model
 
     model, opt = build_model(args)
     data = Data(args)
@@ -69,7 +112,6 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             if isinstance(v, torch.Tensor)
         }
     )
-    state_bytes = sum(unique.values())
     extra: dict[str, Any] = {}
     root = tempfile.mkdtemp(prefix="asym-mem-", dir=args.dir)
     samples: list[int] = []
@@ -82,36 +124,9 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
                 step(i)
                 samples.append(rss_bytes())
         elif args.variant == "asym":
-            from asymstore.store import Store, TierSpec
-            from asymstore.trainer_hooks import AsymCheckpointer
-
-            with Store([TierSpec(root, keep=args.keep)]) as store:
-                ck = AsymCheckpointer(model, opt, store, every=1, strategy="asym")
-                ck.attach()
-                for i in range(1, args.checkpoints + 1):
-                    step(i)
-                    samples.append(rss_bytes())
-                    reports.append(store.memory_report())
-                ck.detach(finish=True)
-                store.wait()
-                reports.append(store.memory_report())
-                extra = {"host_slots": store.config.host_slots, "checkpoint_bytes": ck.history[-1].bytes}
+            samples, reports, extra = _run_asym(args, model, opt, step, root)
         else:
-            import torch.distributed.checkpoint as dcp
-
-            fut: Any = None
-            paths: list[str] = []
-            for i in range(1, args.checkpoints + 1):
-                step(i)
-                if fut is not None:
-                    fut.result()
-                while len(paths) >= args.keep:
-                    shutil.rmtree(paths.pop(0), ignore_errors=True)
-                paths.append(os.path.join(root, f"step_{i}"))
-                fut = dcp.async_save({"model": model.state_dict(), "optim": opt.state_dict()}, checkpoint_id=paths[-1])
-                samples.append(rss_bytes())
-            if fut is not None:
-                fut.result()
+            samples = _run_dcp(args, model, opt, step, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return {
@@ -119,7 +134,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "rss_start": rss_start,
         "samples": samples,
         "reports": reports,
-        "state_bytes": state_bytes,
+        "state_bytes": sum(unique.values()),
         "seconds": time.perf_counter() - t0,
         **extra,
         "params": sum(p.numel() for p in model.parameters()),
@@ -166,47 +181,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", type=int, default=2)
     add_model_args(p, layers=4, batch=2, seq=64)
     p.add_argument("--dir", default=None, help="where checkpoints go (default: a temp dir)")
-    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--quick", action="store_true", help="smoke run: 30 checkpoints of a 1-layer, 1000-token model")
+    p.add_argument("--out", default=RESULTS, help="directory for memory.md and memory.json")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # set in the child processes
     a = p.parse_args(argv)
+    if a.quick:
+        a.checkpoints, a.warm, a.layers, a.vocab = 30, 10, 1, 1000
     if a.warm >= a.checkpoints:
         p.error("--warm must be smaller than --checkpoints")
     return a
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.variant:
-        print(json.dumps(child(args)))
-        return 0
-    names = [n.strip() for n in args.variants.split(",") if n.strip()]
-    bad = [n for n in names if n not in VARIANTS]
-    if bad:
-        raise SystemExit(f"unknown variants {bad}; choose from {VARIANTS}")
-    started = _dt.datetime.now().astimezone()
+def run_variants(args: argparse.Namespace, names: list[str], fwd: list[str]) -> dict[str, dict[str, Any]]:
+    """Each variant in a fresh process (``python -m benchmarks.bench_memory ... --variant N``)."""
     results: dict[str, dict[str, Any]] = {}
-    summaries: dict[str, dict[str, float]] = {}
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
-    fwd = list(argv if argv is not None else sys.argv[1:])
     for n in names:
         print(f"[bench_memory] {n}: {args.checkpoints} iterations, a checkpoint at each ...", flush=True)
         out = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), *fwd, "--variant", n],
-            env=env,
+            [sys.executable, "-m", "benchmarks.bench_memory", *fwd, "--variant", n],
+            cwd=ROOT,
             check=True,
             stdout=subprocess.PIPE,
             text=True,
         ).stdout
         results[n] = json.loads(out.strip().splitlines()[-1])
-        s = summaries[n] = summarize(results[n], args.warm)
+        s = summarize(results[n], args.warm)
         print(
             f"[bench_memory] {n}: RSS {s['warm'] / 2**20:.0f} -> {s['end'] / 2**20:.0f} MiB, "
             f"slope {s['slope'] / 2**20:+.2f} MiB/100 checkpoints ({results[n]['seconds']:.0f} s)",
             flush=True,
         )
+    return results
 
-    state = next(iter(results.values()))["state_bytes"]
-    w = int(next(iter(summaries.values()))["window"])
+
+def table(summaries: dict[str, dict[str, float]], w: int) -> list[str]:
+    """The markdown table of the resident-set summaries."""
     rows = [
         f"| variant | RSS before 1st checkpoint (MiB) | first {w} after warm-up, mean (MiB) | last {w}, mean (MiB) | "
         f"peak (MiB) | growth first -> last {w} (MiB) | slope (MiB / 100 checkpoints) | above baseline, last {w} "
@@ -220,55 +229,63 @@ def main(argv: list[str] | None = None) -> int:
             f"| {n} | {s['start'] / 2**20:.0f} | {s['warm'] / 2**20:.0f} | {s['end'] / 2**20:.0f} | "
             f"{s['peak'] / 2**20:.0f} | {s['growth'] / 2**20:+.1f} | {s['slope'] / 2**20:+.2f} | {above} |"
         )
-    checks = []
-    if "asym" in results:
-        ra = results["asym"]
-        reps, k, ck_bytes = ra["reports"], ra["host_slots"], ra["checkpoint_bytes"]
-        bound = k * ck_bytes  # K host slots x checkpoint bytes; no delta bases by default
-        worst = max(r["host_slots"] + r["delta_bases"] for r in reps)
-        changed = sum(1 for a, b in zip(reps, reps[1:]) if a != b)
-        checks.append(
-            f"- asym: the store reported {worst / 2**20:.1f} MiB of host slots + delta bases at most "
-            f"(bound K x checkpoint = {k} x {ck_bytes / 2**20:.1f} MiB = {bound / 2**20:.1f} MiB, plus a "
-            f"page per slot): **{'within' if worst <= bound + k * 8192 else 'ABOVE'}**; the report changed "
-            f"{changed} times over {len(reps)} checkpoints (it is fixed once the slots exist); staging "
-            f"budget {reps[-1]['staging_budget'] / 2**20:.0f} MiB"
-        )
-        s = summaries["asym"]
-        checks.append(
-            f"- asym: resident set growth from the first to the last {w} checkpoints after warm-up "
-            f"{s['growth'] / 2**20:+.1f} MiB over {args.checkpoints - args.warm} checkpoints (slope "
-            f"{s['slope'] / 2**20:+.2f} MiB / 100)"
-        )
-    cmd = "PYTHONPATH=. python benchmarks/bench_memory.py" + ("".join(" " + a for a in fwd))
+    return rows
+
+
+def asym_checks(args: argparse.Namespace, ra: dict[str, Any], s: dict[str, float], w: int) -> list[str]:
+    """The store's reported host memory against its bound, and asym's resident-set growth."""
+    reps, k, ck_bytes = ra["reports"], ra["host_slots"], ra["checkpoint_bytes"]
+    bound = k * ck_bytes  # K host slots x checkpoint bytes; no delta bases by default
+    worst = max(r["host_slots"] + r["delta_bases"] for r in reps)
+    changed = sum(1 for a, b in itertools.pairwise(reps) if a != b)
+    return [
+        f"- asym: the store reported {worst / 2**20:.1f} MiB of host slots + delta bases at most "
+        f"(bound K x checkpoint = {k} x {ck_bytes / 2**20:.1f} MiB = {bound / 2**20:.1f} MiB, plus a "
+        f"page per slot): **{'within' if worst <= bound + k * 8192 else 'ABOVE'}**; the report changed "
+        f"{changed} times over {len(reps)} checkpoints (it is fixed once the slots exist); staging "
+        f"budget {reps[-1]['staging_budget'] / 2**20:.0f} MiB",
+        f"- asym: resident set growth from the first to the last {w} checkpoints after warm-up "
+        f"{s['growth'] / 2**20:+.1f} MiB over {args.checkpoints - args.warm} checkpoints (slope "
+        f"{s['slope'] / 2**20:+.2f} MiB / 100)",
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.variant:
+        print(json.dumps(child(args)))
+        return 0
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    bad = [n for n in names if n not in VARIANTS]
+    if bad:
+        raise SystemExit(f"unknown variants {bad}; choose from {VARIANTS}")
+    started = now()
+    fwd = list(argv if argv is not None else sys.argv[1:])
+    results = run_variants(args, names, fwd)
+    summaries = {n: summarize(r, args.warm) for n, r in results.items()}
     r0 = next(iter(results.values()))
+    w = int(next(iter(summaries.values()))["window"])
+    rows = table(summaries, w)
+    checks = asym_checks(args, results["asym"], summaries["asym"], w) if "asym" in results else []
+    method = (__doc__ or "").split("\n\n", 1)[1].split("Usage::")[0].strip()
     md = (
         f"# Host memory over {args.checkpoints} checkpoints\n\n"
-        f"Measured {started:%Y-%m-%d %H:%M %Z} by `{cmd}`.\n\n"
+        f"Measured {started:%Y-%m-%d %H:%M %Z} by `{command_line(__name__, fwd)}`.\n\n"
         + "\n".join(rows)
         + "\n\n"
         + "\n".join(checks)
         + f"\n\n## Sizes\n\n- GPT-2 (`n_layer={args.layers}, n_embd={args.embd}, vocab_size={args.vocab}`), "
-        f"{r0['params'] / 1e6:.2f}M parameters, AdamW; state {state / 2**20:.1f} MiB; batch {args.batch} x "
+        f"{r0['params'] / 1e6:.2f}M parameters, AdamW; state {r0['state_bytes'] / 2**20:.1f} MiB; batch {args.batch} x "
         f"{args.seq}; a checkpoint at every iteration, the last {args.keep} kept; each variant in a fresh "
         f"process; RSS = `VmRSS` sampled after each iteration; warm-up = the first {args.warm} checkpoints\n\n"
-        f"## Machine\n\n- {machine_line()}\n\n## Method\n\n"
-        + (__doc__ or "").split("\n\n", 1)[1].split("Usage::")[0].strip()
-        + "\n"
+        f"## Machine\n\n- {machine_line()}\n\n## Method\n\n{method}\n"
     )
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "memory.md")
-    with open(path, "w") as f:
-        f.write(md)
-    with open(os.path.join(args.out, "memory.json"), "w") as f:
-        json.dump(
-            {
-                "args": {k: v for k, v in vars(args).items() if k != "variant"},
-                "date": started.isoformat(),
-                "results": results,
-            },
-            f,
-        )
+    data = {
+        "args": {k: v for k, v in vars(args).items() if k != "variant"},
+        "date": started.isoformat(),
+        "results": results,
+    }
+    path = write_report(os.path.join(args.out, "memory.md"), md, data)
     print("\n".join(rows))
     print("\n".join(checks))
     print(f"wrote {path}")
