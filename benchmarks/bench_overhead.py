@@ -1,6 +1,6 @@
 """Per-iteration overhead of checkpointing at every iteration, GPT-2-style model, CPU.
 
-Variants, measured in ONE run, interleaved in rotation (design section 8):
+Variants, measured in ONE run, interleaved in rotation (docs/benchmarking.md):
 
 * ``baseline``      no checkpointing
 * ``sync``          asymstore, blocking copy + persist at the step boundary
