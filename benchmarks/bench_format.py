@@ -17,8 +17,8 @@ run in rotation ``--repeats`` times; medians are reported. The page cache is dro
 otherwise the report says reads came from the page cache. Every write is fsynced inside
 its timing, and its files are deleted before the next variant runs, outside the timing.
 
-    python benchmarks/bench_format.py                       # ~1 GiB state, 5 rounds
-    python benchmarks/bench_format.py --size-gib 0.25 --repeats 2 --out /tmp/format.md
+    python -m benchmarks.bench_format                       # ~1 GiB state, 5 rounds (./run.sh bench bench_format)
+    python -m benchmarks.bench_format --size-gib 0.25 --repeats 2 --out /tmp/format.md
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def gpt2_shapes(n_embd: int, n_layer: int, vocab: int = 50257, n_positions: int 
                 (p + "mlp.c_proj.weight", (4 * n_embd, n_embd)),
                 (p + "mlp.c_proj.bias", (n_embd,)),
             ]
-        return out + [("transformer.ln_f.weight", (n_embd,)), ("transformer.ln_f.bias", (n_embd,))]
+        return [*out, ("transformer.ln_f.weight", (n_embd,)), ("transformer.ln_f.bias", (n_embd,))]
 
 
 def pick_config(target_bytes: int, n_embd: int) -> tuple[int, int]:
@@ -216,10 +216,12 @@ def machine_info(bench_dir: str) -> dict[str, str]:
             name = os.path.basename(dev)
             rot = f"/sys/block/{name}/queue/rotational"
             if os.path.exists(rot):
+                with open(rot) as f:
+                    flag = f.read().strip()
                 extra = (
-                    " (rotational flag %s; virtual disk)" % open(rot).read().strip()
+                    f" (rotational flag {flag}; virtual disk)"
                     if name.startswith("vd")
-                    else " (rotational flag %s)" % open(rot).read().strip()
+                    else f" (rotational flag {flag})"
                 )
         du = shutil.disk_usage(bench_dir)
         info["disk"] = f"{bench_dir} on {src or '?'}{extra}, {du.free / GiB:.0f} GiB free"
@@ -609,7 +611,21 @@ class Bench:
         return statistics.median(self.times[name])
 
     def report(self, info: dict[str, str], command: str) -> str:
-        gbps = lambda s: self.nbytes / s / 1e9  # noqa: E731
+        """The result table: header, throughput, breakdown, lazy reads and goals."""
+        wbase = self.write_baseline()
+        parts = [self._header(info, command), self._throughput(wbase), self._breakdown(), self._lazy_reads()]
+        parts.append(self._goals(wbase))
+        return "\n".join(line for part in parts for line in part)
+
+    def write_baseline(self) -> str:
+        """The strongest (fastest) raw write baseline of this run: the one the goals are measured against."""
+        return min(
+            ("raw write", "raw write fsync/64MiB", "raw write O_DIRECT"),
+            key=lambda n: self.med(n) if n in self.times else 1e9,
+        )
+
+    def _header(self, info: dict[str, str], command: str) -> list[str]:
+        """The report header: command, machine, state and method."""
         L: list[str] = []
         L.append("# asymstore format benchmark\n")
         L.append(f"- command: `{command}`")
@@ -626,12 +642,13 @@ class Bench:
             "medians; writes include fsync; " + self.drop_note
         )
         L.append("")
+        return L
+
+    def _throughput(self, wbase: str) -> list[str]:
+        """Throughput rows, each with its ratio to the baseline of the same run."""
+        L: list[str] = []
+        gbps = lambda s: self.nbytes / s / 1e9  # noqa: E731
         L.append("## Throughput (GB/s = 1e9 bytes/s of state; ratio vs the baseline of the same run)\n")
-        # the strongest (fastest) of the raw write baselines is the one the goals are measured against
-        wbase = min(
-            ("raw write", "raw write fsync/64MiB", "raw write O_DIRECT"),
-            key=lambda n: self.med(n) if n in self.times else 1e9,
-        )
         L.append(f"Write ratios are against `{wbase}`, the fastest of the three raw write baselines in this run.\n")
         L.append("| variant | median s | GB/s | vs baseline | min..max s |")
         L.append("|---|---:|---:|---:|---:|")
@@ -675,6 +692,11 @@ class Bench:
             "slot into a new buffer; `memcpy` = one `Tensor.copy_` of the same bytes into a preallocated "
             "buffer.\n"
         )
+        return L
+
+    def _breakdown(self) -> list[str]:
+        """Where the time of a save goes (medians)."""
+        L: list[str] = []
         for kind in ("none", "auto"):
             if kind in self.breakdown:
                 b = self.breakdown[kind]
@@ -687,6 +709,11 @@ class Bench:
                     f"{self.notes.get('asym-' + kind, '')}"
                 )
         L.append("")
+        return L
+
+    def _lazy_reads(self) -> list[str]:
+        """Lazy slice reads against the chunks they touch."""
+        L: list[str] = []
         if getattr(self, "lazy_rows", None):
             L.append("## Lazy slice reads (`open_checkpoint(dir)[name][a:b]` of the embedding, cold cache)\n")
             L.append(
@@ -701,6 +728,11 @@ class Bench:
                     f"{r['seconds'] * 1e3:.1f} |"
                 )
             L.append("\n`bytes_read` includes the shard index fetched once per touched partition.\n")
+        return L
+
+    def _goals(self, wbase: str) -> list[str]:
+        """The goals table."""
+        L: list[str] = []
         L.append("## Goals\n")
         L.append("| goal | measured | target | result |")
         L.append("|---|---:|---:|---|")
@@ -731,7 +763,7 @@ class Bench:
         worst = max((r["read"] / r["touched"] for r in getattr(self, "lazy_rows", [])), default=None)
         goal("lazy slice: bytes read / bytes of touched chunks (worst)", worst, GOALS["lazy_overread"], higher=False)
         L.append("")
-        return "\n".join(L)
+        return L
 
     def close(self) -> None:
         for s in self.stores.values():
@@ -754,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP without a process group
-    command = "python benchmarks/bench_format.py" + (
+    command = "python -m benchmarks.bench_format" + (
         "" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv)
     )
     bench = Bench(args)

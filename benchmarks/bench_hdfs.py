@@ -25,8 +25,8 @@ medians reported. After each variant, outside its timing: its objects are counte
 script waits for the DataNodes to drop the deleted blocks and runs ``sync`` (the DataNodes do not fsync; their dirty pages must not be flushed on the next
 variant's time).
 
-    python benchmarks/bench_hdfs.py                          # ~0.5 GiB state, 3 rounds, 2 DataNodes, repl. 2
-    python benchmarks/bench_hdfs.py --datanodes 1 --replication 1 --out -
+    python -m benchmarks.bench_hdfs                          # ~0.5 GiB state, 3 rounds, 2 DataNodes, repl. 2
+    python -m benchmarks.bench_hdfs --datanodes 1 --replication 1 --out -
 """
 
 from __future__ import annotations
@@ -282,6 +282,12 @@ class Bench:
         return statistics.median(self.times[name])
 
     def report(self, info: dict[str, str], command: str) -> str:
+        """The result table: header, fitted model, throughput, writer parts and goals."""
+        parts = [self._header(info, command), self._model(), self._throughput(), self._goals()]
+        return "\n".join(line for part in parts for line in part) + "\n"
+
+    def _header(self, info: dict[str, str], command: str) -> list[str]:
+        """Command, machine, cluster, state and method."""
         a = self.args
         L = ["# asymstore HDFS promotion benchmark", ""]
         L.append(f"- command: `{command}`")
@@ -311,6 +317,11 @@ class Bench:
             f"{os.cpu_count()} cores)"
         )
         L.append("")
+        return L
+
+    def _model(self) -> list[str]:
+        """The tier's fitted write model and the B* it gives."""
+        L: list[str] = []
         L.append("## Fitted model (probe writes of the HDFS tier)")
         L.append("")
         L.append("- probe writes: " + ", ".join(f"{fmt_bytes(b)} {t * 1e3:.1f} ms" for b, t in self.probe_samples))
@@ -332,6 +343,11 @@ class Bench:
         for f in self.fits:
             L.append(f"  - {f}")
         L.append("")
+        return L
+
+    def _throughput(self) -> list[str]:
+        """Throughput of every variant against one large write, and the writer's parts."""
+        L: list[str] = []
         L.append("## Throughput (GB/s = 1e9 bytes of state per second; ratio vs single write of the same run)")
         L.append("")
         L.append("| variant | files / checkpoint | median s | GB/s | vs single write | min..max s |")
@@ -363,8 +379,12 @@ class Bench:
             d, e, r = (statistics.median(x[i] for x in xs) for i in range(3))
             L.append(f"| {name} | {d:.3f} | {e:.3f} | {r:.3f} | {self.C / d / 1e9:.3f} |")
         L.append("")
-        L.append("## Goals")
-        L.append("")
+        return L
+
+    def _goals(self) -> list[str]:
+        """B* against the best swept size and against one large write."""
+        L = ["## Goals", ""]
+        single = self.med("single write")
         sweep = {n: self.med(n) for n in self.times if n.startswith("asym ") and n != "asym B*"}
         best = min(sweep, key=sweep.__getitem__)
         b = self.med("asym B*")
@@ -378,7 +398,7 @@ class Bench:
             f"- B* throughput / single large write: {r2:.2f} (goal >= {GOALS['bstar_vs_single']}): "
             f"**{'PASS' if r2 >= GOALS['bstar_vs_single'] else 'FAIL'}**"
         )
-        return "\n".join(L) + "\n"
+        return L
 
     def close(self) -> None:
         try:
@@ -430,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    command = "python benchmarks/bench_hdfs.py" + (
+    command = "python -m benchmarks.bench_hdfs" + (
         "" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv)
     )
     bench = Bench(args)

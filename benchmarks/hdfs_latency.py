@@ -1,6 +1,6 @@
 """Per-write latency (T_d) and sequential write bandwidth of HdfsObjectStore against a local MiniDFSCluster.
 
-    PYTHONPATH=. python benchmarks/hdfs_latency.py [--datanodes 2 --replication 2] [--mib 256] [--url hdfs://...]
+    python -m benchmarks.hdfs_latency [--datanodes 2 --replication 2] [--mib 256] [--url hdfs://...]
 
 Reports medians over repeated runs. Against the MiniDFSCluster every "network" hop is loopback and
 the NameNode skips edit-log fsync (MiniDFSCluster default), so T_d here is a lower bound for a real
