@@ -1,0 +1,48 @@
+"""The benchmarks run end to end in their quick modes and write a results table with ratios.
+
+Smoke runs only (tiny sizes, one round): they check that each script works from a checkout as
+``python -m benchmarks.NAME`` and writes its markdown and JSON, not what it measures.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_GPT2 = ["--layers", "1", "--batch", "2", "--seq", "32", "--embd", "64", "--heads", "2", "--vocab", "1000"]
+
+
+def _run(module: str, args: list[str]) -> str:
+    r = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{module}", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+@pytest.mark.slow
+def test_bench_hostcopy_quick(tmp_path: Path) -> None:
+    out = tmp_path / "hostcopy.md"
+    _run("bench_hostcopy", ["--quick", "--out", str(out)])
+    md = out.read_text()
+    assert "memmove" in md and "x" in md, md
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["machine"] and data["date"]
+
+
+@pytest.mark.slow
+def test_bench_overhead_quick(tmp_path: Path) -> None:
+    _run("bench_overhead", ["--quick", *TINY_GPT2, "--out", str(tmp_path)])
+    md = (tmp_path / "overhead.md").read_text()
+    for variant in ("baseline", "asym", "dcp.async_save"):
+        assert f"| {variant} " in md or f"| `{variant}`" in md, md[:2000]
+    assert "%" in md  # overheads against the baseline of the same run
