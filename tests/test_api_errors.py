@@ -223,6 +223,7 @@ def test_slot_policy_wait(flaky) -> None:
         assert s.tiers[0].committed_steps() == [1, 2]
 
 
+@pytest.mark.slow
 def test_host_memory_flat_over_200_checkpoints(tmp_path) -> None:
     state = {"w": torch.randn(256 * 1024), "m": torch.randn(64, 1024), "step": 0}  # 1.25 MiB
     with Store(

@@ -243,6 +243,7 @@ def test_debug_shows_traceback(ckpt):
         main(["show", str(a), "--step", "42", "--debug"])
 
 
+@pytest.mark.slow
 def test_python_dash_m_and_exit_codes(ckpt):
     a, _, _ = ckpt
     env = dict(os.environ, PYTHONPATH=str(Path(asymstore.__file__).parent.parent))

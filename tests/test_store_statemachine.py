@@ -43,13 +43,26 @@ class LocalOverMemory(StoreMachine):
         drop_namespace(self.namespace)
 
 
-TestLocalOverMemory = LocalOverMemory.TestCase
-TestLocalOverMemory.settings = settings(
-    max_examples=EXAMPLES,
-    stateful_step_count=STEPS,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+def _settings(examples: int) -> settings:
+    return settings(
+        max_examples=examples,
+        stateful_step_count=STEPS,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+
+
+class TestLocalOverMemory(LocalOverMemory.TestCase):  # type: ignore[name-defined,misc]
+    """The bounded run of the whole suite (CI)."""
+
+    pytestmark = pytest.mark.slow
+    settings = _settings(EXAMPLES)
+
+
+class TestLocalOverMemoryQuick(LocalOverMemory.TestCase):  # type: ignore[name-defined,misc]
+    """A few examples for ``./run.sh test-quick``; the slow run above explores more."""
+
+    settings = _settings(min(EXAMPLES, 6))
 
 
 def test_crashable_backend_cuts_storage_after_the_crash_point(tmp_path: Path) -> None:

@@ -163,6 +163,7 @@ def test_b_star_is_derived_from_measurements(tmp_path) -> None:
         assert tier.partition_bytes(1 << 20) <= max(1 << 20, s.config.chunk_bytes)  # never beyond the checkpoint
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rank_count", [2, 3])
 def test_multi_rank_commit_needs_every_shard(tmp_path, rank_count) -> None:
     root = str(tmp_path)
