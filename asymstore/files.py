@@ -23,40 +23,14 @@ def fsync_dir(path: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str, *, fsync: bool = True) -> Iterator[BinaryIO]:
-    """Open a temporary file next to ``path`` for writing; on success it replaces ``path`` atomically.
-
-    With ``fsync`` the data is flushed to disk before the rename and the directory after it. On any error the
-    temporary file is removed and ``path`` is left as it was.
-    """
+def _replacing(path: str, *, fsync_parent: bool) -> Iterator[str]:
+    """Yield a temporary name next to ``path``; when the block succeeds, rename it over ``path`` (and fsync
+    the directory); when it fails, remove it and leave ``path`` as it was."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
     try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    if fsync:
-        fsync_dir(d)
-
-
-def atomic_write(path: str, write: Callable[[str], None], *, fsync_parent: bool = True) -> None:
-    """Write ``path`` atomically with ``write(tmp_path)``, which creates and fills (and fsyncs) ``tmp_path``.
-
-    For writers that need the path itself (e.g. direct I/O); :func:`atomic_file` covers the plain case.
-    """
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
-    try:
-        write(tmp)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -64,3 +38,26 @@ def atomic_write(path: str, write: Callable[[str], None], *, fsync_parent: bool 
         raise
     if fsync_parent:
         fsync_dir(d)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, *, fsync: bool = True) -> Iterator[BinaryIO]:
+    """Open a temporary file next to ``path`` for writing; on success it replaces ``path`` atomically.
+
+    With ``fsync`` the data is flushed to disk before the rename and the directory after it. On any error the
+    temporary file is removed and ``path`` is left as it was.
+    """
+    with _replacing(path, fsync_parent=fsync) as tmp, open(tmp, "wb") as f:
+        yield f
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+
+
+def atomic_write(path: str, write: Callable[[str], None], *, fsync_parent: bool = True) -> None:
+    """Write ``path`` atomically with ``write(tmp_path)``, which creates and fills (and fsyncs) ``tmp_path``.
+
+    For writers that need the path itself (e.g. direct I/O); :func:`atomic_file` covers the plain case.
+    """
+    with _replacing(path, fsync_parent=fsync_parent) as tmp:
+        write(tmp)

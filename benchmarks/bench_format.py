@@ -236,26 +236,9 @@ def machine_info(bench_dir: str) -> dict[str, str]:
         info["safetensors"] = safetensors.__version__
     except ImportError:
         pass
-    info["asymstore"] = f"{asymstore.__version__} ({_git_rev()})"
+    info["asymstore"] = f"{asymstore.__version__} ({_machine.git_rev()})"
     info["date"] = dt.datetime.now().astimezone().isoformat(timespec="seconds")
     return info
-
-
-def _git_rev() -> str:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        rev = subprocess.run(
-            ["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        return rev + ("+dirty" if dirty else "") if rev else "no git"
-    except (OSError, subprocess.SubprocessError):
-        return "no git"
 
 
 # --- the benchmark ----------------------------------------------------------------
