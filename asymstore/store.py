@@ -595,9 +595,8 @@ class Store:
         self.host.drop(step)
         for t in self.tiers:
             if catalog.is_committed(t.backend, step):
-                t.delete(step)
-                if self.manager is not None:  # the promotion threads must not copy the step it no longer has
-                    self.manager.steps_of(t, refresh=True)
+                assert self.manager is not None  # a store with tiers has a manager
+                self.manager.delete(t, step)  # promotion threads must not copy a step the tier no longer has
 
     # --- accounting and lifecycle ------------------------------------------------
     def memory_report(self) -> dict[str, int]:

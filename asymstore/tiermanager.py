@@ -242,11 +242,16 @@ class TierManager:
             log.warning("retention on %s skipped: %s", tier.name, e)
             return []
         for s in doomed:
-            self._mark(tier, s, False)
-            tier.delete(s)
-            self._commit_cache.pop((tier.name, s), None)
+            self.delete(tier, s)
             self.activity[tier.name].deleted += 1
         return doomed
+
+    def delete(self, tier: PersistentTier, step: int) -> None:
+        """Delete ``step`` from ``tier`` and forget it (the known steps and the cached commit marker), so no
+        promotion copies it and a later step of the same number is read afresh."""
+        self._mark(tier, step, False)
+        tier.delete(step)
+        self._commit_cache.pop((tier.name, step), None)
 
     # --- status and lifecycle ------------------------------------------------------
     def status(self) -> list[dict[str, Any]]:
