@@ -494,6 +494,11 @@ class StoreMachine(RuleBasedStateMachine):
             self.model.forget(s)
 
     # --- reading ------------------------------------------------------------------------------------------------
+    def _draw_listed(self, data: st.DataObject) -> int | None:
+        """One of the steps the store lists now (``None`` when it lists none)."""
+        listed = self._s().steps()
+        return data.draw(st.sampled_from(listed), label="step") if listed else None
+
     @precondition(lambda self: bool(self.model.known()))
     @rule()
     def restore_newest(self) -> None:
@@ -513,11 +518,9 @@ class StoreMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def restore_step(self, data: st.DataObject) -> None:
         """``restore(step)`` of a listed step, bit-exact (one that may be gone may have been removed meanwhile)."""
-        store = self._s()
-        listed = store.steps()
-        if not listed:
+        store, step = self._s(), self._draw_listed(data)
+        if step is None:
             return
-        step = data.draw(st.sampled_from(listed), label="step")
         try:
             got = store.restore(step)
         except StepNotFoundError:
@@ -529,11 +532,9 @@ class StoreMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def lazy_read(self, data: st.DataObject) -> None:
         """A slice of one tensor through ``open_checkpoint`` equals the same slice of the saved state."""
-        store = self._s()
-        listed = store.steps()
-        if not listed:
+        store, step = self._s(), self._draw_listed(data)
+        if step is None:
             return
-        step = data.draw(st.sampled_from(listed), label="step")
         want = flatten(self.model.states[step]).tensors
         name = data.draw(st.sampled_from(sorted(want)), label="tensor")
         rows = want[name].shape[0] if want[name].dim() else 0
