@@ -29,7 +29,16 @@ from typing import Generic, TypeVar
 
 from .errors import AsymstoreError, CorruptCheckpointError, StepNotFoundError
 from .interfaces import ObjectStore, RangeSource
-from .manifest import COMMIT_KEY, commit_delta_bases, parse_commit, parse_step_dir, rank_dir, step_dir
+from .manifest import (
+    COMMIT_KEY,
+    commit_delta_bases,
+    parse_commit,
+    parse_rank_dir,
+    parse_step_dir,
+    rank_dir,
+    rank_dir_name,
+    step_dir,
+)
 from .reader import CheckpointReader
 from .retention import dependents as _dependents
 
@@ -40,8 +49,6 @@ T = TypeVar("T")
 #: the name of the host memory source in :func:`read_sources` (tiers are named by their tier name)
 HOST = "host"
 
-_RANK_PREFIX = "r"
-
 
 # --- listing -----------------------------------------------------------------------------------------------
 def _step_dirs(backend: ObjectStore) -> list[tuple[int, bool]]:
@@ -50,7 +57,7 @@ def _step_dirs(backend: ObjectStore) -> list[tuple[int, bool]]:
     for d in backend.list_dirs(""):
         s = parse_step_dir(d.rstrip("/"))
         if s is not None:
-            out.append((s, backend.exists(f"{step_dir(s)}/{COMMIT_KEY}")))
+            out.append((s, is_committed(backend, s)))
     return sorted(out)
 
 
@@ -91,10 +98,9 @@ def committed_ranks(backend: ObjectStore, step: int) -> list[int]:
     """Ranks whose rank directory of ``step`` holds that rank's commit marker, sorted."""
     out = []
     for d in backend.list_dirs(step_dir(step)):
-        name = d.rstrip("/")
-        is_rank_dir = name.startswith(_RANK_PREFIX) and name[1:].isdigit() and len(name) == 6
-        if is_rank_dir and backend.exists(f"{step_dir(step)}/{name}/{COMMIT_KEY}"):
-            out.append(int(name[1:]))
+        r = parse_rank_dir(d.rstrip("/"))
+        if r is not None and backend.exists(f"{step_dir(step)}/{rank_dir_name(r)}/{COMMIT_KEY}"):
+            out.append(r)
     return sorted(out)
 
 

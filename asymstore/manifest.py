@@ -18,6 +18,7 @@ FORMAT = "asymstore/1"
 COMMIT_KEY = "COMMIT"
 GROUP_KEY = "zarr.json"
 _STEP_RE = re.compile(r"^step_(\d{12})$")
+_RANK_RE = re.compile(r"^r(\d{5})$")
 
 
 def step_dir(step: int) -> str:
@@ -27,9 +28,20 @@ def step_dir(step: int) -> str:
     return f"step_{step:012d}"
 
 
+def rank_dir_name(rank: int) -> str:
+    """The name of a rank's directory inside a multi-rank step: ``rNNNNN``."""
+    return f"r{rank:05d}"
+
+
+def parse_rank_dir(name: str) -> int | None:
+    """The rank of a rank directory name, or ``None`` for any other name."""
+    m = _RANK_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
 def rank_dir(step: int, rank: int, world_size: int) -> str:
     """A rank's directory of a step: the step directory itself for one rank, ``step_X/rNNNNN`` otherwise."""
-    return step_dir(step) if world_size == 1 else f"{step_dir(step)}/r{rank:05d}"
+    return step_dir(step) if world_size == 1 else f"{step_dir(step)}/{rank_dir_name(rank)}"
 
 
 #: Deprecated alias of :func:`rank_dir`.

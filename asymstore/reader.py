@@ -19,7 +19,7 @@ from .codecs import decode_chunk
 from .errors import CorruptCheckpointError, StepNotFoundError
 from .interfaces import ByteRange, ObjectStore, RangeSource
 from .layout import PartitionSpan, cut_stream, overlapping
-from .manifest import COMMIT_KEY, GROUP_KEY, Manifest, PartitionRecord, parse_commit, step_dir
+from .manifest import COMMIT_KEY, GROUP_KEY, Manifest, PartitionRecord, parse_commit, rank_dir_name, step_dir
 from .zarrfmt import crc32c, decode_index, index_nbytes, shard_key
 
 Progress = Callable[[int, int], None]
@@ -92,7 +92,7 @@ class CheckpointReader(RangeSource):
             r = 0 if rank is None else rank
             if not 0 <= r < ranks:
                 raise StepNotFoundError(f"step {step} has ranks 0..{ranks - 1}, not rank {r}")
-            prefix = f"{prefix}r{r:05d}/"
+            prefix = f"{prefix}{rank_dir_name(r)}/"
             raw_rank = backend.get(prefix + COMMIT_KEY)
             want = dict(commit["shards_crc32c"]).get(str(r))
             if raw_rank is None or crc32c(raw_rank) != want:
