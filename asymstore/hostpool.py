@@ -5,10 +5,15 @@ copy in progress) -> ``ready`` (complete in host memory; persistence may still r
 A ready slot is reused for a newer snapshot only once its persistence has finished;
 then the oldest persisted slot is evicted. Memory is K x the largest state, allocated
 once and reused, so it stays flat across any number of checkpoints.
+
+With a :class:`~asymstore.shm.ShmRegion` the buffers are shared-memory files that outlive the process: a slot
+is un-committed before it is reused and committed (:meth:`HostPool.seal`) once its bytes and checksums are in
+place, and a new process adopts the committed slots an earlier one left (:meth:`HostPool.adopt`).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -18,6 +23,7 @@ import torch
 
 from .errors import SnapshotSlotsBusyError
 from .layout import Layout
+from .shm import ShmRegion, SlotRecord, verify_into
 from .write_plan import CheckpointContent
 
 _PAGE = 4096
@@ -41,6 +47,12 @@ class Slot:
     persisting: bool = False
     ready_time: float = 0.0
     leases: int = 0  # readers (promotions, restores) that must not see the slot reused
+    #: the slot's commit record in shared memory (``None``: private memory, or not committed there yet)
+    record: SlotRecord | None = None
+    #: the pid of the process that filled the slot, when an earlier process left it in shared memory
+    origin_pid: int | None = None
+    #: whether the bytes of an adopted slot were checked against its record's checksums
+    verified: bool = False
 
     @property
     def layout(self) -> Layout | None:
@@ -76,9 +88,11 @@ class Slot:
 class HostPool:
     """K snapshot slots with the wait/skip policy for slots still persisting."""
 
-    def __init__(self, slots: int, *, pin_memory: bool | None = None) -> None:
+    def __init__(self, slots: int, *, pin_memory: bool | None = None, region: ShmRegion | None = None) -> None:
         self.slots = [Slot(i) for i in range(slots)]
         self.pin = cuda_available() if pin_memory is None else pin_memory
+        #: the shared-memory region the slots live in (``None``: private memory of this process)
+        self.region = region
         self._cv = threading.Condition()
         self.waits = 0
         self.wait_seconds = 0.0
@@ -95,6 +109,9 @@ class HostPool:
             return  # reuse (a state without tensors still needs a buffer: capacity 0 is no buffer)
         slot.buffer = None
         size = max(nbytes, 64)
+        if self.region is not None:  # a tmpfs file: page-aligned, reserved, shared
+            slot.buffer = self.region.allocate(slot.index, size)
+            return
         # page-aligned, so partitions can be written with direct I/O straight from the slot
         raw = torch.empty(size + _PAGE, dtype=torch.uint8, pin_memory=self.pin)
         skip = -raw.data_ptr() % _PAGE
@@ -135,6 +152,7 @@ class HostPool:
             pick.state = "filling"
             pick.step = step
             pick.persisting = False
+            self._uncommit(pick)
         if waited:
             self.waits += 1
             self.wait_seconds += time.perf_counter() - t0
@@ -160,6 +178,7 @@ class HostPool:
     def release(self, slot: Slot) -> None:
         """Return a slot whose snapshot was abandoned (failed copy)."""
         with self._cv:
+            self._uncommit(slot)
             slot.state, slot.step, slot.persisting = "free", None, False
             self._cv.notify_all()
 
@@ -168,8 +187,62 @@ class HostPool:
         with self._cv:
             for s in self.slots:
                 if s.step == step and s.state == "ready":
+                    self._uncommit(s)
                     s.state, s.step = "free", None
             self._cv.notify_all()
+
+    # --- shared memory -----------------------------------------------------------
+    def _uncommit(self, slot: Slot) -> None:
+        """The slot's bytes are about to change or be forgotten: its shared-memory record goes first."""
+        if self.region is not None:
+            self.region.invalidate(slot.index)
+        slot.record, slot.origin_pid, slot.verified = None, None, False
+
+    def seal(self, slot: Slot) -> None:
+        """Commit a ready slot in shared memory (checksums + record): from now on it survives this process.
+        No-op for private memory. Runs on a background thread: the checksums read the whole stream."""
+        if self.region is None or slot.record is not None:
+            return
+        assert slot.content is not None and slot.step is not None
+        rec = self.region.commit(slot.index, slot.step, slot.content, slot.memview())
+        with self._cv:
+            if slot.state == "ready" and slot.step == rec.step:
+                slot.record = rec
+            else:  # reused or dropped meanwhile (cannot happen while persisting; kept safe)
+                self.region.invalidate(slot.index)
+
+    def adopt(self) -> list[Slot]:
+        """Take over the committed slots an earlier process left in the region; they are ready, not yet
+        verified (:meth:`verify`). Returns them, oldest step first."""
+        if self.region is None:
+            return []
+        out = []
+        with self._cv:
+            for rec, buf in self.region.adopt():
+                while rec.slot >= len(self.slots):  # the earlier process had more slots: keep its snapshots
+                    self.slots.append(Slot(len(self.slots)))
+                s = self.slots[rec.slot]
+                s.buffer, s.state, s.step, s.content = buf, "ready", rec.step, rec.content
+                s.record, s.origin_pid, s.verified = rec, rec.pid, rec.pid == os.getpid()
+                s.persisting, s.ready_time = False, time.monotonic()
+                out.append(s)
+        return out
+
+    def verify(self, slot: Slot, into: torch.Tensor | None = None) -> bool:
+        """Check an adopted slot against its record's checksums, once; with ``into`` (a uint8 CPU buffer) the
+        stream is copied there in the same pass. Returns whether ``into`` was filled (False when the slot needed
+        no check). ``CorruptCheckpointError`` on damage; the slot is then dropped."""
+        if slot.verified or slot.record is None:
+            return False
+        assert slot.buffer is not None
+        try:
+            verify_into(slot.buffer, slot.record, into, where=f"host shared memory slot {slot.index}")
+        except BaseException:
+            if slot.step is not None:
+                self.drop(slot.step)
+            raise
+        slot.verified = True
+        return into is not None
 
     def lease(self, step: int) -> Slot | None:
         """Pin the ready slot of ``step`` against reuse until :meth:`unlease`; ``None`` if absent."""
