@@ -325,6 +325,26 @@ def causal_lm_source(data: str | None, *, batch: int, seq: int, vocab_size: int,
     return Source(real, len(wt), f"WikiText {wt.path} ({len(wt)} blocks of {seq} byte tokens)")
 
 
+def cycle_lm_source(*, batch: int, seq: int, vocab_size: int, seed: int, period: int = 256) -> Source:
+    """Learnable synthetic causal LM batches: windows of one fixed cycle of ``period`` distinct tokens.
+
+    The cycle is a seeded random choice of ``period`` token ids; each row of batch ``k`` starts at a
+    seeded random place in it, so the next token is a fixed function of the current one. A model
+    first learns which tokens occur (the loss falls from ~ln(vocab) towards ln(period) within a few
+    steps), then the successor of each: unlike uniform random tokens, the loss visibly falls.
+    """
+    if not 1 < period <= vocab_size - TOKENIZER.OFFSET:
+        raise ValueError(f"period must be in 2..{vocab_size - TOKENIZER.OFFSET}, got {period}")
+    cycle = torch.randperm(vocab_size - TOKENIZER.OFFSET, generator=_gen(seed, -1))[:period] + TOKENIZER.OFFSET
+
+    def get(k: int) -> Batch:
+        start = torch.randint(0, period, (batch, 1), generator=_gen(seed, k))
+        x = cycle[(start + torch.arange(seq)) % period]
+        return {"input_ids": x, "labels": x}
+
+    return Source(get, 0, f"synthetic cycle of {period} tokens ({batch}x{seq}, vocab {vocab_size})")
+
+
 def masked_lm_source(data: str | None, *, batch: int, seq: int, vocab_size: int, seed: int) -> Source:
     """Masked LM batches (15% of tokens predicted): synthetic tokens, or WikiText blocks."""
     wt = None if data is None else WikiTextBlocks(data, seq)

@@ -7,10 +7,12 @@ a transformers config and model from one, and its data. :func:`run` does the res
 2. open the store: host memory, then ``--dir`` (local / NVMe), then ``--hdfs URL`` if given;
 3. optionally resume from the newest complete checkpoint (``--resume``);
 4. train with :class:`asymstore.trainer_hooks.AsymCheckpointer` checkpointing every ``--every``
-   steps; ``--kill-at K`` SIGKILLs the process right after optimizer step K, as a crash would;
+   steps; ``--kill-at K`` SIGKILLs the process once the checkpoint of step K is reported (committed
+   in host shared memory, or durable on the first tier when the host slots are private), as a crash
+   would (:class:`KillAfterCheckpoint`);
 5. restore the newest checkpoint into a fresh model and optimizer, check it bit for bit, and
-   print a summary (iterations, median stall, checkpoint bytes, compression, where each
-   checkpoint lives).
+   print a summary (iterations, the tier a resume came from, median stall, checkpoint bytes,
+   compression, where each checkpoint lives).
 """
 
 from __future__ import annotations
@@ -119,7 +121,8 @@ def parser(ex: Example) -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="K",
-        help="SIGKILL this process right after optimizer step K (a crash: what is not durable is lost)",
+        help="SIGKILL this process once the checkpoint of step K is reported: committed in host shared memory "
+        "(or, with private host slots, durable on --dir); then --resume continues from step K",
     )
     r.add_argument("--resume", action="store_true", help="restore the newest complete checkpoint and continue")
     r.add_argument("--fresh", action="store_true", help="delete checkpoints already in --dir/--hdfs first")
@@ -178,6 +181,92 @@ def _durable_steps(store: Any) -> list[int]:
     return [s for s in store.steps() if any(w != "host" for w in store.where(s))]
 
 
+def shared_host_slots(store: Any) -> bool:
+    """Whether the store's host slots are in shared memory that outlives this process (``host_memory``)."""
+    mode = getattr(store, "host_memory", None)  # what the store opened ("shared" / "private")
+    if not isinstance(mode, str):
+        mode = getattr(store.config, "host_memory", None)
+    return mode == "shared"
+
+
+def committed_in_host(store: Any, step: int) -> bool:
+    """Whether a host slot holds ``step`` committed: ready and, in shared memory, its record written."""
+    for slot in store.host.slots:
+        if slot.step == step and slot.state == "ready":
+            return getattr(slot, "record", True) is not None  # private slots: ready is committed
+    return False
+
+
+def restore_source(store: Any) -> tuple[str, str | None]:
+    """``(tier, detail)`` of the store's last restore, e.g. ``("host", "host shared memory, left by pid 12")``."""
+    rep = store.last_restore
+    if rep is None:
+        return "?", None
+    return str(rep.tier), getattr(rep, "detail", None)
+
+
+def fmt_source(tier: str, detail: str | None) -> str:
+    """The store's words for a restore's source ('host shared memory, left by pid 12', 'tier file (/ckpt)'),
+    with the tier's name in front when they do not say it; the name alone when there is no detail."""
+    if not detail:
+        return tier
+    return detail if tier in detail else f"{tier}: {detail}"
+
+
+class KillAfterCheckpoint:
+    """SIGKILL the training process once the checkpoint of step ``step`` has been reported, as a crash would.
+
+    An asymmetric snapshot of step K is copied during the forward/backward of step K+1 and committed at the
+    barrier before step K+1's optimizer step; this hook runs right after that barrier. With host slots in
+    shared memory, the committed slot outlives the process: the kill comes at once, typically before step K
+    is durable. With private host slots it dies with the process, so the hook first waits until step K is
+    durable on the first persistent tier; either way ``--resume`` then continues from step K.
+    ``report(info)`` is called before the kill (``info``: the step, the newest checkpoint, where it is
+    complete, the durable steps, whether the slots are shared, the pid); ``kill=False`` only reports (the
+    caller, e.g. a parent process, delivers the SIGKILL).
+    """
+
+    def __init__(
+        self, ck: Any, store: Any, step: int, report: Callable[[dict[str, Any]], None], *, kill: bool = True
+    ) -> None:
+        self.ck, self.store, self.step, self.report, self.kill = ck, store, step, report, kill
+        self.fired = False
+        self._hook: Any = None
+
+    def attach(self) -> KillAfterCheckpoint:
+        """Install after ``ck`` is attached: optimizer pre-hooks run in order, so the barrier comes first."""
+        self._hook = self.ck.optimizers[0].register_step_pre_hook(self._pre_step)
+        return self
+
+    def _pre_step(self, *_: Any) -> None:
+        if self.ck.step == self.step and not self.fired:
+            self.fire()
+
+    def fire(self) -> None:
+        """Wait until the newest checkpoint counts as reported, call ``report``, then SIGKILL this process."""
+        self.fired = True
+        shared = shared_host_slots(self.store)
+        newest = self.ck.handles[-1] if self.ck.handles else None
+        if newest is not None:
+            if shared:  # committed (checksums and record written) in a slot that outlives the process
+                t_end = time.monotonic() + 60
+                while not committed_in_host(self.store, newest.step) and time.monotonic() < t_end:
+                    time.sleep(0.002)
+            else:  # private host memory dies with the process: only a durable checkpoint survives
+                newest.result(timeout=600)
+        info = {
+            "step": self.ck.step,
+            "checkpoint": newest.step if newest is not None else None,
+            "where": self.store.where(newest.step) if newest is not None else [],
+            "durable": _durable_steps(self.store),
+            "shared_host_slots": shared,
+            "pid": os.getpid(),
+        }
+        self.report(info)
+        if self.kill:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _ranges(steps: list[int]) -> str:
     """[1,2,3,5] -> '1-3, 5'"""
     out, i = [], 0
@@ -223,13 +312,25 @@ def resolve_dir(ex: Example, args: argparse.Namespace) -> tuple[str, bool]:
     return tempfile.mkdtemp(prefix=f"asymstore-{ex.name}-"), True
 
 
-def open_tiers(args: argparse.Namespace, ckpt_dir: str, *, rank: int = 0, world_size: int = 1) -> Any:
+def open_tiers(
+    args: argparse.Namespace, ckpt_dir: str, *, rank: int = 0, world_size: int = 1, private_host: bool = False
+) -> Any:
+    """The example's store; ``private_host``: host slots in this process's memory (not shared), where the
+    store has that option (a second store of the same job in one process, e.g. the closing check)."""
+    import dataclasses
+
+    from asymstore.config import Config
     from asymstore.store import Store, TierSpec
 
     tiers = [TierSpec(ckpt_dir, keep=args.keep)]
     if args.hdfs:
         tiers.append(TierSpec(args.hdfs, keep=args.keep_hdfs))
-    return Store(tiers, host_slots=args.host_slots, compression=args.compression, rank=rank, world_size=world_size)
+    extra: dict[str, Any] = {}
+    if private_host and "host_memory" in {f.name for f in dataclasses.fields(Config)}:
+        extra["host_memory"] = "private"
+    return Store(
+        tiers, host_slots=args.host_slots, compression=args.compression, rank=rank, world_size=world_size, **extra
+    )
 
 
 def list_presets(ex: Example, args: argparse.Namespace) -> int:
@@ -256,8 +357,8 @@ def run(ex: Example, argv: list[str] | None = None) -> int:
         return list_presets(ex, args)
     if args.deepspeed:
         return run_deepspeed(ex, args, preset)
-    if args.kill_at is not None and args.kill_at < 1:
-        _die("--kill-at must be >= 1")
+    if args.kill_at is not None and not 1 <= args.kill_at <= args.steps:
+        _die(f"--kill-at must be in 1..--steps ({args.steps}), got {args.kill_at}")
 
     from rich.console import Console
 
@@ -310,12 +411,14 @@ def run(ex: Example, argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             extras = ck.resume()
             pos["batch"] = int(extras.get("batch", ck.step))
-            rep = store.last_restore
+            seconds = time.perf_counter() - t
+            tier, detail = restore_source(store)
             resumed = {
                 "step": ck.step,
-                "tier": rep.tier if rep else "?",
-                "seconds": time.perf_counter() - t,
-                "events": rep.events if rep else [],
+                "tier": tier,
+                "detail": detail,
+                "seconds": seconds,
+                "events": store.last_restore.events if store.last_restore else [],
             }
         else:
             con.print(f"[yellow]--resume: no complete checkpoint in {ckpt_dir}; starting from step 0[/]")
@@ -329,13 +432,20 @@ def run(ex: Example, argv: list[str] | None = None) -> int:
     con.print(f"strategy [cyan]{args.strategy}[/], checkpoint every {args.every} step(s) into {tiers_txt}")
     if resumed:
         con.print(
-            f"[green]resumed from step {resumed['step']}[/] (tier {resumed['tier']}, "
+            f"[green]resumed from step {resumed['step']}[/] ({fmt_source(resumed['tier'], resumed['detail'])}, "
             f"{resumed['seconds'] * 1000:.0f} ms), data position {pos['batch']}"
         )
 
     losses: list[float] = []
+
+    def kill_report(info: dict[str, Any]) -> None:
+        print(f"[kill-at] SIGKILL at step {info['step']}: {json.dumps(info)}", flush=True)
+
+    killer = KillAfterCheckpoint(ck, store, args.kill_at, kill_report) if args.kill_at is not None else None
     t0 = time.perf_counter()
     with ck:
+        if killer is not None:
+            killer.attach()
         while ck.step < args.steps:
             batch = to_device(source.batch(pos["batch"]), device)
             loss = model(**batch).loss
@@ -345,10 +455,8 @@ def run(ex: Example, argv: list[str] | None = None) -> int:
             sched.step()
             opt.zero_grad(set_to_none=True)
             losses.append(float(loss.item()))
-            if args.kill_at is not None and ck.step == args.kill_at:
-                durable = _durable_steps(store)
-                print(f"[kill-at] SIGKILL at step {ck.step}; durable checkpoints: {durable}", flush=True)
-                os.kill(os.getpid(), signal.SIGKILL)
+    if killer is not None and ck.step == args.kill_at:  # the last step: the checkpoint is complete by now
+        killer.fire()
     train_s = time.perf_counter() - t0
     store.flush(timeout=600)
     iters = ck.step - start
@@ -373,6 +481,9 @@ def run(ex: Example, argv: list[str] | None = None) -> int:
         "iterations": iters,
         "resumed_from": resumed["step"] if resumed else None,
         "resumed_tier": resumed["tier"] if resumed else None,
+        "resumed_detail": resumed["detail"] if resumed else None,
+        "resume_seconds": resumed["seconds"] if resumed else None,
+        "shared_host_slots": shared_host_slots(store),
         "train_seconds": train_s,
         "seconds_per_iteration": train_s / max(iters, 1),
         "loss_first": losses[0] if losses else None,
@@ -429,13 +540,13 @@ def _restore_check(
     torch.manual_seed(args.seed + 1)
     model2 = ex.make_model(cfg).to(device)
     opt2, sched2 = _optim(model2, args)
-    store2 = open_tiers(args, ckpt_dir)
+    store2 = open_tiers(args, ckpt_dir, private_host=True)
     try:
         ck2 = AsymCheckpointer(model2, opt2, store2, scheduler=sched2)
         t = time.perf_counter()
         ck2.resume()
         seconds = time.perf_counter() - t
-        rep = store2.last_restore
+        tier, detail = restore_source(store2)
         first = next(iter(store2.tier_urls), None)
         verify = store2.verify(ck2.step, tier=first) if first in store2.where(ck2.step) else None
         same_step = ck2.step == store.steps()[-1]
@@ -444,7 +555,8 @@ def _restore_check(
         )
         return {
             "step": ck2.step,
-            "tier": rep.tier if rep else "?",
+            "tier": tier,
+            "detail": detail,
             "seconds": seconds,
             "verify_ok": verify.ok if verify is not None else True,
             "verify_problems": list(verify.problems) if verify is not None and not verify.ok else [],
@@ -462,7 +574,11 @@ def _print_summary(con: Any, ex: Example, args: argparse.Namespace, r: dict[str,
     tab.add_row("model", f"{ex.title} \\[{r['preset']}], {r['parameters'] / 1e6:.2f}M parameters, {r['device']}")
     tab.add_row("iterations", f"{r['iterations']} (steps {r['start_step']} -> {r['final_step']})")
     tab.add_row(
-        "resumed from", "-" if r["resumed_from"] is None else f"step {r['resumed_from']} (tier {r['resumed_tier']})"
+        "resumed from",
+        "-"
+        if r["resumed_from"] is None
+        else f"step {r['resumed_from']} from {escape(fmt_source(r['resumed_tier'], r['resumed_detail']))} "
+        f"in {r['resume_seconds'] * 1000:.0f} ms",
     )
     tab.add_row("training time", f"{r['train_seconds']:.1f} s ({r['seconds_per_iteration']:.2f} s/iter)")
     if r["loss_first"] is not None:
@@ -491,7 +607,8 @@ def _print_summary(con: Any, ex: Example, args: argparse.Namespace, r: dict[str,
         )
     c = r["check"]
     if c:
-        tab.add_row("restored", f"step {c['step']} from tier '{c['tier']}' in {c['seconds'] * 1000:.0f} ms")
+        src = escape(fmt_source(c["tier"], c["detail"]))
+        tab.add_row("restored", f"step {c['step']} from {src} in {c['seconds'] * 1000:.0f} ms")
         tab.add_row("verify", "ok" if c["verify_ok"] else f"FAILED {c['verify_problems']}")
         tab.add_row("restored == trained", "[green]bit-identical[/]" if c["bit_identical"] else "[red]MISMATCH[/]")
     tab.add_row("state sha256", r["state_hash"][:16])
