@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point that does all set-up on a fresh machine, then runs what was asked.
-#   ./run.sh demo   - a short training run with asymmetric checkpointing, a restore and a summary
-#                     (examples/gpt2.py --preset demo; extra flags go to it, e.g. ./run.sh demo --strategy sync)
+#   ./run.sh demo   - asymstore in one run: checkpoint overhead, a SIGKILL, a bit-identical resume, the timeline
+#                     (examples/demo.py; extra flags go to it, e.g. ./run.sh demo --strategy sync)
 #   ./run.sh test   - the whole test suite (./run.sh test-quick skips the slow tests)
 #   ./run.sh lint   - ruff (lint + format check) and mypy --strict on asymstore, backends, trainer_hooks
 #   ./run.sh bench NAME - a benchmark script from benchmarks/
@@ -31,7 +31,7 @@ export PATH="$VENV/bin:$PATH"
 # DeepSpeed compiles its CPU ops on first use: keep them in a cached place.
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/asymstore/torch_extensions}
 case "$cmd" in
-  demo) exec python examples/gpt2.py --preset demo --steps 12 --strategy asym "$@" ;;
+  demo) PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec python examples/demo.py "$@" ;;
   test)
     if [[ "${CI:-}" == "true" ]]; then export ASYMSTORE_REQUIRE_HDFS=1; fi
     exec python -m pytest -q "$@" ;;
