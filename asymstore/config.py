@@ -54,6 +54,9 @@ class Config:
     background_idle: bool = True
     #: Options passed to backends, per URL scheme (e.g. {"hdfs": {"retries": 3}}).
     backend_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Make a tier root that is missing or empty a new store (False: open existing stores only). A directory
+    #: that holds anything but an asymstore store is refused either way.
+    create: bool = True
 
     def __post_init__(self) -> None:
         if self.host_slots < 1:

@@ -53,5 +53,14 @@ class CheckpointFailedError(AsymstoreError):
     """A background checkpoint failed; raised on the next call so the failure is never lost."""
 
 
+class TierFullError(CheckpointFailedError):
+    """A tier ran out of space for a checkpoint even after retention made room; the message names the tier,
+    the path, the step and the bytes it needs. ``errno`` is ``ENOSPC`` (or ``EDQUOT`` for a quota)."""
+
+    def __init__(self, message: str, *, errno: int = 28) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
 class SnapshotSlotsBusyError(AsymstoreError):
     """All host snapshot slots hold checkpoints whose persistence has not finished."""

@@ -1,16 +1,37 @@
 """Atomic writes of local files: the one temporary-name + fsync + rename writer for the local filesystem.
 
 Used by the local tier backend's ``put_atomic``, by ``asymstore export`` and by the integrations' pointer files,
-so a crash leaves the old file or the whole new one, never a part.
+so a crash leaves the old file or the whole new one, never a part. :func:`exclusive_write` is the no-replace
+variant (a hard link of the complete temporary: of two writers exactly one creates the file), and
+:func:`remove_stale_temporaries` removes the temporaries a killed writer left behind.
+
+A temporary is named ``<name>.tmp-<12 hex digits>`` next to its file (:data:`TEMP_NAME` matches it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
+import re
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
+
+#: the name of an unfinished atomic or exclusive write (a temporary next to its file)
+TEMP_NAME = re.compile(r"\.tmp-[0-9a-f]{12}$")
+
+
+def temp_name(path: str) -> str:
+    """A fresh temporary name next to ``path``."""
+    return f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+
+
+def is_temp(name: str) -> bool:
+    """Whether a file name is an unfinished atomic or exclusive write."""
+    return TEMP_NAME.search(name) is not None
 
 
 def fsync_dir(path: str) -> None:
@@ -28,7 +49,7 @@ def _replacing(path: str, *, fsync_parent: bool) -> Iterator[str]:
     the directory); when it fails, remove it and leave ``path`` as it was."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp = temp_name(path)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -61,3 +82,81 @@ def atomic_write(path: str, write: Callable[[str], None], *, fsync_parent: bool 
     """
     with _replacing(path, fsync_parent=fsync_parent) as tmp:
         write(tmp)
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def _rename_noreplace(src: str, dst: str) -> None:
+    """``renameat2(src, dst, RENAME_NOREPLACE)`` (Linux): ``FileExistsError`` when ``dst`` exists."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available", dst)
+    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), dst)
+
+
+def exclusive_write(path: str, write: Callable[[str], None], *, fsync_parent: bool = True) -> bool:
+    """Create ``path`` with ``write(tmp_path)`` only if it does not exist; returns whether this call created it.
+
+    The complete temporary is hard-linked to ``path`` (``link`` never replaces; where the file system has no
+    hard links, ``renameat2(RENAME_NOREPLACE)``), so readers see no file or the whole one, and of several
+    writers racing for ``path`` exactly one gets True. A file that exists is never touched.
+    """
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    if os.path.lexists(path):
+        return False
+    tmp = temp_name(path)
+    try:
+        write(tmp)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+                raise
+            try:
+                _rename_noreplace(tmp, path)
+            except FileExistsError:
+                return False
+            except OSError as e2:
+                if e2.errno == errno.EEXIST:
+                    return False
+                raise
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    if fsync_parent:
+        fsync_dir(d)
+    return True
+
+
+def remove_stale_temporaries(directory: str, *, older_than_s: float = 0.0) -> int:
+    """Remove the temporaries directly in ``directory`` not modified for ``older_than_s`` seconds; how many.
+
+    A writer that is still writing a temporary keeps touching it, so a temporary that has not changed for
+    longer than any write stalls is a killed writer's leftover.
+    """
+    try:
+        entries = list(os.scandir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    now = time.time()
+    n = 0
+    for e in entries:
+        if not is_temp(e.name):
+            continue
+        try:
+            st = e.stat(follow_symlinks=False)
+            if now - st.st_mtime < older_than_s:
+                continue
+            os.unlink(e.path)
+            n += 1
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
+            continue
+    return n

@@ -139,6 +139,27 @@ class ObjectStore(abc.ABC):
         """Write ``key`` so readers see the old object, or the whole new one, never a part. Default: ``put``."""
         self.put(key, data)
 
+    def create_exclusive(self, key: str, data: Buffer | Sequence[Buffer]) -> bool:
+        """Create ``key`` holding ``data`` only if no object ``key`` exists; returns whether this call created it.
+
+        The contract every backend must keep (the conformance kit checks it with racing writers):
+
+        * **exclusive**: of any number of writers (threads, processes, machines) racing to create the same key,
+          exactly one gets True; the others get False;
+        * **no-replace**: an existing object is never modified, whatever it holds;
+        * **atomic**: readers see no object or the whole of ``data``, never a part (as :meth:`put_atomic`);
+        * **durable** on return when the backend is ``durable``; a failure raises and leaves no object.
+
+        asymstore claims step and rank directories and writes commit markers with it, so two processes saving
+        the same step into one root cannot both write it. This default (``exists`` then :meth:`put_atomic`) is
+        exclusive only against a single writer: a backend shared by processes must override it (a hard link or
+        no-replace rename of a complete temporary, a create-without-overwrite, a conditional put).
+        """
+        if self.exists(key):
+            return False
+        self.put_atomic(key, data)
+        return True
+
     @abc.abstractmethod
     def delete(self, key: str) -> None:
         """Remove one object; a missing key is not an error."""
@@ -149,6 +170,15 @@ class ObjectStore(abc.ABC):
         for k in keys:
             self.delete(k)
         return len(keys)
+
+    def remove_temporaries(self, prefix: str, *, older_than_s: float = 0.0) -> int:
+        """Remove unfinished temporaries of :meth:`put_atomic` / :meth:`create_exclusive` (a killed writer's)
+        lying directly in the directory ``prefix`` and not modified for ``older_than_s`` seconds; how many.
+
+        Listings never show temporaries; this is how crash leftovers of them are cleaned. Default: a backend
+        whose writes leave no temporaries has none to remove.
+        """
+        return 0
 
     def barrier(self, prefix: str) -> None:  # noqa: B027 - optional hook, no-op by default
         """Make the names of everything written under ``prefix`` durable (e.g. fsync directories).

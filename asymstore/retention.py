@@ -169,25 +169,57 @@ def plan_retention(
     delta_bases: Mapping[int, DeltaBases],
     durable_elsewhere: Iterable[int] = (),
     pending: Iterable[int] = (),
+    protected: Iterable[int] = (),
 ) -> list[int]:
-    """The steps of a tier to delete now, in the order to delete them (dependents before their base).
+    """The steps of a tier to delete now, in the order to delete them (:func:`deletion_order`: every step
+    before the steps it is a delta of).
 
     ``delta_bases``: each step's delta base(s) (``None``: a full checkpoint); ``durable_elsewhere``: steps
-    complete on another durable tier; ``pending``: steps a lower tier still has to receive from this one.
-    Never deleted: the newest step unless it is durable elsewhere, a pending step, the delta base of a step
-    that stays.
+    complete on another durable tier; ``pending``: steps a lower tier still has to receive from this one;
+    ``protected``: steps to keep whatever the policies say (e.g. the tier's current delta base, which the next
+    writes are encoded against). Never deleted: the newest step unless it is durable elsewhere, a pending or
+    protected step, the delta base of a step that stays.
     """
     if not steps:
         return []
-    protected = set(pending)
+    keep = set(pending) | set(protected)
     newest = max(steps)
     if newest not in set(durable_elsewhere):
-        protected.add(newest)  # never delete the only complete copy of the newest step
-    doomed = set(plan_deletions(steps, sizes, policies, protected=protected))
+        keep.add(newest)  # never delete the only complete copy of the newest step
+    doomed = set(plan_deletions(steps, sizes, policies, protected=keep))
     kept = set(steps) - doomed
     # delta bases of kept steps stay (a base is always a full checkpoint: one level to follow)
     doomed -= {b for s in kept for b in bases_of(delta_bases.get(s))}
-    return sorted(doomed, reverse=True)  # a delta is newer than its base: dependents go first
+    return deletion_order(doomed, delta_bases)
+
+
+def deletion_order(doomed: Iterable[int], delta_bases: Mapping[int, DeltaBases]) -> list[int]:
+    """``doomed`` in an order that deletes every step before each step it is a delta of (dependants first).
+
+    A kill between any two deletions then leaves only steps whose bases are all still there. A delta is
+    usually newer than its base, but not always (a lower tier receives promotions newest first and may encode
+    an older step against a newer base), so the order follows the recorded bases; among steps free to go, the
+    newest goes first. Bases that form a cycle (a damaged marker) are deleted newest first after the rest.
+    """
+    left = set(doomed)
+    # waiting[b]: doomed steps that are deltas of b and not deleted yet
+    waiting: dict[int, set[int]] = {s: set() for s in left}
+    for s in left:
+        for b in bases_of(delta_bases.get(s)):
+            if b in waiting and b != s:
+                waiting[b].add(s)
+    out: list[int] = []
+    while left:
+        free = [s for s in left if not waiting[s]]
+        if not free:  # a cycle: no order is safe; go newest first
+            free = [max(left)]
+        s = max(free)
+        out.append(s)
+        left.discard(s)
+        for b in bases_of(delta_bases.get(s)):
+            if b in waiting:
+                waiting[b].discard(s)
+    return out
 
 
 def dependents(step: int, delta_bases: Mapping[int, DeltaBases]) -> list[int]:
@@ -258,6 +290,7 @@ __all__ = [
     "KeepAll",
     "LatestN",
     "Policy",
+    "deletion_order",
     "delta_decision",
     "dependents",
     "next_delta_state",

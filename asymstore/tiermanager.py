@@ -9,24 +9,38 @@ promotion: a dead HDFS only delays the steps it has not received yet.
 
 Both paths share one tail (:meth:`TierManager._write`): plan, write, finalize (multi-rank), mark, record
 history, apply retention. They differ only in their source. What to delete is decided by
-:func:`.retention.plan_retention`; this module only gathers what it needs.
+:func:`.retention.plan_retention`; this module only gathers what it needs, and deletes in the order it gives
+(every delta before its base), each step un-committed first.
+
+When a write runs out of space (``ENOSPC``, a quota) its partial files are already gone (the writer removes
+them); the manager then lets retention make room as if the new step were there (:meth:`TierManager.make_room`:
+only what the tier's policies would delete once the step is written, never the newest committed step) and
+retries once. A write that still does not fit raises :class:`~asymstore.errors.TierFullError` naming the tier,
+the path, the step and the bytes needed.
+
+Each tier's crash leftovers are cleaned once when the manager starts (the first tier at once, the others on
+their promotion threads, so a slow tier never delays opening): :func:`.cleanup.clean_leftovers`.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
+import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import CorruptCheckpointError
+from .cleanup import CleanReport
+from .errors import AsymstoreError, CorruptCheckpointError, TierFullError
 from .hostpool import HostPool
 from .interfaces import StreamSource
-from .manifest import commit_delta_bases
-from .retention import plan_retention, promotion_wanted
+from .manifest import commit_delta_bases, step_dir
+from .retention import DeltaState, bases_of, plan_deletions, plan_retention, promotion_wanted
 from .retry import Backoff, poll
 from .threads import lower_thread_priority
 from .tiers import PersistentTier
@@ -51,6 +65,27 @@ class TierActivity:
     last_partition_bytes: int | None = None
     retry_at: float = 0.0
     history: list[tuple[int, float, int]] = field(default_factory=list)  # (step, seconds, stored bytes)
+    made_room: int = 0  # steps retention deleted to make room for a write that ran out of space
+    cleaned: CleanReport | None = None  # the crash leftovers removed when the manager started
+
+
+_NO_SPACE_WORDS = ("no space left", "quota", "diskoutofspace", "out of space", "not enough space")
+
+
+def no_space(e: BaseException | None) -> bool:
+    """Whether ``e`` (or what caused it) says the storage is full (``ENOSPC``, ``EDQUOT``, an HDFS quota)."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(e, TierFullError):
+            return True
+        msg = str(e).lower()
+        if any(w in msg for w in _NO_SPACE_WORDS):
+            return True
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return False
 
 
 class TierManager:
@@ -68,6 +103,9 @@ class TierManager:
         # its own promotion thread, never on the persistence path of the first tier
         self._known: dict[str, set[int]] = {}
         self._known_lock = threading.Lock()
+        self._clean_done = {t.name: threading.Event() for t in self.tiers}
+        if self.tiers:
+            self._clean(0)
         self._threads = [
             threading.Thread(target=self._promoter, args=(k,), daemon=True, name=f"asymstore-promote-{t.name}")
             for k, t in enumerate(self.tiers)
@@ -105,20 +143,110 @@ class TierManager:
             if slot is not None:
                 self.host.unlease(slot)
 
+    def _write_once(self, tier: PersistentTier, step: int, source: Source, content: CheckpointContent) -> WriteReport:
+        act = self.activity[tier.name]
+        with tier.lock:
+            whole = isinstance(source, memoryview)
+            plan = tier.plan(step, content.layout, whole_stream=whole)
+            act.last_partition_bytes = plan.partition_bytes
+            stream = source if isinstance(source, memoryview) else source(plan.partition_bytes)
+            rep = tier.writer().write(plan, stream, content, delta_base=tier.delta_base(plan))
+            if isinstance(stream, memoryview):
+                tier.after_write(plan, stream, content.layout.signature, rep)
+        return rep
+
+    def _write_with_room(self, k: int, step: int, source: Source, content: CheckpointContent) -> WriteReport:
+        """One write; when it runs out of space, let retention make room and retry it once."""
+        tier = self.tiers[k]
+        try:
+            return self._write_once(tier, step, source, content)
+        except Exception as e:
+            if not no_space(e):
+                raise
+            first = e
+        try:
+            freed = self.make_room(k, step, content.layout.total_bytes)
+        except AsymstoreError as e:
+            log.warning("retention could not make room on %s: %s", tier.name, e)
+            freed = []
+        if not freed:
+            raise self._full_error(tier, step, content, first, freed) from first
+        log.warning(
+            "tier %s ran out of space writing step %s; retention deleted steps %s to make room, retrying",
+            tier.name,
+            step,
+            freed,
+        )
+        try:
+            return self._write_once(tier, step, source, content)
+        except Exception as e:
+            if no_space(e):
+                raise self._full_error(tier, step, content, e, freed) from e
+            raise
+
+    @staticmethod
+    def _full_error(
+        tier: PersistentTier, step: int, content: CheckpointContent, err: BaseException, freed: Sequence[int]
+    ) -> TierFullError:
+        where = f"{tier.url.rstrip('/')}/{step_dir(step)}"
+        root = getattr(tier.backend, "root", None)
+        free = ""
+        if isinstance(root, str) and os.path.isdir(root):
+            free = f", {shutil.disk_usage(root).free} bytes free"
+        need = content.layout.total_bytes
+        made = (
+            f"retention deleted steps {list(freed)} and the retry failed too"
+            if freed
+            else ("retention may delete no step (its keep= policies keep every one)")
+        )
+        code = err.errno if isinstance(err, OSError) and err.errno else errno.ENOSPC
+        return TierFullError(
+            f"tier {tier.name} is full: step {step} needs up to {need} bytes at {where}{free}; {made} "
+            f"({type(err).__name__}: {err}). Free space there, keep fewer steps (keep=) or compress.",
+            errno=code,
+        )
+
+    def make_room(self, k: int, step: int, nbytes: int) -> list[int]:
+        """Delete the steps of tier ``k`` that its policies would delete once ``step`` (``nbytes``) is written;
+        returns them. The newest committed step, the tier's delta base and what lower tiers still need stay."""
+        tier = self.tiers[k]
+        steps = self.steps_of(tier)
+        if not steps:
+            return []
+        commits = {s: self._commit(tier, s) for s in steps}
+        bases: dict[int, list[int]] = {s: commit_delta_bases(c) for s, c in commits.items()}
+        sizes = {s: int(c.get("stored_bytes", 0)) for s, c in commits.items()}
+        base = tier.delta_state.base_step
+        bases[step] = [base] if base is not None else []
+        sizes[step] = nbytes
+        protected = {max(steps)} | ({base} if base is not None else set())
+        doomed = plan_retention(
+            sorted(set(steps) | {step}),
+            sizes,
+            tier.policies,
+            delta_bases=bases,
+            durable_elsewhere=self._durable_elsewhere(tier),
+            pending=self.pending(k + 1) if k + 1 < len(self.tiers) else (),
+            protected=protected,
+        )
+        out = []
+        for s in doomed:
+            if s == step:
+                continue
+            self.delete(tier, s)
+            self.activity[tier.name].deleted += 1
+            self.activity[tier.name].made_room += 1
+            out.append(s)
+        return out
+
     def _write(self, k: int, step: int, source: Source, content: CheckpointContent) -> WriteReport:
-        """Plan, write, finalize (multi-rank), mark, record history, apply retention."""
+        """Plan, write (making room once if the tier is full), finalize (multi-rank), mark, record history,
+        apply retention."""
         tier = self.tiers[k]
         act = self.activity[tier.name]
         act.in_flight = step
         try:
-            with tier.lock:
-                whole = isinstance(source, memoryview)
-                plan = tier.plan(step, content.layout, whole_stream=whole)
-                act.last_partition_bytes = plan.partition_bytes
-                stream = source if isinstance(source, memoryview) else source(plan.partition_bytes)
-                rep = tier.writer().write(plan, stream, content, delta_base=tier.delta_base(plan))
-                if isinstance(stream, memoryview):
-                    tier.after_write(plan, stream, content.layout.signature, rep)
+            rep = self._write_with_room(k, step, source, content)
             if tier.multi_rank and tier.config.rank == 0:
                 tier.finalize(step)
             self._mark(tier, step, True)
@@ -172,13 +300,36 @@ class TierManager:
             return []
         n = len(steps)
         todo = [s for i, s in enumerate(steps) if s not in have and promotion_wanted(dst.policies, s, age=n - 1 - i)]
+        # never a step the tier's retention would delete as soon as it arrived (it holds enough newer ones):
+        # promoting it would loop, copying and deleting it again and again
+        todo = [s for s in todo if s not in plan_deletions(sorted(have | {s}), {}, dst.policies)]
         if dst.multi_rank and dst.config.rank > 0:  # a rank > 0 is done once its own rank directory is committed
             todo = [s for s in todo if not dst.rank_committed(s)]
         return sorted(todo, reverse=True)
 
+    # --- crash leftovers ---------------------------------------------------------
+    def _clean(self, k: int) -> None:
+        tier = self.tiers[k]
+        try:
+            self.activity[tier.name].cleaned = tier.clean_leftovers()
+        except Exception as e:  # an unreachable tier: its leftovers wait for the next open
+            log.warning("tier %s: crash leftovers not cleaned (%s)", tier.name, e)
+        finally:
+            self._clean_done[tier.name].set()
+
+    def wait_cleaned(self, timeout: float | None = None) -> bool:
+        """Wait until every tier's start-up clean-up of crash leftovers ran; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for ev in self._clean_done.values():
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            if not ev.wait(left):
+                return False
+        return True
+
     def _promoter(self, k: int) -> None:
         dst = self.tiers[k]
         lower_thread_priority(dst.config.background_nice, dst.config.background_idle)
+        self._clean(k)
         act = self.activity[dst.name]
         backoff = Backoff(initial_s=0.5, max_s=self.max_backoff_s)
         while True:
@@ -230,6 +381,7 @@ class TierManager:
         try:
             commits = {s: self._commit(tier, s) for s in steps}
             bases = {s: commit_delta_bases(c) for s, c in commits.items()}
+            base = tier.delta_state.base_step  # later writes are encoded against it
             doomed = plan_retention(
                 steps,
                 {s: int(c.get("stored_bytes", 0)) for s, c in commits.items()},
@@ -237,6 +389,7 @@ class TierManager:
                 delta_bases=bases,
                 durable_elsewhere=self._durable_elsewhere(tier),
                 pending=self.pending(j + 1) if j + 1 < len(self.tiers) else (),
+                protected=() if base is None else (base,),
             )
         except CorruptCheckpointError as e:
             log.warning("retention on %s skipped: %s", tier.name, e)
@@ -248,10 +401,32 @@ class TierManager:
 
     def delete(self, tier: PersistentTier, step: int) -> None:
         """Delete ``step`` from ``tier`` and forget it (the known steps and the cached commit marker), so no
-        promotion copies it and a later step of the same number is read afresh."""
-        self._mark(tier, step, False)
-        tier.delete(step)
-        self._commit_cache.pop((tier.name, step), None)
+        promotion copies it and a later step of the same number is read afresh.
+
+        Refused (:class:`~asymstore.errors.AsymstoreError`) while a committed step of the tier is a delta of it;
+        the check and the delete hold the tier's write lock, so no delta against it is being written either.
+        A deleted delta base is no longer offered to later writes.
+        """
+        with tier.lock:
+            with self._known_lock:
+                known = set(self._known.get(tier.name, set()))
+            deps = []
+            for s in sorted(known - {step}):
+                try:
+                    if step in bases_of(commit_delta_bases(self._commit(tier, s))):
+                        deps.append(s)
+                except CorruptCheckpointError:
+                    continue
+            if deps:
+                raise AsymstoreError(
+                    f"step {step} is the delta base of steps {deps} on {tier.name}; delete those first"
+                )
+            if tier.delta_state.base_step == step:
+                tier.delta_state = DeltaState()
+                tier.delta = None
+            self._mark(tier, step, False)
+            tier.delete(step)
+            self._commit_cache.pop((tier.name, step), None)
 
     # --- status and lifecycle ------------------------------------------------------
     def status(self) -> list[dict[str, Any]]:
@@ -279,6 +454,7 @@ class TierManager:
                     "deleted": act.deleted,
                     "errors": act.errors,
                     "last_error": act.last_error,
+                    "made_room": act.made_room,
                     "keep": [repr(p) for p in t.policies],
                 }
             )

@@ -11,16 +11,17 @@ import threading
 import time
 import uuid
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from asymstore.backends import open_object_store, scheme_of
 from asymstore.backends.base import ObjectStore
 
-from . import catalog
+from . import catalog, claims, cleanup
 from .batch_plan import LatencyBandwidthModel
 from .compression import CodecDecisions
 from .config import Config, MiB
-from .errors import CheckpointFailedError
+from .errors import CheckpointFailedError, StepExistsError
 from .interfaces import RetentionPolicy
 from .layout import Layout
 from .manifest import COMMIT_KEY, GROUP_KEY, global_commit_record, parse_commit, rank_dir, step_dir
@@ -108,7 +109,7 @@ class PersistentTier:
         self.delta_state = DeltaState()
         self.delta: DeltaBase | None = None
         self._delta_buf: bytearray | None = None
-        ensure_root_group(self.backend)
+        ensure_root_group(self.backend, create=getattr(config, "create", True))
 
     @property
     def store(self) -> ObjectStore:
@@ -125,11 +126,14 @@ class PersistentTier:
 
         from .zarrfmt import crc32c
 
-        # a prefix of its own: other ranks (or processes) sharing this tier probe it at the same time
-        prefix = f"_probe/{uuid.uuid4().hex}/"
+        # a prefix of its own: other ranks (or processes) sharing this tier probe it at the same time; its
+        # claim tells a later clean-up whether the prober is still alive (a killed probe's objects are removed)
+        prefix = f"{cleanup.PROBE_DIR}/{uuid.uuid4().hex}/"
         big = os.urandom(8 * MiB)
         small: list[float] = []
+        token, record = claims.new_claim("probe")
         try:
+            self.backend.create_exclusive(prefix + claims.CLAIM_KEY, record)
             for i, n in enumerate((4096, 4096, 4096, 2 * MiB, 8 * MiB)):
                 t0 = time.perf_counter()
                 self.backend.put(f"{prefix}{i}", memoryview(big)[:n])
@@ -142,7 +146,10 @@ class PersistentTier:
             crc32c(big)
             self.stats.stage_bandwidth = len(big) / max(time.perf_counter() - t0, 1e-9)
         finally:
-            self.backend.delete_prefix(prefix)
+            try:
+                self.backend.delete_prefix(prefix)
+            finally:
+                claims.release(token)
         self._probed = True
         return self.stats
 
@@ -269,7 +276,8 @@ class PersistentTier:
         prefix = step_dir(step) + "/"
         self.backend.put(prefix + GROUP_KEY, dumps(group_metadata({"asymstore": {"step": step, "ranks": n}})))
         self.backend.barrier(prefix)
-        self.backend.put_atomic(prefix + COMMIT_KEY, global_commit_record(step, n, markers, raw))
+        if not self.backend.create_exclusive(prefix + COMMIT_KEY, global_commit_record(step, n, markers, raw)):
+            raise StepExistsError(f"step {step} is already committed on {self.name} ({self.url}/{prefix}{COMMIT_KEY})")
 
     def commit_info(self, step: int) -> dict[str, object]:
         """The step's parsed commit marker on this tier (``{}`` when not committed)."""
@@ -283,22 +291,42 @@ class PersistentTier:
         """Committed steps on this tier stored as XOR deltas of ``step``."""
         return catalog.dependents(self.backend, step)
 
-    def discard_uncommitted(self, *, after: int | None = None) -> list[int]:
+    def discard_uncommitted(self, *, after: int | None = None, keep: Collection[int] = ()) -> list[int]:
         """Remove this rank's objects of steps that were never committed (crashed attempts), only those newer
-        than ``after`` if given.
+        than ``after`` if given, never those in ``keep`` (steps being persisted from host memory), and killed
+        probes and stale temporaries (:func:`asymstore.cleanup.clean_leftovers` with ``force``).
 
-        Only this process writes them, so this is safe whenever it is not saving right now,
-        e.g. when a job starts or resumes. Returns the steps cleaned.
+        The caller states that no other writer of this rank runs, so claims made on other machines are removed
+        at once; a live writer on this machine (another process saving into this root) keeps its step. Safe
+        whenever this process is not saving, e.g. when a job starts or resumes. Returns the steps cleaned.
         """
-        return catalog.discard_uncommitted(
-            self.backend, rank=self.config.rank, world_size=self.config.world_size, after=after
+        rep = cleanup.clean_leftovers(
+            self.backend, rank=self.config.rank, world_size=self.config.world_size, force=True, after=after, keep=keep
         )
+        return rep.steps
+
+    def clean_leftovers(self) -> cleanup.CleanReport:
+        """Remove this rank's crash leftovers whose writers are dead (:func:`asymstore.cleanup.clean_leftovers`):
+        killed probes, uncommitted steps, stale temporaries. Safe while other processes write the tier."""
+        rep = cleanup.clean_leftovers(self.backend, rank=self.config.rank, world_size=self.config.world_size)
+        if rep:
+            catalog.log.info(
+                "tier %s: removed crash leftovers: %d probe directories, steps %s, %d temporaries",
+                self.name,
+                rep.probes,
+                rep.steps,
+                rep.temporaries,
+            )
+        return rep
 
     def delete(self, step: int) -> None:
-        """Un-commit first (marker), then remove the objects (a rank > 0 removes only its rank directory)."""
+        """Un-commit first (the marker, made durable), then remove the objects (a rank > 0 removes only its rank
+        directory). A kill in between leaves an uncommitted step directory, never a listed step missing data;
+        the next clean-up removes it."""
         prefix = step_dir(step) + "/"
         if self.config.rank == 0:
             self.backend.delete(prefix + COMMIT_KEY)
+            self.backend.barrier(prefix)
             self.backend.delete_prefix(prefix if not self.multi_rank else self.rank_prefix(step))
         else:
             self.backend.delete_prefix(self.rank_prefix(step))

@@ -2,7 +2,9 @@
 
 :meth:`CheckpointWriter.write` decides nothing the plan decides; it runs these phases, in order:
 
-1. remove leftovers of an interrupted attempt under the plan's prefix (refused if the step is committed);
+1. claim the plan's prefix (its ``CLAIM`` object, created exclusively: :mod:`.claims`; refused with
+   :class:`~asymstore.errors.StepExistsError` if the step is committed or another live writer holds the claim),
+   then remove leftovers of an interrupted attempt under it;
 2. per partition of the plan: pick its codec chain (the forced one, or measured: selective compression,
    :mod:`.compression`), apply the XOR delta against the plan's base if the chain is a delta, encode the
    shard (checksums, compression) and write it (one object). Two stages in a pipeline: partition ``i+1`` is
@@ -11,13 +13,15 @@
 3. write one zarr array ``zarr.json`` per codec chain used;
 4. write the step group's ``zarr.json`` carrying the manifest;
 5. ``barrier``: make every name durable;
-6. write the commit marker, atomically and last.
+6. write the commit marker, atomically, exclusively and last.
 
-A crash anywhere before 6 leaves a step without a marker, which no reader lists.
+A crash anywhere before 6 leaves a step without a marker, which no reader lists. A write that fails removes
+what it wrote (its claim last), so a failed save leaves no partial files.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import dtypes
+from . import claims, dtypes
 from .codecs import RAW, CodecSpec, xor_into
 from .compression import CodecDecisions, choose_codec, measure_candidates
 from .errors import ConfigError, StepExistsError
@@ -40,6 +44,8 @@ if TYPE_CHECKING:
     from .reader import CheckpointReader
 
 Progress = Callable[[int, int], None]
+
+log = logging.getLogger("asymstore")
 
 
 @dataclass
@@ -176,27 +182,91 @@ class CheckpointWriter:
         ``delta_base`` is the stream of the plan's delta base (needed when the plan offers one).
         """
         t_start = time.perf_counter()
-        self._begin(plan)
         src, base = self._sources(plan, stream, content, delta_base)
-        if self.decisions is not None:
-            self.decisions.next_checkpoint()
-        report = WriteReport(plan.step, plan.total_bytes, 0, 0)
-        records, used = self._write_partitions(plan, content.layout, src, base, report, progress)
-        self._commit(plan, content, records, used, report)
+        token = self._begin(plan)
+        try:
+            if self.decisions is not None:
+                self.decisions.next_checkpoint()
+            report = WriteReport(plan.step, plan.total_bytes, 0, 0)
+            records, used = self._write_partitions(plan, content.layout, src, base, report, progress)
+            self._commit(plan, content, records, used, report)
+        except BaseException:
+            self._discard_attempt(plan)
+            raise
+        finally:
+            claims.release(token)
         report.seconds = time.perf_counter() - t_start
         return report
 
     # --- phases ------------------------------------------------------------------------------------
-    def _begin(self, plan: WritePlan) -> None:
+    def _committed_error(self, plan: WritePlan) -> StepExistsError:
+        marker = step_dir(plan.step) + "/" + COMMIT_KEY
+        return StepExistsError(
+            f"step {plan.step} is already committed in {self.backend.url} ({marker}); delete "
+            "it first or save under another step"
+        )
+
+    def _begin(self, plan: WritePlan) -> str:
+        """Claim ``plan.prefix`` for this write and clear an interrupted attempt's leftovers; the claim's token."""
         marker = step_dir(plan.step) + "/" + COMMIT_KEY
         if self.backend.exists(marker):
-            raise StepExistsError(
-                f"step {plan.step} is already committed in {self.backend.url} ({marker}); delete "
-                "it first or save under another step"
-            )
-        # leftovers of an interrupted attempt, including a rank's marker of a step that was never committed
-        # globally (another rank died): this attempt replaces them
-        self.backend.delete_prefix(plan.prefix)
+            raise self._committed_error(plan)
+        key = plan.prefix + claims.CLAIM_KEY
+        token, record = claims.new_claim(f"step {plan.step}")
+        try:
+            won = self.backend.create_exclusive(key, record)
+            if not won:
+                held = claims.parse(self.backend.get(key))
+                if claims.is_own_abandoned(held):  # a failed save of this process that could not clean up
+                    self._remove_objects(plan.prefix)
+                    won = self.backend.create_exclusive(key, record)
+                if not won:
+                    if self.backend.exists(marker):
+                        raise self._committed_error(plan)
+                    raise self._claimed_error(plan, key, held)
+            if self.backend.exists(marker):  # committed meanwhile by a writer that claims nothing
+                self.backend.delete(key)
+                raise self._committed_error(plan)
+            # leftovers of an interrupted attempt, including a rank's marker of a step that was never committed
+            # globally (another rank died): this attempt replaces them
+            self._remove_objects(plan.prefix, keep=key)
+        except BaseException:
+            claims.release(token)
+            raise
+        return token
+
+    def _claimed_error(self, plan: WritePlan, key: str, held: claims.Claim | None) -> StepExistsError:
+        where = f"{self.backend.url}/{key}"
+        if held is None:
+            who = "another writer (its claim record is unreadable)"
+        else:
+            who = held.describe()
+        dead = claims.is_dead(held)
+        hint = (
+            "it is the leftover of a save that crashed: reopen the store or call discard_uncommitted() to "
+            "remove it, then save again"
+            if dead
+            else "two processes are saving the same step into one root: give each job its own directory "
+            "or save under another step"
+        )
+        return StepExistsError(f"step {plan.step} is being saved by {who} ({where}); {hint}")
+
+    def _remove_objects(self, prefix: str, *, keep: str | None = None) -> None:
+        """Delete every object under ``prefix`` except ``keep`` (and the temporaries there)."""
+        for k in list(self.backend.list(prefix)):
+            if k != keep:
+                self.backend.delete(k)
+        self.backend.remove_temporaries(prefix)
+
+    def _discard_attempt(self, plan: WritePlan) -> None:
+        """Remove what a failed write of ``plan`` wrote: its marker first, its claim last (best effort)."""
+        key = plan.prefix + claims.CLAIM_KEY
+        try:
+            self.backend.delete(plan.prefix + COMMIT_KEY)
+            self._remove_objects(plan.prefix, keep=key)
+            self.backend.delete(key)
+        except Exception as e:  # e.g. the tier is gone: the next attempt (or opening the store) cleans up
+            log.warning("could not remove the partial files of step %s in %s: %s", plan.step, self.backend.url, e)
 
     @staticmethod
     def _sources(
@@ -325,7 +395,7 @@ class CheckpointWriter:
         group = dumps(group_metadata({"asymstore": manifest.to_json()}))
         self.backend.put(plan.prefix + GROUP_KEY, group)
         self.backend.barrier(plan.prefix)
-        self.backend.put_atomic(
+        created = self.backend.create_exclusive(
             plan.prefix + COMMIT_KEY,
             commit_record(
                 plan.step,
@@ -337,12 +407,57 @@ class CheckpointWriter:
                 report.delta_base,
             ),
         )
+        if not created:  # only a writer that ignored the claim can get here
+            raise StepExistsError(f"step {plan.step}: a commit marker appeared in {self.backend.url}/{plan.prefix}")
 
 
-def ensure_root_group(backend: ObjectStore) -> None:
-    """The tier root is a zarr group too, so plain zarr can browse the steps."""
-    if not backend.exists(GROUP_KEY):
-        backend.put_atomic(GROUP_KEY, dumps(group_metadata({"asymstore": {"root": True}})))
+#: the root group's attributes: what marks a directory as an asymstore root
+ROOT_ATTRS = {"asymstore": {"root": True}}
+
+
+def _root_problem(backend: ObjectStore) -> str | None:
+    """Why the root of ``backend`` is not an asymstore root it may create or open (``None``: it is fine)."""
+    import json
+
+    from .manifest import parse_step_dir
+
+    raw = backend.get(GROUP_KEY)
+    if raw is not None:
+        try:
+            attrs = json.loads(raw).get("attributes", {})
+        except (ValueError, AttributeError):
+            attrs = None
+        if isinstance(attrs, dict) and isinstance(attrs.get("asymstore"), dict):
+            return None
+        return f"{backend.url} holds a {GROUP_KEY} that is not an asymstore root"
+    dirs = backend.list_dirs("")
+    if any(parse_step_dir(d) is not None for d in dirs):
+        return None  # checkpoints without a root group (written before there was one): a store
+    if not dirs and not any(True for _ in backend.list("")):
+        return None  # empty
+    return f"{backend.url} is not empty and holds no asymstore checkpoints"
+
+
+def ensure_root_group(backend: ObjectStore, *, create: bool = True) -> None:
+    """Make sure the tier root is an asymstore root (a zarr group too, so plain zarr can browse the steps).
+
+    An existing store is opened as it is. An empty or missing root is made a store when ``create`` (else
+    :class:`~asymstore.errors.ConfigError`). A directory that holds other things is never written into: a
+    ``ConfigError`` says so.
+    """
+    from .errors import ConfigError
+
+    problem = _root_problem(backend)
+    if problem is not None:
+        raise ConfigError(
+            f"{problem}: refusing to create a checkpoint store there. Use an empty or new directory "
+            "(e.g. a 'checkpoints' subdirectory)."
+        )
+    if backend.exists(GROUP_KEY):
+        return
+    if not create and not backend.list_dirs(""):  # (a store of steps without a root group is one: opened)
+        raise ConfigError(f"no asymstore store at {backend.url} (create=False): pass create=True to make one")
+    backend.put_atomic(GROUP_KEY, dumps(group_metadata(ROOT_ATTRS)))
 
 
 __all__ = [

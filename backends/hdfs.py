@@ -278,6 +278,77 @@ class HdfsObjectStore(ObjectStore):
 
         self._call(f"put_atomic {key!r}", attempt)
 
+    def create_exclusive(self, key: str, data: Buffer | Sequence[Buffer]) -> bool:
+        """Write a hidden temporary next to ``key`` and rename it to ``key`` without overwrite (the NameNode
+        refuses the rename when ``key`` exists: of racing writers exactly one succeeds).
+
+        A retried attempt whose first rename went through although its answer was lost finds ``key`` holding
+        exactly its own bytes, and counts as created.
+        """
+        path = self._path(key)
+        bufs = as_buffers(data)
+        parent, name = posixpath.split(path)
+        renamed = False  # a rename was sent (its answer may have been lost)
+
+        def attempt() -> bool:
+            nonlocal renamed
+            if self._exists_path(path):
+                return self._holds(path, bufs) if renamed else False
+            tmp = posixpath.join(parent, f"{TMP_PREFIX}{name}.{uuid.uuid4().hex}")
+            try:
+                self._write_file(tmp, bufs)
+                renamed = True
+                try:
+                    self._client.rename(tmp, path, False)
+                except (OSError, RuntimeError) as e:
+                    if isinstance(e, FileExistsError) or "exist" in str(e).lower():
+                        return False
+                    raise
+                return True
+            finally:
+                try:
+                    self._client.delete(tmp, False)
+                except Exception:
+                    pass
+
+        return self._call(f"create_exclusive {key!r}", attempt)
+
+    def _exists_path(self, path: str) -> bool:
+        try:
+            self._client.get_file_info(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return True
+
+    def _holds(self, path: str, bufs: list[memoryview]) -> bool:
+        """Whether the file at ``path`` holds exactly ``bufs`` (one read; used only for small records)."""
+        reader = self._open(path)
+        return reader is not None and bytes(reader.read()) == b"".join(bufs)
+
+    def remove_temporaries(self, prefix: str, *, older_than_s: float = 0.0) -> int:
+        """Delete the hidden temporaries in the directory ``prefix`` not modified for ``older_than_s`` seconds."""
+        import time
+
+        d = self._dir(prefix)
+
+        def run() -> int:
+            now_ms = time.time() * 1000
+            n = 0
+            for st in self._list_dir(d):
+                name = posixpath.basename(st.path)
+                if st.isdir or not name.startswith(TMP_PREFIX):
+                    continue
+                if now_ms - float(getattr(st, "modification_time", 0)) < older_than_s * 1000:
+                    continue
+                try:
+                    self._client.delete(posixpath.join(d, name), False)
+                    n += 1
+                except FileNotFoundError:
+                    pass
+            return n
+
+        return self._call(f"remove_temporaries {prefix!r}", run)
+
     def delete(self, key: str) -> None:
         """Delete the file of ``key`` if present."""
         path = self._path(key)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from urllib.parse import unquote, urlparse
 
 from asymstore.errors import BackendUnavailableError, ConfigError
-from asymstore.files import atomic_write, fsync_dir
+from asymstore.files import atomic_write, exclusive_write, fsync_dir, remove_stale_temporaries
 
 from .base import Buffer, ByteRange, Capabilities, ObjectStore, as_buffers, check_key, check_prefix, dir_prefix
 
@@ -59,6 +59,11 @@ class LocalObjectStore(ObjectStore):
 
     def __init__(self, url: str, *, fsync: bool = True, direct_io: bool = True) -> None:
         super().__init__(url)
+        if not isinstance(url, str) or not url.strip():
+            raise ConfigError(
+                f"empty checkpoint directory {url!r}: name the directory explicitly (e.g. './checkpoints'); "
+                "an empty path would write into the current directory"
+            )
         self.root = path_from_url(url)
         self.fsync = fsync
         #: large page-aligned buffers (host snapshot slots) are written with O_DIRECT where supported
@@ -136,6 +141,16 @@ class LocalObjectStore(ObjectStore):
     def put_atomic(self, key: str, data: Buffer | Sequence[Buffer]) -> None:
         """Write a temporary file the way :meth:`put` does, rename it over ``key``, fsync the directory."""
         atomic_write(self._path(key), lambda tmp: self._write_file(tmp, data), fsync_parent=self.fsync)
+
+    def create_exclusive(self, key: str, data: Buffer | Sequence[Buffer]) -> bool:
+        """Write a temporary file the way :meth:`put` does and hard-link it as ``key`` unless ``key`` exists
+        (:func:`asymstore.files.exclusive_write`); the directory is fsynced when ``fsync``."""
+        path = self._path(key)
+        return exclusive_write(path, lambda tmp: self._write_file(tmp, data), fsync_parent=self.fsync)
+
+    def remove_temporaries(self, prefix: str, *, older_than_s: float = 0.0) -> int:
+        """Unlink the temporaries in the directory ``prefix`` unchanged for ``older_than_s`` seconds."""
+        return remove_stale_temporaries(self._dir(prefix), older_than_s=older_than_s)
 
     def barrier(self, prefix: str) -> None:
         """Fsync every directory under the directory ``prefix`` and its parent (so their names are durable)."""

@@ -45,6 +45,16 @@ class MemoryObjectStore(ObjectStore):
         with _LOCK:
             self._objects[key] = blob
 
+    def create_exclusive(self, key: str, data: Buffer | Sequence[Buffer]) -> bool:
+        """Store ``data`` as ``key`` unless ``key`` exists (checked and set under the namespace lock)."""
+        check_key(key)
+        blob = b"".join(as_buffers(data))
+        with _LOCK:
+            if key in self._objects:
+                return False
+            self._objects[key] = blob
+        return True
+
     def delete(self, key: str) -> None:
         """Remove ``key`` if present."""
         check_key(key)

@@ -485,6 +485,55 @@ class ObjectStoreConformance:
         assert all(s in versions for s in seen), "a reader saw a partial or missing object"
         assert target.raw.keys() == {"atom"}
 
+    # --- exclusive creation -------------------------------------------------------------------------------
+    #: writers racing for one key in :meth:`test_create_exclusive_race` (and rounds of that race)
+    exclusive_writers: ClassVar[int] = 8
+    exclusive_rounds: ClassVar[int] = 5
+
+    def test_create_exclusive(self, target: BackendUnderTest) -> None:
+        """``create_exclusive`` creates a missing key (True), never touches an existing one (False), and leaves
+        no temporary behind."""
+        b = target.backend
+        assert b.create_exclusive("x/CLAIM", [b"fir", b"st"]) is True
+        assert b.get("x/CLAIM") == b"first"
+        assert b.create_exclusive("x/CLAIM", b"second") is False
+        assert b.get("x/CLAIM") == b"first"
+        b.put("x/other", b"written by put")
+        assert b.create_exclusive("x/other", b"no") is False
+        assert b.get("x/other") == b"written by put"
+        target.raw.write("y/raw", b"another writer's")
+        assert b.create_exclusive("y/raw", b"no") is False
+        assert target.raw.read("y/raw") == b"another writer's"
+        big = payload(MiB + 5, 3)
+        assert b.create_exclusive("z", big) is True
+        assert b.get("z") == big
+        assert target.raw.keys() == {"x/CLAIM", "x/other", "y/raw", "z"}
+        assert b.remove_temporaries("") == 0 and b.remove_temporaries("x/") == 0
+        assert target.raw.keys() == {"x/CLAIM", "x/other", "y/raw", "z"}
+
+    def test_create_exclusive_race(self, target: BackendUnderTest) -> None:
+        """Of writers racing to create one key exactly one wins, and the object holds the winner's bytes whole
+        (each writer on its own backend instance, as separate processes would be)."""
+        writers = [target.backend] + [target.reopen(target.backend) for _ in range(self.exclusive_writers - 1)]
+        try:
+            for r in range(self.exclusive_rounds):
+                key = f"race{r}/COMMIT"
+                datas = [payload(4096 + i, 100 * r + i) for i in range(len(writers))]
+                start = threading.Barrier(len(writers))
+
+                def go(i: int, key: str = key, datas: list[bytes] = datas, start: threading.Barrier = start) -> bool:
+                    start.wait()
+                    return writers[i].create_exclusive(key, datas[i])
+
+                with ThreadPoolExecutor(len(writers)) as ex:
+                    won = list(ex.map(go, range(len(writers))))
+                assert won.count(True) == 1, f"round {r}: {won.count(True)} writers created {key}"
+                assert target.raw.read(key) == datas[won.index(True)]
+            assert target.raw.keys() == {f"race{r}/COMMIT" for r in range(self.exclusive_rounds)}
+        finally:
+            for w in writers[1:]:
+                w.close()
+
     # --- barrier and capabilities ----------------------------------------------------------------------
     def test_barrier(self, target: BackendUnderTest) -> None:
         """``barrier`` on written, missing and root prefixes succeeds and changes no object."""
