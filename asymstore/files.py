@@ -117,6 +117,10 @@ def exclusive_write(path: str, write: Callable[[str], None], *, fsync_parent: bo
             os.link(tmp, path)
         except FileExistsError:
             return False
+        except FileNotFoundError:  # the temporary was removed by a clean-up of a directory another writer claimed
+            if os.path.lexists(path):
+                return False
+            raise
         except OSError as e:
             if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
                 raise

@@ -265,6 +265,8 @@ class CheckpointWriter:
             self.backend.delete(plan.prefix + COMMIT_KEY)
             self._remove_objects(plan.prefix, keep=key)
             self.backend.delete(key)
+            if not any(True for _ in self.backend.list(plan.prefix)):
+                self.backend.delete_prefix(plan.prefix)  # the directories left empty
         except Exception as e:  # e.g. the tier is gone: the next attempt (or opening the store) cleans up
             log.warning("could not remove the partial files of step %s in %s: %s", plan.step, self.backend.url, e)
 

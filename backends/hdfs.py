@@ -296,12 +296,15 @@ class HdfsObjectStore(ObjectStore):
                 return self._holds(path, bufs) if renamed else False
             tmp = posixpath.join(parent, f"{TMP_PREFIX}{name}.{uuid.uuid4().hex}")
             try:
-                self._write_file(tmp, bufs)
-                renamed = True
                 try:
+                    self._write_file(tmp, bufs)
+                    renamed = True
                     self._client.rename(tmp, path, False)
                 except (OSError, RuntimeError) as e:
-                    if isinstance(e, FileExistsError) or "exist" in str(e).lower():
+                    if isinstance(e, FileExistsError) or "already exist" in str(e).lower():
+                        return False
+                    # the temporary was removed by the clean-up of a directory another writer claimed
+                    if isinstance(e, FileNotFoundError) and self._exists_path(path):
                         return False
                     raise
                 return True
