@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from . import validate
 from .errors import AsymstoreError, CorruptCheckpointError, StepNotFoundError
 from .interfaces import ObjectStore, RangeSource
 from .manifest import (
@@ -80,7 +81,7 @@ def commit_info(backend: ObjectStore, step: int) -> dict[str, object]:
     """The step's parsed commit marker (``{}`` when not committed); damage raises ``CorruptCheckpointError``."""
     key = f"{step_dir(step)}/{COMMIT_KEY}"
     raw = backend.get(key)
-    return {} if raw is None else parse_commit(raw, key)
+    return {} if raw is None else parse_commit(raw, key, step=step)
 
 
 def dependents(backend: ObjectStore, step: int) -> list[int]:
@@ -137,10 +138,15 @@ def open_reader(backend: ObjectStore, step: int, *, rank: int | None = None) -> 
     A delta step's base is opened on demand through this same factory, for the same rank.
     """
 
-    def factory(s: int) -> CheckpointReader:
-        return CheckpointReader.open(backend, s, base_reader=factory, rank=rank)
+    def factory_after(chain: tuple[int, ...]) -> Callable[[int], CheckpointReader]:
+        def factory(s: int) -> CheckpointReader:
+            # a delta base names a step that may itself be a delta: refuse a cycle or an unbounded chain
+            validate.delta_chain(chain, s, f"{step_dir(step)}/{COMMIT_KEY}")
+            return CheckpointReader.open(backend, s, base_reader=factory_after((*chain, s)), rank=rank)
 
-    return factory(step)
+        return factory
+
+    return factory_after(())(step)
 
 
 def read_rank(backend: ObjectStore, step: int, *, rank: int | None, my_rank: int, world_size: int) -> int:

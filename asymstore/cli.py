@@ -448,18 +448,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
         steps = [_pick_step(st, args.url, args.step)]
     con = _console(args)
     bad = 0
-    for step in steps:
+    for step in steps:  # every step is reported, whatever an earlier one held
         problems: list[tuple[str, str]] = []
         checked = nbytes = 0
         try:
             r = _reader(st, step)
-        except CorruptCheckpointError as e:
-            problems.append((e.objects[0] if e.objects else f"step {step}", str(e)))
-        else:
             with _progress(args, f"verify step {step}", r.manifest.layout.total_bytes) as bar:
                 rep = r.verify(progress=lambda done, total: bar(done))
             problems += rep.problems
             checked, nbytes = rep.checked_objects + 2, rep.checked_bytes  # + commit marker and group
+        except (CorruptCheckpointError, StepNotFoundError) as e:  # damaged, or gone since it was listed
+            problems.append(
+                (e.objects[0] if isinstance(e, CorruptCheckpointError) and e.objects else f"step {step}", str(e))
+            )
+        except (AsymstoreError, OSError) as e:  # e.g. an I/O error reading one object: a problem of this step
+            if args.debug:
+                raise
+            problems.append((f"step {step}", f"{type(e).__name__}: {e}"))
         if problems:
             bad += 1
             con.print(f"[red]step {step}: {len(problems)} problem(s)[/]")
@@ -507,6 +512,36 @@ def safetensors_metadata(step: int, skeleton: Any, user: dict[str, Any]) -> dict
     return meta
 
 
+#: the header key safetensors keeps for its metadata: no tensor may be called so
+_ST_RESERVED = "__metadata__"
+#: the largest header safetensors reads (its MAX_HEADER_SIZE)
+_ST_MAX_HEADER = 100_000_000
+
+
+def _export_names(names: Sequence[str], renames: Sequence[str]) -> dict[str, str]:
+    """Tensor name -> its key in the safetensors file, after ``--rename OLD=NEW`` options; ``UsageError`` for a
+    name safetensors cannot store (``__metadata__``) left as it is, or a rename that clashes."""
+    out = {n: n for n in names}
+    for r in renames:
+        old, sep, new = r.partition("=")
+        if not sep or not old or not new:
+            raise UsageError(f"--rename takes OLD=NEW, got {r!r}")
+        if old not in out:
+            raise UsageError(f"--rename {r!r}: no tensor named {old!r} is exported")
+        out[old] = new
+    keys = list(out.values())
+    if _ST_RESERVED in keys:
+        raise UsageError(
+            f"a tensor is called {_ST_RESERVED!r}, the key safetensors reserves for its metadata, so a safetensors "
+            f"file cannot hold it; export it under another name with --rename {_ST_RESERVED}=NEW_NAME, or leave it "
+            "out with --filter"
+        )
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise UsageError(f"--rename: two tensors would be exported as {dup[0]!r}")
+    return out
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """``asymstore export``: write a step's tensors to a safetensors file (atomically)."""
     st = _open_store(args.url)
@@ -525,18 +560,36 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError(
             "safetensors has no dtype for: " + ", ".join(unsupported[:10]) + "; leave them out with --filter"
         )
+    try:
+        names = _export_names([t.name for t in tensors], args.rename or [])
+    except UsageError as e:
+        print(f"asymstore export: error: {e}", file=sys.stderr)
+        return EXIT_DAMAGED
     # safetensors' own order: larger element sizes first, then by name, so every tensor is aligned
     from .dtypes import from_name, info
 
-    order = sorted(tensors, key=lambda t: (-info(from_name(t.dtype)).itemsize, t.name))
+    order = sorted(tensors, key=lambda t: (-info(from_name(t.dtype)).itemsize, names[t.name]))
     header: dict[str, Any] = {}
     off = 0
     for t in order:
-        header[t.name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
+        header[names[t.name]] = {
+            "dtype": _ST_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [off, off + t.nbytes],
+        }
         off += t.nbytes
     header["__metadata__"] = safetensors_metadata(step, m.skeleton, m.user)
+    if any(names[n] != n for n in names):
+        header["__metadata__"]["asymstore.renamed"] = json.dumps({n: v for n, v in names.items() if v != n})
     hb = json.dumps(header, separators=(",", ":")).encode()
     hb += b" " * (-len(hb) % 8)
+    if len(hb) > _ST_MAX_HEADER:
+        print(
+            f"asymstore export: error: the safetensors header would be {len(hb)} bytes; safetensors reads at most "
+            f"{_ST_MAX_HEADER} (export fewer tensors with --filter)",
+            file=sys.stderr,
+        )
+        return EXIT_DAMAGED
     out_path = args.out
     total = off
     buf = bytearray(min(max((t.nbytes for t in order), default=0), _PIECE))
@@ -599,6 +652,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("out", metavar="OUT.safetensors")
     ex.add_argument("--step", type=int, help="step to export (default: newest committed)")
     ex.add_argument("--filter", metavar="GLOB", help="only tensors whose name matches")
+    ex.add_argument(
+        "--rename",
+        action="append",
+        metavar="OLD=NEW",
+        help="export tensor OLD as NEW (repeatable; e.g. for a tensor called __metadata__, which safetensors reserves)",
+    )
     common(ex)
     return p
 

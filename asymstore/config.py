@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .errors import ConfigError
+from .validate import MAX_CHUNK_BYTES, MAX_CHUNKS_PER_SHARD, MIN_CHUNK_BYTES
 from .write_plan import parse_compression
 
 MiB = 1 << 20
@@ -59,12 +61,18 @@ class Config:
     create: bool = True
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.host_slots < 1:
             raise ConfigError(f"host_slots must be >= 1, got {self.host_slots}")
         if self.slot_policy not in ("wait", "skip"):
             raise ConfigError(f"slot_policy must be 'wait' or 'skip', got {self.slot_policy!r}")
-        if self.chunk_bytes < 4096 or self.chunk_bytes & (self.chunk_bytes - 1):
-            raise ConfigError(f"chunk_bytes must be a power of two >= 4096, got {self.chunk_bytes}")
+        if not MIN_CHUNK_BYTES <= self.chunk_bytes <= MAX_CHUNK_BYTES or self.chunk_bytes & (self.chunk_bytes - 1):
+            raise ConfigError(f"chunk_bytes must be a power of two in [4 KiB, 1 GiB], got {self.chunk_bytes}")
+        if self.partition_bytes is not None and self.partition_bytes > self.chunk_bytes * MAX_CHUNKS_PER_SHARD:
+            raise ConfigError(
+                f"partition_bytes ({self.partition_bytes}) may hold at most {MAX_CHUNKS_PER_SHARD} chunks of "
+                f"chunk_bytes ({self.chunk_bytes}); raise chunk_bytes or lower partition_bytes"
+            )
         if self.partition_bytes is not None and (
             self.partition_bytes < self.chunk_bytes or self.partition_bytes % self.chunk_bytes
         ):
@@ -109,3 +117,31 @@ class Config:
                 raise ConfigError(f"ASYMSTORE_{f.name.upper()}={raw!r} is not a valid {f.name}") from None
         changes.update(overrides)
         return dataclasses.replace(cfg, **changes)
+
+
+_TYPE_NAMES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),)}
+
+
+def _check_types(cfg: Config) -> None:
+    """Every field has its annotated type (a bool is no int, a float may be an int), with a clear
+    :class:`ConfigError` naming the field: options are checked when the store is made, not at the first save."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        ann = str(f.type).replace(" ", "")
+        allowed: tuple[type, ...] = ()
+        for part in ann.split("|"):
+            if part.startswith("Literal["):
+                allowed += (str,)
+            elif part.startswith("dict["):
+                allowed += (dict,)
+            else:
+                allowed += _TYPE_NAMES.get(part, (object,))
+        if object in allowed or f.name == "compression":  # compression: a label or a CodecSpec (checked below)
+            continue
+        bad = not isinstance(v, allowed) or (isinstance(v, bool) and bool not in allowed)
+        if not bad and isinstance(v, float) and not math.isfinite(v):
+            bad = True
+        if bad:
+            raise ConfigError(f"{f.name} must be {ann.replace('|', ' or ')}, got {type(v).__name__} {v!r}")
+    if not all(isinstance(k, str) and isinstance(o, dict) for k, o in cfg.backend_options.items()):
+        raise ConfigError('backend_options must map URL schemes to dicts of options, e.g. {"hdfs": {"retries": 3}}')

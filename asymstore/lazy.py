@@ -16,7 +16,7 @@ import torch
 
 from asymstore.backends import open_object_store
 
-from . import catalog
+from . import catalog, validate
 from .dtypes import from_name, info
 from .errors import StepNotFoundError
 from .hostpool import HostPool, Slot
@@ -214,6 +214,8 @@ class LazyCheckpoint(Mapping[str, LazyTensor]):
 def open_checkpoint(url: str | ObjectStore, step: int | None = None, *, rank: int | None = None) -> LazyCheckpoint:
     """Open a committed checkpoint lazily straight from a tier URL (newest step by default; ``rank``: which
     rank's part of a multi-rank step, default rank 0)."""
+    if step is not None:
+        step = validate.step_number(step)  # np.int64, a 0-d tensor ... as a plain int; a bool or -1 refused
     backend = url if isinstance(url, ObjectStore) else open_object_store(url)
     if step is None:
         steps = catalog.committed_steps(backend)

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import validate
 from .codecs import CodecSpec
 from .dtypes import from_name, info
 from .errors import CorruptCheckpointError
 from .layout import Layout, PartitionSpan, TensorEntry
 from .zarrfmt import crc32c, dumps
 
-FORMAT = "asymstore/1"
+FORMAT = validate.FORMAT
 COMMIT_KEY = "COMMIT"
 GROUP_KEY = "zarr.json"
 _STEP_RE = re.compile(r"^step_(\d{12})$")
@@ -75,7 +75,7 @@ def commit_delta_bases(commit: dict[str, Any]) -> list[int]:
     multi-rank step's global marker, else ``delta_base``); empty for a full checkpoint."""
     many = commit.get("delta_bases")
     if isinstance(many, list):
-        return sorted({int(b) for b in many})
+        return sorted({b for b in many if isinstance(b, int)})
     one = commit.get("delta_base")
     return [one] if isinstance(one, int) else []
 
@@ -170,10 +170,12 @@ class Manifest:
         }
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Manifest:
-        """The manifest from its JSON object; refuses an unknown ``format`` (docs/format.md section 12)."""
-        if d.get("format") != FORMAT:
-            raise CorruptCheckpointError(f"unknown checkpoint format {d.get('format')!r} (expected {FORMAT})")
+    def from_json(cls, d: Any, where: str = "manifest", *, step: int | None = None) -> Manifest:
+        """The manifest from its JSON object, checked completely first (:func:`asymstore.validate.manifest`:
+        an unknown ``format`` (docs/format.md section 12), a member of the wrong type, offsets and sizes that
+        disagree ...); every problem is a ``CorruptCheckpointError`` naming ``where`` and the member.
+        ``step``: the step of the directory it was read from."""
+        validate.manifest(d, where, step=step)
         lay = d["layout"]
         layout = Layout(
             tuple(TensorEntry(n, dt, tuple(s), o, nb) for n, dt, s, o, nb in lay["tensors"]),
@@ -220,13 +222,14 @@ def commit_record(
     return dumps(body)
 
 
-def parse_commit(raw: bytes, where: str) -> dict[str, Any]:
-    """A commit marker's members (without ``crc32c``), its checksum verified."""
-    try:
-        body = json.loads(raw)
-        crc = body.pop("crc32c")
-    except (ValueError, KeyError, AttributeError) as e:
-        raise CorruptCheckpointError(f"{where}: unreadable commit marker ({e})", (where,)) from e
+def parse_commit(raw: bytes, where: str, *, step: int | None = None) -> dict[str, Any]:
+    """A commit marker's members (without ``crc32c``), its checksum verified and every member checked
+    (:func:`asymstore.validate.commit`; ``step``: the step of the directory it was read from)."""
+    body = validate.load_json(raw, where)
+    if not isinstance(body, dict) or "crc32c" not in body:
+        raise CorruptCheckpointError(f"{where}: unreadable commit marker (no crc32c member)", (where,))
+    crc = body.pop("crc32c")
     if crc32c(dumps(body)) != crc:
         raise CorruptCheckpointError(f"{where}: commit marker checksum mismatch", (where,))
+    validate.commit(body, where, step=step)
     return dict(body)

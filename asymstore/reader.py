@@ -7,7 +7,6 @@ every stored chunk. Damage raises :class:`CorruptCheckpointError` naming the obj
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -15,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import validate
 from .codecs import decode_chunk
 from .errors import CorruptCheckpointError, StepNotFoundError
 from .interfaces import ByteRange, ObjectStore, RangeSource
@@ -86,7 +86,7 @@ class CheckpointReader(RangeSource):
         raw_commit = backend.get(prefix + COMMIT_KEY)
         if raw_commit is None:
             raise StepNotFoundError(f"step {step} is not committed in {backend.url}")
-        commit = parse_commit(raw_commit, prefix + COMMIT_KEY)
+        commit = parse_commit(raw_commit, prefix + COMMIT_KEY, step=step)
         if "ranks" in commit:  # multi-rank: the global marker vouches for each rank's marker
             ranks = int(commit["ranks"])
             r = 0 if rank is None else rank
@@ -99,20 +99,35 @@ class CheckpointReader(RangeSource):
                 raise CorruptCheckpointError(
                     f"{prefix}{COMMIT_KEY}: missing or does not match the step's marker", (prefix + COMMIT_KEY,)
                 )
-            commit = parse_commit(raw_rank, prefix + COMMIT_KEY)
+            commit = parse_commit(raw_rank, prefix + COMMIT_KEY, step=step)
+            if "ranks" in commit:
+                raise CorruptCheckpointError(
+                    f"{prefix}{COMMIT_KEY}: a rank's marker with ranks", (prefix + COMMIT_KEY,)
+                )
             commit["ranks"] = ranks
-        group = backend.get(prefix + GROUP_KEY)
+        key = prefix + GROUP_KEY
+        group = backend.get(key)
         if group is None:
-            raise CorruptCheckpointError(
-                f"{prefix}{GROUP_KEY} is missing although step {step} is committed", (prefix + GROUP_KEY,)
-            )
+            raise CorruptCheckpointError(f"{key} is missing although step {step} is committed", (key,))
         if crc32c(group) != commit["group_crc32c"]:
-            raise CorruptCheckpointError(f"{prefix}{GROUP_KEY}: checksum mismatch", (prefix + GROUP_KEY,))
-        try:
-            manifest = Manifest.from_json(json.loads(group)["attributes"]["asymstore"])
-        except (KeyError, ValueError, TypeError) as e:
-            raise CorruptCheckpointError(f"{prefix}{GROUP_KEY}: invalid manifest ({e})", (prefix + GROUP_KEY,)) from e
-        return cls(backend, manifest, commit, base_reader, prefix)
+            raise CorruptCheckpointError(f"{key}: checksum mismatch", (key,))
+        doc = validate.load_json(group, key)
+        attrs = doc.get("attributes") if isinstance(doc, dict) else None
+        manifest = Manifest.from_json(attrs.get("asymstore") if isinstance(attrs, dict) else None, key, step=step)
+        validate.commit_matches_manifest(commit, manifest, prefix + COMMIT_KEY)
+        reader = cls(backend, manifest, commit, base_reader, prefix)
+        reader._check_sizes()
+        return reader
+
+    def _check_sizes(self) -> None:
+        """Every partition object exists with its recorded size, before anything is allocated for it."""
+        for rec in self.manifest.partitions:
+            key = self._key(rec)
+            size = self.backend.size(key)
+            if size is None:
+                raise CorruptCheckpointError(f"{key} is missing", (key,))
+            if size != rec.stored_bytes:
+                raise CorruptCheckpointError(f"{key}: size {size} != recorded {rec.stored_bytes}", (key,))
 
     def _key(self, rec: PartitionRecord) -> str:
         return self.prefix + shard_key(rec.label, rec.shard)
@@ -120,9 +135,22 @@ class CheckpointReader(RangeSource):
     def _base_reader(self) -> CheckpointReader:
         if self._base is None:
             base = self.manifest.delta_base
+            where = self.prefix + GROUP_KEY
             if base is None or self._base_factory is None:
-                raise CorruptCheckpointError(f"step {self.step} is a delta of step {base}, which cannot be opened")
-            self._base = self._base_factory(base)
+                raise CorruptCheckpointError(
+                    f"step {self.step} is a delta of step {base}, which cannot be opened", (where,)
+                )
+            try:
+                reader = self._base_factory(base)
+            except StepNotFoundError as e:
+                raise CorruptCheckpointError(
+                    f"step {self.step} is an XOR delta of step {base}, which is not readable here ({e})", (where,)
+                ) from e
+            if reader.manifest.layout.signature != self.manifest.layout.signature:
+                raise CorruptCheckpointError(
+                    f"step {self.step} is an XOR delta of step {base}, whose layout differs", (where,)
+                )
+            self._base = reader
         return self._base
 
     # --- shard pieces ------------------------------------------------------------
@@ -146,6 +174,8 @@ class CheckpointReader(RangeSource):
         spec = self.manifest.codecs[rec.label]
         C = self.manifest.chunk_bytes
         if spec.kind == "raw":
+            if len(stored) != C:
+                raise CorruptCheckpointError(f"{key}: raw chunk {k} has {len(stored)} bytes, not {C}", (key,))
             out[:] = stored[: len(out)]
             return
         if len(out) == C:
@@ -164,11 +194,7 @@ class CheckpointReader(RangeSource):
         verifies every chunk against the manifest's crc32c, decodes into ``out`` and applies a delta; the
         two may run on different threads (:meth:`read_all_into` overlaps one's stage 2 with the next's 1)."""
         key = self._key(rec)
-        size = self.backend.size(key)
-        if size is None:
-            raise CorruptCheckpointError(f"{key} is missing", (key,))
-        if size != rec.stored_bytes:
-            raise CorruptCheckpointError(f"{key}: size {size} != recorded {rec.stored_bytes}", (key,))
+        size = rec.stored_bytes  # the object's real size: checked when the reader was opened
         cps = self.manifest.chunks_per_shard
         C = self.manifest.chunk_bytes
         spec = self.manifest.codecs[rec.label]
@@ -272,6 +298,11 @@ class CheckpointReader(RangeSource):
             lo, hi = max(start, span.start), min(end, span.end)
             k0, k1 = (lo - span.start) // C, (hi - span.start - 1) // C
             # one ranged read for the run of chunks, then decode each
+            data_end = rec.stored_bytes - index_nbytes(self.manifest.chunks_per_shard)
+            for k in range(k0, k1 + 1):
+                off, sz = int(idx[k, 0]), int(idx[k, 1])
+                if off + sz > data_end or (k > k0 and off < int(idx[k - 1, 0]) + int(idx[k - 1, 1])):
+                    raise CorruptCheckpointError(f"{key}: chunk {k} lies outside the shard", (key,))
             off0 = int(idx[k0, 0])
             off1 = int(idx[k1, 0]) + int(idx[k1, 1])
             blob = self.backend.get(key, ByteRange(off0, off1 - off0))
@@ -296,7 +327,7 @@ class CheckpointReader(RangeSource):
         rep = VerifyReport(self.step)
         rep.checked_objects += len(self.manifest.codecs)
         rep.problems += self._array_metadata_problems()
-        scratch = bytearray(self.manifest.partition_bytes)
+        scratch = bytearray(max((sp.nbytes for sp in self._spans), default=0))
         total = self.manifest.layout.total_bytes
         for span in self._spans:
             rec = self._records[span.index]

@@ -34,6 +34,7 @@ import torch
 
 from . import dtypes
 from .errors import UnsupportedValueError
+from .validate import MAX_DEPTH
 
 JSON = Any
 
@@ -62,12 +63,37 @@ def flatten(state: Any) -> FlatState:
     seen: dict[tuple[Any, ...], str] = {}
 
     def add_tensor(t: torch.Tensor, path: str) -> str:
+        where = path or "<root>"
+        if t.is_nested:
+            raise UnsupportedValueError(
+                f"{where}: nested tensors are not supported; store t.unbind() (a list of tensors) or "
+                "torch.nested.to_padded_tensor(t, 0.0) with the lengths"
+            )
         if t.layout != torch.strided:
-            raise UnsupportedValueError(f"{path or '<root>'}: {t.layout} tensors are not supported; call .to_dense()")
-        dtypes.info(t.dtype)  # raises for unsupported dtypes
-        name = path or "<root>"
-        if t.numel() > 0 and t.device.type != "meta":
-            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
+            raise UnsupportedValueError(f"{where}: {t.layout} tensors are not supported; call .to_dense()")
+        if t.device.type == "meta":
+            raise UnsupportedValueError(
+                f"{where}: a meta tensor holds no data, so it can be neither saved nor restored into; "
+                "materialise it first (e.g. module.to_empty(device='cpu') and load or initialise its weights)"
+            )
+        try:
+            dtypes.info(t.dtype)  # raises for unsupported dtypes
+        except UnsupportedValueError as e:
+            raise UnsupportedValueError(f"{where}: {e}") from None
+        name = where
+        if t.numel() > 0:
+            # the lazy conjugate and negative bits change what the same memory means: x, x.conj() and
+            # torch._neg_view(x) share their storage but are three different values
+            key = (
+                t.untyped_storage().data_ptr(),
+                t.storage_offset(),
+                tuple(t.shape),
+                t.stride(),
+                t.dtype,
+                t.device,
+                t.is_conj(),
+                t.is_neg(),
+            )
             if key in seen:
                 return seen[key]
             seen[key] = name
@@ -76,17 +102,28 @@ def flatten(state: Any) -> FlatState:
         flat.tensors[name] = t
         return name
 
-    def enc(v: Any, path: str) -> JSON:
+    active: dict[int, str] = {}  # containers on the path being encoded: a circular reference's witness
+
+    def enc(v: Any, path: str, depth: int = 0) -> JSON:
         # the common cases first (a state is mostly tensors in dicts and lists); numpy scalars before the
         # Python number checks: np.float64, np.complex128 and np.str_ subclass the Python types
         if isinstance(v, torch.Tensor):
             return {"__tensor__": add_tensor(v.detach() if v.requires_grad else v, path)}
-        if isinstance(v, Mapping):
-            if all(isinstance(k, str) for k in v):
-                return {(("__" + k) if k.startswith("__") else k): enc(x, _child(path, k)) for k, x in v.items()}
-            return {"__dict__": [[enc_key(k, path), enc(x, _child(path, str(k)))] for k, x in v.items()]}
-        if isinstance(v, list):
-            return [enc(x, f"{path}/{i}") for i, x in enumerate(v)]
+        if isinstance(v, (Mapping, list, tuple)):
+            if id(v) in active:
+                raise UnsupportedValueError(
+                    f"{path or '<root>'}: circular reference: this value is also its own ancestor "
+                    f"{active[id(v)] or '<root>'}; break the cycle (store the shared part once)"
+                )
+            if depth >= MAX_DEPTH:
+                raise UnsupportedValueError(
+                    f"{(path or '<root>')[:80]}...: the state is nested more than {MAX_DEPTH} levels deep; flatten it"
+                )
+            active[id(v)] = path
+            try:
+                return enc_container(v, path, depth + 1)
+            finally:
+                del active[id(v)]
         if isinstance(v, np.generic):
             if isinstance(v, np.bool_):
                 return {"__npscalar__": ["bool", bool(v)]}
@@ -110,8 +147,7 @@ def flatten(state: Any) -> FlatState:
         if isinstance(v, float):
             return v if math.isfinite(v) else {"__float__": repr(v)}
         if isinstance(v, np.ndarray):
-            if v.dtype.hasobject:
-                raise UnsupportedValueError(f"{path}: numpy object arrays cannot be stored without pickle")
+            _check_ndarray(v, path or "<root>")
             arr = v if v.flags.c_contiguous and v.flags.writeable else v.copy(order="C")  # keeps 0-d arrays 0-d
             name = add_tensor(torch.from_numpy(arr), path)
             flat.numpy_names.add(name)
@@ -122,13 +158,20 @@ def flatten(state: Any) -> FlatState:
             return {"__size__": list(v)}
         if isinstance(v, (bytes, bytearray)):
             return {"__bytes__": base64.b64encode(bytes(v)).decode("ascii")}
-        if isinstance(v, tuple):
-            return {"__tuple__": [enc(x, f"{path}/{i}") for i, x in enumerate(v)]}
         raise UnsupportedValueError(
             f"{path or '<root>'}: values of type {type(v).__module__}.{type(v).__qualname__} cannot be stored "
             "(asymstore never pickles); convert it to tensors, numbers, strings, lists or dicts "
             "(e.g. call its state_dict())"
         )
+
+    def enc_container(v: Mapping[Any, Any] | list[Any] | tuple[Any, ...], path: str, depth: int) -> JSON:
+        if isinstance(v, Mapping):
+            if all(isinstance(k, str) for k in v):
+                return {(("__" + k) if k.startswith("__") else k): enc(x, _child(path, k), depth) for k, x in v.items()}
+            return {"__dict__": [[enc_key(k, path), enc(x, _child(path, str(k)), depth)] for k, x in v.items()]}
+        if isinstance(v, list):
+            return [enc(x, f"{path}/{i}", depth) for i, x in enumerate(v)]
+        return {"__tuple__": [enc(x, f"{path}/{i}", depth) for i, x in enumerate(v)]}
 
     def enc_key(k: Any, path: str) -> JSON:
         if isinstance(k, (str, int, float, bool, tuple, np.generic)) or k is None:
@@ -137,6 +180,62 @@ def flatten(state: Any) -> FlatState:
 
     flat.skeleton = enc(state, "")
     return flat
+
+
+def _check_ndarray(v: np.ndarray, path: str) -> None:
+    """Refuse numpy arrays the format cannot hold, saying how to convert them."""
+    kind = v.dtype.kind
+    if v.dtype.hasobject:
+        raise UnsupportedValueError(
+            f"{path}: numpy object arrays cannot be stored without pickle; convert it to a numeric array "
+            "or to a list (arr.tolist())"
+        )
+    if kind in "Mm":
+        raise UnsupportedValueError(
+            f"{path}: numpy {v.dtype} arrays are not supported; store arr.astype('int64') and the unit "
+            f"({np.datetime_data(v.dtype)[0]!r}) separately"
+        )
+    if kind in "USV":
+        raise UnsupportedValueError(
+            f"{path}: numpy {v.dtype} arrays (strings, bytes, records) are not supported; store arr.tolist()"
+        )
+    if not v.dtype.isnative:
+        raise UnsupportedValueError(
+            f"{path}: numpy {v.dtype} is not in this machine's byte order; store arr.astype(arr.dtype.newbyteorder('='))"
+        )
+    if kind not in "biufc" or (kind in "fc" and v.dtype.itemsize > (8 if kind == "f" else 16)):
+        raise UnsupportedValueError(f"{path}: numpy {v.dtype} arrays are not supported; convert it (e.g. to float64)")
+
+
+def decode_npscalar(x: Any) -> Any:
+    """The numpy scalar of a skeleton's ``{"__npscalar__": [dtype, value]}``; ``ValueError``/``TypeError``
+    when it is malformed."""
+    if not isinstance(x, list) or len(x) != 2 or not isinstance(x[0], str):
+        raise ValueError("expected [dtype, value]")
+    dt, val = x
+    if dt == "bool":
+        if not isinstance(val, bool):
+            raise TypeError("a numpy bool needs true or false")
+        return np.bool_(val)
+    d = np.dtype(dt)
+    if d.kind not in "iufcU" or d.itemsize > (1 << 22 if d.kind == "U" else 16):
+        raise ValueError(f"numpy dtype {dt!r} is not a numeric or string scalar type")
+    if isinstance(val, list):  # complex: [real, imag]
+        if d.kind != "c" or len(val) != 2:
+            raise ValueError("only complex scalars are [real, imag]")
+        re_, im_ = (float(p) for p in val)
+        return d.type(complex(re_, im_))  # type: ignore[arg-type]
+    if isinstance(val, bool) or not isinstance(val, (int, float, str)):
+        raise TypeError(f"{type(val).__name__} is not a numpy {dt} value")
+    if d.kind == "U" and not isinstance(val, str):
+        raise TypeError("a numpy string needs a string")
+    if d.kind in "iu" and not isinstance(val, int):
+        raise TypeError("a numpy integer needs an integer")
+    if isinstance(val, str) and d.kind == "f":
+        return d.type(float(val))
+    if isinstance(val, str) and d.kind != "U":
+        raise TypeError(f"a numpy {dt} value cannot be a string")
+    return d.type(val)
 
 
 def _float(x: float) -> float | str:
@@ -181,15 +280,7 @@ def unflatten(skeleton: JSON, get_tensor: Callable[[str], torch.Tensor]) -> Any:
             if tag == "__size__":
                 return torch.Size(x)
             if tag == "__npscalar__":
-                dt, val = x
-                if dt == "bool":
-                    return np.bool_(val)
-                if isinstance(val, list):  # complex: [real, imag]
-                    re_, im_ = (float(p) for p in val)
-                    return np.dtype(dt).type(complex(re_, im_))
-                if isinstance(val, str) and np.dtype(dt).kind == "f":
-                    return np.dtype(dt).type(float(val))
-                return np.dtype(dt).type(val)
+                return decode_npscalar(x)
         return {(k[2:] if k.startswith("____") else k): dec(x) for k, x in v.items()}
 
     return dec(skeleton)

@@ -19,11 +19,12 @@ import torch
 
 from asymstore.backends.base import ObjectStore
 
-from . import catalog, dtypes
+from . import catalog, dtypes, validate
 from .config import Config
 from .errors import (
     AsymstoreError,
     CheckpointFailedError,
+    ConfigError,
     CorruptCheckpointError,
     SnapshotSlotsBusyError,
     StateMismatchError,
@@ -228,6 +229,7 @@ class Store:
         ``first(name)`` selects tensors laid out at the front of the stream (e.g. those that
         change before the next optimizer step and so must be copied at once).
         """
+        step, user = validate.save_request(step, user)  # before a byte is written: int step, JSON user metadata
         self._check_open()
         self._raise_background()
         self._check_new_step(step)
@@ -664,12 +666,28 @@ def check_compatible(layout: Layout, target: dict[str, torch.Tensor], *, strict:
             "cannot restore in place:\n  "
             + "\n  ".join(problems[:50])
             + (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else "")
-            + "\n(pass strict=False to restore only the matching tensors)"
+            + (
+                "\n(pass strict=False to restore only the matching tensors)"
+                if strict
+                else "\n(strict=False skips names the checkpoint or the target lacks, not a tensor whose shape or "
+                "dtype differs: change that tensor in the target to match, or leave it out of the target)"
+            )
         )
 
 
-def open_store(tiers: str | ObjectStore | Sequence[str | ObjectStore], **options: Any) -> Store:
-    """Open a store: host memory first, then the given tier URL(s), e.g. ``open_store("/ckpt")``."""
-    if isinstance(tiers, (str, ObjectStore)):
-        tiers = [tiers]
-    return Store(list(tiers), **options)
+def open_store(tiers: str | ObjectStore | TierSpec | Sequence[str | ObjectStore | TierSpec], **options: Any) -> Store:
+    """Open a store: host memory first, then the given tier URL(s), e.g. ``open_store("/ckpt")``.
+
+    ``keep=`` (retention) and ``name=`` apply to the first tier, e.g. ``open_store("/ckpt", keep=2)``; give
+    each tier its own with :class:`TierSpec`. Other options are :class:`~asymstore.config.Config` fields.
+    """
+    chain = [tiers] if isinstance(tiers, (str, ObjectStore, TierSpec)) else list(tiers)
+    spec = {k: options.pop(k) for k in ("keep", "name") if k in options}
+    if spec:
+        if not chain:
+            raise ConfigError(f"{', '.join(spec)}= applies to the first tier, but no tier is given")
+        first = chain[0]
+        if isinstance(first, TierSpec):
+            raise ConfigError(f"the first tier is a TierSpec: give {', '.join(spec)}= in it, not to open_store")
+        chain[0] = TierSpec(first, **spec)
+    return Store(chain, **options)

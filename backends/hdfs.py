@@ -28,7 +28,7 @@ import posixpath
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from asymstore.errors import BackendUnavailableError, ConfigError
 from asymstore.retry import Backoff, poll, retry
@@ -116,6 +116,40 @@ def _is_unreachable(exc: BaseException) -> bool:
     return any(m in msg for m in _UNREACHABLE_MARKERS)
 
 
+def check_url(url: str, config: dict[str, str]) -> SplitResult:
+    """Parse ``hdfs://host:port/path``: a port in 1..65535 is required, unless ``host`` is an HA nameservice
+    (``dfs.ha.namenodes.<host>`` in ``config``, or a Hadoop configuration in ``HADOOP_CONF_DIR``)."""
+    parts = urlsplit(url)
+    if parts.scheme != "hdfs" or not parts.hostname:
+        raise ConfigError(f"HDFS URL must look like hdfs://host:port/path, got {url!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        raise ConfigError(
+            f"{url}: the port must be in 1..65535 (the NameNode's RPC port, usually 8020 or 9000), "
+            f"got {parts.netloc.rpartition(':')[2]!r}"
+        )
+    if port is None:
+        import ipaddress
+        import os
+
+        host = parts.hostname
+        try:
+            ipaddress.ip_address(host)
+            literal = True
+        except ValueError:
+            literal = host == "localhost"
+        if literal or not (f"dfs.ha.namenodes.{host}" in config or os.environ.get("HADOOP_CONF_DIR")):
+            raise ConfigError(
+                f"{url} has no port: write hdfs://{host}:8020{parts.path or '/'} with the NameNode's RPC port "
+                "(its dfs.namenode.rpc-address / fs.defaultFS), or name an HA nameservice configured in "
+                "config= (dfs.ha.namenodes.<name>) or HADOOP_CONF_DIR"
+            )
+    return parts
+
+
 class HdfsObjectStore(ObjectStore):
     """Objects as files under ``hdfs://host:port/root``, through ``hdfs_native.Client``.
 
@@ -150,9 +184,7 @@ class HdfsObjectStore(ObjectStore):
         config: dict[str, str] | None = None,
     ) -> None:
         super().__init__(url)
-        parts = urlsplit(url)
-        if parts.scheme != "hdfs" or not parts.netloc:
-            raise ConfigError(f"HDFS URL must look like hdfs://host:port/path, got {url!r}")
+        parts = check_url(url, config or {})
         if retries < 0 or backoff_s < 0 or max_backoff_s < 0 or write_chunk <= 0:
             raise ConfigError("retries, backoff_s, max_backoff_s must be >= 0 and write_chunk > 0")
         try:

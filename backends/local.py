@@ -15,7 +15,7 @@ import stat
 from collections.abc import Sequence
 from urllib.parse import unquote, urlparse
 
-from asymstore.errors import BackendUnavailableError, ConfigError
+from asymstore.errors import BackendUnavailableError, ConfigError, CorruptCheckpointError
 from asymstore.files import atomic_write, exclusive_write, fsync_dir, remove_stale_temporaries
 
 from .base import Buffer, ByteRange, Capabilities, ObjectStore, as_buffers, check_key, check_prefix, dir_prefix
@@ -72,11 +72,22 @@ class LocalObjectStore(ObjectStore):
             os.makedirs(self.root, exist_ok=True)
         except OSError as e:
             raise BackendUnavailableError(f"cannot create checkpoint directory {self.root}: {e}") from e
+        self._real_root = os.path.join(os.path.realpath(self.root), "")  # reads stay below it (symlinks)
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise BackendUnavailableError(f"checkpoint directory {self.root} is not writable")
 
     def _path(self, key: str) -> str:
         return os.path.join(self.root, check_key(key))
+
+    def _read_path(self, key: str) -> str:
+        """The file of ``key`` to read: refused when a symbolic link leads it out of the store root."""
+        path = self._path(key)
+        real = os.path.realpath(path)
+        if not real.startswith(self._real_root):
+            raise CorruptCheckpointError(
+                f"{key}: a symbolic link leads out of the store root {self.root} (to {real}); refused", (key,)
+            )
+        return path
 
     def _dir(self, prefix: str) -> str:
         """The directory a directory prefix names (``''``: the root)."""
@@ -200,7 +211,7 @@ class LocalObjectStore(ObjectStore):
     def get(self, key: str, byte_range: ByteRange | None = None) -> bytes | None:
         """Read the object (or a range of it, resolved by :meth:`ByteRange.resolve`) with ``preadv``."""
         try:
-            fd = os.open(self._path(key), os.O_RDONLY)
+            fd = os.open(self._read_path(key), os.O_RDONLY)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
         try:
@@ -226,7 +237,7 @@ class LocalObjectStore(ObjectStore):
     def get_into(self, key: str, out: memoryview, offset: int = 0) -> bool:
         """Read ``len(out)`` bytes at ``offset`` (negative: from the end) straight into ``out``."""
         try:
-            fd = os.open(self._path(key), os.O_RDONLY)
+            fd = os.open(self._read_path(key), os.O_RDONLY)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return False
         try:
@@ -242,9 +253,13 @@ class LocalObjectStore(ObjectStore):
             os.close(fd)
 
     def size(self, key: str) -> int | None:
-        """Size of the file of ``key``, ``None`` if it is missing or a directory."""
+        """Size of the file of ``key``, ``None`` if it is missing, a directory, or reached through a symbolic link
+        out of the store root."""
         try:
-            st = os.stat(self._path(key))
+            path = self._path(key)
+            if not os.path.realpath(path).startswith(self._real_root):
+                return None  # a symbolic link out of the store root is no object of this store
+            st = os.stat(path)
         except (FileNotFoundError, NotADirectoryError):
             return None
         return None if stat.S_ISDIR(st.st_mode) else st.st_size
@@ -254,12 +269,18 @@ class LocalObjectStore(ObjectStore):
         check_prefix(prefix)
         base_dir = prefix.rpartition("/")[0]
         top = os.path.join(self.root, base_dir) if base_dir else self.root
+        if not os.path.realpath(top).startswith(self._real_root) and top != self.root:
+            return []  # a symbolic link out of the store root: nothing of this store lies there
         out = []
         for dirpath, _dirs, files in os.walk(top):
             rel = os.path.relpath(dirpath, self.root)
             for f in files:
                 k = f if rel == "." else f"{rel}/{f}"
-                if k.startswith(prefix) and not _is_temp(f):
+                if (
+                    k.startswith(prefix)
+                    and not _is_temp(f)
+                    and not _link_out(os.path.join(dirpath, f), self._real_root)
+                ):
                     out.append(k)
         return out
 
@@ -270,6 +291,11 @@ class LocalObjectStore(ObjectStore):
         except (FileNotFoundError, NotADirectoryError):
             return []
         return sorted(e.name for e in entries if e.is_dir(follow_symlinks=False) and _holds_object(e.path))
+
+
+def _link_out(path: str, real_root: str) -> bool:
+    """Whether ``path`` is a symbolic link to somewhere outside ``real_root``."""
+    return os.path.islink(path) and not os.path.realpath(path).startswith(real_root)
 
 
 def _holds_object(path: str) -> bool:

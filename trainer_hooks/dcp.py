@@ -82,7 +82,8 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 from torch.futures import Future
 
 from asymstore import dtypes
-from asymstore.errors import AsymstoreError, CorruptCheckpointError, StepExistsError, StepNotFoundError
+from asymstore.config import Config
+from asymstore.errors import AsymstoreError, ConfigError, CorruptCheckpointError, StepExistsError, StepNotFoundError
 from asymstore.lazy import LazyCheckpoint
 from asymstore.state import flatten, unflatten
 from asymstore.store import Store, TierSpec
@@ -236,13 +237,93 @@ def _item_key(item: WriteItem) -> str:
     return f"{item.index.fqn}@{','.join(str(int(o)) for o in off)}"
 
 
+def _check_store_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Store options checked at construction (not inside ``dcp.save``): known :class:`Config` fields with valid
+    values, or ``config=`` (a :class:`Config`). Returns them."""
+    fields = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(k for k in options if k not in fields and k != "config")
+    if unknown:
+        raise ConfigError(
+            f"unknown option(s) {', '.join(unknown)}: AsymStorageWriter/AsymStorageReader take the Store options "
+            f"({', '.join(sorted(fields - {'rank', 'world_size'}))}) and, for the writer, DCP FileSystemWriter's "
+            f"{', '.join(_FS_WRITER_OPTIONS)}"
+        )
+    base = options.get("config")
+    if base is not None and not isinstance(base, Config):
+        raise ConfigError(f"config= must be an asymstore Config, got {type(base).__name__}")
+    cfg = {k: v for k, v in options.items() if k != "config"}
+    (base or Config()).replace(**{**cfg, "rank": 0, "world_size": 1})  # raises ConfigError naming the field
+    return options
+
+
+#: DCP ``FileSystemWriter`` options :class:`AsymStorageWriter` takes (see :func:`_filesystem_writer_options`)
+_FS_WRITER_OPTIONS = (
+    "single_file_per_rank",
+    "sync_files",
+    "thread_count",
+    "per_thread_copy_ahead",
+    "cache_staged_state_dict",
+    "overwrite",
+    "serialization_format",
+    "_extensions",
+)
+
+
+def _filesystem_writer_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Map DCP ``FileSystemWriter`` options onto Store options, refusing those asymstore cannot honour.
+
+    * ``single_file_per_rank``, ``thread_count``, ``per_thread_copy_ahead``: accepted (checked) and without
+      effect: every rank writes its own directory of partition objects, pipelined on asymstore's threads.
+    * ``sync_files``: True (the default) is asymstore's behaviour; False writes local tiers without fsync.
+    * ``overwrite``: only False: asymstore never replaces a committed step (delete it first).
+    * ``cache_staged_state_dict``, ``_extensions``, ``serialization_format``: only their defaults.
+    """
+    out = dict(options)
+    for k in ("single_file_per_rank", "sync_files", "overwrite", "cache_staged_state_dict"):
+        if k in out and not isinstance(out[k], bool):
+            raise ConfigError(f"{k} must be True or False, got {out[k]!r}")
+    for k, lo in (("thread_count", 1), ("per_thread_copy_ahead", 0)):
+        if k in out and (type(out[k]) is not int or out[k] < lo):
+            raise ConfigError(f"{k} must be an integer >= {lo}, got {out[k]!r}")
+    out.pop("single_file_per_rank", None)
+    out.pop("thread_count", None)
+    out.pop("per_thread_copy_ahead", None)
+    if out.pop("overwrite", False):
+        raise ConfigError(
+            "overwrite=True is not supported: asymstore never replaces a committed step; delete it first "
+            "(Store.delete(step)) or save under another step, and pass overwrite=False (or leave it out)"
+        )
+    if out.pop("cache_staged_state_dict", False):
+        raise ConfigError(
+            "cache_staged_state_dict=True is not supported: asymstore stages the state in its own host slots "
+            "(see host_slots=); leave it out"
+        )
+    if out.pop("_extensions", None):
+        raise ConfigError("_extensions are not supported: asymstore chooses its own codecs (see compression=)")
+    fmt = out.pop("serialization_format", None)
+    if fmt is not None and getattr(fmt, "value", fmt) != "torch_save":
+        raise ConfigError(
+            f"serialization_format={fmt!r} is not supported: asymstore writes its own format; convert a step to "
+            "safetensors with `asymstore export URL OUT.safetensors`"
+        )
+    if out.pop("sync_files", True) is False:
+        bo = {k: dict(v) for k, v in out.get("backend_options", {}).items()}
+        bo.setdefault("file", {})["fsync"] = False
+        out["backend_options"] = bo
+    return out
+
+
 class _StoreOwner:
     """Opens (and owns) Stores for a tier chain, or wraps one given by the user."""
 
     def __init__(self, tiers: Tiers | None, options: dict[str, Any]) -> None:
         self.given = tiers if isinstance(tiers, Store) else None
         self.tiers: _Chain | None = None if isinstance(tiers, Store) else tiers
-        self.options = options
+        if self.given is not None and options:
+            raise ConfigError(
+                f"options {', '.join(sorted(options))} cannot apply to an open Store; give them when opening it"
+            )
+        self.options = _check_store_options(options)
         self._stores: dict[tuple[int, int], Store] = {}
 
     @property
@@ -319,13 +400,15 @@ class AsymStorageWriter(_CheckpointIdMixin, StorageWriter):
     ``tiers``: a tier URL, a list of tier URLs/``TierSpec``s, or an open :class:`Store` (whose
     rank and world size must match DCP's). ``step``: the step to write (default: from the
     checkpoint id, else the newest committed step + 1). Other keywords are Store options
-    (``compression=``, ``host_slots=`` ...). Call :meth:`close` when done (it closes the
+    (``compression=``, ``host_slots=`` ...) and DCP ``FileSystemWriter``'s own options where they make sense
+    (``thread_count``, ``sync_files``, ``single_file_per_rank``, ``overwrite=False`` ...; the others are refused
+    here, at construction). Call :meth:`close` when done (it closes the
     stores this writer opened, waiting for promotions down the tier chain).
     """
 
     def __init__(self, tiers: Tiers | None = None, step: int | None = None, **store_options: Any) -> None:
         super().__init__()
-        self._owner = _StoreOwner(tiers, store_options)
+        self._owner = _StoreOwner(tiers, _filesystem_writer_options(store_options))
         self._fixed_step = step
         self.step: int | None = step
         self.is_coordinator = False
@@ -502,7 +585,13 @@ class AsymStorageReader(_CheckpointIdMixin, StorageReader):
                 f"step {ck.step} of {self._owner.url} was not written through DCP "
                 "(no 'dcp' metadata in rank 0's manifest)"
             )
-        md = metadata_from_json(doc)
+        try:
+            md = metadata_from_json(doc)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as e:
+            raise CorruptCheckpointError(
+                f"step {ck.step} of {self._owner.url}: the DCP metadata in rank 0's manifest is malformed "
+                f"({type(e).__name__}: {str(e)[:200]})"
+            ) from None
         if md.storage_meta is None:
             md.storage_meta = StorageMeta()
         md.storage_meta.load_id = self.load_id
