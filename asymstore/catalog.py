@@ -23,7 +23,7 @@ cleanup of crashed attempts all use these functions; nothing else lists step dir
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -115,14 +115,17 @@ def rank_leftovers(backend: ObjectStore, step: int, *, rank: int, world_size: in
     return sum(1 for _ in backend.list(rank_dir(step, rank, world_size) + "/"))
 
 
-def discard_uncommitted(backend: ObjectStore, *, rank: int, world_size: int, after: int | None = None) -> list[int]:
-    """Remove ``rank``'s objects of every uncommitted step (newer than ``after`` if given); the steps cleaned.
+def discard_uncommitted(
+    backend: ObjectStore, *, rank: int, world_size: int, after: int | None = None, keep: Collection[int] = ()
+) -> list[int]:
+    """Remove ``rank``'s objects of every uncommitted step (newer than ``after`` if given, never those in
+    ``keep``, e.g. steps this process is persisting); the steps cleaned.
 
     Only that rank writes them, so this is safe whenever it is not saving, e.g. when a job starts or resumes.
     """
     out = []
     for s in partial_steps(backend):
-        if after is not None and s <= after:
+        if (after is not None and s <= after) or s in keep:
             continue
         if rank_leftovers(backend, s, rank=rank, world_size=world_size):
             n = backend.delete_prefix(rank_dir(s, rank, world_size) + "/")

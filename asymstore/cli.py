@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from . import cli_shm
 from .errors import AsymstoreError, ConfigError, CorruptCheckpointError, StepNotFoundError
 from .files import atomic_file
 
@@ -659,10 +660,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="export tensor OLD as NEW (repeatable; e.g. for a tensor called __metadata__, which safetensors reserves)",
     )
     common(ex)
+    cli_shm.add_parser(sub, common)
     return p
 
 
-_COMMANDS = {"ls": cmd_ls, "show": cmd_show, "verify": cmd_verify, "export": cmd_export}
+_COMMANDS = {"ls": cmd_ls, "show": cmd_show, "verify": cmd_verify, "export": cmd_export, "shm": cli_shm.cmd_shm}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

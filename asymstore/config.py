@@ -25,6 +25,16 @@ class Config:
     slot_policy: Literal["wait", "skip"] = "wait"
     #: Pin host slots (page-locked memory for async GPU copies). ``None``: only when CUDA is present.
     pin_memory: bool | None = None
+    #: Where the host slots live: "shared" (files in ``shm_dir`` that outlive the process: a restarted process
+    #: restores from them and persists what had not reached the tiers), "private" (this process's memory), or
+    #: "auto": shared on Linux when the store has a persistent tier (its URL names the job), else private.
+    host_memory: Literal["auto", "shared", "private"] = "auto"
+    #: The tmpfs directory of the shared slots (a region per job and rank under ``<shm_dir>/asymstore/``).
+    shm_dir: str = "/dev/shm"
+    #: The job id naming the shared region; ``None``: derived from the first persistent tier's URL.
+    shm_job: str | None = None
+    #: Leave the shared region in place at a clean ``close()`` (default: removed once everything is durable).
+    keep_shm: bool = False
     #: Stored object size per partition. ``None``: chosen per tier from measured latency/bandwidth.
     partition_bytes: int | None = None
     #: Chunk size inside a partition: the unit of compression and of partial (lazy) reads.
@@ -86,6 +96,8 @@ class Config:
             raise ConfigError("delta_every must be >= 0")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise ConfigError(f"need 0 <= rank < world_size, got rank={self.rank}, world_size={self.world_size}")
+        if self.host_memory not in ("auto", "shared", "private"):
+            raise ConfigError(f"host_memory must be 'auto', 'shared' or 'private', got {self.host_memory!r}")
         if not 0 <= self.background_nice <= 19:
             raise ConfigError(f"background_nice must be in 0..19, got {self.background_nice}")
 
@@ -105,7 +117,7 @@ class Config:
                 continue
             cur = getattr(cfg, f.name)
             try:
-                if isinstance(cur, bool) or f.name in ("pin_memory", "non_fatal"):
+                if isinstance(cur, bool) or f.name in ("pin_memory", "non_fatal", "keep_shm"):
                     changes[f.name] = raw.lower() in ("1", "true", "yes", "on")
                 elif isinstance(cur, float):
                     changes[f.name] = float(raw)

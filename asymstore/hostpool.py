@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -228,21 +229,34 @@ class HostPool:
                 out.append(s)
         return out
 
-    def verify(self, slot: Slot, into: torch.Tensor | None = None) -> bool:
+    def verify(
+        self,
+        slot: Slot,
+        into: torch.Tensor | None = None,
+        *,
+        scatter: Sequence[tuple[str, tuple[int, int, int]]] = (),
+    ) -> bool:
         """Check an adopted slot against its record's checksums, once; with ``into`` (a uint8 CPU buffer) the
-        stream is copied there in the same pass. Returns whether ``into`` was filled (False when the slot needed
-        no check). ``CorruptCheckpointError`` on damage; the slot is then dropped."""
+        stream is copied there in the same pass, with ``scatter`` (``(name, (offset, nbytes, address))``, in
+        stream order) those stream ranges are copied to those addresses. Returns whether anything was copied
+        (False when the slot needed no check). ``CorruptCheckpointError`` on damage; the slot is then dropped."""
         if slot.verified or slot.record is None:
             return False
         assert slot.buffer is not None
         try:
-            verify_into(slot.buffer, slot.record, into, where=f"host shared memory slot {slot.index}")
+            verify_into(
+                slot.buffer,
+                slot.record,
+                into,
+                scatter=[p for _, p in scatter],
+                where=f"host shared memory slot {slot.index}",
+            )
         except BaseException:
             if slot.step is not None:
                 self.drop(slot.step)
             raise
         slot.verified = True
-        return into is not None
+        return into is not None or bool(scatter)
 
     def lease(self, step: int) -> Slot | None:
         """Pin the ready slot of ``step`` against reuse until :meth:`unlease`; ``None`` if absent."""

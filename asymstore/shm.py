@@ -16,10 +16,12 @@ it; a slot that was being written when the process died has no record and is nev
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import mmap
@@ -27,7 +29,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,8 +156,8 @@ class SlotRecord:
             "numpy_names": list(c.numpy_names),
             "user": dict(c.user),
         }
-        body["crc32c"] = crc32c(json.dumps(body, sort_keys=True).encode())
-        return json.dumps(body, sort_keys=True).encode()
+        body["crc32c"] = crc32c(json.dumps(body).encode())
+        return json.dumps(body).encode()
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> SlotRecord:
@@ -165,7 +167,7 @@ class SlotRecord:
             if not isinstance(body, dict):
                 raise ValueError("not a JSON object")
             crc = body.pop("crc32c")
-            if crc32c(json.dumps(body, sort_keys=True).encode()) != crc:
+            if crc32c(json.dumps(body).encode()) != crc:
                 raise ValueError("record checksum mismatch")
             if body.get("format") != SHM_FORMAT or body.get("version") != SHM_VERSION:
                 raise ValueError(f"format {body.get('format')!r} version {body.get('version')!r}")
@@ -196,24 +198,69 @@ def chunk_crcs(view: memoryview, chunk_bytes: int = VERIFY_CHUNK) -> tuple[int, 
     return tuple(crc32c(view[i : i + chunk_bytes]) for i in range(0, len(view), chunk_bytes))
 
 
-def verify_into(src: torch.Tensor, record: SlotRecord, dst: torch.Tensor | None = None, *, where: str = "") -> None:
+def verify_into(
+    src: torch.Tensor,
+    record: SlotRecord,
+    dst: torch.Tensor | None = None,
+    *,
+    scatter: Sequence[tuple[int, int, int]] = (),
+    where: str = "",
+    threads: int = 0,
+) -> None:
     """Check every chunk of the uint8 tensor ``src`` against ``record`` and, with ``dst`` (uint8, CPU,
     contiguous), copy it there in the same pass: each chunk is checksummed while it is in cache, then copied.
-    :class:`CorruptCheckpointError` on a mismatch."""
+    ``scatter`` (``(offset, nbytes, address)`` sorted by offset) copies those stream ranges to those addresses
+    instead (an in-place restore). ``threads`` (0: up to 4, as the cores allow) split the chunks; both steps run
+    without the GIL. :class:`CorruptCheckpointError` on a mismatch; only checked chunks are ever copied."""
+    n = record.total_bytes
+    if src.numel() < n or (dst is not None and dst.numel() < n):
+        raise CorruptCheckpointError(f"{where}: slot holds {src.numel()} bytes, its record says {n}", (where,))
+    k = len(record.crcs)
+    workers = max(1, min(threads or min(4, os.cpu_count() or 1), k // 8 or 1))
+    if workers == 1:
+        _verify_chunks(src, record, dst, scatter, 0, k, where)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    bounds = [k * i // workers for i in range(workers + 1)]
+    with ThreadPoolExecutor(workers, thread_name_prefix="asymstore-verify") as pool:
+        for f in [
+            pool.submit(_verify_chunks, src, record, dst, scatter, lo, hi, where)
+            for lo, hi in itertools.pairwise(bounds)
+        ]:
+            f.result()
+
+
+def _verify_chunks(
+    src: torch.Tensor,
+    record: SlotRecord,
+    dst: torch.Tensor | None,
+    scatter: Sequence[tuple[int, int, int]],
+    first: int,
+    last: int,
+    where: str,
+) -> None:
     from .snapshot import host_copy
 
     c, n = record.chunk_bytes, record.total_bytes
-    if src.numel() < n or (dst is not None and dst.numel() < n):
-        raise CorruptCheckpointError(f"{where}: slot holds {src.numel()} bytes, its record says {n}", (where,))
     view = src.numpy().data.cast("B")
-    for k, want in enumerate(record.crcs):
+    base = src.data_ptr()
+    starts = [p[0] for p in scatter]
+    for k in range(first, last):
         lo, hi = k * c, min((k + 1) * c, n)
-        if crc32c(view[lo:hi]) != want:
+        if crc32c(view[lo:hi]) != record.crcs[k]:
             raise CorruptCheckpointError(
                 f"{where}: chunk {k} (bytes {lo}..{hi}) of step {record.step} fails its crc32c", (where,)
             )
         if dst is not None:
-            host_copy(dst.data_ptr() + lo, src.data_ptr() + lo, hi - lo)
+            host_copy(dst.data_ptr() + lo, base + lo, hi - lo)
+        i = max(bisect.bisect_right(starts, lo) - 1, 0)
+        while i < len(scatter) and scatter[i][0] < hi:  # the target ranges this chunk overlaps
+            off, nb, addr = scatter[i]
+            a, b = max(off, lo), min(off + nb, hi)
+            if a < b:
+                host_copy(addr + (a - off), base + a, b - a)
+            i += 1
 
 
 # --- CUDA registration ---------------------------------------------------------------------------------------

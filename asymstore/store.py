@@ -7,9 +7,13 @@ the fastest tier that has it, verified, falling back tier by tier and step by st
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
+import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,12 +35,13 @@ from .errors import (
     StepExistsError,
     StepNotFoundError,
 )
-from .hostpool import HostPool, Slot
+from .hostpool import HostPool, Slot, cuda_available
 from .interfaces import RangeSource, RetentionPolicy
 from .layout import Layout, plan_layout
 from .lazy import LazyCheckpoint
 from .manifest import Manifest
 from .reader import VerifyReport
+from .shm import ShmError, ShmRegion, ShmRegionBusyError, default_job, region_bytes
 from .snapshot import copy_all, dest_view
 from .state import FlatState, flatten, unflatten
 from .threads import lower_thread_priority
@@ -48,7 +53,8 @@ from .writer import WriteReport
 log = logging.getLogger("asymstore")
 
 #: a step's stream, what describes it, and the function to call when done with it
-_Stream = tuple[torch.Tensor, Manifest | Slot, Callable[[], None]]
+#: (and the names of in-place targets already filled while an adopted host slot was verified)
+_Stream = tuple[torch.Tensor, Manifest | Slot, Callable[[], None], frozenset[str]]
 NameFilter = Iterable[str] | Callable[[str], bool] | None
 
 
@@ -122,6 +128,8 @@ class RestoreReport:
     tier: str
     seconds: float
     events: list[str] = field(default_factory=list)  # fallbacks taken, in order
+    #: where exactly the bytes came from, e.g. "host shared memory, left by pid 4242" or a tier's URL
+    detail: str = ""
 
 
 @dataclass
@@ -165,7 +173,6 @@ class Store:
         self, tiers: Sequence[str | ObjectStore | TierSpec] = (), *, config: Config | None = None, **overrides: Any
     ) -> None:
         self.config = Config.from_env(config, **overrides)
-        self.host = HostPool(self.config.host_slots, pin_memory=self.config.pin_memory)
         self.tiers = [
             PersistentTier(t.url, self.config, name=t.name, keep=t.keep, partition_bytes=t.partition_bytes)
             if isinstance(t, TierSpec)
@@ -180,6 +187,8 @@ class Store:
             names[t.name] = n
             if n > 1:
                 t.name = f"{t.name}{n}"
+        pin = cuda_available() if self.config.pin_memory is None else self.config.pin_memory
+        self.host = HostPool(self.config.host_slots, pin_memory=pin, region=self._open_region(pin))
         self.manager = TierManager(self.tiers, self.host) if self.tiers else None
         self._executor = ThreadPoolExecutor(
             max_workers=1,
@@ -192,6 +201,81 @@ class Store:
         self.failures = 0
         self.last_restore: RestoreReport | None = None
         self._closed = False
+        self.adopted = self._adopt()
+        _OPEN_STORES.add(self)
+
+    # --- host memory that outlives the process -----------------------------------
+    @property
+    def host_memory(self) -> str:
+        """Where the host slots live: ``"shared"`` (a region that outlives the process) or ``"private"``."""
+        return "shared" if self.host.region is not None else "private"
+
+    def _open_region(self, pin: bool) -> ShmRegion | None:
+        mode = self.config.host_memory
+        if mode == "private" or (mode == "auto" and (not sys.platform.startswith("linux") or not self.tiers)):
+            return None
+        job = self.config.shm_job
+        if job is None:
+            if not self.tiers:
+                raise AsymstoreError("host_memory='shared' without a persistent tier needs shm_job= (the job's name)")
+            job = default_job(self.tiers[0].url)
+        try:
+            return ShmRegion(
+                self.config.shm_dir,
+                job,
+                self.rank,
+                world_size=self.world_size,
+                url=self.tiers[0].url if self.tiers else "",
+                pin=pin,
+            )
+        except ShmRegionBusyError as e:
+            if mode == "auto":  # e.g. a second store of the same root in one process: it reads, or saves privately
+                log.warning("%s; this store's host slots are private memory", e)
+                return None
+            for t in self.tiers:
+                t.close()
+            raise
+        except ShmError:
+            for t in self.tiers:
+                t.close()
+            raise
+
+    def _adopt(self) -> list[int]:
+        """Take over the committed slots an earlier process left; persist those not yet durable."""
+        slots = self.host.adopt()
+        if not slots:
+            return []
+        pids = sorted({s.origin_pid for s in slots if s.origin_pid is not None})
+        steps = [s.step for s in slots if s.step is not None]
+        log.info("host shared memory holds steps %s left by pid %s", steps, ", ".join(map(str, pids)))
+        for slot in slots:
+            if self.tiers and slot.step is not None and not self._durable_here(slot.step):
+                slot.persisting = True
+                self._executor.submit(self._persist_adopted, slot)
+        return steps
+
+    def _durable_here(self, step: int) -> bool:
+        """Whether this rank's part of ``step`` is durable on the first persistent tier."""
+        t = self.tiers[0]
+        return t.has(step) or (t.multi_rank and self.rank != 0 and t.rank_committed(step))
+
+    def _persist_adopted(self, slot: Slot) -> None:
+        """Persist a snapshot an earlier process left in shared memory but did not make durable."""
+        assert self.manager is not None and slot.step is not None
+        step = slot.step
+        try:
+            self.host.verify(slot)
+            others = [s for s in self.host.steps() if s != step]
+            catalog.discard_uncommitted(  # the dead process's partial write of this step goes first
+                self.tiers[0].backend, rank=self.rank, world_size=self.world_size, after=step - 1, keep=others
+            )
+            assert slot.content is not None
+            self.manager.persist_primary(step, slot.memview(), slot.content)
+            log.info("persisted step %s from host shared memory (left by pid %s)", step, slot.origin_pid)
+        except BaseException as e:
+            self._record_failure(step, e)
+        finally:
+            self.host.mark_persisted(slot)
 
     # --- errors from the background ---------------------------------------------
     def _raise_background(self) -> None:
@@ -272,7 +356,7 @@ class Store:
         snap.flat.tensors.clear()  # drop references to live tensors
         if copies_done is None:
             self._mark_ready(snap)
-        if not self.tiers and copies_done is None:
+        if not self.tiers and copies_done is None and self.host.region is None:
             fut: Future[SaveResult] = Future()
             fut.set_result(SaveResult(snap.step, snapshot_seconds=snap_s))
             return SaveHandle(snap.step, fut)
@@ -280,7 +364,7 @@ class Store:
 
     def _mark_ready(self, snap: PendingSnapshot) -> None:
         content = CheckpointContent(snap.layout, snap.flat.skeleton, tuple(snap.flat.numpy_names), snap.user)
-        self.host.mark_ready(snap.slot, content=content, persisting=bool(self.tiers))
+        self.host.mark_ready(snap.slot, content=content, persisting=bool(self.tiers) or self.host.region is not None)
 
     def _persist(self, snap: PendingSnapshot, snap_s: float, copies_done: Callable[[], None] | None) -> SaveResult:
         result = SaveResult(snap.step, snapshot_seconds=snap_s, persist_started=time.perf_counter())
@@ -292,7 +376,9 @@ class Store:
                     self.host.release(snap.slot)
                     raise
                 self._mark_ready(snap)
-            assert self.manager is not None
+            self.host.seal(snap.slot)  # committed in shared memory: from here a crash loses nothing
+            if self.manager is None:
+                return result
             assert snap.slot.content is not None
             rep = self.manager.persist_primary(snap.step, snap.slot.memview(), snap.slot.content)
             result.reports[self.tiers[0].name] = rep
@@ -381,8 +467,15 @@ class Store:
         return [(t.name, t.backend) for t in self.tiers]
 
     def steps(self) -> list[int]:
-        """Steps complete on at least one tier, oldest first."""
+        """Steps complete on at least one tier, host memory included, oldest first (see :meth:`durable_steps`)."""
         s = set(self.host.steps())
+        for t in self.tiers:
+            s.update(self._listing(t))
+        return sorted(s)
+
+    def durable_steps(self) -> list[int]:
+        """Steps committed on at least one persistent tier, oldest first: what survives the loss of this node."""
+        s: set[int] = set()
         for t in self.tiers:
             s.update(self._listing(t))
         return sorted(s)
@@ -440,7 +533,15 @@ class Store:
             return self.rank if rank is None else rank
         return catalog.read_rank(source.backend, step, rank=rank, my_rank=self.rank, world_size=self.world_size)
 
-    def _read_stream(self, step: int, source: catalog.Source, rank: int | None = None, *, copy: bool = True) -> _Stream:
+    def _read_stream(
+        self,
+        step: int,
+        source: catalog.Source,
+        rank: int | None = None,
+        *,
+        copy: bool = True,
+        target: tuple[dict[str, torch.Tensor], bool] | None = None,
+    ) -> _Stream:
         """The step's stream from ``source`` and a function to call when done with it.
 
         From host memory with ``copy=False`` the slot itself is returned, leased against
@@ -457,18 +558,35 @@ class Store:
                     self.host.unlease(slot)
                 raise StepNotFoundError(f"step {step} left host memory")
             view = slot.buffer[: max(slot.layout.total_bytes, 1)]
-            if copy:
-                buf = view.clone()
+            try:
+                if copy:
+                    buf = torch.empty_like(view)
+                    if not self.host.verify(slot, into=buf):  # an adopted slot: checked while copied
+                        buf.copy_(view)
+                    self.host.unlease(slot)
+                    return buf, slot, lambda: None, frozenset()
+                filled: frozenset[str] = frozenset()
+                if target is not None and slot.record is not None and not slot.verified:
+                    tensors, strict = target
+                    check_compatible(slot.layout, tensors, strict=strict)  # before a byte of the target changes
+                    pieces = _scatter_pieces(slot.layout, tensors)
+                    self.host.verify(slot, scatter=pieces)  # checked and copied into the target in one pass
+                    filled = frozenset(n for n, _ in pieces)
+                else:
+                    self.host.verify(slot)
+            except BaseException:
                 self.host.unlease(slot)
-                return buf, slot, lambda: None
-            return view, slot, lambda: self.host.unlease(slot)
+                raise
+            return view, slot, lambda: self.host.unlease(slot), filled
         reader = catalog.open_reader(source.backend, step, rank=r)
         buf = torch.empty(max(reader.manifest.layout.total_bytes, 1), dtype=torch.uint8)
         reader.read_all_into(buf.numpy().data)
-        return buf, reader.manifest, lambda: None
+        return buf, reader.manifest, lambda: None, frozenset()
 
-    def _stream_reader(self, step: int, rank: int | None, copy: bool) -> Callable[[catalog.Source], _Stream]:
-        return lambda src: self._read_stream(step, src, rank, copy=copy)
+    def _stream_reader(
+        self, step: int, rank: int | None, copy: bool, target: tuple[dict[str, torch.Tensor], bool] | None = None
+    ) -> Callable[[catalog.Source], _Stream]:
+        return lambda src: self._read_stream(step, src, rank, copy=copy, target=target)
 
     def _tier(self, name: str) -> PersistentTier:
         for t in self.tiers:
@@ -495,35 +613,47 @@ class Store:
             raise StepNotFoundError("no complete checkpoint on any tier")
         failures: list[tuple[int, catalog.Failure]] = []
         t0 = time.perf_counter()
+        target = None if into is None else (flatten(into).tensors, strict)
         for s in candidates:
             outcome, failed = catalog.try_in_order(
-                self._read_order(s, rank), self._stream_reader(s, rank, into is None)
+                self._read_order(s, rank), self._stream_reader(s, rank, into is None, target)
             )
             failures += [(s, f) for f in failed]
             if outcome is None:
                 continue
-            buf, meta, release = outcome.value
+            buf, meta, release, filled = outcome.value
             layout = meta.layout
             assert layout is not None
             events = [f"step {fs} on {f}" for fs, f in failures]
-            self.last_restore = RestoreReport(s, outcome.source.name, time.perf_counter() - t0, events)
+            detail = self._describe(outcome.source, meta)
+            self.last_restore = RestoreReport(s, outcome.source.name, time.perf_counter() - t0, events, detail)
             if events:
                 log.warning("restored step %s from %s after fallbacks: %s", s, outcome.source.name, "; ".join(events))
             try:
-                return self._materialise(buf, layout, meta.skeleton, into, strict)
+                return self._materialise(buf, layout, meta.skeleton, into, strict, filled)
             finally:
                 release()
         what = f"step {step}" if step is not None else "any complete step"
         raise catalog.no_readable_copy(what, [f for _, f in failures])
 
-    def _materialise(self, buf: torch.Tensor, layout: Layout, skeleton: Any, into: Any, strict: bool) -> Any:
+    def _describe(self, source: catalog.Source, meta: Manifest | Slot) -> str:
+        """Where a restore's bytes came from, in words."""
+        if source.backend is not None:
+            return f"tier {source.name} ({source.backend.url})"
+        if isinstance(meta, Slot) and meta.origin_pid is not None and meta.origin_pid != os.getpid():
+            return f"host shared memory, left by pid {meta.origin_pid}"
+        return "host shared memory" if self.host.region is not None else "host memory"
+
+    def _materialise(
+        self, buf: torch.Tensor, layout: Layout, skeleton: Any, into: Any, strict: bool, filled: frozenset[str]
+    ) -> Any:
         entries = layout.by_name()
         if into is None:
             return unflatten(skeleton, lambda n: dest_view(buf, entries[n]))
         target = flatten(into).tensors
         check_compatible(layout, target, strict=strict)
         for name, t in target.items():
-            if name in entries:
+            if name in entries and name not in filled:
                 with torch.no_grad():
                     t.copy_(dest_view(buf, entries[name]))
         # tensors the target does not hold are copied out: ``buf`` may be a host slot
@@ -547,6 +677,7 @@ class Store:
             slot = self.host.find(step)
             if slot is None or slot.layout is None:
                 raise StepNotFoundError(f"step {step} left host memory")
+            self.host.verify(slot)
             return LazyCheckpoint.from_host(slot, pool=self.host)
         return LazyCheckpoint(catalog.open_reader(source.backend, step, rank=self._read_rank(step, source, rank)))
 
@@ -573,9 +704,10 @@ class Store:
         this process is saving. Returns the steps cleaned per tier.
         """
         out: dict[str, list[int]] = {}
+        held = self.host.steps()  # snapshots in host memory are persisted, not discarded
         for t in self.tiers:
             try:
-                cleaned = t.discard_uncommitted(after=after)
+                cleaned = t.discard_uncommitted(after=after, keep=held)
             except AsymstoreError as e:
                 log.warning("tier %s: leftovers not cleaned (%s)", t.name, e)
                 continue
@@ -603,8 +735,11 @@ class Store:
     # --- accounting and lifecycle ------------------------------------------------
     def memory_report(self) -> dict[str, int]:
         """Host memory reserved for checkpointing, in bytes."""
+        region = self.host.region
         return {
             "host_slots": self.host.reserved_bytes,
+            #: bytes this store's shared-memory region holds of the tmpfs (its slots' files; 0: private slots)
+            "shared_memory": region_bytes(region.path) if region is not None else 0,
             "delta_bases": sum(t.reserved_bytes for t in self.tiers),
             "staging_budget": self.config.staging_budget_bytes,
         }
@@ -617,6 +752,7 @@ class Store:
         """Finish background work and release the tiers; re-raises a background failure."""
         if self._closed:
             return
+        _OPEN_STORES.discard(self)
         self._executor.shutdown(wait=True)
         self._closed = True
         if self.manager is not None:
@@ -628,13 +764,90 @@ class Store:
             self.manager.close()
         for t in self.tiers:
             t.close()
+        self._close_region()
         self._raise_background()
+
+    def _close_region(self) -> None:
+        """Remove the shared region at a clean close, unless asked to keep it or it holds the only copy of a
+        snapshot (a failed persistence): then it stays for the next process, which persists it."""
+        region = self.host.region
+        if region is None:
+            return
+        undurable = [s for s in self.host.steps() if self.tiers and not self._durable_here(s)]
+        if undurable:
+            log.warning(
+                "keeping the shared-memory region %s: steps %s are not durable on %s yet; the next store of this "
+                "job persists them (or remove it with `asymstore shm rm`)",
+                region.path,
+                undurable,
+                self.tiers[0].name,
+            )
+        region.close(remove=not (self.config.keep_shm or undurable))
 
     def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+#: stores not closed yet: closed (persistence finished, bounded) when the interpreter exits
+_OPEN_STORES: weakref.WeakSet[Store] = weakref.WeakSet()
+
+
+def _close_at_exit() -> None:
+    """A script that exits without ``close()`` still gets its pending checkpoints persisted (each store waits
+    at most its ``close_timeout_s``); what could not finish is named in a warning, and stays in shared memory
+    for the next process where the host slots are shared."""
+    for store in list(_OPEN_STORES):
+        pending = [s.step for s in store.host.slots if s.persisting]
+        if pending:
+            log.warning(
+                "asymstore: the interpreter exits with steps %s not yet persisted: persisting them now", pending
+            )
+        t = threading.Thread(target=_close_quietly, args=(store,), name="asymstore-exit", daemon=True)
+        t.start()
+        t.join(store.config.close_timeout_s)
+        if t.is_alive():
+            log.error(
+                "asymstore: steps %s were not persisted within close_timeout_s=%s at exit%s",
+                pending,
+                store.config.close_timeout_s,
+                "; they stay in host shared memory for the next process" if store.host.region is not None else "",
+            )
+
+
+# Run before concurrent.futures joins its worker threads at interpreter shutdown (after that, persistence can
+# no longer start its I/O pools): threading's exit hooks run newest first, before ``atexit``'s.
+_register_exit = getattr(threading, "_register_atexit", atexit.register)
+_register_exit(_close_at_exit)
+
+
+def _close_quietly(store: Store) -> None:
+    try:
+        store.close()
+    except BaseException as e:
+        log.error("asymstore: closing a store at exit failed: %s", e)
+
+
+def _scatter_pieces(layout: Layout, target: dict[str, torch.Tensor]) -> list[tuple[str, tuple[int, int, int]]]:
+    """``(name, (stream offset, nbytes, address))`` of every in-place target a host slot can be copied into
+    byte for byte (a contiguous CPU tensor of the entry's dtype and shape), in stream order."""
+    entries = layout.by_name()
+    out = []
+    for name, t in target.items():
+        e = entries.get(name)
+        if (
+            e is not None
+            and t.device.type == "cpu"
+            and t.is_contiguous()
+            and t.dtype == dtypes.from_name(e.dtype)
+            and tuple(t.shape) == e.shape
+            and not t.is_conj()
+            and not t.is_neg()
+        ):
+            out.append((name, (e.offset, e.nbytes, t.data_ptr())))
+    return sorted(out, key=lambda p: p[1][0])
 
 
 def _selected(name: str, names: NameFilter) -> bool:

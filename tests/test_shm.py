@@ -95,6 +95,7 @@ def test_sigkill_after_snapshots_restores_from_shared_memory(tmp_path: Path) -> 
         assert rep.detail == f"host shared memory, left by pid {pid}"
         want = _state(3)
         assert out["step"] == 3 and torch.equal(out["w"], want["w"]) and torch.equal(out["b"], want["b"])
+        assert list(out) == list(want)  # the state's order survives the slot record (state_dict order matters)
         # in place, straight out of the slot
         into = _state(0)
         store.restore(2, into=into)
