@@ -3,7 +3,7 @@
     python examples/gpt2.py                                  # tiny GPT-2, synthetic tokens, 8 steps
     python examples/gpt2.py --kill-at 5 && python examples/gpt2.py --resume
     python examples/gpt2.py --preset small --data /data/wikitext-103-raw   # wiki.train.raw, byte tokens
-    python examples/gpt2.py --preset demo --steps 12         # what ./run.sh demo runs
+    python examples/gpt2.py --preset demo --steps 12         # the model of ./run.sh demo (examples/demo.py)
     python examples/gpt2.py --list-presets                   # sizes up to a 10B-parameter GPT-2
 
 The model is built from a ``GPT2Config`` (random init, nothing downloaded).

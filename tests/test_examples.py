@@ -26,9 +26,10 @@ TIMEOUT = 240
 STEPS = 4
 
 
-def _env() -> dict[str, str]:
+def _env(**extra: str) -> dict[str, str]:
     return dict(
         os.environ,
+        **extra,
         PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
         COLUMNS="120",
         TRANSFORMERS_VERBOSITY="error",
@@ -36,10 +37,10 @@ def _env() -> dict[str, str]:
     )
 
 
-def _run(name: str, *args: str, tmp: Path, tag: str) -> dict[str, Any]:
+def _run(name: str, *args: str, tmp: Path, tag: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     out = tmp / f"{name}-{tag}.json"
     cmd = [sys.executable, str(EXAMPLES / f"{name}.py"), "--threads", "1", "--summary-json", str(out), *args]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=_env(), cwd=ROOT)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=_env(**(env or {})), cwd=ROOT)
     res: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
     res["_rc"], res["_stdout"], res["_stderr"] = p.returncode, p.stdout, p.stderr
     return res
@@ -61,6 +62,16 @@ def _kill_chain(name: str, tmp: Path) -> dict[str, dict[str, Any]]:
     }
 
 
+def _kill_chain_private(name: str, tmp: Path) -> dict[str, dict[str, Any]]:
+    """The same with host slots in private memory: the kill waits until step 3 is durable on --dir."""
+    args = ("--steps", str(STEPS), "--dir", str(tmp / f"{name}-killed-private"))
+    env = {"ASYMSTORE_HOST_MEMORY": "private"}
+    return {
+        "killed-private": _run(name, *args, "--kill-at", "3", tmp=tmp, tag="killed-private", env=env),
+        "resumed-private": _run(name, *args, "--resume", tmp=tmp, tag="resumed-private", env=env),
+    }
+
+
 def _resume_chain(name: str, tmp: Path) -> dict[str, dict[str, Any]]:
     """3 steps, a clean exit, then ``--resume`` to step 4 (another strategy, to cover them all)."""
     d = tmp / name
@@ -77,6 +88,7 @@ def _resume_chain(name: str, tmp: Path) -> dict[str, dict[str, Any]]:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, dict[str, Any]]]:
     tmp = tmp_path_factory.mktemp("examples")
     jobs = [(n, f, n) for n in ("gpt2", "resnet") for f in (_kill_chain, _straight)]
+    jobs += [("gpt2", _kill_chain_private, "gpt2")]
     jobs += [(n, _resume_chain, n) for n in ("bert", "roberta", "bloom", "vit")]
     out: dict[str, dict[str, dict[str, Any]]] = {}
     # chains of at most two runs, four at a time: about 3 minutes on a busy 2-core machine
@@ -116,6 +128,20 @@ def test_kill_and_resume_is_bit_identical(runs: dict[str, Any], name: str) -> No
     assert "resumed from step 3 (" in res["_stdout"] and "step 3 from " in res["_stdout"]
     assert res["final_step"] == STEPS and res["iterations"] == STEPS - 3
     # same batches, same RNG (dropout), same optimizer and scheduler state: the same model
+    assert res["state_hash"] == r["straight"]["state_hash"]
+
+
+@pytest.mark.slow
+def test_kill_and_resume_with_private_host_memory(runs: dict[str, Any]) -> None:
+    """Private host slots die with the process: --kill-at waits until step 3 is durable, the resume reads it."""
+    r = runs["gpt2"]
+    k, res = r["killed-private"], r["resumed-private"]
+    assert k["_rc"] == -signal.SIGKILL, (k["_rc"], k["_stdout"][-2000:], k["_stderr"][-2000:])
+    info = json.loads(k["_stdout"].split("[kill-at] SIGKILL at step 3:")[1].splitlines()[0])
+    assert not info["shared_host_slots"] and 3 in info["durable"] and "file" in info["where"], info
+    _ok(res)
+    assert not res["shared_host_slots"]
+    assert res["resumed_from"] == 3 and res["resumed_tier"] == "file", (res["resumed_tier"], res["resumed_detail"])
     assert res["state_hash"] == r["straight"]["state_hash"]
 
 

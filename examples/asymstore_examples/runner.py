@@ -248,15 +248,18 @@ class KillAfterCheckpoint:
         shared = shared_host_slots(self.store)
         newest = self.ck.handles[-1] if self.ck.handles else None
         if newest is not None:
-            if shared:  # committed (checksums and record written) in a slot that outlives the process
-                t_end = time.monotonic() + 60
-                while not committed_in_host(self.store, newest.step) and time.monotonic() < t_end:
-                    time.sleep(0.002)
+            if shared:
+                # committed (bytes, checksums, record) in a slot that outlives the process, or durable: the
+                # background threads that seal and persist only run on idle cores, on a busy machine later
+                t_end = time.monotonic() + 600
+                while not committed_in_host(self.store, newest.step) and not newest.done() and time.monotonic() < t_end:
+                    time.sleep(0.005)
             else:  # private host memory dies with the process: only a durable checkpoint survives
                 newest.result(timeout=600)
         info = {
             "step": self.ck.step,
             "checkpoint": newest.step if newest is not None else None,
+            "committed_in_host": shared and newest is not None and committed_in_host(self.store, newest.step),
             "where": self.store.where(newest.step) if newest is not None else [],
             "durable": _durable_steps(self.store),
             "shared_host_slots": shared,
