@@ -550,3 +550,61 @@ def test_dumps_refuses_what_the_fuzzer_writes() -> None:
     """The writer's own JSON never holds NaN (so a reader may refuse it)."""
     with pytest.raises(ValueError):
         dumps({"x": float("nan")})
+
+
+# --- multi-rank steps: the global marker -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pristine_ranks(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Steps 1 and 2 saved by two ranks (one process each in real use; two stores here)."""
+    root = str(tmp_path_factory.mktemp("pristine_ranks") / "ck")
+    stores = [Store([root], **_opts(rank=r, world_size=2, commit_timeout_s=10)) for r in range(2)]
+    try:
+        for step in (1, 2):
+            for h in [s.save(_state(step), step, blocking=False) for s in stores]:
+                h.result(60)
+    finally:
+        for s in stores:
+            s.close()
+    return root
+
+
+def _rewrite_global(root: str, step: int, mutate: Mutation) -> None:
+    path = os.path.join(root, step_dir(step), "COMMIT")
+    with open(path, "rb") as f:
+        body = json.loads(f.read())
+    body.pop("crc32c")
+    out = mutate(body)
+    body = body if out is None else out
+    body["crc32c"] = crc32c(json.dumps(body, separators=(",", ":")).encode())
+    with open(path, "wb") as f:
+        f.write(json.dumps(body, separators=(",", ":")).encode())
+
+
+GLOBAL_FAULTS: dict[str, Mutation] = {
+    "ranks a billion": _set("ranks", 10**9),
+    "ranks zero": _set("ranks", 0),
+    "ranks a string": _set("ranks", "2"),
+    "shards_crc32c missing a rank": lambda c: c.update(shards_crc32c={"0": c["shards_crc32c"]["0"]}),
+    "shards_crc32c a list": _set("shards_crc32c", [1, 2]),
+    "delta_bases holds the step": _set("delta_bases", [2]),
+    "delta_bases a string": _set("delta_bases", "1"),
+    "global step is another step": _set("step", 1),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(GLOBAL_FAULTS))
+def test_global_marker_faults(pristine_ranks: str, tmp_path: Any, fault: str) -> None:
+    from asymstore.backends.local import LocalObjectStore
+
+    root = _copy(pristine_ranks, tmp_path)
+    _rewrite_global(root, 2, GLOBAL_FAULTS[fault])
+    with Bounded():
+        for rank in (0, 1):
+            with pytest.raises(CorruptCheckpointError):
+                open_reader(LocalObjectStore(root), 2, rank=rank)
+        assert cli(["-q", "verify", root, "--all"]) == 1
+        assert cli(["ls", root, "--json"]) == 0
+        with Store([root], **_opts()) as s:  # another world size reads rank 0's part
+            got = s.restore()
+            assert s.last_restore is not None and s.last_restore.step == 1
+            assert _tensors(got) == _tensors(_state(1))
