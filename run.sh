@@ -20,7 +20,7 @@ setup() {
   echo "[asymstore] setting up $VENV (first run downloads torch and friends; later runs reuse it)" >&2
   [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e ".[test,bench,hdfs,deepspeed,lightning]"
+  "$VENV/bin/python" -m pip install -q -e ".[test,bench,hdfs,s3,deepspeed,lightning]"
   echo "$want" > "$stamp"
 }
 
@@ -33,7 +33,7 @@ export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/asymstore/torch
 case "$cmd" in
   demo) PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec python examples/demo.py "$@" ;;
   test)
-    if [[ "${CI:-}" == "true" ]]; then export ASYMSTORE_REQUIRE_HDFS=1; fi
+    if [[ "${CI:-}" == "true" ]]; then export ASYMSTORE_REQUIRE_HDFS=1; export ASYMSTORE_REQUIRE_S3=1; fi
     exec python -m pytest -q "$@" ;;
   test-quick) exec python -m pytest -q -m "not slow" "$@" ;;
   lint)

@@ -31,6 +31,7 @@ _REGISTRY: dict[str, BackendEntry] = {
     "hdfs": BackendEntry(
         "asymstore.backends.hdfs", "HdfsObjectStore", "pip install 'asymstore[hdfs]'  (installs hdfs-native)"
     ),
+    "s3": BackendEntry("asymstore.backends.s3", "S3ObjectStore", "pip install 'asymstore[s3]'  (installs pyarrow)"),
 }
 
 
