@@ -363,3 +363,23 @@ def test_open_checkpoint_takes_int_like_steps(tmp_path: Any) -> None:
     assert open_checkpoint(root, np.int64(4)).step == 4
     with pytest.raises(ConfigError, match="bool"):
         open_checkpoint(root, True)
+
+
+@pytest.mark.parametrize(
+    "doc", [{"state_dict_metadata": 5}, {"state_dict_metadata": {"a": [1]}}, {"planner_data": None}, [1, 2]]
+)
+def test_malformed_dcp_metadata_is_a_corrupt_checkpoint(tmp_path: Any, doc: Any) -> None:
+    from asymstore.errors import CorruptCheckpointError
+    from asymstore.trainer_hooks.dcp import FORMAT, AsymStorageReader
+
+    doc = dict(doc, format=FORMAT) if isinstance(doc, dict) else doc
+
+    root = str(tmp_path / "ck")
+    with Store([root], **_opts()) as s:
+        s.save({"w": torch.ones(2)}, 1, user={"dcp": doc})
+    reader = AsymStorageReader(root, step=1, **_PRIVATE)
+    try:
+        with pytest.raises(CorruptCheckpointError, match=r"DCP metadata .* malformed"):
+            reader.read_metadata()
+    finally:
+        reader._owner.close()
