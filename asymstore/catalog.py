@@ -49,6 +49,8 @@ T = TypeVar("T")
 
 #: the name of the host memory source in :func:`read_sources` (tiers are named by their tier name)
 HOST = "host"
+#: the source name of a peer rank's replica of this rank's host slot (another node's shared memory)
+PEER = "peer"
 
 
 # --- listing -----------------------------------------------------------------------------------------------
@@ -172,7 +174,7 @@ class Source:
     @property
     def is_host(self) -> bool:
         """Whether this is the host memory slot."""
-        return self.backend is None
+        return self.name == HOST
 
 
 @dataclass(frozen=True)

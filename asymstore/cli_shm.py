@@ -38,7 +38,8 @@ def cmd_shm_ls(args: argparse.Namespace) -> int:
     for r in regions:
         owner = f"{r.owner_pid or '?'} ({'alive' if r.alive else 'dead'})"
         steps = ",".join(map(str, r.steps)) if r.version == 1 else f"(format version {r.version!r})"
-        rows.append((r.job, str(r.rank), _size(r.bytes), steps or "-", owner, r.url))
+        rank = f"{r.rank} (replica held here)" if r.replica else str(r.rank)
+        rows.append((r.job, rank, _size(r.bytes), steps or "-", owner, r.url))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())

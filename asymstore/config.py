@@ -35,6 +35,14 @@ class Config:
     shm_job: str | None = None
     #: Leave the shared region in place at a clean ``close()`` (default: removed once everything is durable).
     keep_shm: bool = False
+    #: Peer replicas (0 or 1): each committed host slot is also copied into the shared memory of a rank on
+    #: another node (ring by node), so the rank replacing a lost node restores from it. Needs shared host
+    #: memory and an initialised ``torch.distributed`` (its store is the rendezvous).
+    peer_replicas: int = 0
+    #: Upper bound of the replication traffic (bytes/s per rank), so that training's own traffic keeps the link.
+    replica_bandwidth: float = 1e9
+    #: This rank's node name for replica placement; ``None``: the host name.
+    node_id: str | None = None
     #: Stored object size per partition. ``None``: chosen per tier from measured latency/bandwidth.
     partition_bytes: int | None = None
     #: Chunk size inside a partition: the unit of compression and of partial (lazy) reads.
@@ -96,6 +104,10 @@ class Config:
             raise ConfigError("delta_every must be >= 0")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise ConfigError(f"need 0 <= rank < world_size, got rank={self.rank}, world_size={self.world_size}")
+        if self.peer_replicas not in (0, 1):
+            raise ConfigError(f"peer_replicas must be 0 or 1, got {self.peer_replicas!r}")
+        if self.replica_bandwidth <= 0:
+            raise ConfigError(f"replica_bandwidth must be > 0 bytes/s, got {self.replica_bandwidth!r}")
         if self.host_memory not in ("auto", "shared", "private"):
             raise ConfigError(f"host_memory must be 'auto', 'shared' or 'private', got {self.host_memory!r}")
         if not 0 <= self.background_nice <= 19:

@@ -229,6 +229,14 @@ class HostPool:
                 out.append(s)
         return out
 
+    def forget_buffers(self) -> None:
+        """Drop every slot's buffer (the store is closed): its memory or mapping is released once no reader
+        holds a view of it."""
+        with self._cv:
+            for s in self.slots:
+                s.buffer, s.state, s.step, s.content, s.record = None, "free", None, None, None
+            self._cv.notify_all()
+
     def verify(
         self,
         slot: Slot,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -93,9 +94,11 @@ def regions_root(shm_dir: str) -> str:
     return os.path.join(shm_dir, SHM_SUBDIR)
 
 
-def region_path(shm_dir: str, job: str, rank: int) -> str:
-    """The directory of ``job``'s region for ``rank``."""
-    return os.path.join(regions_root(shm_dir), check_job(job), rank_dir_name(rank))
+def region_path(shm_dir: str, job: str, rank: int, *, replica: bool = False) -> str:
+    """The directory of ``job``'s region for ``rank`` (``replica``: the copies of ``rank``'s slots that this
+    node holds for it, see :mod:`asymstore.replica`)."""
+    name = ("replica-" if replica else "") + rank_dir_name(rank)
+    return os.path.join(regions_root(shm_dir), check_job(job), name)
 
 
 # --- commit records ------------------------------------------------------------------------------------------
@@ -303,11 +306,13 @@ class ShmRegion:
         world_size: int = 1,
         url: str = "",
         pin: bool = False,
+        replica: bool = False,
     ) -> None:
         self.shm_dir = shm_dir
         self.job = check_job(job)
         self.rank = rank
-        self.path = region_path(shm_dir, job, rank)
+        self.replica = replica
+        self.path = region_path(shm_dir, job, rank, replica=replica)
         self.pin = pin
         self._maps: dict[int, _Mapping] = {}  # slot index -> its current mapping
         self._gen = int(time.time() * 1000) % 10**9
@@ -453,7 +458,16 @@ class ShmRegion:
         if m is None:
             raise ShmError(f"slot {index} has no shared mapping")
         rec = SlotRecord(index, m.name, step, os.getpid(), time.time(), VERIFY_CHUNK, chunk_crcs(view), content)
-        with atomic_file(self._record_path(index), fsync=False) as f:
+        return self.commit_record(rec)
+
+    def commit_record(self, rec: SlotRecord) -> SlotRecord:
+        """Write a slot record made elsewhere (a peer's, for a replica whose bytes were checked against it);
+        the slot and data file are this region's."""
+        m = self._maps.get(rec.slot)
+        if m is None:
+            raise ShmError(f"slot {rec.slot} has no shared mapping")
+        rec = dataclasses.replace(rec, data=m.name)
+        with atomic_file(self._record_path(rec.slot), fsync=False) as f:
             f.write(rec.to_bytes())
         return rec
 
@@ -575,6 +589,8 @@ class RegionInfo:
     steps: tuple[int, ...]
     owner_pid: int | None
     alive: bool
+    #: a replica region: copies of ``rank``'s slots that this node holds for that rank (a peer)
+    replica: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """The row as JSON."""
@@ -588,6 +604,7 @@ class RegionInfo:
             "steps": list(self.steps),
             "owner_pid": self.owner_pid,
             "alive": self.alive,
+            "replica": self.replica,
         }
 
 
@@ -622,7 +639,7 @@ def list_regions(shm_dir: str) -> list[RegionInfo]:
             continue
         for rd in sorted(os.listdir(jd)):
             path = os.path.join(jd, rd)
-            m = re.fullmatch(r"r(\d{5})", rd)
+            m = re.fullmatch(r"(?:replica-)?r(\d{5})", rd)
             if not m or not os.path.isdir(path):
                 continue
             head: dict[str, Any] = {}
@@ -644,6 +661,7 @@ def list_regions(shm_dir: str) -> list[RegionInfo]:
                     steps,
                     pid,
                     alive,
+                    rd.startswith("replica-"),
                 )
             )
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -41,6 +42,7 @@ from .layout import Layout, plan_layout
 from .lazy import LazyCheckpoint
 from .manifest import Manifest
 from .reader import VerifyReport
+from .replica import Rendezvous, ReplicaService, default_rendezvous
 from .shm import ShmError, ShmRegion, ShmRegionBusyError, default_job, region_bytes
 from .snapshot import copy_all, dest_view
 from .state import FlatState, flatten, unflatten
@@ -54,7 +56,7 @@ log = logging.getLogger("asymstore")
 
 #: a step's stream, what describes it, and the function to call when done with it
 #: (and the names of in-place targets already filled while an adopted host slot was verified)
-_Stream = tuple[torch.Tensor, Manifest | Slot, Callable[[], None], frozenset[str]]
+_Stream = tuple[torch.Tensor, Manifest | Slot | CheckpointContent, Callable[[], None], frozenset[str]]
 NameFilter = Iterable[str] | Callable[[str], bool] | None
 
 
@@ -170,8 +172,15 @@ class Store:
     """A tier chain: host memory (K slots), then persistent tiers, fastest first."""
 
     def __init__(
-        self, tiers: Sequence[str | ObjectStore | TierSpec] = (), *, config: Config | None = None, **overrides: Any
+        self,
+        tiers: Sequence[str | ObjectStore | TierSpec] = (),
+        *,
+        config: Config | None = None,
+        replica_rendezvous: Rendezvous | None = None,
+        **overrides: Any,
     ) -> None:
+        """``replica_rendezvous``: where the ranks find each other's replica services with ``peer_replicas=1``
+        (default: the ``torch.distributed`` default store)."""
         self.config = Config.from_env(config, **overrides)
         self.tiers = [
             PersistentTier(t.url, self.config, name=t.name, keep=t.keep, partition_bytes=t.partition_bytes)
@@ -201,6 +210,8 @@ class Store:
         self.failures = 0
         self.last_restore: RestoreReport | None = None
         self._closed = False
+        self._last_peer: int | None = None  # the rank the last restore from a peer replica read from
+        self.replicas = self._start_replicas(replica_rendezvous)
         self.adopted = self._adopt()
         _OPEN_STORES.add(self)
 
@@ -240,6 +251,41 @@ class Store:
                 t.close()
             raise
 
+    def _start_replicas(self, rendezvous: Rendezvous | None) -> ReplicaService | None:
+        if not self.config.peer_replicas:
+            return None
+        region = self.host.region
+        if region is None:
+            raise AsymstoreError("peer_replicas=1 needs host slots in shared memory (host_memory='shared')")
+        return ReplicaService(
+            job=region.job,
+            rank=self.rank,
+            world_size=self.world_size,
+            shm_dir=self.config.shm_dir,
+            node=self.config.node_id or socket.gethostname(),
+            rendezvous=rendezvous or default_rendezvous(),
+            bandwidth=self.config.replica_bandwidth,
+        )
+
+    def _replicate(self, slot: Slot) -> None:
+        """Queue a copy of a sealed slot to the peer rank (the slot is leased until it is sent)."""
+        if self.replicas is None or slot.record is None or slot.step is None:
+            return
+        leased = self.host.lease(slot.step)
+        if leased is None:
+            return
+        self.replicas.push(slot.record, leased.memview(), lambda: self.host.unlease(leased))
+
+    def _peer_steps(self) -> tuple[int | None, list[int]]:
+        """Which rank holds this rank's replicas, and of which steps."""
+        if self.replicas is None:
+            return None, []
+        try:
+            return self.replicas.remote_steps()
+        except AsymstoreError as e:
+            log.warning("peer replicas cannot be asked: %s", e)
+            return None, []
+
     def _adopt(self) -> list[int]:
         """Take over the committed slots an earlier process left; persist those not yet durable."""
         slots = self.host.adopt()
@@ -248,6 +294,7 @@ class Store:
         pids = sorted({s.origin_pid for s in slots if s.origin_pid is not None})
         steps = [s.step for s in slots if s.step is not None]
         log.info("host shared memory holds steps %s left by pid %s", steps, ", ".join(map(str, pids)))
+        self._replicate(slots[-1])  # the peer may have lost its copy with its node
         for slot in slots:
             if self.tiers and slot.step is not None and not self._durable_here(slot.step):
                 slot.persisting = True
@@ -377,6 +424,7 @@ class Store:
                     raise
                 self._mark_ready(snap)
             self.host.seal(snap.slot)  # committed in shared memory: from here a crash loses nothing
+            self._replicate(snap.slot)
             if self.manager is None:
                 return result
             assert snap.slot.content is not None
@@ -468,7 +516,7 @@ class Store:
 
     def steps(self) -> list[int]:
         """Steps complete on at least one tier, host memory included, oldest first (see :meth:`durable_steps`)."""
-        s = set(self.host.steps())
+        s = set(self.host.steps()) | set(self._peer_steps()[1])
         for t in self.tiers:
             s.update(self._listing(t))
         return sorted(s)
@@ -523,9 +571,13 @@ class Store:
     # --- restoring ---------------------------------------------------------------
     def _read_order(self, step: int, rank: int | None) -> list[catalog.Source]:
         """The catalog's read policy for ``step``: host memory first, then the tiers in chain order."""
-        return catalog.read_sources(
+        sources = catalog.read_sources(
             step, host=self.host.find(step) is not None, tiers=self._chain(), rank=rank, my_rank=self.rank
         )
+        if self.replicas is not None and (rank is None or rank == self.rank) and step in self._peer_steps()[1]:
+            at = 1 if sources and sources[0].is_host else 0  # after our own memory, before every tier
+            sources.insert(at, catalog.Source(catalog.PEER))
+        return sources
 
     def _read_rank(self, step: int, source: catalog.Source, rank: int | None) -> int:
         """Which rank's directory to read (:func:`asymstore.catalog.read_rank`; host memory holds ours)."""
@@ -548,6 +600,13 @@ class Store:
         reuse until the release function is called (an in-place restore copies straight
         out of it, with no intermediate buffer).
         """
+        if source.name == catalog.PEER:
+            holder, _ = self._peer_steps()
+            if self.replicas is None or holder is None:
+                raise StepNotFoundError(f"no peer holds a replica of step {step}")
+            raw, rec = self.replicas.fetch(step, holder)  # verified
+            self._last_peer = holder
+            return raw, rec.content, lambda: None, frozenset()
         r = self._read_rank(step, source, rank)
         if source.backend is None:
             if r != self.rank:
@@ -636,8 +695,12 @@ class Store:
         what = f"step {step}" if step is not None else "any complete step"
         raise catalog.no_readable_copy(what, [f for _, f in failures])
 
-    def _describe(self, source: catalog.Source, meta: Manifest | Slot) -> str:
+    def _describe(self, source: catalog.Source, meta: Manifest | Slot | CheckpointContent) -> str:
         """Where a restore's bytes came from, in words."""
+        if source.name == catalog.PEER and self.replicas is not None:
+            holder = getattr(self, "_last_peer", None)
+            node = self.replicas.peers[holder].node if holder is not None else "?"
+            return f"peer host shared memory of rank {holder} on node {node}"
         if source.backend is not None:
             return f"tier {source.name} ({source.backend.url})"
         if isinstance(meta, Slot) and meta.origin_pid is not None and meta.origin_pid != os.getpid():
@@ -764,6 +827,9 @@ class Store:
             self.manager.close()
         for t in self.tiers:
             t.close()
+        if self.replicas is not None:
+            self.replicas.drain(self.config.close_timeout_s)
+            self.replicas.close(remove=not self.config.keep_shm)
         self._close_region()
         self._raise_background()
 
@@ -783,6 +849,7 @@ class Store:
                 self.tiers[0].name,
             )
         region.close(remove=not (self.config.keep_shm or undurable))
+        self.host.forget_buffers()  # the mappings go now, not when this object is collected
 
     def __enter__(self) -> Store:
         return self

@@ -1,0 +1,61 @@
+"""One rank of the peer-replica tests: ``python -m tests._replica_worker PHASE RANK WORLD PORT CKDIR SHM PER_NODE``.
+
+Each simulated node is its own shared-memory directory (``SHM/node<n>``) and node name. ``save``: checkpoint
+steps 1-3 of a rank-specific state with peer replicas on, wait until the replicas are sent, then die by
+SIGKILL (a crash: nothing is cleaned). ``restore``: open the store like the restarted job and restore the
+newest step; print one JSON line: the step, where it came from, and whether it is bit-exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+import asymstore
+
+
+def state(rank: int, step: int) -> dict[str, object]:
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    return {"w": torch.randn(20_000, generator=g), "h": torch.randn(16, 8, generator=g).half(), "step": step}
+
+
+def main() -> None:
+    phase, rank, world, port, ckdir, shm, per_node = sys.argv[1:8]
+    r, n, k = int(rank), int(world), int(per_node)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=r, world_size=n, timeout=timedelta(seconds=120)
+    )
+    node = r // k
+    shm_dir = os.path.join(shm, f"node{node}")
+    os.makedirs(shm_dir, exist_ok=True)
+    os.environ["ASYMSTORE_REPLICA_HOST"] = "127.0.0.1"
+    store = asymstore.Store(
+        [ckdir], rank=r, world_size=n, shm_dir=shm_dir, node_id=f"node{node}", peer_replicas=1, host_slots=2
+    )
+    if phase == "save":
+        for s in (1, 2, 3):
+            store.save(state(r, s), s)
+        assert store.replicas is not None and store.replicas.drain(60)
+        dist.barrier()  # every rank's replica has arrived before anyone dies
+        print(json.dumps({"rank": r, "pushed": store.replicas.pushed, "received": store.replicas.received}), flush=True)
+        dist.barrier()
+        os.kill(os.getpid(), signal.SIGKILL)
+    out = store.restore()
+    rep = store.last_restore
+    assert rep is not None
+    want = state(r, 3)
+    exact = out["step"] == 3 and all(torch.equal(out[key], want[key]) for key in ("w", "h"))  # type: ignore[arg-type]
+    print(json.dumps({"rank": r, "step": rep.step, "tier": rep.tier, "detail": rep.detail, "exact": exact}), flush=True)
+    dist.barrier()
+    store.close()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

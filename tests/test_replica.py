@@ -1,0 +1,90 @@
+"""Peer replicas on real processes (gloo): a node is lost and the rank that replaces it restores its part
+from its peer's shared memory, bit-exact; the ring placement is a pure function."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from asymstore.replica import replica_of, ring_peer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_ring_by_node_places_every_replica_on_another_node() -> None:
+    assert ring_peer(0, ["a"]) is None and ring_peer(1, ["a", "a"]) is None
+    assert [ring_peer(r, ["a", "b"]) for r in range(2)] == [1, 0]
+    nodes = ["a", "a", "b", "b"]
+    assert [ring_peer(r, nodes) for r in range(4)] == [2, 3, 0, 1]
+    nodes = ["a", "a", "b", "b", "c", "c"]
+    peers = [ring_peer(r, nodes) for r in range(6)]
+    assert peers == [2, 3, 4, 5, 0, 1]
+    assert all(nodes[p] != nodes[r] for r, p in enumerate(peers) if p is not None)
+    assert sorted(r for h in range(6) for r in replica_of(h, nodes)) == list(range(6))  # each held once
+    uneven = ["a", "a", "a", "b"]
+    assert [ring_peer(r, uneven) for r in range(4)] == [3, 3, 3, 0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _phase(phase: str, world: int, per_node: int, ck: Path, shm: Path) -> list[dict[str, object]]:
+    port = str(_free_port())
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests._replica_worker",
+                phase,
+                str(r),
+                str(world),
+                port,
+                str(ck),
+                str(shm),
+                str(per_node),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=REPO,
+        )
+        for r in range(world)
+    ]
+    rows = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        want = -signal.SIGKILL if phase == "save" else 0
+        assert p.returncode == want, (phase, p.returncode, err[-3000:])
+        rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return sorted(rows, key=lambda row: int(row["rank"]))  # type: ignore[call-overload]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("world", "per_node"), [(2, 1), (4, 2)])
+def test_a_lost_node_restores_from_its_peers_memory(tmp_path: Path, world: int, per_node: int) -> None:
+    ck, shm = tmp_path / "ck", tmp_path / "shm"
+    sent = _phase("save", world, per_node, ck, shm)
+    assert [(row["pushed"], row["received"]) for row in sent] == [(3, 3)] * world
+    lost = world // per_node - 1  # the last node is lost: its shared memory is gone
+    shutil.rmtree(shm / f"node{lost}")
+    rows = _phase("restore", world, per_node, ck, shm)
+    assert [row["exact"] for row in rows] == [True] * world and {row["step"] for row in rows} == {3}
+    for row in rows:
+        on_lost = int(row["rank"]) // per_node == lost  # type: ignore[call-overload]
+        assert row["tier"] == ("peer" if on_lost else "host"), rows
+        if on_lost:
+            assert str(row["detail"]).startswith("peer host shared memory of rank"), row
