@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from asymstore.errors import StepNotFoundError
 from asymstore.replica import replica_of, ring_peer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,3 +89,74 @@ def test_a_lost_node_restores_from_its_peers_memory(tmp_path: Path, world: int, 
         assert row["tier"] == ("peer" if on_lost else "host"), rows
         if on_lost:
             assert str(row["detail"]).startswith("peer host shared memory of rank"), row
+
+
+class _DictRendezvous:
+    """A rendezvous for services in one process (the real one is the torch.distributed store)."""
+
+    def __init__(self) -> None:
+        self.d: dict[str, bytes] = {}
+
+    def set(self, key: str, value: str) -> None:
+        self.d[key] = value.encode()
+
+    def get(self, key: str) -> bytes:
+        return self.d[key]
+
+    def check(self, keys: list[str]) -> bool:
+        return all(k in self.d for k in keys)
+
+
+def _services(tmp_path: Path) -> tuple[object, object]:
+    from asymstore.replica import ReplicaService
+
+    rv = _DictRendezvous()
+    # rank 1's service must exist before rank 0 reads the peer table: start them in order of the keys they need
+    rv.set("asymstore/job/peer/1", json.dumps({"host": "127.0.0.1", "port": 1, "node": "b"}))
+    a = ReplicaService(
+        job="job", rank=0, world_size=2, shm_dir=str(tmp_path / "a"), node="a", rendezvous=rv, host="127.0.0.1"
+    )
+    b = ReplicaService(
+        job="job", rank=1, world_size=2, shm_dir=str(tmp_path / "b"), node="b", rendezvous=rv, host="127.0.0.1"
+    )
+    a.peers = [a._peer(0), a._peer(1)]  # rank 1's real address, now that it listens
+    return a, b
+
+
+def test_a_torn_transfer_never_becomes_a_replica_and_a_good_one_is_fetched_verified(tmp_path: Path) -> None:
+    import torch
+
+    from asymstore.layout import plan_layout
+    from asymstore.replica import _LEN
+    from asymstore.shm import SlotRecord, chunk_crcs
+    from asymstore.write_plan import CheckpointContent
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, b = _services(tmp_path)
+    try:
+        data = torch.arange(300_000, dtype=torch.float32).view(torch.uint8)
+        layout = plan_layout([("w", "float32", (300_000,), data.numel())])
+        view = data.numpy().data.cast("B")
+        rec = SlotRecord(0, "x", 7, os.getpid(), 0.0, 1 << 20, chunk_crcs(view), CheckpointContent(layout, {"w": "w"}))
+        done = []
+        a.push(rec, view, lambda: done.append(1))
+        assert a.drain(30) and done == [1] and a.pushed == 1
+        assert b.held_steps(0) == [7]
+        # a sender that dies half-way: the holder keeps the complete replica it had, never the torn one
+        torn = SlotRecord(0, "x", 8, os.getpid(), 0.0, 1 << 20, chunk_crcs(view), CheckpointContent(layout, {"w": "w"}))
+        peer = a.peers[1]
+        with socket.create_connection((peer.host, peer.port)) as s:
+            head = json.dumps({"op": "push", "src": 0, "record": torn.to_bytes().decode()}).encode()
+            s.sendall(_LEN.pack(len(head)) + head + bytes(view[: len(view) // 2]))
+        import time
+
+        time.sleep(0.5)
+        assert b.held_steps(0) == [7]
+        raw, got = a.fetch(7, 1)
+        assert got.step == 7 and torch.equal(raw[: data.numel()], data)
+        with pytest.raises(StepNotFoundError):
+            a.fetch(8, 1)
+    finally:
+        a.close(remove=True)
+        b.close(remove=True)
