@@ -165,14 +165,27 @@ class HdfsObjectStore(ObjectStore):
     * ``visible_wait_s`` (10): how long a read waits for a just-closed file's last block to become
       visible to readers (see ``_open_visible``; only matters with num-committed-allowed > 0).
     * ``config``: extra hdfs-native / Hadoop client settings, merged over the fail-fast defaults.
+    * ``client`` ("hdfs-native"): ``"pyarrow"`` opens pyarrow's ``HadoopFileSystem`` (libhdfs + JVM) instead,
+      with that client's options (:class:`~asymstore.backends.s3.PyArrowHdfsObjectStore`).
     """
 
     capabilities = Capabilities(durable=True, volatile=False, atomic_rename=True, ranged_reads=True)
+
+    def __new__(cls, url: str, *, client: str = "hdfs-native", **options: Any) -> Any:
+        """``client="pyarrow"`` opens pyarrow's libhdfs client instead (:class:`~asymstore.backends.s3.PyArrowHdfsObjectStore`)."""
+        if client == "pyarrow":
+            from .s3 import PyArrowHdfsObjectStore
+
+            return PyArrowHdfsObjectStore(url, **options)
+        if client != "hdfs-native":
+            raise ConfigError(f"HDFS option client must be 'hdfs-native' (default) or 'pyarrow', got {client!r}")
+        return super().__new__(cls)
 
     def __init__(
         self,
         url: str,
         *,
+        client: str = "hdfs-native",
         retries: int = 3,
         backoff_s: float = 0.5,
         max_backoff_s: float = 4.0,
