@@ -79,13 +79,15 @@ VARIANTS = (
     "asym",
     "asym-host",
     "asym-no-idle",
+    "asym-private",
     "torch.save",
     "dcp.async_save",
     "write-floor",
 )
 #: variants that run by default. Extra ones: asym-host = asym into host memory only (no persistent tier: the
 #: snapshot mechanism alone, without the disk writes); asym-no-idle = asym with its background threads at normal
-#: priority (``background_idle=False``: the ablation of ``SCHED_IDLE``).
+#: priority (``background_idle=False``: the ablation of ``SCHED_IDLE``); asym-private = asym with its host slots in
+#: this process's memory (``host_memory="private"``) instead of shared memory that outlives it (the default).
 #: write-floor is a reference, not a checkpointer: see :class:`WriteFloor`.
 DEFAULT_VARIANTS = ("baseline", "sync", "checkfreq", "uniform", "asym", "torch.save", "dcp.async_save", "write-floor")
 ASYM_STRATEGIES = ("sync", "checkfreq", "uniform", "asym")
@@ -555,6 +557,10 @@ def make_variants(
         elif n == "asym-no-idle":
             out[n] = AsymstoreVariant(
                 "asym", model, opt, root, args.keep, warmup=args.warmup, name=n, background_idle=False
+            )
+        elif n == "asym-private":
+            out[n] = AsymstoreVariant(
+                "asym", model, opt, root, args.keep, warmup=args.warmup, name=n, host_memory="private"
             )
         elif n == "torch.save":
             out[n] = TorchSave(model, opt, root, args.keep)
