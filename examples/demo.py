@@ -73,7 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=2, help="profiling iterations before asym plans its partitions")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
-    ap.add_argument("--out", default=None, help="work directory (default: $TMPDIR/asymstore-demo, cleared first)")
+    ap.add_argument(
+        "--out", default=None, help="work directory (default: $TMPDIR/asymstore-demo; an earlier demo's is cleared)"
+    )
     ap.add_argument("--summary-json", default=None, metavar="PATH", help="also write every figure as JSON")
     ap.add_argument("--role", default="main", choices=["main", "train", "resume"], help=argparse.SUPPRESS)
     ap.add_argument("--dir", default=None, help=argparse.SUPPRESS)  # the children's checkpoint directory
@@ -445,9 +447,14 @@ def main(argv: list[str] | None = None) -> int:
         return child_resume(args)
 
     out = Path(args.out or Path(tempfile.gettempdir()) / "asymstore-demo")
-    if out.exists():
+    marker = out / ".asymstore-demo"  # only a directory an earlier demo made is cleared
+    if out.exists() and any(out.iterdir()):
+        if not marker.exists():
+            print(f"error: {out} is not empty and not an earlier demo's directory; pass another --out", file=sys.stderr)
+            return 2
         shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text("made by examples/demo.py; cleared by its next run\n")
 
     def say(s: str) -> None:
         print(s, flush=True)

@@ -122,7 +122,8 @@ def parser(ex: Example) -> argparse.ArgumentParser:
         default=None,
         metavar="K",
         help="SIGKILL this process once the checkpoint of step K is reported: committed in host shared memory "
-        "(or, with private host slots, durable on --dir); then --resume continues from step K",
+        "(or, with private host slots, durable on --dir); then --resume continues from step K "
+        "(with --deepspeed: right after optimizer step K)",
     )
     r.add_argument("--resume", action="store_true", help="restore the newest complete checkpoint and continue")
     r.add_argument("--fresh", action="store_true", help="delete checkpoints already in --dir/--hdfs first")
@@ -674,12 +675,14 @@ def run_deepspeed(ex: Example, args: argparse.Namespace, preset: Preset) -> int:
         trace=bool(args.trace),
     )
     start = 0
+    source_of: tuple[str, str | None] | None = None
     if args.resume and store.steps():
         extras = ck.resume()
         pos["batch"] = int(extras.get("batch", 0))
         start = ck.step
+        source_of = restore_source(store)
         if rank == 0:
-            print(f"resumed from step {start}", flush=True)
+            print(f"resumed from step {start} ({fmt_source(*source_of)})", flush=True)
     t0 = time.perf_counter()
     step = ck.step
     with ck:
@@ -706,6 +709,8 @@ def run_deepspeed(ex: Example, args: argparse.Namespace, preset: Preset) -> int:
                     "ranks": world,
                     "iterations": step - start,
                     "resumed_from": start if args.resume else None,
+                    "resumed_tier": source_of[0] if source_of else None,
+                    "resumed_detail": source_of[1] if source_of else None,
                     "seconds": time.perf_counter() - t0,
                     "summary": s,
                     "where": {str(x): store.where(x) for x in store.steps()},
