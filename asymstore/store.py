@@ -494,8 +494,22 @@ class Store:
             {"slot": s.index, "state": s.state, "step": s.step, "persisting": s.persisting, "bytes": s.capacity}
             for s in self.host.slots
         ]
+        region = self.host.region
         return {
             "host": host,
+            "host_memory": {
+                "kind": self.host_memory,
+                "region": region.path if region is not None else None,
+                "adopted": list(self.adopted),
+                "replicas": None
+                if self.replicas is None
+                else {
+                    "peer": self.replicas.peer_rank,
+                    "pushed": self.replicas.pushed,
+                    "push_failures": self.replicas.push_failures,
+                    "received": self.replicas.received,
+                },
+            },
             "tiers": self.manager.status() if self.manager else [],
             "memory": self.memory_report(),
             "failures": self.failures,

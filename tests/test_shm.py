@@ -101,6 +101,8 @@ def test_sigkill_after_snapshots_restores_from_shared_memory(tmp_path: Path) -> 
         store.restore(2, into=into)
         assert torch.equal(into["w"], _state(2)["w"])
         assert store.memory_report()["shared_memory"] > 0
+        hm = store.status()["host_memory"]
+        assert hm["kind"] == "shared" and hm["adopted"] == [2, 3] and hm["region"].startswith(str(shm))
     assert not os.path.exists(region_path(str(shm), default_job(store.tiers[0].url), 0))  # a clean close removes it
 
 
@@ -306,3 +308,31 @@ def test_sigkill_at_random_points_many_trials(tmp_path: Path) -> None:
     n = int(os.environ.get("ASYMSTORE_SHM_TRIALS", "52"))
     rows = _trials(n, tmp_path)
     assert sum(r["tier"] == "host" for r in rows) == n
+
+
+def test_a_script_that_exits_without_close_still_persists_its_last_save(tmp_path: Path) -> None:
+    """``save(blocking=False)`` then a plain exit: the interpreter's exit persists the step (and removes the
+    shared region once it is durable); with private slots too."""
+    for mode in ("shared", "private"):
+        ck = tmp_path / mode
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys, torch, asymstore\n"
+                "st = asymstore.open_store(sys.argv[1], shm_dir=sys.argv[2], host_memory=sys.argv[3])\n"
+                "st.save({'w': torch.arange(1 << 20, dtype=torch.float32)}, 7, blocking=False)\n",
+                str(ck),
+                str(tmp_path),
+                mode,
+            ],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=120,
+        )
+        assert r.returncode == 0, r.stderr[-2000:]
+        with asymstore.open_store(str(ck), host_memory="private") as store:
+            assert store.durable_steps() == [7], (mode, r.stderr[-2000:])
+            assert torch.equal(store.restore(7)["w"], torch.arange(1 << 20, dtype=torch.float32))
+    assert list_regions(str(tmp_path)) == []
