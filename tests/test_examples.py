@@ -221,3 +221,13 @@ def test_list_presets_reach_the_reference_sizes() -> None:
     assert 9.0 < n("roberta", "10b") < 11.0
     assert 0.6 < n("vit", "huge") < 0.65
     assert 0.05 < n("resnet", "resnet152") < 0.07
+
+
+def test_demo_refuses_to_clear_a_directory_it_did_not_make(tmp_path: Path) -> None:
+    """--out pointing at a user's non-empty directory: an error, nothing deleted, no child started."""
+    keep = tmp_path / "notes.txt"
+    keep.write_text("mine")
+    cmd = [sys.executable, str(EXAMPLES / "demo.py"), "--preset", "tiny", "--out", str(tmp_path)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=_env(), cwd=ROOT)
+    assert p.returncode == 2 and "not an earlier demo's directory" in p.stderr, (p.returncode, p.stderr[-2000:])
+    assert keep.read_text() == "mine" and sorted(tmp_path.iterdir()) == [keep]
