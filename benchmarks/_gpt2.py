@@ -24,7 +24,7 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.optim.
         embd_pdrop=0.0,
         attn_pdrop=0.0,
     )
-    model = GPT2LMHeadModel(cfg)
+    model = GPT2LMHeadModel(cfg).to(getattr(args, "device", "cpu"))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
     return model, opt
@@ -35,7 +35,8 @@ class Data:
 
     def __init__(self, args: argparse.Namespace) -> None:
         g = torch.Generator().manual_seed(args.seed + 1)
-        self.pool = [torch.randint(0, args.vocab, (args.batch, args.seq), generator=g) for _ in range(8)]
+        device = getattr(args, "device", "cpu")
+        self.pool = [torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(device) for _ in range(8)]
         self.i = 0
 
     def next(self) -> torch.Tensor:
@@ -53,3 +54,4 @@ def add_model_args(p: argparse.ArgumentParser, *, layers: int, batch: int, seq: 
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--vocab", type=int, default=50257)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="where the model trains: cpu or cuda")

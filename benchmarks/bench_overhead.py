@@ -106,13 +106,19 @@ class PhaseLog:
 
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, phases: PhaseLog) -> None:
+    # on a GPU each phase ends with a synchronize, so wall times are the GPU's (a training loop that logs its
+    # loss every step synchronizes as often); the snapshot copies run on their own stream meanwhile
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     t0 = time.perf_counter()
     loss = model(input_ids=x, labels=x).loss
+    sync()
     t1 = time.perf_counter()
     loss.backward()
+    sync()
     t2 = time.perf_counter()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    sync()
     t3 = time.perf_counter()
     phases.add("forward", t0, t1)
     phases.add("backward", t1, t2)
