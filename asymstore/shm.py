@@ -349,10 +349,12 @@ class ShmRegion:
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
+        _LOCK_FDS.add(fd)
         return fd
 
     def _unlock(self) -> None:
         if self._lock_fd >= 0:
+            _LOCK_FDS.discard(self._lock_fd)
             with contextlib.suppress(OSError):
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
@@ -544,6 +546,22 @@ class ShmRegion:
             with contextlib.suppress(OSError):
                 os.rmdir(os.path.dirname(self.path))  # the job directory, once its last rank is gone
         self._unlock()
+
+
+#: lock descriptors of the regions this process owns; a forked child (a data-loader worker) closes its copies,
+#: so that it never keeps a region locked after its parent died
+_LOCK_FDS: set[int] = set()
+
+
+def _close_locks_in_child() -> None:
+    for fd in list(_LOCK_FDS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _LOCK_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_locks_in_child)
 
 
 def _read_pid(fd: int) -> int | None:

@@ -336,3 +336,28 @@ def test_a_script_that_exits_without_close_still_persists_its_last_save(tmp_path
             assert store.durable_steps() == [7], (mode, r.stderr[-2000:])
             assert torch.equal(store.restore(7)["w"], torch.arange(1 << 20, dtype=torch.float32))
     assert list_regions(str(tmp_path)) == []
+
+
+def test_a_forked_child_does_not_keep_the_region_locked(tmp_path: Path) -> None:
+    """Data-loader workers are forks of the training process: when the trainer dies they must not keep its
+    region locked (the restarted job would be refused)."""
+    from asymstore.shm import owner_alive
+
+    store = asymstore.open_store(str(tmp_path / "ck"), shm_dir=str(tmp_path), keep_shm=True)
+    region = store.host.region
+    assert region is not None
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a worker: lives on until told to stop
+        os.close(w)
+        os.read(r, 1)
+        os._exit(0)
+    os.close(r)
+    try:
+        assert owner_alive(region.path)[1]
+        region._unlock()  # the trainer's own descriptor goes, as when it dies
+        assert not owner_alive(region.path)[1], "the forked child still holds the region's lock"
+    finally:
+        os.write(w, b"x")
+        os.waitpid(pid, 0)
+        store.close()
