@@ -165,10 +165,18 @@ def _no_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite(text: str) -> float:
+    x = float(text)
+    if not math.isfinite(x):
+        raise ValueError(f"{text[:40]} is not a finite number")
+    return x
+
+
 def load_json(raw: bytes | str, where: str, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """Parse a stored JSON object: no ``NaN``/``Infinity`` literals, nesting at most ``max_depth`` deep."""
+    """Parse a stored JSON object: finite numbers only (no ``NaN``/``Infinity`` literals, no ``1e999``),
+    nesting at most ``max_depth`` deep."""
     try:
-        doc = json.loads(raw, parse_constant=_no_constant)
+        doc = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
     except (ValueError, RecursionError, UnicodeDecodeError, TypeError) as e:
         msg = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200]
         raise CorruptCheckpointError(f"{where}: not valid JSON ({msg})", (where,)) from None
@@ -179,19 +187,19 @@ def load_json(raw: bytes | str, where: str, *, max_depth: int = MAX_JSON_DEPTH) 
 
 
 def json_depth(doc: Any, limit: int) -> int:
-    """Nesting depth of a parsed JSON value (a scalar is 0), counted iteratively; stops past ``limit``."""
-    deepest = 0
-    stack: list[tuple[Any, int]] = [(doc, 0)]
-    while stack:
-        v, d = stack.pop()
-        if isinstance(v, (list, dict)):
-            d += 1
-            if d > deepest:
-                deepest = d
-                if d > limit:
-                    return d
-            stack.extend((x, d) for x in (v.values() if isinstance(v, dict) else v))
-    return deepest
+    """Nesting depth of a parsed JSON value (a scalar is 0), level by level without recursion; stops
+    counting past ``limit``."""
+    level = [doc] if type(doc) in (list, dict) else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            return depth
+        nxt: list[Any] = []
+        for v in level:
+            nxt += [x for x in (v.values() if type(v) is dict else v) if type(x) in (list, dict)]
+        level = nxt
+    return depth
 
 
 # --- the manifest --------------------------------------------------------------------------------------------
@@ -249,6 +257,11 @@ def _layout(c: _Check, lay: dict[str, Any]) -> dict[str, str]:
     names: dict[str, str] = {}
     end = 0
     for i, e in enumerate(c.arr(lay.get("tensors"), "layout.tensors")):
+        ok = _tensor_fast(e, names, end, align, total)  # the common case, without building a message
+        if ok is not None:
+            names[e[0]] = e[1]
+            end = ok
+            continue
         m = f"layout.tensors[{i}]"
         name, dt, shape, off, nb = c.arr(e, m, 5)
         c.text(name, f"{m}.name")
@@ -276,9 +289,32 @@ def _layout(c: _Check, lay: dict[str, Any]) -> dict[str, str]:
         if end > total:
             c.fail(f"{m}.offset", f"[{off}, {end}) lies past the stream's end ({total} bytes)")
         names[name] = dt
+        raise AssertionError(f"{m}: refused by the fast check only")  # pragma: no cover - the checks agree
     if end != total:
         c.fail("layout.total_bytes", f"{total} != the end of the last tensor ({end})")
     return names
+
+
+def _tensor_fast(e: Any, names: dict[str, str], end: int, align: int, total: int) -> int | None:
+    """A well-formed ``tensors`` entry placed at ``end`` rounded up to ``align``: its end; else ``None`` (the
+    caller then names the problem)."""
+    if type(e) is not list or len(e) != 5:
+        return None
+    name, dt, shape, off, nb = e
+    if type(name) is not str or name in names or type(dt) is not str or type(shape) is not list:
+        return None
+    size = DTYPE_ITEMSIZE.get(dt)
+    if size is None or len(shape) > MAX_NDIM or type(off) is not int or type(nb) is not int:
+        return None
+    numel = 1
+    for n in shape:
+        if type(n) is not int or not 0 <= n <= total:
+            return None
+        numel *= n
+    itemsize = size[0]
+    if nb != numel * itemsize or off % itemsize or off != -(-end // align) * align or off + nb > total:
+        return None
+    return off + nb
 
 
 def _codecs(c: _Check, codecs: dict[str, Any], base: int | None) -> dict[str, tuple[bool, bool]]:
@@ -344,67 +380,97 @@ def _partitions(c: _Check, parts: list[Any], total: int, P: int, C: int, codecs:
 
 
 # --- the skeleton --------------------------------------------------------------------------------------------
+def _render(path: tuple[Any, ...]) -> str:
+    """A skeleton path kept as nested ``(parent, label)`` pairs, as text: ``skeleton.opt.betas[1]``."""
+    parts: list[str] = []
+    while path:
+        path, label = path
+        parts.append(label)
+    return "".join(reversed(parts))
+
+
 def skeleton(skel: Any, names: Mapping[str, str], where: str) -> None:
     """Check a skeleton (docs/format.md section 8): every tagged form well formed, every tensor reference a
     tensor of the layout (``names``: name -> dtype name), dict keys hashable; iterative, depth-bounded."""
     c = _Check(where)
-    stack: list[tuple[Any, str, int, bool]] = [(skel, "skeleton", 0, False)]
+    # (value, path, depth, is a dict key); paths are built only for a message
+    stack: list[tuple[Any, tuple[Any, ...], int, bool]] = [(skel, ((), "skeleton"), 0, False)]
     while stack:
         v, path, depth, key = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            c.fail(path, f"nested more than {MAX_JSON_DEPTH} levels deep")
-        if isinstance(v, list):
+        t = type(v)
+        if t is list:
+            if depth >= MAX_JSON_DEPTH:
+                c.fail(_render(path), f"nested more than {MAX_JSON_DEPTH} levels deep")
             if key:
-                c.fail(path, "a dict key cannot be a list")
-            stack.extend((x, f"{path}[{i}]", depth + 1, False) for i, x in enumerate(v))
+                c.fail(_render(path), "a dict key cannot be a list")
+            stack.extend((x, (path, f"[{i}]"), depth + 1, False) for i, x in enumerate(v) if type(x) in (list, dict))
             continue
-        if not isinstance(v, dict):
-            if isinstance(v, float) and not math.isfinite(v):
-                c.fail(path, "a non-finite number")
+        if t is not dict:
             continue
-        if len(v) == 1 and next(iter(v)) in _TAGS:
-            ((tag, x),) = v.items()
-            p = f"{path}.{tag}"
-            if tag in ("__tensor__", "__ndarray__"):
-                dt = names.get(c.text(x, p))
-                if dt is None:
-                    c.fail(p, f"no tensor named {x[:80]!r} in the layout")
-                if tag == "__ndarray__" and not DTYPE_ITEMSIZE[dt][1]:
-                    c.fail(p, f"a numpy array cannot have dtype {dt}")
-            elif tag == "__tuple__":
-                stack.extend((y, f"{p}[{i}]", depth + 2, key) for i, y in enumerate(c.arr(x, p)))
-            elif tag == "__dict__":
-                if key:
-                    c.fail(path, "a dict key cannot be a dict")
-                for i, kv in enumerate(c.arr(x, p)):
-                    k, y = c.arr(kv, f"{p}[{i}]", 2)
-                    stack.append((k, f"{p}[{i}][0]", depth + 3, True))
-                    stack.append((y, f"{p}[{i}][1]", depth + 3, False))
-            elif tag == "__float__":
-                if c.text(x, p) not in ("nan", "inf", "-inf"):
-                    c.fail(p, f"{x[:20]!r} is not nan, inf or -inf")
-            elif tag == "__bytes__":
-                try:
-                    base64.b64decode(c.text(x, p), validate=True)
-                except (binascii.Error, ValueError):
-                    c.fail(p, "not standard base64")
-            elif tag == "__torch_dtype__":
-                if c.text(x, p) not in DTYPE_ITEMSIZE:
-                    c.fail(p, f"{x[:40]!r} is not a dtype of the format")
-            elif tag == "__size__":
-                for i, n in enumerate(c.arr(x, p)):
-                    c.integer(n, f"{p}[{i}]")
-            else:  # __npscalar__
-                from .state import decode_npscalar
-
-                try:
-                    decode_npscalar(x)
-                except (TypeError, ValueError, OverflowError, KeyError) as e:
-                    c.fail(p, f"not a numpy scalar ({str(e)[:80]})")
-            continue
+        if depth >= MAX_JSON_DEPTH:
+            c.fail(_render(path), f"nested more than {MAX_JSON_DEPTH} levels deep")
+        if len(v) == 1:
+            tag = next(iter(v))
+            if tag in _TAGS:
+                _tagged(c, tag, v[tag], path, depth, key, names, stack)
+                continue
         if key:
-            c.fail(path, "a dict key cannot be a dict")
-        stack.extend((x, f"{path}.{k[:40]}", depth + 1, False) for k, x in v.items())
+            c.fail(_render(path), "a dict key cannot be a dict")
+        stack.extend((x, (path, f".{k[:40]}"), depth + 1, False) for k, x in v.items() if type(x) in (list, dict))
+
+
+def _tagged(
+    c: _Check,
+    tag: str,
+    x: Any,
+    path: tuple[Any, ...],
+    depth: int,
+    key: bool,
+    names: Mapping[str, str],
+    stack: list[tuple[Any, tuple[Any, ...], int, bool]],
+) -> None:
+    """One tagged form of the skeleton; its members that hold further values go on ``stack``."""
+    if tag in ("__tensor__", "__ndarray__"):
+        dt = names.get(x) if type(x) is str else None
+        if dt is None:
+            p = f"{_render(path)}.{tag}"
+            c.fail(p, f"no tensor named {c.text(x, p)[:80]!r} in the layout")
+        if tag == "__ndarray__" and not DTYPE_ITEMSIZE[dt][1]:
+            c.fail(f"{_render(path)}.{tag}", f"a numpy array cannot have dtype {dt}")
+        return
+    p = f"{_render(path)}.{tag}"
+    if tag == "__tuple__":
+        for i, y in enumerate(c.arr(x, p)):
+            if type(y) in (list, dict):
+                stack.append((y, (path, f".{tag}[{i}]"), depth + 2, key))
+    elif tag == "__dict__":
+        if key:
+            c.fail(_render(path), "a dict key cannot be a dict")
+        for i, kv in enumerate(c.arr(x, p)):
+            k, y = c.arr(kv, f"{p}[{i}]", 2)
+            stack.append((k, (path, f".{tag}[{i}][0]"), depth + 3, True))
+            stack.append((y, (path, f".{tag}[{i}][1]"), depth + 3, False))
+    elif tag == "__float__":
+        if c.text(x, p) not in ("nan", "inf", "-inf"):
+            c.fail(p, f"{x[:20]!r} is not nan, inf or -inf")
+    elif tag == "__bytes__":
+        try:
+            base64.b64decode(c.text(x, p), validate=True)
+        except (binascii.Error, ValueError):
+            c.fail(p, "not standard base64")
+    elif tag == "__torch_dtype__":
+        if c.text(x, p) not in DTYPE_ITEMSIZE:
+            c.fail(p, f"{x[:40]!r} is not a dtype of the format")
+    elif tag == "__size__":
+        for i, n in enumerate(c.arr(x, p)):
+            c.integer(n, f"{p}[{i}]")
+    else:  # __npscalar__
+        from .state import decode_npscalar
+
+        try:
+            decode_npscalar(x)
+        except (TypeError, ValueError, OverflowError, KeyError) as e:
+            c.fail(p, f"not a numpy scalar ({str(e)[:80]})")
 
 
 # --- commit markers ------------------------------------------------------------------------------------------

@@ -521,7 +521,7 @@ def _fuzz_case(pristine: str, tmp_path: Any, data: st.DataObject, target: str) -
 
 
 _FUZZ = settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 )
 
 
