@@ -81,11 +81,20 @@ def flatten(state: Any) -> FlatState:
         except UnsupportedValueError as e:
             raise UnsupportedValueError(f"{where}: {e}") from None
         name = where
+        if t._is_zerotensor():  # an autograd zero tensor has no storage: store the zeros it stands for
+            t = torch.zeros(t.shape, dtype=t.dtype, device=t.device)
+        try:
+            ptr = t.untyped_storage().data_ptr() if t.numel() > 0 else 0
+        except RuntimeError as e:
+            raise UnsupportedValueError(
+                f"{where}: a {type(t).__name__} without accessible memory ({e}); save real tensors "
+                "(e.g. outside torch.compile/fake-tensor tracing, or call .clone() on a materialised value)"
+            ) from None
         if t.numel() > 0:
             # the lazy conjugate and negative bits change what the same memory means: x, x.conj() and
             # torch._neg_view(x) share their storage but are three different values
             key = (
-                t.untyped_storage().data_ptr(),
+                ptr,
                 t.storage_offset(),
                 tuple(t.shape),
                 t.stride(),

@@ -383,3 +383,13 @@ def test_malformed_dcp_metadata_is_a_corrupt_checkpoint(tmp_path: Any, doc: Any)
             reader.read_metadata()
     finally:
         reader._owner.close()
+
+
+def test_autograd_zero_tensors_are_stored_as_zeros_not_aliased(tmp_path: Any) -> None:
+    """Zero tensors of autograd have no storage (no data pointer to compare): each is stored as its zeros."""
+    state = {"a": torch._efficientzerotensor(3), "b": torch._efficientzerotensor(3), "c": torch.ones(2)}
+    with Store([str(tmp_path / "ck")], **_opts()) as s:
+        s.save(state, 1)
+        got = s.restore()
+    assert torch.equal(got["a"], torch.zeros(3)) and torch.equal(got["b"], torch.zeros(3))
+    assert got["a"] is not got["b"] and not got["a"]._is_zerotensor()
