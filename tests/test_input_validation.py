@@ -232,7 +232,7 @@ def test_dcp_writer_options_are_checked_at_construction(tmp_path: Any) -> None:
 
     root = str(tmp_path / "ck")
     w = AsymStorageWriter(root, thread_count=4, sync_files=True, single_file_per_rank=False, overwrite=False)
-    w.close() if hasattr(w, "close") else None
+    w.close()
     nosync = AsymStorageWriter(root, sync_files=False)
     assert nosync._owner.options["backend_options"]["file"]["fsync"] is False
     for bad, pattern in (
@@ -393,3 +393,28 @@ def test_autograd_zero_tensors_are_stored_as_zeros_not_aliased(tmp_path: Any) ->
         got = s.restore()
     assert torch.equal(got["a"], torch.zeros(3)) and torch.equal(got["b"], torch.zeros(3))
     assert got["a"] is not got["b"] and not got["a"]._is_zerotensor()
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_dcp_save_with_filesystem_writer_options(tmp_path: Any) -> None:
+    """DCP's own FileSystemWriter options that make sense are accepted and the save round-trips."""
+    import torch.distributed.checkpoint as dcp
+
+    from asymstore.trainer_hooks.dcp import AsymStorageReader, AsymStorageWriter
+
+    root = str(tmp_path / "ck")
+    state = {"w": torch.randn(10, 10), "b": torch.arange(5)}
+    w = AsymStorageWriter(
+        root, step=3, thread_count=4, sync_files=False, single_file_per_rank=True, overwrite=False, **_PRIVATE
+    )
+    try:
+        dcp.save(state, storage_writer=w, no_dist=True)
+    finally:
+        w.close()
+    got = {"w": torch.zeros(10, 10), "b": torch.zeros(5, dtype=torch.int64)}
+    r = AsymStorageReader(root, step=3, **_PRIVATE)
+    try:
+        dcp.load(got, storage_reader=r, no_dist=True)
+    finally:
+        r._owner.close()
+    assert torch.equal(got["w"], state["w"]) and torch.equal(got["b"], state["b"])
