@@ -347,15 +347,19 @@ def test_a_forked_child_does_not_keep_the_region_locked(tmp_path: Path) -> None:
     region = store.host.region
     assert region is not None
     r, w = os.pipe()
+    ready_r, ready_w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # a worker: lives on until told to stop
+    if pid == 0:  # a worker (its fork hooks have run once its own code runs): lives on until told to stop
         os.close(w)
+        os.write(ready_w, b"r")
         os.read(r, 1)
         os._exit(0)
     os.close(r)
     try:
+        assert os.read(ready_r, 1) == b"r"
         assert owner_alive(region.path)[1]
-        region._unlock()  # the trainer's own descriptor goes, as when it dies
+        os.close(region._lock_fd)  # the trainer's own descriptor goes without an unlock, as when it dies
+        region._lock_fd = -1
         assert not owner_alive(region.path)[1], "the forked child still holds the region's lock"
     finally:
         os.write(w, b"x")
