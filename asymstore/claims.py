@@ -2,8 +2,9 @@
 
 Before a writer puts the first object of a step's (rank) directory it creates the directory's ``CLAIM`` object
 with :meth:`~asymstore.interfaces.ObjectStore.create_exclusive`: of two processes saving the same step into one
-root, exactly one creates it; the other gets :class:`~asymstore.errors.StepExistsError` and touches nothing. The
-claim stays in the step directory (a committed step keeps it: it is what makes saving the step again fail).
+root, exactly one creates it; the other gets :class:`~asymstore.errors.StepExistsError` and touches nothing. Once
+the step's commit marker is written the claim is removed (the marker refuses later writers; a writer that wins
+a claim checks for the marker again before it writes).
 
 A claim records its writer (host, boot id, pid and the pid's start time) so that the leftovers of a crashed save
 can be told from a save in progress:

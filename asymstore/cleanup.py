@@ -8,8 +8,8 @@ Run when a store opens (:meth:`asymstore.tiermanager.TierManager` cleans each ti
   all (every writer claims first, so nobody is writing it: a delete or clean-up that was interrupted). A rank
   directory of a multi-rank step that holds its own marker is complete and waits for rank 0's global marker:
   it is removed only once a newer step is committed (or by ``discard_uncommitted``);
-* temporaries of atomic writes (``COMMIT.tmp-*`` and the like) in committed step directories (nobody writes
-  into a committed step) and, unchanged for :data:`ROOT_TEMP_AGE_S`, in the root.
+* temporaries of atomic writes (``COMMIT.tmp-*`` and the like) and a claim left in committed step directories
+  (nobody writes into a committed step) and, unchanged for :data:`ROOT_TEMP_AGE_S`, temporaries in the root.
 
 A claim of a live writer is never removed: on this machine its process is checked; a claim made on another
 machine counts as dead only once older than :data:`asymstore.claims.FOREIGN_STALE_S` (``discard_uncommitted``,
@@ -43,10 +43,11 @@ class CleanReport:
     probes: int = 0
     steps: list[int] = field(default_factory=list)
     temporaries: int = 0
+    claims: int = 0  # claims left in committed steps (a kill right after the marker)
     kept_live: list[int] = field(default_factory=list)  # uncommitted steps a live writer holds
 
     def __bool__(self) -> bool:
-        return bool(self.probes or self.steps or self.temporaries)
+        return bool(self.probes or self.steps or self.temporaries or self.claims)
 
 
 def _claim_at(backend: ObjectStore, prefix: str) -> tuple[bool, claims.Claim | None]:
@@ -111,10 +112,12 @@ def clean_leftovers(
     newest = max(committed) if committed else None
     for s, is_committed in sorted(listed):
         prefix = rank_dir(s, rank, world_size) + "/"
-        if is_committed:
-            rep.temporaries += backend.remove_temporaries(step_dir(s) + "/")
-            if world_size > 1:
-                rep.temporaries += backend.remove_temporaries(prefix)
+        if is_committed:  # nobody writes into a committed step: its temporaries and a claim are leftovers
+            for p in {step_dir(s) + "/", prefix}:
+                rep.temporaries += backend.remove_temporaries(p)
+                if backend.exists(p + claims.CLAIM_KEY):
+                    backend.delete(p + claims.CLAIM_KEY)
+                    rep.claims += 1
             continue
         if (after is not None and s <= after) or s in keep:
             continue

@@ -53,13 +53,15 @@ class CheckpointFailedError(AsymstoreError):
     """A background checkpoint failed; raised on the next call so the failure is never lost."""
 
 
-class TierFullError(CheckpointFailedError):
+class TierFullError(CheckpointFailedError, OSError):
     """A tier ran out of space for a checkpoint even after retention made room; the message names the tier,
-    the path, the step and the bytes it needs. ``errno`` is ``ENOSPC`` (or ``EDQUOT`` for a quota)."""
+    the path, the step and the bytes it needs. An ``OSError`` too: ``errno`` is ``ENOSPC`` (or ``EDQUOT``)."""
 
     def __init__(self, message: str, *, errno: int = 28) -> None:
-        super().__init__(message)
-        self.errno = errno
+        super().__init__(errno, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 class SnapshotSlotsBusyError(AsymstoreError):

@@ -13,20 +13,54 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
+import itertools
 import os
 import re
+import socket
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 #: the name of an unfinished atomic or exclusive write (a temporary next to its file)
-TEMP_NAME = re.compile(r"\.tmp-[0-9a-f]{12}$")
+TEMP_NAME = re.compile(r"\.tmp-([0-9a-f]{12})$")
+
+
+def _machine_tag() -> str:
+    """4 hex digits naming this machine and boot (host name and boot id)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return hashlib.sha256(f"{socket.gethostname()}/{boot}".encode()).hexdigest()[:4]
+
+
+_MACHINE = _machine_tag()
+_COUNTER = itertools.count()
 
 
 def temp_name(path: str) -> str:
-    """A fresh temporary name next to ``path``."""
-    return f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    """A fresh temporary name next to ``path``: ``.tmp-`` and 12 hex digits, this machine's tag (4), the
+    writer's pid (6) and a per-process counter (2), so a clean-up can tell a killed writer's temporary."""
+    return f"{path}.tmp-{_MACHINE}{os.getpid() & 0xFFFFFF:06x}{next(_COUNTER) & 0xFF:02x}"
+
+
+def temp_writer_dead(name: str) -> bool:
+    """Whether the temporary ``name`` was written by a process of this machine that is gone."""
+    m = TEMP_NAME.search(name)
+    if m is None or m.group(1)[:4] != _MACHINE:
+        return False
+    pid = int(m.group(1)[4:10], 16)
+    if pid == os.getpid() & 0xFFFFFF:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def is_temp(name: str) -> bool:
@@ -140,11 +174,14 @@ def exclusive_write(path: str, write: Callable[[str], None], *, fsync_parent: bo
     return True
 
 
-def remove_stale_temporaries(directory: str, *, older_than_s: float = 0.0) -> int:
-    """Remove the temporaries directly in ``directory`` not modified for ``older_than_s`` seconds; how many.
+def remove_stale_temporaries(directory: str, *, older_than_s: float = 0.0, unlisted_dirs: bool = False) -> int:
+    """Remove the temporaries directly in ``directory`` whose writer is gone (a process of this machine that no
+    longer exists) or that were not modified for ``older_than_s`` seconds; returns how many.
 
-    A writer that is still writing a temporary keeps touching it, so a temporary that has not changed for
-    longer than any write stalls is a killed writer's leftover.
+    A writer that is still writing a temporary keeps touching it, so a temporary unchanged for longer than any
+    write stalls is a killed writer's too (e.g. one from another machine sharing the directory). With
+    ``unlisted_dirs`` the same is done in the subdirectories that hold no object (only temporaries, which no
+    listing shows: a writer killed while it created its directory's first object).
     """
     try:
         entries = list(os.scandir(directory))
@@ -153,11 +190,16 @@ def remove_stale_temporaries(directory: str, *, older_than_s: float = 0.0) -> in
     now = time.time()
     n = 0
     for e in entries:
-        if not is_temp(e.name):
-            continue
         try:
-            st = e.stat(follow_symlinks=False)
-            if now - st.st_mtime < older_than_s:
+            if unlisted_dirs and e.is_dir(follow_symlinks=False):
+                files = [f for _, _, fs in os.walk(e.path) for f in fs]
+                if files and all(is_temp(f) for f in files):
+                    for d, _, _fs in os.walk(e.path):
+                        n += remove_stale_temporaries(d, older_than_s=older_than_s)
+                continue
+            if not is_temp(e.name):
+                continue
+            if not temp_writer_dead(e.name) and now - e.stat(follow_symlinks=False).st_mtime < older_than_s:
                 continue
             os.unlink(e.path)
             n += 1

@@ -274,6 +274,8 @@ class PersistentTier:
             )
         markers = {r: parse_commit(b, keys[r]) for r, b in raw.items()}
         prefix = step_dir(step) + "/"
+        for r in range(n):  # every rank's part is committed: their claims go before the step's marker counts them
+            self.backend.delete(f"{rank_dir(step, r, n)}/{claims.CLAIM_KEY}")
         self.backend.put(prefix + GROUP_KEY, dumps(group_metadata({"asymstore": {"step": step, "ranks": n}})))
         self.backend.barrier(prefix)
         if not self.backend.create_exclusive(prefix + COMMIT_KEY, global_commit_record(step, n, markers, raw)):

@@ -3,8 +3,10 @@
 :meth:`CheckpointWriter.write` decides nothing the plan decides; it runs these phases, in order:
 
 1. claim the plan's prefix (its ``CLAIM`` object, created exclusively: :mod:`.claims`; refused with
-   :class:`~asymstore.errors.StepExistsError` if the step is committed or another live writer holds the claim),
-   then remove leftovers of an interrupted attempt under it;
+   :class:`~asymstore.errors.StepExistsError` if the step is committed or another writer holds the claim),
+   then remove leftovers of an interrupted attempt under it. The claim is removed once the step's marker is
+   written (for a rank directory: by rank 0, just before the global marker), so a committed step holds exactly
+   the objects its marker counts;
 2. per partition of the plan: pick its codec chain (the forced one, or measured: selective compression,
    :mod:`.compression`), apply the XOR delta against the plan's base if the chain is a delta, encode the
    shard (checksums, compression) and write it (one object). Two stages in a pipeline: partition ``i+1`` is
@@ -411,6 +413,16 @@ class CheckpointWriter:
         )
         if not created:  # only a writer that ignored the claim can get here
             raise StepExistsError(f"step {plan.step}: a commit marker appeared in {self.backend.url}/{plan.prefix}")
+        if plan.prefix == step_dir(plan.step) + "/":
+            # committed: the marker now refuses other writers; a committed step holds exactly the objects its
+            # marker counts. (A rank directory keeps its claim until rank 0 writes the step's global marker.)
+            self._release_claim(plan.prefix)
+
+    def _release_claim(self, prefix: str) -> None:
+        try:
+            self.backend.delete(prefix + claims.CLAIM_KEY)
+        except Exception as e:  # committed all the same; the next clean-up removes the claim
+            log.warning("could not remove the claim of %s in %s: %s", prefix, self.backend.url, e)
 
 
 #: the root group's attributes: what marks a directory as an asymstore root
@@ -418,11 +430,17 @@ ROOT_ATTRS = {"asymstore": {"root": True}}
 
 
 def _root_problem(backend: ObjectStore) -> str | None:
-    """Why the root of ``backend`` is not an asymstore root it may create or open (``None``: it is fine)."""
+    """Why the root of ``backend`` is not an asymstore root it may create or open (``None``: it is fine).
+
+    The root is listed before its ``zarr.json`` is read: a store's root group is its first object, so another
+    process creating the same store at this moment has written it before anything the listing can see.
+    """
     import json
 
     from .manifest import parse_step_dir
 
+    dirs = backend.list_dirs("")
+    empty = not dirs and not any(True for _ in backend.list(""))
     raw = backend.get(GROUP_KEY)
     if raw is not None:
         try:
@@ -432,11 +450,8 @@ def _root_problem(backend: ObjectStore) -> str | None:
         if isinstance(attrs, dict) and isinstance(attrs.get("asymstore"), dict):
             return None
         return f"{backend.url} holds a {GROUP_KEY} that is not an asymstore root"
-    dirs = backend.list_dirs("")
-    if any(parse_step_dir(d) is not None for d in dirs):
-        return None  # checkpoints without a root group (written before there was one): a store
-    if not dirs and not any(True for _ in backend.list("")):
-        return None  # empty
+    if empty or any(parse_step_dir(d) is not None for d in dirs):
+        return None  # empty, or checkpoints without a root group (written before there was one): a store
     return f"{backend.url} is not empty and holds no asymstore checkpoints"
 
 

@@ -160,8 +160,9 @@ class LocalObjectStore(ObjectStore):
         return exclusive_write(path, lambda tmp: self._write_file(tmp, data), fsync_parent=self.fsync)
 
     def remove_temporaries(self, prefix: str, *, older_than_s: float = 0.0) -> int:
-        """Unlink the temporaries in the directory ``prefix`` unchanged for ``older_than_s`` seconds."""
-        return remove_stale_temporaries(self._dir(prefix), older_than_s=older_than_s)
+        """Unlink the temporaries in the directory ``prefix`` whose writer is gone or that are unchanged for
+        ``older_than_s`` seconds (in the root: also in directories that hold only temporaries)."""
+        return remove_stale_temporaries(self._dir(prefix), older_than_s=older_than_s, unlisted_dirs=not prefix)
 
     def barrier(self, prefix: str) -> None:
         """Fsync every directory under the directory ``prefix`` and its parent (so their names are durable)."""

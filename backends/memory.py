@@ -14,6 +14,8 @@ from .base import Buffer, ByteRange, Capabilities, ObjectStore, as_buffers, chec
 _NAMESPACES: dict[str, dict[str, bytes]] = {}
 #: one lock for every namespace: it only guards dict operations (copies happen outside it)
 _LOCK = threading.Lock()
+#: serialises create_exclusive (check, then put) across every namespace
+_CREATE_LOCK = threading.RLock()
 
 
 def namespace(name: str) -> dict[str, bytes]:
@@ -46,13 +48,13 @@ class MemoryObjectStore(ObjectStore):
             self._objects[key] = blob
 
     def create_exclusive(self, key: str, data: Buffer | Sequence[Buffer]) -> bool:
-        """Store ``data`` as ``key`` unless ``key`` exists (checked and set under the namespace lock)."""
+        """Store ``data`` as ``key`` unless ``key`` exists: the check and the :meth:`put` hold one lock that every
+        ``create_exclusive`` takes, so of racing creators exactly one writes."""
         check_key(key)
-        blob = b"".join(as_buffers(data))
-        with _LOCK:
-            if key in self._objects:
+        with _CREATE_LOCK:
+            if self.exists(key):
                 return False
-            self._objects[key] = blob
+            self.put(key, data)
         return True
 
     def delete(self, key: str) -> None:
