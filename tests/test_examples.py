@@ -9,6 +9,7 @@ The independent chains run concurrently (most of a run is interpreter and transf
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -231,3 +233,19 @@ def test_demo_refuses_to_clear_a_directory_it_did_not_make(tmp_path: Path) -> No
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=_env(), cwd=ROOT)
     assert p.returncode == 2 and "not an earlier demo's directory" in p.stderr, (p.returncode, p.stderr[-2000:])
     assert keep.read_text() == "mine" and sorted(tmp_path.iterdir()) == [keep]
+
+
+def test_cycle_source_is_learnable_and_deterministic() -> None:
+    """The demo's data: batch k is a pure function of k; the next token is a fixed function of the current one."""
+    from asymstore_examples.data import cycle_lm_source
+
+    src = cycle_lm_source(batch=4, seq=32, vocab_size=512, seed=3, period=16)
+    a, b = src.batch(5)["input_ids"], src.batch(5)["input_ids"]
+    assert torch.equal(a, b) and not torch.equal(a, src.batch(6)["input_ids"])
+    assert int(a.min()) >= 5 and int(a.max()) < 512 and len(set(a.flatten().tolist())) <= 16
+    succ: dict[int, int] = {}
+    for row in torch.cat([src.batch(k)["input_ids"] for k in range(4)]).tolist():
+        for x, y in itertools.pairwise(row):
+            assert succ.setdefault(x, y) == y
+    with pytest.raises(ValueError, match="period"):
+        cycle_lm_source(batch=1, seq=8, vocab_size=16, seed=0, period=64)
