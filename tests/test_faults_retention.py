@@ -26,6 +26,7 @@ import pytest
 
 from asymstore import Store, TierSpec
 from asymstore.backends.local import LocalObjectStore
+from asymstore.catalog import partial_steps
 from asymstore.cleanup import PROBE_DIR
 from asymstore.config import Config
 from asymstore.errors import AsymstoreError
@@ -272,3 +273,67 @@ def test_random_kills_over_save_retention_and_promotion(tmp_path: Path) -> None:
     )
     assert len(reported) >= KILLS // 4, "the child hardly ever finished a save: kills came too early"
     assert mid_operation >= KILLS // 20, "hardly any kill landed inside an operation: the test tests little"
+
+
+# --- the same over a local tier and HDFS (slow: every child is a new interpreter) ---------------------------------
+HDFS_CHILD = """
+import sys
+sys.path.insert(0, sys.argv[3])
+from tests.test_faults_retention import FAST, _chain, content
+from asymstore import Store
+
+a, b, first = sys.argv[1], sys.argv[2], int(sys.argv[4])
+with Store(_chain(a, b), **FAST, host_slots=1) as store:
+    print("ready", flush=True)
+    step = first
+    while True:
+        store.save(content(step), step)
+        print(step, flush=True)
+        step += 1
+"""
+
+
+@pytest.mark.slow
+def test_random_kills_with_an_hdfs_tier(tmp_path: Path, hdfs_cluster: Any) -> None:
+    import subprocess
+    import sys
+    import threading
+    import uuid
+
+    pytest.importorskip("hdfs_native")
+    a, b = str(tmp_path / "nvme"), f"{hdfs_cluster.url}/kills/{uuid.uuid4().hex}"
+    rnd = random.Random(7)
+    reported: set[int] = set()
+    next_step = 0
+    kills = int(os.environ.get("ASYMSTORE_FAULT_HDFS_KILLS", "6"))
+    repo = str(Path(__file__).resolve().parents[1])
+    for trial in range(kills):
+        p = subprocess.Popen(
+            [sys.executable, "-c", HDFS_CHILD, a, b, repo, str(next_step)], stdout=subprocess.PIPE, text=True
+        )
+        assert p.stdout is not None
+        assert p.stdout.readline().strip() == "ready"
+        lines: list[str] = []
+        reader = threading.Thread(target=lines.extend, args=(p.stdout,), daemon=True)
+        reader.start()
+        time.sleep(rnd.uniform(0.2, 2.0))
+        p.kill()
+        p.wait(30)
+        reader.join(10)
+        reported |= {int(x) for x in lines if x.strip().isdigit()}
+        with Store(_chain(a, b), **FAST) as fresh:
+            assert fresh.manager is not None and fresh.manager.wait_cleaned(60)
+            per_tier = {t.name: t.committed_steps() for t in fresh.tiers}
+            for t in fresh.tiers:
+                for s in per_tier[t.name]:
+                    rep = t.reader(s).verify()
+                    assert rep.ok, f"kill {trial}: committed step {s} on {t.name} fails verify: {rep.problems}"
+            everywhere = set().union(*per_tier.values())
+            first = sorted(per_tier["file"])
+            for s in sorted(reported):
+                assert s in everywhere or (len(first) >= 2 and s < first[-2]), f"kill {trial}: step {s} is gone"
+            assert _leftovers(a) == []
+            uncommitted = [s for s in partial_steps(fresh.tiers[1].backend) if s <= max(everywhere)]
+            assert uncommitted == [], f"kill {trial}: uncommitted steps left on HDFS: {uncommitted}"
+            next_step = max(everywhere | reported | {-1}) + 1
+    assert reported, "the child never finished a save"
