@@ -72,6 +72,9 @@ class Config:
     #: Linux: run asymstore's background threads (snapshot copy, persistence, promotion) under ``SCHED_IDLE``,
     #: on cores training leaves idle only; they never preempt a training thread (see ``threads.py``).
     background_idle: bool = True
+    #: A checkpoint not durable on the first tier this long after its snapshot is late: it is reported (logged,
+    #: counted in ``status()``) and persistence runs at normal priority until no checkpoint is late.
+    durable_within_s: float = 60.0
     #: Options passed to backends, per URL scheme (e.g. {"hdfs": {"retries": 3}}).
     backend_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Make a tier root that is missing or empty a new store (False: open existing stores only). A directory
@@ -104,6 +107,8 @@ class Config:
             raise ConfigError("delta_every must be >= 0")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise ConfigError(f"need 0 <= rank < world_size, got rank={self.rank}, world_size={self.world_size}")
+        if not self.durable_within_s > 0:
+            raise ConfigError(f"durable_within_s must be > 0 seconds, got {self.durable_within_s!r}")
         if self.peer_replicas not in (0, 1):
             raise ConfigError(f"peer_replicas must be 0 or 1, got {self.peer_replicas!r}")
         if self.replica_bandwidth <= 0:

@@ -13,10 +13,12 @@ place, and a new process adopts the committed slots an earlier one left (:meth:`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -94,6 +96,9 @@ class HostPool:
         self.pin = cuda_available() if pin_memory is None else pin_memory
         #: the shared-memory region the slots live in (``None``: private memory of this process)
         self.region = region
+        #: entered while a caller waits for a slot to be persisted (the store raises its persistence thread's
+        #: priority meanwhile: a wait must never depend on an idle-priority thread getting a core)
+        self.waiting: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext
         self._cv = threading.Condition()
         self.waits = 0
         self.wait_seconds = 0.0
@@ -149,7 +154,8 @@ class HostPool:
                 remaining = None if timeout is None else timeout - (time.perf_counter() - t0)
                 if remaining is not None and remaining <= 0:
                     raise SnapshotSlotsBusyError(f"no host snapshot slot became free within {timeout} s")
-                self._cv.wait(remaining)
+                with self.waiting():
+                    self._cv.wait(remaining)
             pick.state = "filling"
             pick.step = step
             pick.persisting = False
@@ -296,5 +302,5 @@ class HostPool:
 
     def wait_persisted(self, step: int, timeout: float | None = None) -> bool:
         """Wait until no slot holding ``step`` is still being persisted."""
-        with self._cv:
+        with self._cv, self.waiting():
             return self._cv.wait_for(lambda: not any(s.step == step and s.persisting for s in self.slots), timeout)

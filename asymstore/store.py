@@ -8,6 +8,7 @@ the fastest tier that has it, verified, falling back tier by tier and step by st
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import socket
@@ -46,7 +47,7 @@ from .replica import Rendezvous, ReplicaService, default_rendezvous
 from .shm import ShmError, ShmRegion, ShmRegionBusyError, default_job, region_bytes
 from .snapshot import copy_all, dest_view
 from .state import FlatState, flatten, unflatten
-from .threads import lower_thread_priority
+from .threads import PriorityBooster
 from .tiermanager import TierManager
 from .tiers import PersistentTier
 from .write_plan import CheckpointContent
@@ -93,9 +94,10 @@ class SaveResult:
 class SaveHandle:
     """A checkpoint in progress. ``result()`` waits for persistence and re-raises its error."""
 
-    def __init__(self, step: int, future: Future[SaveResult]) -> None:
+    def __init__(self, step: int, future: Future[SaveResult], booster: PriorityBooster | None = None) -> None:
         self.step = step
         self._future = future
+        self._booster = booster
 
     @property
     def future(self) -> Future[SaveResult]:
@@ -113,8 +115,12 @@ class SaveHandle:
         return self._future.done()
 
     def result(self, timeout: float | None = None) -> SaveResult:
-        """Wait for persistence to the first persistent tier; re-raise its error."""
-        return self._future.result(timeout)
+        """Wait for persistence to the first persistent tier; re-raise its error. While it waits, the
+        persistence thread runs at the caller's priority."""
+        if self._booster is None or self._future.done():
+            return self._future.result(timeout)
+        with self._booster.boosted():
+            return self._future.result(timeout)
 
     @property
     def skipped(self) -> bool:
@@ -198,12 +204,12 @@ class Store:
                 t.name = f"{t.name}{n}"
         pin = cuda_available() if self.config.pin_memory is None else self.config.pin_memory
         self.host = HostPool(self.config.host_slots, pin_memory=pin, region=self._open_region(pin))
-        self.manager = TierManager(self.tiers, self.host) if self.tiers else None
+        #: persistence and promotion threads run at background priority and are raised while waited on
+        self.booster = PriorityBooster(self.config.background_nice, self.config.background_idle)
+        self.host.waiting = self.booster.boosted
+        self.manager = TierManager(self.tiers, self.host, booster=self.booster) if self.tiers else None
         self._executor = ThreadPoolExecutor(
-            max_workers=1,
-            thread_name_prefix="asymstore-persist",
-            initializer=lower_thread_priority,
-            initargs=(self.config.background_nice, self.config.background_idle),
+            max_workers=1, thread_name_prefix="asymstore-persist", initializer=self.booster.enter
         )
         self._lock = threading.Lock()
         self._bg_error: BaseException | None = None
@@ -211,6 +217,11 @@ class Store:
         self.last_restore: RestoreReport | None = None
         self._closed = False
         self._last_peer: int | None = None  # the rank the last restore from a peer replica read from
+        self._watched: list[tuple[SaveHandle, float]] = []  # checkpoints not durable yet, and when taken
+        self._watch_cv = threading.Condition()
+        self._watchdog: threading.Thread | None = None
+        #: checkpoints that were not durable within ``durable_within_s``
+        self.late = 0
         self.replicas = self._start_replicas(replica_rendezvous)
         self.adopted = self._adopt()
         _OPEN_STORES.add(self)
@@ -407,7 +418,53 @@ class Store:
             fut: Future[SaveResult] = Future()
             fut.set_result(SaveResult(snap.step, snapshot_seconds=snap_s))
             return SaveHandle(snap.step, fut)
-        return SaveHandle(snap.step, self._executor.submit(self._persist, snap, snap_s, copies_done))
+        handle = SaveHandle(snap.step, self._executor.submit(self._persist, snap, snap_s, copies_done), self.booster)
+        self._watch(handle)
+        return handle
+
+    # --- durability within a bound ------------------------------------------------
+    def _watch(self, handle: SaveHandle) -> None:
+        """Track ``handle`` until it is durable; a late one is reported and persistence boosted."""
+        with self._watch_cv:
+            self._watched.append((handle, time.monotonic()))
+            if self._watchdog is None:
+                self._watchdog = threading.Thread(target=self._watch_loop, name="asymstore-watchdog", daemon=True)
+                self._watchdog.start()
+            self._watch_cv.notify_all()
+
+    def _watch_loop(self) -> None:
+        bound = self.config.durable_within_s
+        boost: contextlib.ExitStack | None = None
+        reported: set[int] = set()
+        while True:
+            with self._watch_cv:
+                self._watched = [(h, t) for h, t in self._watched if not h.done()]
+                if self._closed and not self._watched:
+                    break
+                now = time.monotonic()
+                late = [(h.step, now - t) for h, t in self._watched if now - t > bound]
+                self._watch_cv.wait(min(0.5, bound / 4) if self._watched else None)
+            if late and boost is None:
+                boost = contextlib.ExitStack()
+                boost.enter_context(self.booster.boosted())
+            elif not late and boost is not None:
+                boost.close()
+                boost = None
+            new = [(s, age) for s, age in late if s not in reported]
+            if new:
+                self.late += len(new)
+                reported.update(s for s, _ in new)
+                log.warning(
+                    "checkpoint%s %s not durable on %s after %s s (durable_within_s=%s): persistence now runs at "
+                    "normal priority until it has caught up",
+                    "s" if len(new) > 1 else "",
+                    ", ".join(f"{s} ({age:.0f} s)" for s, age in new),
+                    self.tiers[0].name if self.tiers else "host",
+                    f"{min(a for _, a in new):.0f}",
+                    bound,
+                )
+        if boost is not None:
+            boost.close()
 
     def _mark_ready(self, snap: PendingSnapshot) -> None:
         content = CheckpointContent(snap.layout, snap.flat.skeleton, tuple(snap.flat.numpy_names), snap.user)
@@ -476,7 +533,8 @@ class Store:
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait until every snapshot is durable on the first persistent tier; re-raise a failure."""
-        self._executor.submit(lambda: None).result(timeout)
+        with self.booster.boosted():
+            self._executor.submit(lambda: None).result(timeout)
         self._raise_background()
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -513,6 +571,8 @@ class Store:
             "tiers": self.manager.status() if self.manager else [],
             "memory": self.memory_report(),
             "failures": self.failures,
+            "late": self.late,
+            "boosts": self.booster.boosts,
         }
 
     # --- catalogue ---------------------------------------------------------------
@@ -830,8 +890,11 @@ class Store:
         if self._closed:
             return
         _OPEN_STORES.discard(self)
-        self._executor.shutdown(wait=True)
+        with self.booster.boosted():  # what close() waits for runs at the caller's priority
+            self._executor.shutdown(wait=True)
         self._closed = True
+        with self._watch_cv:
+            self._watch_cv.notify_all()
         if self.manager is not None:
             if not self.manager.flush(self.config.close_timeout_s):
                 log.warning(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+from collections.abc import Iterator
 
 
 def lower_thread_priority(nice: int, idle: bool = False) -> None:
@@ -27,5 +29,75 @@ def lower_thread_priority(nice: int, idle: bool = False) -> None:
     try:
         tid = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + nice, 19))
+    except (OSError, AttributeError):
+        pass
+
+
+class PriorityBooster:
+    """Background threads that run at a low priority (``nice``, ``SCHED_IDLE``) and are raised to normal
+    priority while the training thread waits on them, so that a waiter is never held up by the scheduler
+    giving an idle-priority thread no core (priority inversion on busy nodes).
+
+    Each background thread calls :meth:`enter` first (it lowers itself and registers); a waiter wraps its wait
+    in ``with booster.boosted():``. Nested and concurrent boosts are counted; the last one out lowers the
+    threads again. Best effort: on systems without per-thread scheduling this only counts.
+    """
+
+    def __init__(self, nice: int = 0, idle: bool = False) -> None:
+        self.nice, self.idle = nice, idle
+        self._tids: set[int] = set()
+        self._depth = 0
+        self._lock = threading.Lock()
+        #: how often a wait had to raise the threads (for status and tests)
+        self.boosts = 0
+
+    def enter(self) -> None:
+        """Called on a background thread: lower it and register it for boosts."""
+        lower_thread_priority(self.nice, self.idle)
+        with self._lock:
+            self._tids.add(threading.get_native_id())
+            if self._depth:
+                _set_normal(threading.get_native_id())
+
+    def leave(self) -> None:
+        """Called on a background thread before it ends."""
+        with self._lock:
+            self._tids.discard(threading.get_native_id())
+
+    @contextlib.contextmanager
+    def boosted(self) -> Iterator[None]:
+        """Run the registered threads at normal priority for the duration of the block."""
+        with self._lock:
+            self._depth += 1
+            if self._depth == 1:
+                self.boosts += 1
+                for tid in self._tids:
+                    _set_normal(tid)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0:
+                    for tid in self._tids:
+                        _set_low(tid, self.nice, self.idle)
+
+
+def _set_normal(tid: int) -> None:
+    try:
+        if hasattr(os, "SCHED_OTHER"):
+            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+        if hasattr(os, "setpriority"):
+            os.setpriority(os.PRIO_PROCESS, tid, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _set_low(tid: int, nice: int, idle: bool) -> None:
+    try:
+        if idle and hasattr(os, "SCHED_IDLE"):
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        if nice > 0 and hasattr(os, "setpriority"):
+            os.setpriority(os.PRIO_PROCESS, tid, min(nice, 19))
     except (OSError, AttributeError):
         pass

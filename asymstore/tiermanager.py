@@ -42,7 +42,7 @@ from .interfaces import StreamSource
 from .manifest import commit_delta_bases, step_dir
 from .retention import DeltaState, bases_of, plan_deletions, plan_retention, promotion_wanted
 from .retry import Backoff, poll
-from .threads import lower_thread_priority
+from .threads import PriorityBooster
 from .tiers import PersistentTier
 from .write_plan import CheckpointContent
 from .writer import ReaderSource, WriteReport
@@ -91,9 +91,21 @@ def no_space(e: BaseException | None) -> bool:
 class TierManager:
     """Persists snapshots to the first tier, promotes them down the chain, applies retention."""
 
-    def __init__(self, tiers: Sequence[PersistentTier], host: HostPool, *, max_backoff_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        tiers: Sequence[PersistentTier],
+        host: HostPool,
+        *,
+        max_backoff_s: float = 30.0,
+        booster: PriorityBooster | None = None,
+    ) -> None:
         self.tiers = list(tiers)
         self.host = host
+        #: the promotion threads run at background priority, raised while someone waits on them (flush)
+        cfg = self.tiers[0].config if self.tiers else None
+        self.booster = booster or PriorityBooster(
+            cfg.background_nice if cfg else 0, cfg.background_idle if cfg else False
+        )
         self.activity = {t.name: TierActivity() for t in self.tiers}
         self.max_backoff_s = max_backoff_s
         self._cv = threading.Condition()
@@ -328,7 +340,7 @@ class TierManager:
 
     def _promoter(self, k: int) -> None:
         dst = self.tiers[k]
-        lower_thread_priority(dst.config.background_nice, dst.config.background_idle)
+        self.booster.enter()
         self._clean(k)
         act = self.activity[dst.name]
         backoff = Backoff(initial_s=0.5, max_s=self.max_backoff_s)
@@ -472,7 +484,8 @@ class TierManager:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until no promotion is pending; False on timeout (see :meth:`status` for errors)."""
         wait_s = math.inf if timeout is None else timeout
-        return poll(self._idle, timeout_s=wait_s, backoff=Backoff(initial_s=0.05, max_s=0.05)) is not None
+        with self.booster.boosted():  # a waited-on promotion runs at the waiter's priority
+            return poll(self._idle, timeout_s=wait_s, backoff=Backoff(initial_s=0.05, max_s=0.05)) is not None
 
     def close(self) -> None:
         """Stop the promotion threads (pending promotions stay pending)."""

@@ -229,14 +229,20 @@ class SlowCopyExecutor(ThreadCopyExecutor):
 
     def submit(self, start: int, end: int, where: str) -> None:
         super().submit(start, end, where)
-        self._taken.acquire()  # the copy thread has dequeued it: the barrier cannot take it over
+        self._taken.acquire()  # the copy thread has started it: the barrier must wait for its piece in flight
 
-    def _copy(self, rec: CopyRecord) -> None:
-        if threading.current_thread() is self._thread:
+    def _claim(self, r: Any) -> tuple[int, int] | None:
+        first = not r.started
+        piece = super()._claim(r)
+        if piece is not None and first and threading.current_thread() is self._thread:
             self._taken.release()
+        return piece
+
+    def _copy_bytes(self, start: int, end: int, *, background: bool) -> None:
+        if background:
             time.sleep(self.delay_s)
             self.delayed += 1
-        super()._copy(rec)
+        super()._copy_bytes(start, end, background=background)
 
 
 @pytest.mark.parametrize("strategy", ["uniform", "asym"])
@@ -250,7 +256,7 @@ def test_barrier_waits_for_slow_copies(tmp_path: Any, strategy: str, monkeypatch
     def pre_step(ck: AsymCheckpointer) -> None:
         # runs right before the optimizer modifies anything (after the checkpointer's own pre-hook):
         # no snapshot may be in flight and no copy may be pending
-        observed.append((ck.step, ck._active is None, slow._pending))
+        observed.append((ck.step, ck._active is None, slow.pending))
 
     _, final = checkpointed_run(
         str(tmp_path / "ck"), strategy, executor=slow, pre_step=pre_step, prepare=timed_by(clock)

@@ -6,7 +6,6 @@ import contextlib
 import json
 import logging
 import random
-import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -318,19 +317,17 @@ def test_copy_thread_errors_reach_the_barrier(tmp_path: Any) -> None:
     train(ck, model, opt, sched, 3, batch=512)
     assert ck._executor is not None
     ex = ck._executor
-    real = ex._copy  # type: ignore[attr-defined]
-    lock = threading.Lock()
+    real = ex._copy_bytes  # type: ignore[attr-defined]
 
-    def broken(rec: Any) -> None:
-        with lock:
-            if rec.where in ("forward", "backward"):
-                raise RuntimeError("injected copy failure")
-        real(rec)
+    def broken(start: int, end: int, *, background: bool) -> None:
+        if background:  # a piece the copy thread copies during forward or backward
+            raise RuntimeError("injected copy failure")
+        real(start, end, background=background)
 
-    ex._copy = broken  # type: ignore[attr-defined]
+    ex._copy_bytes = broken  # type: ignore[attr-defined]
     with pytest.raises(RuntimeError, match="injected copy failure"):
         train(ck, model, opt, sched, 1, batch=512)
-    ex._copy = real  # type: ignore[attr-defined]
+    ex._copy_bytes = real  # type: ignore[attr-defined]
     ck.detach(finish=False)
     store.close()
     assert 4 not in store.steps()

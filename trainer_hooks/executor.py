@@ -22,25 +22,42 @@ import torch
 from asymstore.interfaces import CopyExecutor, CopyRecord
 from asymstore.layout import Layout
 from asymstore.snapshot import copy_range
-from asymstore.threads import lower_thread_priority
+from asymstore.threads import PriorityBooster
+
+#: the copy thread copies a range in pieces of this size, claimed from the range's cursor: the barrier takes over
+#: every piece not started and waits for at most one piece in flight
+PIECE_BYTES = 1 << 20
+
+
+class _Range:
+    """A submitted copy range and its cursor: ``[rec.start, next)`` claimed, ``inflight`` pieces being copied."""
+
+    def __init__(self, rec: CopyRecord) -> None:
+        self.rec = rec
+        self.next = rec.start
+        self.inflight = 0
+        self.started = False
 
 
 class ThreadCopyExecutor(CopyExecutor):
-    """One background copy thread (at a lower priority: ``nice``, ``SCHED_IDLE``); the barrier copies what it has
-    not started."""
+    """One background copy thread (at a lower priority: ``nice``, ``SCHED_IDLE``).
 
-    def __init__(self, nice: int = 0, idle: bool = False) -> None:
-        self._nice = nice
-        self._idle = idle
-        self._q: queue.Queue[CopyRecord | None] = queue.Queue()
-        self._done = threading.Condition()
-        self._pending = 0
+    The thread copies each range piece by piece from a shared cursor. The barrier (``drain``) copies at
+    training's priority every piece no one has started, and while it waits for the pieces in flight the copy
+    thread runs at normal priority: a starved idle-priority thread can delay the barrier by one piece at most.
+    """
+
+    def __init__(self, nice: int = 0, idle: bool = False, *, piece_bytes: int = PIECE_BYTES) -> None:
+        self.piece_bytes = piece_bytes
+        self.booster = PriorityBooster(nice, idle)
+        self._q: queue.Queue[_Range | None] = queue.Queue()
+        self._lock = threading.Condition()
+        self._open: list[_Range] = []  # submitted and not finished, in order
         self._records: list[CopyRecord] = []
         self._error: BaseException | None = None
         self._buffer: torch.Tensor | None = None
         self._layout: Layout | None = None
         self._tensors: Mapping[str, torch.Tensor] = {}
-        self._cursor = 0
         self._thread = threading.Thread(target=self._run, name="asymstore-copy", daemon=True)
         self._thread.start()
 
@@ -49,38 +66,74 @@ class ThreadCopyExecutor(CopyExecutor):
         self.drain()
         self._buffer, self._layout, self._tensors = buffer, layout, tensors
         self._records = []
-        self._cursor = 0
+
+    @property
+    def pending(self) -> int:
+        """Ranges submitted and not completely copied yet."""
+        with self._lock:
+            return len(self._open)
+
+    def _copy_bytes(self, start: int, end: int, *, background: bool) -> None:
+        assert self._buffer is not None and self._layout is not None
+        # on the copy thread, beside training: one core; at the barrier training waits anyway: all cores
+        with torch.no_grad():
+            copy_range(self._buffer, self._layout, self._tensors, start, end, single_threaded=background)
 
     def _copy(self, rec: CopyRecord) -> None:
-        assert self._buffer is not None and self._layout is not None
         rec.t_begin = time.perf_counter()
-        # on the copy thread, beside training: one core; at the barrier training waits anyway: all cores
-        background = threading.current_thread() is self._thread
-        with torch.no_grad():
-            copy_range(self._buffer, self._layout, self._tensors, rec.start, rec.end, single_threaded=background)
+        self._copy_bytes(rec.start, rec.end, background=False)
         rec.t_end = time.perf_counter()
 
+    def _claim(self, r: _Range) -> tuple[int, int] | None:
+        """The next piece of ``r`` for the copy thread (under the lock), or None when all are claimed."""
+        if r.next >= r.rec.end:
+            return None
+        a, b = r.next, min(r.next + self.piece_bytes, r.rec.end)
+        r.next = b
+        r.inflight += 1
+        if not r.started:
+            r.started, r.rec.t_begin = True, time.perf_counter()
+        return a, b
+
+    def _finish_if_done(self, r: _Range) -> None:
+        if r.next >= r.rec.end and r.inflight == 0 and r in self._open:
+            r.rec.t_end = r.rec.t_end or time.perf_counter()
+            self._open.remove(r)
+            self._lock.notify_all()
+
     def _run(self) -> None:
-        lower_thread_priority(self._nice, self._idle)
-        while True:
-            rec = self._q.get()
-            if rec is None:
-                return
-            try:
-                self._copy(rec)
-            except BaseException as e:  # re-raised at the barrier
-                self._error = e
-            with self._done:
-                self._pending -= 1
-                self._done.notify_all()
+        self.booster.enter()
+        try:
+            while True:
+                r = self._q.get()
+                if r is None:
+                    return
+                while True:
+                    with self._lock:
+                        piece = self._claim(r)
+                        if piece is None:
+                            self._finish_if_done(r)
+                            break
+                    try:
+                        self._copy_bytes(*piece, background=True)
+                    except BaseException as e:  # re-raised at the barrier
+                        self._error = e
+                    with self._lock:
+                        r.inflight -= 1
+                        if r.next >= r.rec.end and r.inflight == 0:
+                            r.rec.t_end = time.perf_counter()
+                        self._finish_if_done(r)
+        finally:
+            self.booster.leave()
 
     def submit(self, start: int, end: int, where: str) -> None:
         """Queue stream bytes ``[start, end)`` for the copy thread."""
         rec = CopyRecord(start, end, time.perf_counter(), where=where)
-        self._records.append(rec)
-        with self._done:
-            self._pending += 1
-        self._q.put(rec)
+        r = _Range(rec)
+        with self._lock:
+            self._records.append(rec)
+            self._open.append(r)
+        self._q.put(r)
 
     def copy_now(self, start: int, end: int, where: str) -> None:
         """Copy stream bytes ``[start, end)`` now, in the caller."""
@@ -89,26 +142,37 @@ class ThreadCopyExecutor(CopyExecutor):
         self._copy(rec)
 
     def drain(self) -> list[CopyRecord]:
-        # copy ranges the copy thread has not started yet are copied here, at full priority: a low-priority
-        # copy thread must never make the barrier wait for the scheduler
-        """Copy what the thread has not started, wait for the rest; returns the records (re-raises a copy error)."""
-        while True:
-            try:
-                rec = self._q.get_nowait()
-            except queue.Empty:
-                break
-            if rec is None:  # close() raced with drain(): keep the sentinel for the thread
-                self._q.put(None)
-                break
-            rec.where = "step"
+        """Copy every piece not started yet here, at training's priority (a range the copy thread had begun
+        is split: its record ends where the barrier took over, and a ``"step"`` record covers the rest); wait
+        for the pieces in flight with the copy thread boosted. Returns the records (re-raises a copy error)."""
+        with self._lock:
+            todo = []
+            for r in list(self._open):
+                if r.next >= r.rec.end:
+                    continue
+                a, b = r.next, r.rec.end
+                r.next = b
+                if r.started:
+                    r.rec.end = a  # what the thread copied (or is copying) of it
+                    rec = CopyRecord(a, b, time.perf_counter(), where="step")
+                    self._records.append(rec)
+                else:
+                    r.started, rec = True, r.rec
+                    rec.where = "step"
+                todo.append((r, rec))
+        for r, rec in todo:
             try:
                 self._copy(rec)
             except BaseException as e:
                 self._error = e
-            with self._done:
-                self._pending -= 1
-        with self._done:
-            self._done.wait_for(lambda: self._pending == 0)
+            with self._lock:
+                if rec is r.rec or r.inflight == 0:
+                    r.rec.t_end = r.rec.t_end or time.perf_counter()
+                self._finish_if_done(r)
+        with self._lock:
+            if self._open:
+                with self.booster.boosted():
+                    self._lock.wait_for(lambda: not self._open)
         if self._error is not None:
             err, self._error = self._error, None
             raise err
