@@ -636,6 +636,45 @@ def should_replan(
     return any(abs(m - p) > max(rel_tol * p, abs_tol) for p, m in zip(planned, measured, strict=False))
 
 
+@dataclass
+class ReplanGate:
+    """Re-plan on a *sustained* drift only (hysteresis): :func:`should_replan` must hold for ``sustain``
+    consecutive checks against the windows of the current plan; one noisy iteration (a page fault, a
+    preempted thread, a GC pause) never re-plans. A change in the number of windows re-plans at once.
+    ``replans`` counts the decisions, ``last_reason`` says why the last one was taken."""
+
+    sustain: int = 3
+    rel_tol: float = 0.25
+    abs_tol_s: float = 0.002
+    streak: int = 0
+    replans: int = 0
+    last_reason: str = ""
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.sustain, int) and self.sustain >= 1):
+            raise ConfigError(f"sustain must be an int >= 1, got {self.sustain!r}")
+
+    def check(self, planned_windows: Sequence[float], measured_windows: Sequence[float]) -> bool:
+        """Whether to re-plan now (and so the measured windows become the plan's)."""
+        if len(planned_windows) != len(measured_windows):
+            self.streak = 0
+            return self._replan(f"{len(planned_windows)} -> {len(measured_windows)} windows")
+        if should_replan(planned_windows, measured_windows, rel_tol=self.rel_tol, abs_tol_s=self.abs_tol_s):
+            self.streak += 1
+        else:
+            self.streak = 0
+        if self.streak < self.sustain:
+            return False
+        self.streak = 0
+        tp, tm = math.fsum(planned_windows), math.fsum(measured_windows)
+        return self._replan(f"windows {tp * 1e3:.1f} -> {tm * 1e3:.1f} ms, drifted {self.sustain} checks in a row")
+
+    def _replan(self, reason: str) -> bool:
+        self.replans += 1
+        self.last_reason = reason
+        return True
+
+
 class WindowProfile:
     """Accumulates per-window timings over warm-up iterations; estimates each window by its median.
 

@@ -615,3 +615,33 @@ def test_window_profile_rejects_structure_change_and_bad_values() -> None:
         prof.add([0.1, float("nan")], [0.2])
     with pytest.raises(ConfigError):
         WindowProfile(max_iterations=0)
+
+
+def test_replan_gate_needs_a_sustained_drift() -> None:
+    """Hysteresis: one noisy check never re-plans; ``sustain`` drifted checks in a row do; a changed number of
+    windows re-plans at once."""
+    from asymstore.snapshot_plan import ReplanGate
+
+    gate = ReplanGate(sustain=3, rel_tol=0.25)
+    planned = [0.010, 0.020, 0.030]
+    noisy = [0.010, 0.040, 0.030]  # one window doubled once
+    assert not gate.check(planned, noisy)
+    assert not gate.check(planned, planned)  # back to normal: the streak restarts
+    assert not gate.check(planned, noisy) and not gate.check(planned, noisy)
+    assert gate.check(planned, noisy) and gate.replans == 1 and "3 checks in a row" in gate.last_reason
+    assert not gate.check(planned, noisy)  # a new streak starts after a re-plan
+    assert gate.check(planned, [0.01, 0.02]) and gate.replans == 2 and "windows" in gate.last_reason
+    with pytest.raises(ConfigError):
+        ReplanGate(sustain=0)
+
+
+@given(
+    st.lists(st.floats(min_value=1e-4, max_value=0.1), min_size=1, max_size=8),
+    st.lists(st.floats(min_value=0.5, max_value=2.0), min_size=8, max_size=40),
+)
+def test_replan_gate_replans_at_most_once_per_sustain_checks(planned: list[float], factors: list[float]) -> None:
+    from asymstore.snapshot_plan import ReplanGate
+
+    gate = ReplanGate(sustain=3)
+    decisions = [gate.check(planned, [p * f for p in planned]) for f in factors]
+    assert gate.replans == sum(decisions) <= len(factors) // 3

@@ -33,12 +33,12 @@ from asymstore import dtypes
 from asymstore.errors import CheckpointFailedError, ConfigError
 from asymstore.snapshot import dest_view
 from asymstore.snapshot_plan import (
+    ReplanGate,
     SnapshotPlan,
     WindowProfile,
     plan_all_at_step,
     plan_asymmetric,
     plan_uniform,
-    should_replan,
 )
 from asymstore.state import flatten
 from asymstore.store import PendingSnapshot, SaveHandle, Store
@@ -130,6 +130,7 @@ class AsymCheckpointer:
         trace: bool = False,
         start_step: int = 0,
         replan_tolerance: float = 0.25,
+        replan_sustain: int = 3,
         min_range_bytes: int = 1 << 16,
         min_partition_bytes: int | None = None,
     ) -> None:
@@ -151,6 +152,8 @@ class AsymCheckpointer:
         self.timeline = Timeline(enabled=trace)
         self.step = start_step
         self.replan_tolerance = replan_tolerance
+        #: re-plan on a sustained drift of the measured windows (``replan_sustain`` checks in a row), not on noise
+        self._replan_gate = ReplanGate(sustain=replan_sustain, rel_tol=replan_tolerance)
         self.min_range_bytes = min_range_bytes if min_partition_bytes is None else min_partition_bytes
         self.history: list[CheckpointStats] = []
         self.handles: list[SaveHandle] = []
@@ -365,9 +368,13 @@ class AsymCheckpointer:
         windows = tuple(fwd) + tuple(bwd)
         if self._plan_cache is not None:
             (n, nf, planned), plan = self._plan_cache
-            if n == nbytes and nf == len(fwd) and not should_replan(planned, windows, rel_tol=self.replan_tolerance):
+            if n == nbytes and nf == len(fwd) and not self._replan_gate.check(planned, windows):
                 return plan
             self.replans += 1
+            log.info(
+                "re-planning the snapshot copy: %s",
+                self._replan_gate.last_reason if n == nbytes else f"state size {n} -> {nbytes} bytes",
+            )
         if self.strategy == "uniform":
             plan = plan_uniform(fwd, bwd, nbytes, copy_bandwidth=self._copy_bw)
         else:
