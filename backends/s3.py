@@ -18,7 +18,14 @@ Why these choices:
 * The commit marker is written last (by the writer, with ``put_atomic``) and S3 is strongly consistent
   for reads and listings after a write, so a listed ``COMMIT`` means every object of the step is readable.
   ``barrier`` has nothing to do: a ``put`` is durable at the server when it returns.
-* Ranged reads: ``open_input_file`` (one HEAD for the size) and ``read_at`` / ``readinto`` (one ranged GET).
+* Ranged reads: ``open_input_file`` (one HEAD for the size and ETag) and ``read_at`` / ``readinto`` (one
+  ranged GET). A read whose extent came from the size (a whole object, a range from or up to the end) checks
+  the ETag again afterwards, and a whole-object read of an object stored by one PutObject checks the bytes'
+  MD5 against its ETag; either mismatch means the object was replaced during the read, and it is read again.
+  The MD5 check matters on servers whose overwrites are not atomic for concurrent readers: SeaweedFS was seen
+  serving an object being replaced with the new size and zeros where its chunks were not yet written. Data
+  objects are never replaced in place by asymstore (a step is written once; a retried step's leftovers are
+  deleted first), so only small objects (markers, metadata) are ever read while replaced.
 * Directories are implicit. pyarrow re-creates an empty ``dir/`` marker object after deleting a directory's
   last object; listings only report objects, so such markers never appear as keys, and ``delete_prefix``
   of a directory removes them with one batched delete (``DeleteObjects``) of everything under it.
@@ -42,6 +49,7 @@ from __future__ import annotations
 
 import builtins
 import functools
+import hashlib
 import os
 import posixpath
 import random
@@ -144,6 +152,32 @@ def _is_missing(exc: BaseException) -> bool:
         or "no such key" in msg
         or "http response code 404" in msg
     )
+
+
+def _etag_of(f: Any) -> bytes | None:
+    """The ETag pyarrow read with an input file's HEAD (its metadata has str or bytes keys), ``None`` if none."""
+    meta = f.metadata()
+    tag = meta.get("ETag", meta.get(b"ETag")) if hasattr(meta, "get") else None
+    if tag is None:
+        return None
+    return tag if isinstance(tag, bytes) else str(tag).encode()
+
+
+def _matches_etag(data: bytes, etag: bytes | None) -> bool:
+    """Whether ``data`` can be the object whose ETag is ``etag``: for an object stored by one PutObject (a
+    plain 32-hex-digit ETag) its MD5 must match; other ETags (multipart ``<md5>-<parts>``, none) are no check.
+
+    This is what makes a whole-object read of a small object (commit markers, zarr metadata, written by one
+    PutObject) certain to be one complete version even on a server whose overwrites are not atomic for
+    concurrent readers: SeaweedFS was seen serving an object being replaced with the new size and zeros where
+    its chunks were not yet written.
+    """
+    if etag is None:
+        return True
+    tag = bytes(etag).strip(b'"').decode("ascii", "replace").lower()
+    if len(tag) != 32 or any(c not in "0123456789abcdef" for c in tag):
+        return True
+    return hashlib.md5(data, usedforsecurity=False).hexdigest() == tag
 
 
 def parse_endpoint(value: str) -> tuple[str, str | None]:
@@ -270,8 +304,10 @@ class ArrowObjectStore(ObjectStore):
         backoff = Backoff(initial_s=self.backoff_s, max_s=self.max_backoff_s, factor=2.0)
         return retry(fn, retries=self.retries, transient=_is_transient, backoff=backoff, give_up=give_up)
 
-    def _write_object(self, path: str, bufs: list[memoryview]) -> None:
-        """Stream ``bufs`` into one object; an error raised here deletes the object pyarrow completes anyway."""
+    def _write_object(self, path: str, bufs: list[memoryview], *, delete_on_error: bool = True) -> None:
+        """Stream ``bufs`` into one object; an error raised while writing deletes the object that pyarrow
+        completes anyway when the stream is closed (``delete_on_error=False``: one buffer smaller than a part,
+        which pyarrow sends in one request at close, so nothing partial can be sent)."""
         out = self._fs.open_output_stream(path)
         try:
             for b in bufs:
@@ -282,10 +318,11 @@ class ArrowObjectStore(ObjectStore):
                 out.close()
             except Exception:
                 pass
-            try:
-                self._fs.delete_file(path)
-            except Exception:
-                pass
+            if delete_on_error:
+                try:
+                    self._fs.delete_file(path)
+                except Exception:
+                    pass
             raise
         out.close()
 
@@ -462,7 +499,7 @@ class ArrowObjectStore(ObjectStore):
         if f is None:
             return None
         with f:
-            tag = f.metadata().get(b"ETag")
+            tag = _etag_of(f)
         return None if tag is None else bytes(tag)
 
     def _consistent_read(self, key: str, path: str, read: Callable[[Any], tuple[T | None, bool]]) -> T | None:
@@ -480,7 +517,7 @@ class ArrowObjectStore(ObjectStore):
             if f is None:
                 return None
             with f:
-                before = f.metadata().get(b"ETag")
+                before = _etag_of(f)
                 value, sized = read(f)
             if value is None:
                 continue
@@ -500,7 +537,11 @@ class ArrowObjectStore(ObjectStore):
             if stop == start:
                 return b"", sized
             data = bytes(f.read_at(stop - start, start))
-            return (data if len(data) == stop - start else None), sized
+            if len(data) != stop - start:
+                return None, sized
+            if byte_range is None and not _matches_etag(data, _etag_of(f)):
+                return None, sized  # not the bytes the HEAD described: replaced meanwhile, read again
+            return data, sized
 
         return self._call(f"get {key!r}", lambda: self._consistent_read(key, path, read))
 
@@ -684,7 +725,8 @@ class S3ObjectStore(ArrowObjectStore):
         total = sum(len(b) for b in bufs)
         if total <= SINGLE_PUT_BYTES:
             joined = b"".join(bufs)
-            self._call(f"put_atomic {key!r}", lambda: self._write_object(path, [memoryview(joined)]))
+            one = [memoryview(joined)]
+            self._call(f"put_atomic {key!r}", lambda: self._write_object(path, one, delete_on_error=False))
             return
         parent, name = posixpath.split(path)
 
