@@ -49,6 +49,10 @@ class UnsupportedValueError(AsymstoreError, TypeError):
     """A value in the training state cannot be stored without pickle."""
 
 
+class HostMemoryError(AsymstoreError, MemoryError):
+    """A restore needs more host memory than the machine has; the message names the bytes and the way out."""
+
+
 class CheckpointFailedError(AsymstoreError):
     """A background checkpoint failed; raised on the next call so the failure is never lost."""
 

@@ -32,6 +32,7 @@ from .errors import (
     CheckpointFailedError,
     ConfigError,
     CorruptCheckpointError,
+    HostMemoryError,
     SnapshotSlotsBusyError,
     StateMismatchError,
     StepExistsError,
@@ -712,7 +713,7 @@ class Store:
                 raise
             return view, slot, lambda: self.host.unlease(slot), filled
         reader = catalog.open_reader(source.backend, step, rank=r)
-        buf = torch.empty(max(reader.manifest.layout.total_bytes, 1), dtype=torch.uint8)
+        buf = _stream_buffer(reader.manifest.layout.total_bytes, step)
         reader.read_all_into(buf.numpy().data)
         return buf, reader.manifest, lambda: None, frozenset()
 
@@ -972,6 +973,25 @@ def _close_quietly(store: Store) -> None:
         store.close()
     except BaseException as e:
         log.error("asymstore: closing a store at exit failed: %s", e)
+
+
+def _stream_buffer(nbytes: int, step: int) -> torch.Tensor:
+    """A host buffer for a whole checkpoint stream, or :class:`HostMemoryError` saying what to do instead."""
+    advice = (
+        f"restoring step {step} needs {nbytes} bytes of host memory for its stream; read it lazily "
+        "(store.open_checkpoint(step), restore_tensors) or on a machine with more memory"
+    )
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:]}
+        if nbytes > info.get("MemAvailable", nbytes) + info.get("SwapFree", 0):
+            raise HostMemoryError(f"{advice} ({info['MemAvailable']} bytes are available)")
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return torch.empty(max(nbytes, 1), dtype=torch.uint8)
+    except (RuntimeError, MemoryError) as e:
+        raise HostMemoryError(f"{advice} ({e})") from e
 
 
 def _scatter_pieces(layout: Layout, target: dict[str, torch.Tensor]) -> list[tuple[str, tuple[int, int, int]]]:

@@ -251,3 +251,14 @@ def test_host_memory_flat_over_200_checkpoints(tmp_path) -> None:
         got = s.restore(219)
         assert got["step"] == 219 and float(got["w"][219]) == 219.0
         assert len(os.listdir(tmp_path)) <= 6  # retention kept the directory small
+
+
+def test_a_stream_larger_than_host_memory_is_a_clear_error() -> None:
+    """A (consistent, perhaps hostile) manifest may claim a stream larger than the machine's memory: the
+    restore says how many bytes it needs and how to read the step instead, not a raw allocator error."""
+    from asymstore.errors import HostMemoryError
+    from asymstore.store import _stream_buffer
+
+    with pytest.raises(HostMemoryError, match=r"step 4 needs 1000000000000000 bytes.*open_checkpoint"):
+        _stream_buffer(10**15, 4)
+    assert _stream_buffer(0, 1).numel() == 1
