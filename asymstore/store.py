@@ -622,6 +622,11 @@ class Store:
         """Where ``step`` is complete, in the read order: ``"host"``, then tier names in chain order."""
         return [src.name for src in self._read_order(step, None)]
 
+    def latest_durable_step(self) -> int | None:
+        """The newest step committed on a persistent tier (``None`` when there is none)."""
+        s = self.durable_steps()
+        return s[-1] if s else None
+
     def latest_step(self) -> int | None:
         """The newest step complete on at least one tier (``None`` when there is none)."""
         s = self.steps()

@@ -348,3 +348,18 @@ def test_exception_in_training_abandons_the_snapshot_in_flight(tmp_path: Any) ->
     assert store.steps() == [1, 2]  # 3 was in flight: abandoned, not stored
     store.save({"w": torch.ones(3)}, 10)  # the slot is usable again (no wait for a stuck slot)
     store.close()
+
+
+def test_the_summary_says_which_checkpoint_is_durable(tmp_path: Any) -> None:
+    """The newest checkpoint taken (host memory) and the newest durable one are reported apart."""
+    model, opt, sched = build(0)
+    store = asymstore.open_store(str(tmp_path / "ck"))
+    ck = AsymCheckpointer(model, opt, store, scheduler=sched, strategy="asym", warmup=2)
+    with ck:
+        train(ck, model, opt, sched, 4)
+    ck.wait()
+    s = ck.summary()
+    assert s["latest_checkpoint"] == 4 and s["latest_durable"] == 4
+    assert store.durable_steps() == [1, 2, 3, 4] and store.latest_durable_step() == 4
+    assert all(st.durable for st in ck.history)
+    store.close()

@@ -27,6 +27,8 @@ class CheckpointStats:
     codecs: dict[str, int] = field(default_factory=dict)
     skipped: bool = False
     error: str | None = None
+    #: persisted on the first persistent tier (False: only in host memory so far, or failed)
+    durable: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """The statistics as a JSON object."""

@@ -493,6 +493,8 @@ class AsymCheckpointer:
             self._handles_stats = [(h, s) for h, s in self._handles_stats if h is not handle]
         if res.reports:
             rep = next(iter(res.reports.values()))
+            stats.durable = True
+            log.info("checkpoint of step %s is durable on %s", stats.step, ", ".join(res.reports))
             stats.persist_s = sum(r.seconds for r in res.reports.values())
             stats.stored_bytes = rep.stored_bytes
             stats.codecs = dict(rep.codecs)
@@ -531,13 +533,18 @@ class AsymCheckpointer:
 
     # --- reporting ---------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
-        """Checkpoint counts, median stall, hidden fraction, re-plans and copy bandwidth of this run."""
+        """Checkpoint counts, the newest checkpoint taken and the newest durable one, median stall, hidden
+        fraction, re-plans and copy bandwidth of this run."""
         self._collect_done()
         done = [s for s in self.history if not s.skipped]
         stalls = sorted(s.stall_s + s.begin_s for s in done)  # both are time the training thread waited
+        durable = [s.step for s in done if s.durable]
         return {
             "strategy": self.strategy,
             "checkpoints": len(done),
+            #: the newest checkpoint taken (complete in host memory) and the newest durable on a persistent tier
+            "latest_checkpoint": done[-1].step if done else None,
+            "latest_durable": durable[-1] if durable else None,
             "skipped": sum(s.skipped for s in self.history),
             "bytes_per_checkpoint": done[-1].bytes if done else 0,
             "median_stall_s": stalls[len(stalls) // 2] if stalls else 0.0,
