@@ -5,9 +5,10 @@
     python examples/demo.py --strategy sync                   # another checkpointing strategy
 
 1. Train a small GPT-2 (a ``GPT2Config``, random init, nothing downloaded) on learnable synthetic data (windows
-   of a fixed token cycle: the loss visibly falls) three times, back to back in this process, same seed: without
-   checkpoints, with ``torch.save`` + ``fsync`` every step, and with asymstore (``AsymCheckpointer``, the hook
-   the examples use) every step. The overhead is measured here and now, on this machine.
+   of a fixed token cycle: the loss visibly falls) three ways in this process, same seed: without checkpoints,
+   with ``torch.save`` + ``fsync`` every step, and with asymstore (``AsymCheckpointer``, the hook the examples
+   use) every step; the three take turns in blocks of 4 steps (the order rotating), each block timed until its
+   checkpoints are durable. The overhead is measured here and now, on this machine.
 2. Train again in a child process and SIGKILL it from here once it has reported the checkpoint of step K
    (committed in host shared memory, or durable on disk when the host slots are private).
 3. Resume in a new process: the restore's time, the tier it came from (in the store's words), the step; the
@@ -109,6 +110,7 @@ class Run:
         self.losses: list[float] = []
         self.step_s: list[float] = []
         self.spans: Spans = []
+        self.rng = torch.get_rng_state()  # its own random stream (dropout) when runs take turns in one process
 
     def train_step(self) -> float:
         t0 = time.perf_counter()
@@ -189,65 +191,81 @@ def torch_save(r: Run, path: Path) -> None:
         os.fsync(fh.fileno())
 
 
+BLOCK = 4  # steps per timed block; the three runs take turns block by block
+
+
 def measured_runs(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    """The three runs, back to back, same seed: no checkpoint, torch.save every step, asymstore every step."""
+    """The three runs, same seed, interleaved: blocks of BLOCK steps in turn, the order rotating every round, so
+    a change in the machine's load falls on all three alike. Each block is timed until its checkpoints are
+    durable (asymstore: ``ck.wait()`` at the block's end), so no run's background work lands on another's time."""
     warm = Run(args)  # untimed: first-iteration costs (allocator, kernels) land on no measured run
     for _ in range(2):
         warm.train_step()
     del warm
 
-    res: dict[str, Any] = {}
-    ref = Run(args)
-    t0 = time.perf_counter()
-    hashes = {}
-    for _ in range(args.steps):
-        ref.train_step()
-        if ref.step == args.kill_at:  # the reference states the resumed run is compared with
-            t_h = time.perf_counter()
-            hashes["at_kill"] = ref.state_hash()
-            t0 += time.perf_counter() - t_h  # hashing is not training
-    res["none"] = {"seconds": time.perf_counter() - t0, "step_s": ref.step_s, "losses": ref.losses}
-    hashes["final"] = ref.state_hash()
-    res["hashes"] = hashes
-    res["state_bytes"] = ref.state_bytes()
-    res["parameters"] = sum(p.numel() for p in ref.model.parameters())
-    res["data"] = ref.source.description
-    del ref
-
     ts_dir = out / "torch-save"
     ts_dir.mkdir()
-    r = Run(args)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        r.train_step()
-        t = time.perf_counter()
-        torch_save(r, ts_dir)
-        r.step_s[-1] += time.perf_counter() - t
-    res["torch.save"] = {"seconds": time.perf_counter() - t0, "step_s": r.step_s, "final_hash": r.state_hash()}
-    res["torch.save"]["file_bytes"] = (ts_dir / f"step_{r.step}.pt").stat().st_size
-    shutil.rmtree(ts_dir, ignore_errors=True)
-    del r
-
-    r = Run(args)
+    runs = {"none": Run(args), "torch.save": Run(args), "asymstore": Run(args)}
     store = open_store(str(out / "asym-run"))
-    ck = checkpointer(r, store, trace=True)
-    t0 = time.perf_counter()
-    with ck:  # leaving waits until every checkpoint is durable: inside the timed run
-        for _ in range(args.steps):
-            r.train_step()
-    seconds = time.perf_counter() - t0
+    ck = checkpointer(runs["asymstore"], store, trace=True).attach()
+    seconds = dict.fromkeys(runs, 0.0)
+    hashes: dict[str, str] = {}
+    names = list(runs)
+    try:
+        for b in range(-(-args.steps // BLOCK)):
+            n = min(BLOCK, args.steps - b * BLOCK)
+            for name in names[b % 3 :] + names[: b % 3]:
+                r = runs[name]
+                torch.set_rng_state(r.rng)  # each run draws its own dropout masks, as if it ran alone
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    r.train_step()
+                    if name == "torch.save":
+                        t = time.perf_counter()
+                        torch_save(r, ts_dir)
+                        r.step_s[-1] += time.perf_counter() - t
+                    if name == "none" and r.step == args.kill_at:  # the state the resumed run is compared with
+                        t = time.perf_counter()
+                        hashes["at_kill"] = r.state_hash()
+                        t0 += time.perf_counter() - t  # hashing is not training
+                if name == "asymstore":
+                    if r.step == args.steps:
+                        ck.detach()  # completes the last snapshot, waits until everything is durable
+                    else:
+                        ck.wait()
+                seconds[name] += time.perf_counter() - t0
+                r.rng = torch.get_rng_state()
+    finally:
+        ck.detach()  # idempotent; after an error: nothing left attached
+    ref, ts, r = runs["none"], runs["torch.save"], runs["asymstore"]
+    hashes["final"] = ref.state_hash()
     summ = ck.summary()
-    res["asymstore"] = {
-        "seconds": seconds,
-        "step_s": r.step_s,
-        "final_hash": r.state_hash(),
-        "median_stall_s": summ["median_stall_s"],
-        "hidden_fraction": summ["hidden_fraction"],
-        "checkpoints": summ["checkpoints"],
-        "bytes_per_checkpoint": summ["bytes_per_checkpoint"],
-        "host_memory": getattr(store, "host_memory", "private"),
-        "steps_stored": store.steps(),
+    res: dict[str, Any] = {
+        "hashes": hashes,
+        "state_bytes": ref.state_bytes(),
+        "parameters": sum(p.numel() for p in ref.model.parameters()),
+        "data": ref.source.description,
+        "block": BLOCK,
+        "none": {"seconds": seconds["none"], "step_s": ref.step_s, "losses": ref.losses},
+        "torch.save": {
+            "seconds": seconds["torch.save"],
+            "step_s": ts.step_s,
+            "final_hash": ts.state_hash(),
+            "file_bytes": (ts_dir / f"step_{ts.step}.pt").stat().st_size,
+        },
+        "asymstore": {
+            "seconds": seconds["asymstore"],
+            "step_s": r.step_s,
+            "final_hash": r.state_hash(),
+            "median_stall_s": summ["median_stall_s"],
+            "hidden_fraction": summ["hidden_fraction"],
+            "checkpoints": summ["checkpoints"],
+            "bytes_per_checkpoint": summ["bytes_per_checkpoint"],
+            "host_memory": getattr(store, "host_memory", "private"),
+            "steps_stored": store.steps(),
+        },
     }
+    shutil.rmtree(ts_dir, ignore_errors=True)
     res["timeline"] = write_timeline(args, ck, r.spans, out)
     store.close()
     return res
@@ -265,7 +283,9 @@ def write_timeline(args: argparse.Namespace, ck: Any, spans: Spans, out: Path) -
     if png is not None:
         fwd = [s for s in spans if s[0] == "forward"]
         opt = [s for s in spans if s[0] == "optimizer step"]
-        i = max(min(args.warmup + 1, len(fwd) - 2), 0)  # past the profiling warm-up: partitions planned
+        # two steps of one block, past the profiling warm-up (partitions planned)
+        later = [j for j in range(args.warmup + 1, len(fwd) - 1) if j % BLOCK < BLOCK - 1]
+        i = later[0] if later else 0
         window = (fwd[i][1] - 0.01, opt[min(i + 1, len(opt) - 1)][2] + 0.01)
         plot_timeline(
             ck,
@@ -465,7 +485,10 @@ def main(argv: list[str] | None = None) -> int:
     cores, threads = os.cpu_count() or 1, torch.get_num_threads()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     say(f"asymstore demo: GPT-2 [{args.preset}] on cpu ({cores} cores, {threads} torch threads, load {load:.1f})")
-    say(f"1/4 training {args.steps} steps three times, back to back, same seed, timed on this machine now ...")
+    say(
+        f"1/4 training {args.steps} steps three ways, same seed, taking turns in blocks of {BLOCK} steps "
+        "(each timed until its checkpoints are durable), on this machine now ..."
+    )
     trainer.wait_ready()
     resumer.wait_ready()
     m = measured_runs(args, out)
