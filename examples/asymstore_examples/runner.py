@@ -122,8 +122,8 @@ def parser(ex: Example) -> argparse.ArgumentParser:
         default=None,
         metavar="K",
         help="SIGKILL this process once the checkpoint of step K is reported: committed in host shared memory "
-        "(or, with private host slots, durable on --dir); then --resume continues from step K "
-        "(with --deepspeed: right after optimizer step K)",
+        "(or, with private host slots, durable on --dir); then --resume continues from step K (with --every N: "
+        "from the newest checkpoint up to K; with --deepspeed: killed right after optimizer step K)",
     )
     r.add_argument("--resume", action="store_true", help="restore the newest complete checkpoint and continue")
     r.add_argument("--fresh", action="store_true", help="delete checkpoints already in --dir/--hdfs first")
