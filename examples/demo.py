@@ -64,10 +64,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--preset", default="demo", choices=["tiny", "demo", "small"], help="GPT-2 size (gpt2.py)")
     ap.add_argument("--steps", type=int, default=12, help="optimizer steps of every run")
-    ap.add_argument("--kill-at", type=int, default=None, help="SIGKILL after this step's checkpoint (default: half)")
+    ap.add_argument(
+        "--kill-at", type=int, default=None, help="SIGKILL after this step's checkpoint (None: half of --steps)"
+    )
     ap.add_argument("--strategy", default="asym", choices=["sync", "checkfreq", "uniform", "asym"])
-    ap.add_argument("--batch", type=int, default=None, help="default: the preset's")
-    ap.add_argument("--seq", dest="size", type=int, default=None, help="sequence length (default: the preset's)")
+    ap.add_argument("--batch", type=int, default=None, help="None: the preset's")
+    ap.add_argument("--seq", dest="size", type=int, default=None, help="sequence length (None: the preset's)")
     ap.add_argument("--period", type=int, default=256, help="length of the token cycle the model learns")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup-steps", type=int, default=2, help="linear learning-rate warm-up")
@@ -75,7 +77,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
     ap.add_argument(
-        "--out", default=None, help="work directory (default: $TMPDIR/asymstore-demo; an earlier demo's is cleared)"
+        "--out", default=None, help="work directory (None: $TMPDIR/asymstore-demo; an earlier demo's is cleared)"
     )
     ap.add_argument("--summary-json", default=None, metavar="PATH", help="also write every figure as JSON")
     ap.add_argument("--role", default="main", choices=["main", "train", "resume"], help=argparse.SUPPRESS)
