@@ -23,7 +23,7 @@ cleanup of crashed attempts all use these functions; nothing else lists step dir
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -197,14 +197,24 @@ def read_sources(
     skipped when another ``rank`` is asked for); ``tiers``: ``(name, backend)`` of the persistent tiers in
     chain order. A tier that cannot be asked (unreachable) is left out, with a warning.
     """
-    out = [Source(HOST)] if host and (rank is None or rank == my_rank) else []
+    return list(iter_sources(step, host=host, tiers=tiers, rank=rank, my_rank=my_rank))
+
+
+def iter_sources(
+    step: int, *, host: bool, tiers: Sequence[tuple[str, ObjectStore]], rank: int | None = None, my_rank: int = 0
+) -> Iterator[Source]:
+    """:func:`read_sources` lazily: a tier is asked only when the copies before it did not do (a restore that
+    reads the first tier never waits on a slow or frozen lower one)."""
+    if host and (rank is None or rank == my_rank):
+        yield Source(HOST)
     for name, backend in tiers:
         try:
-            if is_committed(backend, step):
-                out.append(Source(name, backend))
+            committed = is_committed(backend, step)
         except AsymstoreError as e:
             log.warning("tier %s cannot be asked for step %s: %s", name, step, e)
-    return out
+            continue
+        if committed:
+            yield Source(name, backend)
 
 
 @dataclass
@@ -216,7 +226,7 @@ class ReadOutcome(Generic[T]):
     failures: list[Failure] = field(default_factory=list)
 
 
-def try_in_order(sources: Sequence[Source], read: Callable[[Source], T]) -> tuple[ReadOutcome[T] | None, list[Failure]]:
+def try_in_order(sources: Iterable[Source], read: Callable[[Source], T]) -> tuple[ReadOutcome[T] | None, list[Failure]]:
     """Call ``read`` on each source in order until one succeeds; damaged or vanished copies are skipped.
 
     Returns the outcome (``None`` when no source worked) and every failure, in order. Errors other than

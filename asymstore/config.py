@@ -75,6 +75,10 @@ class Config:
     #: A checkpoint not durable on the first tier this long after its snapshot is late: it is reported (logged,
     #: counted in ``status()``) and persistence runs at normal priority until no checkpoint is late.
     durable_within_s: float = 60.0
+    #: How long listing a lower tier (``steps()``, ``restore()`` without a step) waits for its answer before
+    #: it goes on with what the store already knows of that tier (a frozen NameNode never blocks a restore
+    #: that the first tier can serve); the tier is reported as not answering in ``status()``.
+    tier_answer_s: float = 5.0
     #: Options passed to backends, per URL scheme (e.g. {"hdfs": {"retries": 3}}).
     backend_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Make a tier root that is missing or empty a new store (False: open existing stores only). A directory
@@ -107,6 +111,8 @@ class Config:
             raise ConfigError("delta_every must be >= 0")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise ConfigError(f"need 0 <= rank < world_size, got rank={self.rank}, world_size={self.world_size}")
+        if not self.tier_answer_s > 0:
+            raise ConfigError(f"tier_answer_s must be > 0 seconds, got {self.tier_answer_s!r}")
         if not self.durable_within_s > 0:
             raise ConfigError(f"durable_within_s must be > 0 seconds, got {self.durable_within_s!r}")
         if self.peer_replicas not in (0, 1):

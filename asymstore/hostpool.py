@@ -14,6 +14,7 @@ place, and a new process adopts the committed slots an earlier one left (:meth:`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 import time
@@ -56,6 +57,8 @@ class Slot:
     origin_pid: int | None = None
     #: whether the bytes of an adopted slot were checked against its record's checksums
     verified: bool = False
+    #: the slot's step reached the first persistent tier (so its host copy is never the only one it had)
+    durable: bool = False
 
     @property
     def layout(self) -> Layout | None:
@@ -203,7 +206,7 @@ class HostPool:
         """The slot's bytes are about to change or be forgotten: its shared-memory record goes first."""
         if self.region is not None:
             self.region.invalidate(slot.index)
-        slot.record, slot.origin_pid, slot.verified = None, None, False
+        slot.record, slot.origin_pid, slot.verified, slot.durable = None, None, False, False
 
     def seal(self, slot: Slot) -> None:
         """Commit a ready slot in shared memory (checksums + record): from now on it survives this process.
@@ -218,6 +221,14 @@ class HostPool:
             else:  # reused or dropped meanwhile (cannot happen while persisting; kept safe)
                 self.region.invalidate(slot.index)
 
+    def mark_durable(self, slot: Slot) -> None:
+        """The slot's step is on the first persistent tier: say so in its record too (a restarted store must
+        not persist it again once retention has deleted it there)."""
+        slot.durable = True
+        rec = slot.record
+        if self.region is not None and rec is not None and not rec.durable:
+            slot.record = self.region.commit_record(dataclasses.replace(rec, durable=True))
+
     def adopt(self) -> list[Slot]:
         """Take over the committed slots an earlier process left in the region; they are ready, not yet
         verified (:meth:`verify`). Returns them, oldest step first."""
@@ -231,6 +242,7 @@ class HostPool:
                 s = self.slots[rec.slot]
                 s.buffer, s.state, s.step, s.content = buf, "ready", rec.step, rec.content
                 s.record, s.origin_pid, s.verified = rec, rec.pid, rec.pid == os.getpid()
+                s.durable = rec.durable
                 s.persisting, s.ready_time = False, time.monotonic()
                 out.append(s)
         return out

@@ -135,6 +135,8 @@ class SlotRecord:
     chunk_bytes: int
     crcs: tuple[int, ...]
     content: CheckpointContent
+    #: the step reached the first persistent tier (a later absence there means retention deleted it)
+    durable: bool = False
 
     @property
     def total_bytes(self) -> int:
@@ -154,6 +156,7 @@ class SlotRecord:
             "created": self.created,
             "chunk_bytes": self.chunk_bytes,
             "crc32c_chunks": list(self.crcs),
+            "durable": self.durable,
             "layout": layout_to_json(c.layout),
             "skeleton": c.skeleton,
             "numpy_names": list(c.numpy_names),
@@ -189,6 +192,7 @@ class SlotRecord:
                 chunk,
                 crcs,
                 content,
+                bool(body.get("durable", False)),
             )
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"malformed record ({type(e).__name__}: {e})") from None

@@ -16,8 +16,9 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -218,6 +219,9 @@ class Store:
         self.last_restore: RestoreReport | None = None
         self._closed = False
         self._last_peer: int | None = None  # the rank the last restore from a peer replica read from
+        #: listings of lower tiers run here, awaited at most ``tier_answer_s``; tiers that did not answer, when
+        self._asking = ThreadPoolExecutor(max_workers=max(1, len(self.tiers)), thread_name_prefix="asymstore-ask")
+        self._not_answering: dict[str, float] = {}
         self._watched: list[tuple[SaveHandle, float]] = []  # checkpoints not durable yet, and when taken
         self._watch_cv = threading.Condition()
         self._watchdog: threading.Thread | None = None
@@ -308,10 +312,19 @@ class Store:
         log.info("host shared memory holds steps %s left by pid %s", steps, ", ".join(map(str, pids)))
         self._replicate(slots[-1])  # the peer may have lost its copy with its node
         for slot in slots:
-            if self.tiers and slot.step is not None and not self._durable_here(slot.step):
-                slot.persisting = True
-                self._executor.submit(self._persist_adopted, slot)
-        return steps
+            if slot.step is None or not self.tiers or self._durable_here(slot.step):
+                continue
+            if slot.durable:  # it was on the tier and is not any more: retention or a user deleted it there
+                log.info(
+                    "step %s left in host shared memory was deleted from %s since: dropped",
+                    slot.step,
+                    self.tiers[0].name,
+                )
+                self.host.drop(slot.step)
+                continue
+            slot.persisting = True
+            self._executor.submit(self._persist_adopted, slot)
+        return [s.step for s in slots if s.state == "ready" and s.step is not None]
 
     def _durable_here(self, step: int) -> bool:
         """Whether this rank's part of ``step`` is durable on the first persistent tier."""
@@ -330,6 +343,7 @@ class Store:
             )
             assert slot.content is not None
             self.manager.persist_primary(step, slot.memview(), slot.content)
+            self.host.mark_durable(slot)
             log.info("persisted step %s from host shared memory (left by pid %s)", step, slot.origin_pid)
         except BaseException as e:
             self._record_failure(step, e)
@@ -487,6 +501,7 @@ class Store:
                 return result
             assert snap.slot.content is not None
             rep = self.manager.persist_primary(snap.step, snap.slot.memview(), snap.slot.content)
+            self.host.mark_durable(snap.slot)
             result.reports[self.tiers[0].name] = rep
             result.persist_finished = time.perf_counter()
             return result
@@ -569,7 +584,10 @@ class Store:
                     "received": self.replicas.received,
                 },
             },
-            "tiers": self.manager.status() if self.manager else [],
+            "tiers": [
+                {**t, "not_answering_since": self._not_answering.get(t["name"])}
+                for t in (self.manager.status() if self.manager else [])
+            ],
             "memory": self.memory_report(),
             "failures": self.failures,
             "late": self.late,
@@ -592,15 +610,34 @@ class Store:
     def steps(self) -> list[int]:
         """Steps complete on at least one tier, host memory included, oldest first (see :meth:`durable_steps`)."""
         s = set(self.host.steps()) | set(self._peer_steps()[1])
-        for t in self.tiers:
-            s.update(self._listing(t))
+        for k, t in enumerate(self.tiers):
+            s.update(self._listing(t) if k == 0 else self._lower_listing(t))
         return sorted(s)
+
+    def _lower_listing(self, tier: PersistentTier) -> list[int]:
+        """A lower tier's committed steps, waiting at most ``tier_answer_s`` for it; then what the tier manager
+        knows of it (a slow or frozen tier never blocks a listing the faster tiers can answer)."""
+        fut = self._asking.submit(self._listing, tier)
+        try:
+            steps = fut.result(timeout=self.config.tier_answer_s)
+        except FutureTimeout:
+            known = self.manager.known_steps(tier) if self.manager is not None else None
+            self._not_answering[tier.name] = time.time()
+            log.warning(
+                "tier %s did not list its steps within tier_answer_s=%s s; going on with %s",
+                tier.name,
+                self.config.tier_answer_s,
+                f"the {len(known)} steps known of it" if known else "none of its steps",
+            )
+            return known or []
+        self._not_answering.pop(tier.name, None)
+        return steps
 
     def durable_steps(self) -> list[int]:
         """Steps committed on at least one persistent tier, oldest first: what survives the loss of this node."""
         s: set[int] = set()
-        for t in self.tiers:
-            s.update(self._listing(t))
+        for k, t in enumerate(self.tiers):
+            s.update(self._listing(t) if k == 0 else self._lower_listing(t))
         return sorted(s)
 
     @property
@@ -651,13 +688,21 @@ class Store:
     # --- restoring ---------------------------------------------------------------
     def _read_order(self, step: int, rank: int | None) -> list[catalog.Source]:
         """The catalog's read policy for ``step``: host memory first, then the tiers in chain order."""
-        sources = catalog.read_sources(
+        return list(self._iter_read_order(step, rank))
+
+    def _iter_read_order(self, step: int, rank: int | None) -> Iterator[catalog.Source]:
+        """:meth:`_read_order` lazily: a tier is asked whether it holds the step only when reached."""
+        sources = catalog.iter_sources(
             step, host=self.host.find(step) is not None, tiers=self._chain(), rank=rank, my_rank=self.rank
         )
-        if self.replicas is not None and (rank is None or rank == self.rank) and step in self._peer_steps()[1]:
-            at = 1 if sources and sources[0].is_host else 0  # after our own memory, before every tier
-            sources.insert(at, catalog.Source(catalog.PEER))
-        return sources
+        peer = self.replicas is not None and (rank is None or rank == self.rank) and step in self._peer_steps()[1]
+        for src in sources:
+            if peer and not src.is_host:  # after our own memory, before every tier
+                peer = False
+                yield catalog.Source(catalog.PEER)
+            yield src
+        if peer:
+            yield catalog.Source(catalog.PEER)
 
     def _read_rank(self, step: int, source: catalog.Source, rank: int | None) -> int:
         """Which rank's directory to read (:func:`asymstore.catalog.read_rank`; host memory holds ours)."""
@@ -755,7 +800,7 @@ class Store:
         target = None if into is None else (flatten(into).tensors, strict)
         for s in candidates:
             outcome, failed = catalog.try_in_order(
-                self._read_order(s, rank), self._stream_reader(s, rank, into is None, target)
+                self._iter_read_order(s, rank), self._stream_reader(s, rank, into is None, target)
             )
             failures += [(s, f) for f in failed]
             if outcome is None:
@@ -847,7 +892,7 @@ class Store:
         this process is saving. Returns the steps cleaned per tier.
         """
         out: dict[str, list[int]] = {}
-        held = self.host.steps()  # snapshots in host memory are persisted, not discarded
+        held = [s.step for s in self.host.slots if s.persisting and s.step is not None]  # being persisted now
         for t in self.tiers:
             try:
                 cleaned = t.discard_uncommitted(after=after, keep=held)
@@ -908,6 +953,7 @@ class Store:
                     "; ".join(f"{t['name']}: {t['last_error']}" for t in self.manager.status() if t["pending"]),
                 )
             self.manager.close()
+        self._asking.shutdown(wait=False)  # a listing stuck on a frozen tier is not waited for
         for t in self.tiers:
             t.close()
         if self.replicas is not None:
@@ -922,7 +968,15 @@ class Store:
         region = self.host.region
         if region is None:
             return
-        undurable = [s for s in self.host.steps() if self.tiers and not self._durable_here(s)]
+        undurable = [
+            s.step
+            for s in self.host.slots
+            if s.state == "ready"
+            and s.step is not None
+            and not s.durable
+            and self.tiers
+            and not self._durable_here(s.step)
+        ]
         if undurable:
             log.warning(
                 "keeping the shared-memory region %s: steps %s are not durable on %s yet; the next store of this "

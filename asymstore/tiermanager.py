@@ -291,6 +291,13 @@ class TierManager:
                 self._known[tier.name] = known = listed
         return sorted(known)
 
+    def known_steps(self, tier: PersistentTier) -> list[int] | None:
+        """The committed steps of ``tier`` as this manager knows them, without asking the tier (``None``: never
+        listed yet)."""
+        with self._known_lock:
+            known = self._known.get(tier.name)
+            return None if known is None else sorted(known)
+
     def _mark(self, tier: PersistentTier, step: int, present: bool) -> None:
         with self._known_lock:
             known = self._known.get(tier.name)
@@ -301,6 +308,13 @@ class TierManager:
         """Wake the promotion threads (a new step may be pending)."""
         with self._cv:
             self._cv.notify_all()
+
+    def _pending_known(self, k: int) -> list[int]:
+        """:meth:`pending` from what is known of the tiers, asking neither (a status report never waits on a
+        frozen tier); ``[]`` until both were listed once."""
+        if self.known_steps(self.tiers[k]) is None or self.known_steps(self.tiers[k - 1]) is None:
+            return []
+        return self.pending(k)
 
     # --- promotion ---------------------------------------------------------------
     def pending(self, k: int) -> list[int]:
@@ -454,7 +468,7 @@ class TierManager:
                     "name": t.name,
                     "url": t.url,
                     "steps": known,
-                    "pending": self.pending(k) if k else [],
+                    "pending": self._pending_known(k) if k else [],
                     "in_flight": act.in_flight,
                     "bytes_written": st.bytes_written,
                     "writes": st.writes,

@@ -27,6 +27,8 @@ import builtins
 import posixpath
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 from urllib.parse import SplitResult, urlsplit
 
@@ -164,6 +166,10 @@ class HdfsObjectStore(ObjectStore):
       means every replica acknowledged the data).
     * ``visible_wait_s`` (10): how long a read waits for a just-closed file's last block to become
       visible to readers (see ``_open_visible``; only matters with num-committed-allowed > 0).
+    * ``timeout_s`` (60): the longest one call (each retry attempt) may take, plus ``write_chunk``-sized
+      slices at 4 MiB/s for writes; a NameNode that accepts connections but never answers (frozen, or an
+      address that drops packets) gives a :class:`BackendUnavailableError` after that, never a hang. The
+      client has no deadline of its own: the call runs on a worker thread, which is left behind if it hangs.
     * ``config``: extra hdfs-native / Hadoop client settings, merged over the fail-fast defaults.
     * ``client`` ("hdfs-native"): ``"pyarrow"`` opens pyarrow's ``HadoopFileSystem`` (libhdfs + JVM) instead,
       with that client's options (:class:`~asymstore.backends.s3.PyArrowHdfsObjectStore`).
@@ -194,12 +200,18 @@ class HdfsObjectStore(ObjectStore):
         replication: int | None = None,
         hsync: bool = False,
         visible_wait_s: float = 10.0,
+        timeout_s: float = 60.0,
         config: dict[str, str] | None = None,
     ) -> None:
         super().__init__(url)
         parts = check_url(url, config or {})
         if retries < 0 or backoff_s < 0 or max_backoff_s < 0 or write_chunk <= 0:
             raise ConfigError("retries, backoff_s, max_backoff_s must be >= 0 and write_chunk > 0")
+        if not timeout_s > 0:
+            raise ConfigError(f"HDFS option timeout_s must be > 0 seconds, got {timeout_s!r}")
+        self.timeout_s = float(timeout_s)
+        #: calls run here, each awaited at most its deadline (hdfs-native has no RPC timeout of its own)
+        self._calls = ThreadPoolExecutor(max_workers=8, thread_name_prefix="asymstore-hdfs")
         try:
             import hdfs_native
         except ImportError as e:  # pragma: no cover - depends on the environment
@@ -244,8 +256,22 @@ class HdfsObjectStore(ObjectStore):
             return path[len(self.root) + 1 :]
         return path.lstrip("/")
 
-    def _call(self, what: str, fn: Callable[[], T]) -> T:
-        """Run ``fn`` with bounded retry of transient errors; map "NameNode gone" to BackendUnavailableError."""
+    def _deadline(self, what: str, fn: Callable[[], T], timeout_s: float) -> T:
+        """``fn()`` on a worker thread, awaited at most ``timeout_s``."""
+        fut = self._calls.submit(fn)
+        try:
+            return fut.result(timeout=timeout_s)
+        except FutureTimeout:
+            raise BackendUnavailableError(
+                f"HDFS at {self.url} did not answer within {timeout_s:.0f} s ({what}): the NameNode at "
+                f"{self.namenode} is frozen, overloaded or unreachable (packets dropped). The timeout is the "
+                "backend option timeout_s."
+            ) from None
+
+    def _call(self, what: str, fn: Callable[[], T], *, nbytes: int = 0) -> T:
+        """Run ``fn`` with bounded retry of transient errors, each attempt within the call deadline
+        (``timeout_s``, longer for ``nbytes`` to write); map "NameNode gone" to BackendUnavailableError."""
+        limit = self.timeout_s + nbytes / (4 << 20)
 
         def give_up(e: BaseException, attempts: int, elapsed: float) -> BaseException:
             if _is_unreachable(e):
@@ -260,7 +286,13 @@ class HdfsObjectStore(ObjectStore):
             )
 
         backoff = Backoff(initial_s=self.backoff_s, max_s=self.max_backoff_s, factor=2.0, floor_s=0.05)
-        return retry(fn, retries=self.retries, transient=_is_transient, backoff=backoff, give_up=give_up)
+        return retry(
+            lambda: self._deadline(what, fn, limit),
+            retries=self.retries,
+            transient=_is_transient,
+            backoff=backoff,
+            give_up=give_up,
+        )
 
     def _write_options(self) -> Any:
         return self._hdfs_native.WriteOptions(
@@ -301,7 +333,7 @@ class HdfsObjectStore(ObjectStore):
         """Write ``key`` as one HDFS file (durable once closed: every replica acknowledged it)."""
         path = self._path(key)
         bufs = as_buffers(data)
-        self._call(f"put {key!r}", lambda: self._write_file(path, bufs))
+        self._call(f"put {key!r}", lambda: self._write_file(path, bufs), nbytes=sum(len(b) for b in bufs))
 
     def put_atomic(self, key: str, data: Buffer | Sequence[Buffer]) -> None:
         """Write a hidden temporary file next to ``key`` and rename it over ``key`` (atomic at the NameNode)."""
@@ -636,3 +668,4 @@ class HdfsObjectStore(ObjectStore):
         """Drop the client (hdfs-native closes its connections when it is collected)."""
         # hdfs-native has no explicit close; dropping the client closes its connections.
         self._client = None
+        self._calls.shutdown(wait=False)  # a call stuck on a frozen NameNode is not waited for

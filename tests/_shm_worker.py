@@ -174,12 +174,16 @@ def check(kind: str, kill_step: int, ckdir: str, shm: str, log_path: str, ref: l
             problems.append(f"restored {s} but step {max(sealed)} was committed in shared memory")
         if started and s > started[-1]:
             problems.append(f"restored {s}, never started")
-        if kind in ("sealed", "persist") and s != kill_step:
+        if kind == "sealed" and s != kill_step:  # killed right after step k was committed in shared memory
             problems.append(f"expected step {kill_step}")
+        if kind == "persist" and s < kill_step:  # killed while step k was persisted (a later one may be sealed)
+            problems.append(f"expected step {kill_step} or later")
         if kind == "copy" and s >= kill_step:
             problems.append("a torn slot was used")
         if not bitequal(got, ref[s]):
             problems.append("restored state differs from the uninterrupted run")
+        if s in st.adopted and rep.tier != "host":
+            problems.append(f"step {s} was in shared memory but came from {rep.tier}")
         if rep.tier == "host" and "left by pid" not in rep.detail:
             problems.append(f"detail {rep.detail!r}")
         st.wait()  # adopted snapshots not yet on the tier are persisted now

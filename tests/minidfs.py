@@ -220,6 +220,18 @@ class MiniDFS:
         """Restart the NameNode on the same port; returns when it is out of safe mode."""
         self._command("start-namenode")
 
+    def freeze(self) -> None:
+        """Freeze the whole cluster (SIGSTOP of its JVM): connections stay open and nothing answers, as with a
+        NameNode stuck in a long GC pause or a network that drops packets."""
+        if self._proc is None:
+            raise MiniDFSError("MiniDFSCluster is not running")
+        os.kill(self._proc.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """Undo :meth:`freeze`."""
+        if self._proc is not None:
+            os.kill(self._proc.pid, signal.SIGCONT)
+
     def stop(self) -> None:
         """Stop the cluster and wait for the JVM to exit (killing its process group if it lingers)."""
         proc = self._proc
