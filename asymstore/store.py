@@ -954,12 +954,12 @@ class Store:
                 )
             self.manager.close()
         self._asking.shutdown(wait=False)  # a listing stuck on a frozen tier is not waited for
-        for t in self.tiers:
-            t.close()
         if self.replicas is not None:
             self.replicas.drain(self.config.close_timeout_s)
             self.replicas.close(remove=not self.config.keep_shm)
-        self._close_region()
+        self._close_region()  # asks the first tier what is durable: before the tiers are released
+        for t in self.tiers:
+            t.close()
         self._raise_background()
 
     def _close_region(self) -> None:
