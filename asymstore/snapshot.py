@@ -146,3 +146,26 @@ def copy_range(
             break
         i += 1
     return i
+
+
+#: transparent huge pages: a large new host buffer is mapped in 2 MiB pages (512x fewer page faults when it is
+#: first written) where the kernel allows it (``/sys/kernel/mm/transparent_hugepage/enabled``: always/madvise)
+HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+
+
+def new_host_buffer(nbytes: int) -> torch.Tensor:
+    """A new uint8 host buffer of ``nbytes`` for a restore: 2 MiB-aligned and advised to use huge pages when it
+    is large (the kernel fills it with far fewer faults), a plain ``torch.empty`` otherwise or where the
+    advice is not available."""
+    if nbytes < 8 * HUGE_PAGE:
+        return torch.empty(max(nbytes, 1), dtype=torch.uint8)
+    raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
+    skip = -raw.data_ptr() % HUGE_PAGE
+    buf = raw[skip : skip + nbytes]
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(buf.data_ptr()), ctypes.c_size_t(nbytes - nbytes % HUGE_PAGE), _MADV_HUGEPAGE)
+    except (OSError, AttributeError):
+        pass
+    return buf

@@ -47,7 +47,7 @@ from .manifest import Manifest
 from .reader import VerifyReport
 from .replica import Rendezvous, ReplicaService, default_rendezvous
 from .shm import ShmError, ShmRegion, ShmRegionBusyError, default_job, region_bytes
-from .snapshot import copy_all, dest_view
+from .snapshot import copy_all, dest_view, new_host_buffer
 from .state import FlatState, flatten, unflatten
 from .threads import PriorityBooster
 from .tiermanager import TierManager
@@ -744,7 +744,7 @@ class Store:
             view = slot.buffer[: max(slot.layout.total_bytes, 1)]
             try:
                 if copy:
-                    buf = torch.empty_like(view)
+                    buf = new_host_buffer(view.numel())
                     if not self.host.verify(slot, into=buf):  # an adopted slot: checked while copied
                         buf.copy_(view)
                     self.host.unlease(slot)
@@ -1048,7 +1048,7 @@ def _stream_buffer(nbytes: int, step: int) -> torch.Tensor:
     except (OSError, ValueError, IndexError):
         pass
     try:
-        return torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        return new_host_buffer(nbytes)
     except (RuntimeError, MemoryError) as e:
         raise HostMemoryError(f"{advice} ({e})") from e
 
