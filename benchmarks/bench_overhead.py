@@ -634,9 +634,23 @@ def summarize(run: Run) -> list[dict[str, Any]]:
                 "iters": len(run.raw_iters[n]),
                 "min_ms": min(run.per_iter[n]) * 1e3,
                 "max_ms": max(run.per_iter[n]) * 1e3,
+                **_durability(run.variants[n]),
             }
         )
     return rows
+
+
+def _durability(v: Variant) -> dict[str, int]:
+    """For an asymstore variant: checkpoints taken, how many became durable, how many were late."""
+    if not isinstance(v, AsymstoreVariant):
+        return {}
+    taken = [s for s in v.ck.history if not s.skipped]
+    return {
+        "checkpoints": len(taken),
+        "durable": sum(s.durable for s in taken),
+        "skipped": len(v.ck.history) - len(taken),
+        "late": v.store.late,
+    }
 
 
 def _persist_part(ck: AsymCheckpointer, attr: str) -> float:
