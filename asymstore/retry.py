@@ -9,7 +9,7 @@ is decided in one place.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -92,3 +92,29 @@ def poll(ready: Callable[[], T | None], *, timeout_s: float, backoff: Backoff | 
         if left <= 0:
             return None
         time.sleep(min(delays.next(), left))
+
+
+# --- what storage clients' errors mean ------------------------------------------------------------------------
+_NOT_TRANSIENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def is_transient_error(exc: BaseException, markers: Sequence[str], *, kinds: tuple[type, ...] = (OSError,)) -> bool:
+    """Whether a storage client's error is worth retrying: connection and timeout errors always; a missing or
+    existing path, a permission or a directory never; any other error of ``kinds`` when its message names one
+    of ``markers`` (lower case)."""
+    if isinstance(exc, _NOT_TRANSIENT):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if not isinstance(exc, kinds):
+        return False
+    msg = str(exc).lower()
+    return any(m in msg for m in markers)
+
+
+def is_unreachable_error(exc: BaseException, markers: Sequence[str]) -> bool:
+    """Whether a storage client's error says the service is not there at all (refused, unresolvable, ...)."""
+    if isinstance(exc, ConnectionRefusedError):
+        return True
+    msg = str(exc).lower()
+    return any(m in msg for m in markers)

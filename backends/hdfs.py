@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 from urllib.parse import SplitResult, urlsplit
 
 from asymstore.errors import BackendUnavailableError, ConfigError
-from asymstore.retry import Backoff, poll, retry
+from asymstore.retry import Backoff, is_transient_error, is_unreachable_error, poll, retry
 
 from .base import Buffer, ByteRange, Capabilities, ObjectStore, as_buffers, check_key, check_prefix, dir_prefix
 
@@ -94,14 +94,7 @@ _UNREACHABLE_MARKERS = (
 
 def _is_transient(exc: BaseException) -> bool:
     """Whether an hdfs-native error is worth retrying (network, NameNode restarting, pipeline rebuilt)."""
-    if isinstance(exc, (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)):
-        return False
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    if not isinstance(exc, (OSError, RuntimeError)):
-        return False
-    msg = str(exc).lower()
-    return any(m in msg for m in _TRANSIENT_MARKERS)
+    return is_transient_error(exc, _TRANSIENT_MARKERS, kinds=(OSError, RuntimeError))
 
 
 def _names_no_file(exc: BaseException) -> bool:
@@ -112,10 +105,7 @@ def _names_no_file(exc: BaseException) -> bool:
 
 def _is_unreachable(exc: BaseException) -> bool:
     """Whether an error means the NameNode is not there at all (rather than a transient failure)."""
-    if isinstance(exc, ConnectionRefusedError):
-        return True
-    msg = str(exc).lower()
-    return any(m in msg for m in _UNREACHABLE_MARKERS)
+    return is_unreachable_error(exc, _UNREACHABLE_MARKERS)
 
 
 def check_url(url: str, config: dict[str, str]) -> SplitResult:

@@ -60,7 +60,7 @@ from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlsplit
 
 from asymstore.errors import BackendUnavailableError, ConfigError
-from asymstore.retry import Backoff, retry
+from asymstore.retry import Backoff, is_transient_error, is_unreachable_error, retry
 
 from .base import Buffer, ByteRange, Capabilities, ObjectStore, as_buffers, check_key, check_prefix, dir_prefix
 
@@ -122,21 +122,11 @@ _UNREACHABLE_MARKERS = (
 
 def _is_transient(exc: BaseException) -> bool:
     """Whether an S3 error is worth retrying (network, throttling, a server error)."""
-    if isinstance(exc, (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)):
-        return False
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    if not isinstance(exc, OSError):
-        return False
-    msg = str(exc).lower()
-    return any(m in msg for m in _TRANSIENT_MARKERS)
+    return is_transient_error(exc, _TRANSIENT_MARKERS)
 
 
 def _is_unreachable(exc: BaseException) -> bool:
-    if isinstance(exc, ConnectionRefusedError):
-        return True
-    msg = str(exc).lower()
-    return any(m in msg for m in _UNREACHABLE_MARKERS)
+    return is_unreachable_error(exc, _UNREACHABLE_MARKERS)
 
 
 def _is_missing(exc: BaseException) -> bool:

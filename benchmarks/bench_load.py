@@ -1,11 +1,13 @@
-"""Checkpointing beside busy cores: the overhead benchmark (baseline, checkfreq, asym; default options, a
+"""Checkpointing beside busy cores: the overhead benchmark (baseline, checkfreq, asym, and asym with private host
+slots; default options, a
 checkpoint every iteration) with 0, 1 and 2 extra processes spinning on the CPU, as data-loader workers that
 decode or tokenize do on a training node.
 
 Per load level: iteration overhead against the baseline of the same level (paired medians over rounds), the
 median stall of the training thread (asym: the barrier; checkfreq: its blocking snapshot copy), and whether every
 checkpoint became durable (none skipped, none late). Goals: training never stops, every checkpoint durable,
-asym's stall <= checkfreq's and asym's overhead <= checkfreq's at every level.
+asym's stall <= checkfreq's and asym's overhead <= checkfreq's at every level; and asym with its host slots in
+shared memory (the default) within the noise of asym with private slots.
 
     python -m benchmarks.bench_load [--loads 0,1,2] [--rounds 3] [--out benchmarks/results/load.md]
 """
@@ -30,7 +32,7 @@ def run_level(n_busy: int, args: argparse.Namespace, out_dir: str) -> list[dict[
     try:
         cmd = [
             sys.executable, "-m", "benchmarks.bench_overhead",
-            "--variants", "baseline,checkfreq,asym",
+            "--variants", "baseline,checkfreq,asym,asym-private",
             "--rounds", str(args.rounds), "--block", str(args.block), "--warmup-rounds", "1",
             "--layers", str(args.layers), "--batch", str(args.batch),
             "--out", out_dir, "--tag", f"_load{n_busy}",
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, verdicts = [], []
     for n, by in results.items():
         a, c = by["asym"], by["checkfreq"]
-        for name in ("checkfreq", "asym"):
+        for name in ("checkfreq", "asym", "asym-private"):
             r = by[name]
             rows.append(
                 [
