@@ -823,7 +823,7 @@ class Store:
     def _describe(self, source: catalog.Source, meta: Manifest | Slot | CheckpointContent) -> str:
         """Where a restore's bytes came from, in words."""
         if source.name == catalog.PEER and self.replicas is not None:
-            holder = getattr(self, "_last_peer", None)
+            holder = self._last_peer
             node = self.replicas.peers[holder].node if holder is not None else "?"
             return f"peer host shared memory of rank {holder} on node {node}"
         if source.backend is not None:
