@@ -609,10 +609,7 @@ class Store:
 
     def steps(self) -> list[int]:
         """Steps complete on at least one tier, host memory included, oldest first (see :meth:`durable_steps`)."""
-        s = set(self.host.steps()) | set(self._peer_steps()[1])
-        for k, t in enumerate(self.tiers):
-            s.update(self._listing(t) if k == 0 else self._lower_listing(t))
-        return sorted(s)
+        return sorted(set(self.host.steps()) | set(self._peer_steps()[1]) | set(self.durable_steps()))
 
     def _lower_listing(self, tier: PersistentTier) -> list[int]:
         """A lower tier's committed steps, waiting at most ``tier_answer_s`` for it; then what the tier manager
