@@ -48,25 +48,43 @@ def predicted_time(nbytes: int, est: CodecEstimate, tier_bw: float) -> float:
     return nbytes / est.encode_bw + nbytes * est.ratio / tier_bw
 
 
+#: a delta at least this many times smaller than the best full chain is always written as a delta
+DELTA_GAIN = 10.0
+
+
 def choose_codec(
-    nbytes: int, estimates: Sequence[CodecEstimate], tier_bw: float, *, min_gain: float = 0.05
+    nbytes: int,
+    estimates: Sequence[CodecEstimate],
+    tier_bw: float,
+    *,
+    min_gain: float = 0.05,
+    delta_gain: float = DELTA_GAIN,
 ) -> CodecChoice:
     """Pick the fastest chain end to end; compress only if it beats raw by ``min_gain`` (fraction).
 
-    ``tier_bw`` may be ``inf`` (memory): then nothing is ever compressed.
+    Bytes count too, not only time: when a delta chain stores at least ``delta_gain`` times fewer bytes
+    than the chosen full chain (raw included), the fastest such delta is taken even if a full chain is
+    predicted faster (a busy CPU makes encoding look slow; writing a nearly unchanged step in full would
+    also end the delta cadence, see :func:`asymstore.retention.next_delta_state`). ``tier_bw`` may be
+    ``inf`` (memory): then nothing is ever compressed.
     """
     if not (tier_bw > 0) or math.isnan(tier_bw):
         raise ConfigError(f"tier bandwidth must be positive, got {tier_bw}")
+    if not delta_gain >= 1.0:
+        raise ConfigError(f"delta_gain must be >= 1, got {delta_gain}")
     raw_s = nbytes / tier_bw
     best = CodecChoice(RAW, raw_s, raw_s, 1.0)
-    for est in estimates:
-        if est.spec == RAW:
-            continue
-        if not (est.encode_bw > 0) or not (est.ratio >= 0):
-            continue
+    usable = [e for e in estimates if e.spec != RAW and e.encode_bw > 0 and e.ratio >= 0]
+    for est in usable:
         t = predicted_time(nbytes, est, tier_bw)
         if t < best.predicted_s and t < raw_s * (1.0 - min_gain):
             best = CodecChoice(est.spec, t, raw_s, est.ratio)
+    if best.spec.delta:
+        return best
+    small = [e for e in usable if e.spec.delta and e.ratio * delta_gain <= best.ratio]
+    if small:
+        est = min(small, key=lambda e: predicted_time(nbytes, e, tier_bw))
+        return CodecChoice(est.spec, predicted_time(nbytes, est, tier_bw), raw_s, est.ratio)
     return best
 
 

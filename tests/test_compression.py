@@ -154,3 +154,77 @@ def test_writer_measures_each_partition_once_per_reuse_window(monkeypatch, reuse
         else:
             # measured at checkpoints 1 and 5 (sooner only if the bandwidth estimate moved by > 25%)
             assert 4 <= len(calls) < 16 and tier.codec_decisions.hits == 16 - len(calls)
+
+
+# --- deltas that pay in bytes: never a full step where a delta is >= 10x smaller ------------------------
+XOR_ZSTD = blosc_shuffle(4).with_delta()
+
+
+def test_a_much_smaller_delta_wins_even_when_a_full_chain_looks_faster() -> None:
+    n = 16 << 20
+    # a busy CPU: encoding measured at 30 MB/s against a 2 GB/s tier; the nearly unchanged step XORs to 0.5%
+    ests = [CodecEstimate(ZSTD1, 0.9, 30 * MB), CodecEstimate(XOR_ZSTD, 0.005, 30 * MB)]
+    c = choose_codec(n, ests, 2000 * MB)
+    assert c.spec == XOR_ZSTD and c.ratio == 0.005
+    # a delta only 5x smaller than raw does not override the time model (raw is faster here)
+    assert choose_codec(n, [CodecEstimate(XOR_ZSTD, 0.2, 30 * MB)], 2000 * MB).spec == RAW
+    # it is weighed against the chosen full chain, not raw: zstd at 0.04 vs a delta at 0.01 (4x) stays zstd
+    slow = [CodecEstimate(ZSTD1, 0.04, 800 * MB), CodecEstimate(XOR_ZSTD, 0.01, 30 * MB)]
+    assert choose_codec(n, slow, 50 * MB).spec == ZSTD1
+    with pytest.raises(ConfigError):
+        choose_codec(n, ests, 2000 * MB, delta_gain=0.5)
+
+
+_SPECS = [ZSTD1, LZ4, blosc_shuffle(4), XOR_ZSTD, blosc_shuffle(4, "lz4", 5).with_delta()]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 1 << 30),
+    st.floats(1e6, 1e10),
+    st.lists(st.tuples(st.sampled_from(_SPECS), st.floats(0.0001, 1.5), st.floats(1e6, 1e10)), max_size=5),
+)
+def test_no_full_chain_where_a_delta_is_ten_times_smaller(n, bw, raw_ests) -> None:
+    ests = [CodecEstimate(s, r, e) for s, r, e in raw_ests]
+    c = choose_codec(n, ests, bw)
+    full = [e for e in ests if not e.spec.delta]
+    # the full chain the time model alone would take (raw unless one beats it by 5%)
+    best_full = choose_codec(n, full, bw)
+    smaller = [e for e in ests if e.spec.delta and e.ratio * 10 <= best_full.ratio]
+    if not c.spec.delta:
+        assert not smaller
+        assert c == best_full
+    else:
+        chosen = next(e for e in ests if e.spec == c.spec and e.ratio == c.ratio)
+        if smaller:  # the fastest of the much smaller deltas, unless a delta is also fastest overall
+            assert c.predicted_s <= min(predicted_time(n, e, bw) for e in smaller) * (1 + 1e-12)
+        assert chosen.ratio <= best_full.ratio or c.predicted_s < best_full.predicted_s
+
+
+def test_auto_writes_a_nearly_unchanged_step_as_a_delta_under_load(monkeypatch) -> None:
+    """The time model alone picks raw here (a loaded CPU, simulated by dividing the measured encode speed by
+    1000); the planner still writes each nearly unchanged step as a delta and keeps the cadence."""
+    import dataclasses
+
+    import asymstore.writer as writer_mod
+
+    real = writer_mod.measure_candidates
+
+    def loaded(*a, **k):  # type: ignore[no-untyped-def]
+        return [dataclasses.replace(e, encode_bw=e.encode_bw / 1000) for e in real(*a, **k)]
+
+    monkeypatch.setattr(writer_mod, "measure_candidates", loaded)
+    tier = SlowTier(f"memory://fast-{uuid.uuid4().hex}")
+    tier.bytes_per_s = 2e9
+    tier.capabilities = REMOTE
+    noise = torch.from_numpy(np.random.default_rng(2).standard_normal(1 << 20).astype(np.float32))
+    state = {"w": noise}
+    with Store([tier], chunk_bytes=1 << 16, partition_bytes=1 << 20, delta_every=4, codec_reuse=1) as s:
+        reps = []
+        for step in range(1, 6):
+            state["w"][step] += 1.0
+            reps.append(s.save(state, step).result().reports["memory"])
+            assert_bitequal(s.restore(step), state)
+    assert [r.delta_base for r in reps] == [None, 1, 1, 1, None]  # bases only where the cadence asks
+    for r in reps[1:4]:
+        assert r.stored_bytes * 10 <= r.raw_bytes, (r.stored_bytes, r.raw_bytes)
