@@ -29,6 +29,7 @@ from .errors import SnapshotSlotsBusyError
 from .layout import Layout
 from .shm import ShmRegion, SlotRecord, verify_into
 from .write_plan import CheckpointContent
+from .zarrfmt import StreamCrcs
 
 _PAGE = 4096
 
@@ -59,6 +60,12 @@ class Slot:
     verified: bool = False
     #: the slot's step reached the first persistent tier (so its host copy is never the only one it had)
     durable: bool = False
+
+    def stream_crcs(self) -> StreamCrcs | None:
+        """The chunk checksums of the slot's stream, when it is committed in shared memory (they were computed
+        from these bytes, which do not change while the slot holds the step)."""
+        rec = self.record
+        return StreamCrcs(rec.chunk_bytes, rec.crcs) if rec is not None and rec.step == self.step else None
 
     @property
     def layout(self) -> Layout | None:

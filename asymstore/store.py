@@ -342,7 +342,7 @@ class Store:
                 self.tiers[0].backend, rank=self.rank, world_size=self.world_size, after=step - 1, keep=others
             )
             assert slot.content is not None
-            self.manager.persist_primary(step, slot.memview(), slot.content)
+            self.manager.persist_primary(step, slot.memview(), slot.content, slot.stream_crcs())
             self.host.mark_durable(slot)
             log.info("persisted step %s from host shared memory (left by pid %s)", step, slot.origin_pid)
         except BaseException as e:
@@ -500,7 +500,9 @@ class Store:
             if self.manager is None:
                 return result
             assert snap.slot.content is not None
-            rep = self.manager.persist_primary(snap.step, snap.slot.memview(), snap.slot.content)
+            rep = self.manager.persist_primary(
+                snap.step, snap.slot.memview(), snap.slot.content, snap.slot.stream_crcs()
+            )
             self.host.mark_durable(snap.slot)
             result.reports[self.tiers[0].name] = rep
             result.persist_finished = time.perf_counter()

@@ -46,6 +46,7 @@ from .threads import PriorityBooster
 from .tiers import PersistentTier
 from .write_plan import CheckpointContent
 from .writer import ReaderSource, WriteReport
+from .zarrfmt import StreamCrcs
 
 log = logging.getLogger("asymstore.tiers")
 
@@ -127,9 +128,12 @@ class TierManager:
             th.start()
 
     # --- writing: one path for the first tier and for promotions ---------------------------------
-    def persist_primary(self, step: int, stream: memoryview, content: CheckpointContent) -> WriteReport:
-        """Write a snapshot from its host slot (``stream``) to the first persistent tier."""
-        return self._write(0, step, stream, content)
+    def persist_primary(
+        self, step: int, stream: memoryview, content: CheckpointContent, crcs: StreamCrcs | None = None
+    ) -> WriteReport:
+        """Write a snapshot from its host slot (``stream``; ``crcs``: its chunk checksums if sealed) to the first
+        persistent tier."""
+        return self._write(0, step, stream, content, crcs)
 
     def promote(self, k: int, step: int) -> WriteReport:
         """Copy ``step`` from the fastest place that has it (its host slot, else tier ``k-1``) into tier ``k``."""
@@ -147,7 +151,7 @@ class TierManager:
         slot = self.host.lease(step)
         try:
             if slot is not None and slot.content is not None:
-                return self._write(k, step, slot.memview(), slot.content)
+                return self._write(k, step, slot.memview(), slot.content, slot.stream_crcs())
             reader = self.tiers[k - 1].reader(step)
             content = CheckpointContent.of_manifest(reader.manifest)
             return self._write(k, step, lambda max_range: ReaderSource(reader, max_range), content)
@@ -155,23 +159,27 @@ class TierManager:
             if slot is not None:
                 self.host.unlease(slot)
 
-    def _write_once(self, tier: PersistentTier, step: int, source: Source, content: CheckpointContent) -> WriteReport:
+    def _write_once(
+        self, tier: PersistentTier, step: int, source: Source, content: CheckpointContent, crcs: StreamCrcs | None
+    ) -> WriteReport:
         act = self.activity[tier.name]
         with tier.lock:
             whole = isinstance(source, memoryview)
             plan = tier.plan(step, content.layout, whole_stream=whole)
             act.last_partition_bytes = plan.partition_bytes
             stream = source if isinstance(source, memoryview) else source(plan.partition_bytes)
-            rep = tier.writer().write(plan, stream, content, delta_base=tier.delta_base(plan))
+            rep = tier.writer().write(plan, stream, content, delta_base=tier.delta_base(plan), crcs=crcs)
             if isinstance(stream, memoryview):
                 tier.after_write(plan, stream, content.layout.signature, rep)
         return rep
 
-    def _write_with_room(self, k: int, step: int, source: Source, content: CheckpointContent) -> WriteReport:
+    def _write_with_room(
+        self, k: int, step: int, source: Source, content: CheckpointContent, crcs: StreamCrcs | None
+    ) -> WriteReport:
         """One write; when it runs out of space, let retention make room and retry it once."""
         tier = self.tiers[k]
         try:
-            return self._write_once(tier, step, source, content)
+            return self._write_once(tier, step, source, content, crcs)
         except Exception as e:
             if not no_space(e):
                 raise
@@ -190,7 +198,7 @@ class TierManager:
             freed,
         )
         try:
-            return self._write_once(tier, step, source, content)
+            return self._write_once(tier, step, source, content, crcs)
         except Exception as e:
             if no_space(e):
                 raise self._full_error(tier, step, content, e, freed) from e
@@ -251,14 +259,16 @@ class TierManager:
             out.append(s)
         return out
 
-    def _write(self, k: int, step: int, source: Source, content: CheckpointContent) -> WriteReport:
+    def _write(
+        self, k: int, step: int, source: Source, content: CheckpointContent, crcs: StreamCrcs | None = None
+    ) -> WriteReport:
         """Plan, write (making room once if the tier is full), finalize (multi-rank), mark, record history,
         apply retention."""
         tier = self.tiers[k]
         act = self.activity[tier.name]
         act.in_flight = step
         try:
-            rep = self._write_with_room(k, step, source, content)
+            rep = self._write_with_room(k, step, source, content, crcs)
             if tier.multi_rank and tier.config.rank == 0:
                 tier.finalize(step)
             self._mark(tier, step, True)

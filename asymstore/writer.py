@@ -178,10 +178,12 @@ class CheckpointWriter:
         *,
         delta_base: DeltaBase | None = None,
         progress: Progress | None = None,
+        crcs: StreamCrcs | None = None,
     ) -> WriteReport:
         """Write ``plan``'s step from ``stream`` (one buffer, or a source read range by range).
 
-        ``delta_base`` is the stream of the plan's delta base (needed when the plan offers one).
+        ``delta_base`` is the stream of the plan's delta base (needed when the plan offers one). ``crcs``: the
+        stream's chunk checksums when already known (a sealed host slot): raw partitions reuse them.
         """
         t_start = time.perf_counter()
         src, base = self._sources(plan, stream, content, delta_base)
@@ -190,7 +192,7 @@ class CheckpointWriter:
             if self.decisions is not None:
                 self.decisions.next_checkpoint()
             report = WriteReport(plan.step, plan.total_bytes, 0, 0)
-            records, used = self._write_partitions(plan, content.layout, src, base, report, progress)
+            records, used = self._write_partitions(plan, content.layout, src, base, report, progress, crcs)
             self._commit(plan, content, records, used, report)
         except BaseException:
             self._discard_attempt(plan)
@@ -298,6 +300,7 @@ class CheckpointWriter:
         base: memoryview | None,
         report: WriteReport,
         progress: Progress | None,
+        crcs: StreamCrcs | None = None,
     ) -> tuple[list[PartitionRecord], dict[str, CodecSpec]]:
         spans = plan.spans
         records: list[PartitionRecord] = []
@@ -318,7 +321,8 @@ class CheckpointWriter:
                     buf = scratch[k % 2] = np.empty(plan.partition_bytes, np.uint8)
                 xor_into(buf, data, base_part)
                 data = buf[: span.nbytes].data
-            shard = encode_shard(spec, data, plan.chunk_bytes, plan.chunks_per_shard)
+            known = crcs.span(span.start, span.end, plan.chunk_bytes) if crcs is not None and not spec.delta else None
+            shard = encode_shard(spec, data, plan.chunk_bytes, plan.chunks_per_shard, known)
             return _Encoded(span, spec, shard, time.perf_counter() - t0)
 
         # encode i+1 (helper thread) while i is written; the helper inherits this thread's priority

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,20 +53,44 @@ class EncodedShard:
     chunk_crcs: list[int]
 
 
-def encode_shard(spec: CodecSpec, data: memoryview, chunk_bytes: int, chunks_per_shard: int) -> EncodedShard:
-    """Encode one partition's bytes (delta already applied) into a shard object."""
+@dataclass(frozen=True)
+class StreamCrcs:
+    """crc32c of every ``chunk_bytes`` piece of a stream, computed once (when a host slot is sealed) so a raw
+    write of the same bytes need not read them again to checksum them. The last piece may be short."""
+
+    chunk_bytes: int
+    crcs: tuple[int, ...]
+
+    def span(self, start: int, end: int, chunk_bytes: int) -> tuple[int, ...] | None:
+        """The crcs of the pieces of ``[start, end)``, or ``None`` when they are not this stream's pieces (another
+        chunk size, or a span that does not start on a piece or end on one or at the stream's end)."""
+        c = self.chunk_bytes
+        if chunk_bytes != c or start % c or (end % c and -(-end // c) != len(self.crcs)):
+            return None
+        return self.crcs[start // c : -(-end // c)]
+
+
+def encode_shard(
+    spec: CodecSpec, data: memoryview, chunk_bytes: int, chunks_per_shard: int, crcs: Sequence[int] | None = None
+) -> EncodedShard:
+    """Encode one partition's bytes (delta already applied) into a shard object. ``crcs``: the crc32c of each
+    ``chunk_bytes`` piece of ``data`` (the last one unpadded) when already known; used for a raw chain only."""
     n = len(data)
     nchunks = math.ceil(n / chunk_bytes)
     if nchunks > chunks_per_shard:
         raise ValueError(f"partition of {n} bytes does not fit {chunks_per_shard} chunks of {chunk_bytes}")
+    known = list(crcs) if crcs is not None and len(crcs) == nchunks else None
     index = np.full((chunks_per_shard, 2), MISSING, dtype="<u8")
-    crcs: list[int] = []
+    out: list[int] = []
     pad = nchunks * chunk_bytes - n  # the edge chunk is stored full size, zero-padded (zarr fill value)
     if not spec.compresses:
         # raw: the partition's bytes are the chunks, back to back: one run, written without a copy
         for k in range(nchunks):
-            piece = data[k * chunk_bytes : (k + 1) * chunk_bytes]
-            crcs.append(crc32c(zeros(pad), crc32c(piece)) if len(piece) < chunk_bytes else crc32c(piece))
+            if known is not None:
+                crc = known[k]
+            else:
+                crc = crc32c(data[k * chunk_bytes : (k + 1) * chunk_bytes])
+            out.append(crc32c(zeros(pad), crc) if pad and k == nchunks - 1 else crc)
             index[k] = (k * chunk_bytes, chunk_bytes)
         parts: list[Any] = [data] + ([zeros(pad)] if pad else [])
         off = nchunks * chunk_bytes
@@ -78,12 +103,12 @@ def encode_shard(spec: CodecSpec, data: memoryview, chunk_bytes: int, chunks_per
                 piece = memoryview(bytes(piece) + zeros(chunk_bytes - len(piece)))
             stored = encode_chunk(spec, piece)
             parts.append(stored)
-            crcs.append(crc32c(stored))
+            out.append(crc32c(stored))
             index[k] = (off, len(stored))
             off += len(stored)
     ib = index.tobytes()
     parts.append(ib + struct.pack("<I", crc32c(ib)))
-    return EncodedShard(parts, off + len(ib) + 4, crcs)
+    return EncodedShard(parts, off + len(ib) + 4, out)
 
 
 def decode_index(raw: bytes, chunks_per_shard: int, where: str) -> np.ndarray:

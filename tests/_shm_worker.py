@@ -127,10 +127,10 @@ def child(kind: str, kill_step: int, delay: float, ckdir: str, shm: str, log_pat
 
         persist = TierManager.persist_primary
 
-        def persisting(self: TierManager, step: int, stream: memoryview, content: Any) -> Any:
+        def persisting(self: TierManager, step: int, *args: Any) -> Any:
             if step == kill_step:
                 threading.Timer(delay * 0.01, die).start()  # somewhere inside the write
-            return persist(self, step, stream, content)
+            return persist(self, step, *args)
 
         TierManager.persist_primary = persisting  # type: ignore[method-assign]
     if kind == "random":

@@ -65,10 +65,10 @@ SAVE_THEN_DIE = """
         from asymstore.tiermanager import TierManager
         import threading
         real = TierManager.persist_primary
-        def slow(self, step, stream, content):
+        def slow(self, step, *args):
             if step == n:
                 threading.Event().wait()
-            return real(self, step, stream, content)
+            return real(self, step, *args)
         TierManager.persist_primary = slow
     for s in range(1, n + 1):
         h = st.save(_state(s), s, blocking=(mode != "no-persist" or s < n))
