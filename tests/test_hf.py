@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,7 +19,12 @@ pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate 
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 import asymstore  # noqa: E402
-from asymstore.trainer_hooks.hf import AsymstoreCallback  # noqa: E402
+from asymstore.trainer_hooks.hf import (  # noqa: E402
+    AsymstoreCallback,
+    AsymstoreResumeMixin,
+    AsymstoreTrainer,
+    exact_resume,
+)
 
 
 class Tokens(torch.utils.data.Dataset):
@@ -104,3 +116,174 @@ def test_trainer_checkpoint_resume_continue(tmp_path, strategy):
     assert_bitequal({k: after["model"][k] for k in final_model}, {k: v for k, v in trainer2.model.state_dict().items()})
     store.close()
     store2.close()
+
+
+# --- exact resume after SIGKILL (AsymstoreTrainer: HF's own resume path) --------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _worker(tmp_path: Path, name: str, ckdir: Path, max_steps: int, every: int, grad_acc: int, kill_at=None):
+    out = tmp_path / f"{name}.jsonl"
+    cmd = [sys.executable, "-m", "tests._hf_worker", str(ckdir), str(out), str(max_steps), str(every), str(grad_acc)]
+    if kill_at is not None:
+        cmd.append(str(kill_at))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+    return out, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _wait(p: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:
+    out, err = p.communicate(timeout=timeout)
+    return p.returncode, out, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "every, kill_at, grad_acc",
+    [
+        pytest.param(4, 10, 2, id="mid-epoch"),  # resume from 8: epoch 1, 2 of its 6 updates done (4 batches)
+        pytest.param(6, 8, 1, id="mid-epoch-no-accumulation"),  # 12 updates per epoch: from 6, 6 batches in
+    ],
+)
+def test_sigkill_then_exact_resume_gives_identical_losses(tmp_path, every, kill_at, grad_acc):
+    max_steps = 16
+    base_out, base = _worker(tmp_path, "uninterrupted", tmp_path / "ck-base", max_steps, every, grad_acc)
+    killed_out, killed = _worker(tmp_path, "killed", tmp_path / "ck", max_steps, every, grad_acc, kill_at)
+    rc, out, err = _wait(killed)
+    assert rc == -signal.SIGKILL, (rc, out, err[-3000:])
+    assert f"killing at step {kill_at}" in out
+    resume_from = (kill_at - 1) // every * every
+    assert f"durable {resume_from}" in out
+    resumed_out, resumed = _worker(tmp_path, "resumed", tmp_path / "ck", max_steps, every, grad_acc)
+    rc, out, err = _wait(resumed)
+    assert rc == 0, err[-3000:]
+    assert f"resumed from {resume_from}" in out, out
+    rc, out, err = _wait(base)
+    assert rc == 0 and "resumed from None" in out, err[-3000:]
+
+    want = _records(base_out)
+    assert len(want) == max_steps * grad_acc
+    got = _records(resumed_out)
+    assert [r["step"] for r in got] == [r["step"] for r in want if r["step"] > resume_from]
+    # the data order continues (a shuffling sampler: epoch 0 is not the dataset's order) ...
+    order = [i for r in want[: 48 // 4] for i in r["first_tokens"]]
+    assert sorted(order) == list(range(48)) and order != list(range(48))
+    assert [r["first_tokens"] for r in got] == [r["first_tokens"] for r in want if r["step"] > resume_from]
+    # ... and every loss after the resume equals the uninterrupted run's, exactly
+    assert [r["loss"] for r in got] == [r["loss"] for r in want if r["step"] > resume_from]
+    # the killed run had trained past the checkpoint it resumed from (its losses there agree too)
+    lost = [r for r in _records(killed_out) if r["step"] > resume_from]
+    assert lost and [r["loss"] for r in lost] == [r["loss"] for r in want[: len(_records(killed_out))][-len(lost) :]]
+
+
+class LossLog(TrainerCallback):
+    """Per optimizer step: the logged loss (the mean over the step's micro-batches)."""
+
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "loss" in logs:
+            self.losses[state.global_step] = logs["loss"]
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def _resume_args(tmp_path, max_steps: int, grad_acc: int) -> TrainingArguments:
+    a = _args(tmp_path, max_steps)
+    a.gradient_accumulation_steps = grad_acc
+    return a
+
+
+def _dropout_model(seed: int = 1) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.1)
+    return GPT2LMHeadModel(cfg)
+
+
+@pytest.fixture
+def one_thread():
+    """Deterministic CPU kernels, and no oversubscribed cores on a small machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["AsymstoreTrainer", "plain-Trainer"])
+def test_resume_continues_the_data_order(tmp_path, exact, one_thread):
+    """In one process: an uninterrupted run of 12 steps; a run stopped after step 8 (checkpoints 4 and 8), then
+    a fresh Trainer resuming from step 8. With AsymstoreTrainer the losses of steps 9-12 equal the uninterrupted
+    run's (the shuffled data order and the dropout RNG continue); a plain Trainer resumes in place, restarting
+    the data loader, so they differ."""
+    steps, grad_acc = 12, 2  # 64 samples, 4 per batch, 2 per update: 8 updates per epoch; 8 ends epoch 0
+    full = LossLog()
+    with asymstore.open_store(str(tmp_path / "full")) as store:
+        AsymstoreTrainer(
+            model=_dropout_model(),
+            args=_resume_args(tmp_path, steps, grad_acc),
+            train_dataset=Tokens(),
+            callbacks=[AsymstoreCallback(store, every=4), full],
+        ).train()
+    assert sorted(full.losses) == list(range(1, steps + 1))
+    with asymstore.open_store(str(tmp_path / "ck")) as store:
+        first = LossLog()
+        AsymstoreTrainer(
+            model=_dropout_model(),
+            args=_resume_args(tmp_path, steps, grad_acc),
+            train_dataset=Tokens(),
+            callbacks=[AsymstoreCallback(store, every=4), first, StopAt(6)],
+        ).train()
+        assert store.steps() == [4]
+        assert first.losses == {s: full.losses[s] for s in range(1, 7)}
+    with asymstore.open_store(str(tmp_path / "ck")) as store:
+        cb = AsymstoreCallback(store, every=4, resume=True)
+        log = LossLog()
+        cls = AsymstoreTrainer if exact else Trainer
+        trainer = cls(
+            model=_dropout_model(7),  # another initialisation: everything comes from the checkpoint
+            args=_resume_args(tmp_path, steps, grad_acc),
+            train_dataset=Tokens(),
+            callbacks=[cb, log],
+        )
+        trainer.train()
+        assert cb.restored_step == 4 and trainer.state.global_step == steps
+        assert sorted(log.losses) == list(range(5, steps + 1))
+        after = {s: full.losses[s] for s in range(5, steps + 1)}
+        if exact:
+            assert log.losses == after  # == on the floats
+            assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 2, 3, *range(5, steps + 1)]
+        else:
+            assert log.losses != after
+
+
+def test_exact_resume_of_a_trainer_subclass(tmp_path, one_thread):
+    class MyTrainer(Trainer):
+        pass
+
+    with asymstore.open_store(str(tmp_path / "ck")) as store:
+        AsymstoreTrainer(
+            model=_model(1),
+            args=_args(tmp_path, 2),
+            train_dataset=Tokens(),
+            callbacks=[AsymstoreCallback(store, every=2)],
+        ).train()
+    with asymstore.open_store(str(tmp_path / "ck")) as store:
+        cb = AsymstoreCallback(store, every=2, resume=2)
+        t = exact_resume(MyTrainer(model=_model(2), args=_args(tmp_path, 4), train_dataset=Tokens(), callbacks=[cb]))
+        assert isinstance(t, MyTrainer) and isinstance(t, AsymstoreResumeMixin)
+        assert exact_resume(t) is t and type(exact_resume(t)) is type(t)
+        t.train()
+        assert cb.restored_step == 2 and t.state.global_step == 4
+    with pytest.raises(TypeError):
+        exact_resume(object())
