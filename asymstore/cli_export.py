@@ -1,37 +1,26 @@
-"""``asymstore export``: write a step's tensors to a safetensors file."""
+"""``asymstore export``: a step's full tensors, under their real names, as a safetensors file or (``--hf``) a
+Hugging Face model folder. The library side is :mod:`asymstore.export`; docs/export.md explains what is
+consolidated and what is refused."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import struct
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
-from .files import atomic_file
-
-_ST_DTYPES = {
-    "float64": "F64",
-    "float32": "F32",
-    "float16": "F16",
-    "bfloat16": "BF16",
-    "int64": "I64",
-    "int32": "I32",
-    "int16": "I16",
-    "int8": "I8",
-    "uint8": "U8",
-    "bool": "BOOL",
-    "uint16": "U16",
-    "uint32": "U32",
-    "uint64": "U64",
-    "complex64": "C64",
-    "float8_e4m3fn": "F8_E4M3",
-    "float8_e5m2": "F8_E5M2",
-    "float8_e4m3fnuz": "F8_E4M3FNUZ",
-    "float8_e5m2fnuz": "F8_E5M2FNUZ",
-}
-_PIECE = 64 << 20
+from .export import (
+    DEFAULT_MAX_SHARD_SIZE,
+    ST_RESERVED,
+    ConsolidationError,
+    NoMatchError,
+    export_hf,
+    open_step,
+    select,
+    summary,
+    write_safetensors,
+)
 
 
 def safetensors_metadata(step: int, skeleton: Any, user: dict[str, Any]) -> dict[str, str]:
@@ -47,107 +36,79 @@ def safetensors_metadata(step: int, skeleton: Any, user: dict[str, Any]) -> dict
     return meta
 
 
-#: the header key safetensors keeps for its metadata: no tensor may be called so
-_ST_RESERVED = "__metadata__"
-#: the largest header safetensors reads (its MAX_HEADER_SIZE)
-_ST_MAX_HEADER = 100_000_000
+def _fail(args: argparse.Namespace, msg: str) -> int:
+    from . import cli
 
-
-def _export_names(names: Sequence[str], renames: Sequence[str]) -> dict[str, str]:
-    """Tensor name -> its key in the safetensors file, after ``--rename OLD=NEW`` options; ``UsageError`` for a
-    name safetensors cannot store (``__metadata__``) left as it is, or a rename that clashes."""
-    from . import cli  # not at import time: cli imports this module
-
-    out = {n: n for n in names}
-    for r in renames:
-        old, sep, new = r.partition("=")
-        if not sep or not old or not new:
-            raise cli.UsageError(f"--rename takes OLD=NEW, got {r!r}")
-        if old not in out:
-            raise cli.UsageError(f"--rename {r!r}: no tensor named {old!r} is exported")
-        out[old] = new
-    keys = list(out.values())
-    if _ST_RESERVED in keys:
-        raise cli.UsageError(
-            f"a tensor is called {_ST_RESERVED!r}, the key safetensors reserves for its metadata, so a safetensors "
-            f"file cannot hold it; export it under another name with --rename {_ST_RESERVED}=NEW_NAME, or leave it "
-            "out with --filter"
-        )
-    dup = sorted({k for k in keys if keys.count(k) > 1})
-    if dup:
-        raise cli.UsageError(f"--rename: two tensors would be exported as {dup[0]!r}")
-    return out
+    print(f"asymstore export: error: {msg}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"ok": False, "error": msg}))
+    return cli.EXIT_DAMAGED
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """``asymstore export``: write a step's tensors to a safetensors file (atomically)."""
+    """``asymstore export``: write a step's full tensors to a safetensors file or a Hugging Face folder."""
     from . import cli  # not at import time: cli imports this module
 
+    if not args.hf:
+        for opt in ("config", "generation_config", "max_shard_size"):
+            if getattr(args, opt) is not None:
+                raise cli.UsageError(f"--{opt.replace('_', '-')} needs --hf")
+        if args.force:
+            raise cli.UsageError("--force needs --hf (a safetensors file is always replaced atomically)")
     st = cli._open_store(args.url)
     step = cli._pick_step(st, args.url, args.step)
-    r = cli._reader(st, step)
-    m = r.manifest
-    tensors = [t for t in m.layout.tensors if cli._match(t.name, args.filter)]
-    if not tensors:
-        raise cli.UsageError(
-            f"no tensor of step {step} matches {args.filter!r}"
-            if args.filter
-            else f"step {step} has no tensors to export"
-        )
-    unsupported = [f"{t.name} ({t.dtype})" for t in tensors if t.dtype not in _ST_DTYPES]
-    if unsupported:
-        raise cli.UsageError(
-            "safetensors has no dtype for: " + ", ".join(unsupported[:10]) + "; leave them out with --filter"
-        )
     try:
-        names = _export_names([t.name for t in tensors], args.rename or [])
-    except cli.UsageError as e:
-        print(f"asymstore export: error: {e}", file=sys.stderr)
-        return cli.EXIT_DAMAGED
-    # safetensors' own order: larger element sizes first, then by name, so every tensor is aligned
-    from .dtypes import from_name, info
-
-    order = sorted(tensors, key=lambda t: (-info(from_name(t.dtype)).itemsize, names[t.name]))
-    header: dict[str, Any] = {}
-    off = 0
-    for t in order:
-        header[names[t.name]] = {
-            "dtype": _ST_DTYPES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [off, off + t.nbytes],
-        }
-        off += t.nbytes
-    header["__metadata__"] = safetensors_metadata(step, m.skeleton, m.user)
-    if any(names[n] != n for n in names):
-        header["__metadata__"]["asymstore.renamed"] = json.dumps({n: v for n, v in names.items() if v != n})
-    hb = json.dumps(header, separators=(",", ":")).encode()
-    hb += b" " * (-len(hb) % 8)
-    if len(hb) > _ST_MAX_HEADER:
-        print(
-            f"asymstore export: error: the safetensors header would be {len(hb)} bytes; safetensors reads at most "
-            f"{_ST_MAX_HEADER} (export fewer tensors with --filter)",
-            file=sys.stderr,
+        contents = open_step(st, step, ranks="all" if args.rank is None else args.rank, sep=args.sep)
+    except ConsolidationError as e:
+        return _fail(args, str(e))
+    filters = list(args.filter or [])
+    out = args.out
+    try:
+        with cli._progress(args, f"export step {step}", sum(t.nbytes for t in contents.tensors)) as bar:
+            if args.hf:
+                if args.sep != ".":
+                    raise cli.UsageError("--hf names tensors as state_dict() does: leave --sep out")
+                result = export_hf(
+                    st,
+                    out,
+                    step,
+                    ranks="all" if args.rank is None else args.rank,
+                    filters=filters or None,
+                    strip_prefix=args.strip_prefix,
+                    renames=args.rename or [],
+                    config=args.config,
+                    generation_config=args.generation_config,
+                    max_shard_size=args.max_shard_size or DEFAULT_MAX_SHARD_SIZE,
+                    force=args.force,
+                    progress=bar,
+                )
+            else:
+                items = select(
+                    contents.tensors, filters=filters, strip_prefix=args.strip_prefix, renames=args.rename or []
+                )
+                meta = (
+                    safetensors_metadata(step, contents.skeleton, contents.user)
+                    if contents.kind != "dcp"
+                    else {"asymstore.step": json.dumps(step)}
+                )
+                renamed = {t.name: n for n, t in items if n != t.name}
+                if renamed:
+                    meta["asymstore.renamed"] = json.dumps(renamed)
+                nbytes = write_safetensors(out, items, meta, progress=bar)
+                result = summary(contents, items, {out: [n for n, _ in items]}, nbytes)
+    except NoMatchError as e:
+        raise cli.UsageError(str(e)) from None
+    except ConsolidationError as e:
+        return _fail(args, str(e))
+    if args.json:
+        print(json.dumps({"ok": True, **result}, indent=2))
+    elif not args.quiet:
+        extra = f", {len(result['tied'])} tied" if result["tied"] else ""
+        skipped = f"; left out {len(result['skipped'])} non-tensor DCP items" if result["skipped"] else ""
+        cli._console(args).print(
+            f"wrote {len(result['tensors'])} tensors{extra} ({cli.human_bytes(result['bytes'])}) of step {step} "
+            f"({result['kind']}, {result['ranks']} rank{'s' if result['ranks'] != 1 else ''}) to {out}{skipped}"
         )
-        return cli.EXIT_DAMAGED
-    out_path = args.out
-    total = off
-    buf = bytearray(min(max((t.nbytes for t in order), default=0), _PIECE))
-    mv = memoryview(buf)
-    with atomic_file(out_path) as f, cli._progress(args, f"export step {step}", total) as bar:
-        f.write(struct.pack("<Q", len(hb)))
-        f.write(hb)
-        done = 0
-        for t in order:  # tensor by tensor, in pieces: memory stays at one piece
-            pos = t.offset
-            while pos < t.end:
-                n = min(_PIECE, t.end - pos)
-                r.read_range_into(pos, pos + n, mv[:n])
-                f.write(mv[:n])
-                pos += n
-                done += n
-                bar(done)
-    if not args.quiet:
-        cli._console(args).print(f"wrote {len(order)} tensors ({cli.human_bytes(total)}) of step {step} to {out_path}")
     return cli.EXIT_OK
 
 
@@ -156,15 +117,47 @@ def add_parser(
     common: Callable[[argparse.ArgumentParser], None],
 ) -> None:
     """Register ``export`` under the ``asymstore`` command."""
-    ex = sub.add_parser("export", help="write a step's tensors to a .safetensors file")
+    ex = sub.add_parser(
+        "export",
+        help="write a step's full tensors to a .safetensors file, or a Hugging Face model folder (--hf)",
+        description="Consolidate every rank's parts of a step into full tensors under their real key paths "
+        "(keys joined with '.', e.g. model.wte.weight) and write them to a safetensors file, or with --hf to a "
+        "folder from_pretrained loads. Exit 1 when the step cannot be consolidated (the message says why).",
+    )
     ex.add_argument("url", metavar="URL")
-    ex.add_argument("out", metavar="OUT.safetensors")
+    ex.add_argument("out", metavar="OUT", help="the .safetensors file to write (with --hf: the folder)")
     ex.add_argument("--step", type=int, help="step to export (default: newest committed)")
-    ex.add_argument("--filter", metavar="GLOB", help="only tensors whose name matches")
+    ex.add_argument(
+        "--rank", type=int, help="export only this rank's part of a multi-rank step, as it saved it (data parallel)"
+    )
+    ex.add_argument(
+        "--filter",
+        "--select",
+        action="append",
+        metavar="GLOB",
+        help="only tensors whose name matches (repeatable; e.g. 'model.*'); stored names ('model/*') match too",
+    )
+    ex.add_argument("--strip-prefix", metavar="PREFIX", help="remove PREFIX from the names starting with it")
     ex.add_argument(
         "--rename",
         action="append",
         metavar="OLD=NEW",
-        help="export tensor OLD as NEW (repeatable; e.g. for a tensor called __metadata__, which safetensors reserves)",
+        help=f"export tensor OLD as NEW (repeatable; e.g. for a tensor called {ST_RESERVED}, which safetensors reserves)",
     )
+    ex.add_argument("--sep", default=".", help="joins the keys of a tensor's path into its name (default: '.')")
+    ex.add_argument(
+        "--hf",
+        action="store_true",
+        help="write a Hugging Face folder: model.safetensors (or shards + index) with the model's state dict "
+        "(the tensors under a top-level 'model' key, without the prefix, unless --filter/--strip-prefix say otherwise)",
+    )
+    ex.add_argument("--config", metavar="config.json", help="with --hf: the model's config.json to copy")
+    ex.add_argument("--generation-config", metavar="FILE", help="with --hf: a generation_config.json to copy")
+    ex.add_argument(
+        "--max-shard-size",
+        metavar="SIZE",
+        help=f"with --hf: shard above this size (default {DEFAULT_MAX_SHARD_SIZE}; e.g. 500MB, 2GiB)",
+    )
+    ex.add_argument("--force", action="store_true", help="with --hf: replace weight files already in OUT")
+    ex.add_argument("--json", action="store_true", help="print a JSON summary of what was written")
     common(ex)
