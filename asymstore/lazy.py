@@ -194,10 +194,27 @@ class LazyCheckpoint(Mapping[str, LazyTensor]):
         return self._src.bytes_read
 
     def __getitem__(self, name: str) -> LazyTensor:
-        try:
-            return LazyTensor(self._entries[name], self._src)
-        except KeyError:
-            raise KeyError(f"no tensor {name!r} in step {self.step}") from None
+        """The tensor of stored name ``name`` (docs/format.md 8.1) or of a real key path: the state's own keys
+        joined with ``/`` (``ck["with/slash"]`` for ``{"with/slash": t}``) or ``.`` (``ck["model.lm_head.weight"]``,
+        the names ``asymstore export`` writes; a tied weight under each of its names)."""
+        entry = self._entries.get(name)
+        if entry is None:
+            entry = self._entries.get(self._real_names().get(name, ""))
+        if entry is None:
+            raise KeyError(f"no tensor {name!r} in step {self.step}")
+        return LazyTensor(entry, self._src)
+
+    def _real_names(self) -> dict[str, str]:
+        """Real key path (joined with ``/`` and with ``.``) -> stored name; paths two tensors share are left out."""
+        if getattr(self, "_real", None) is None:
+            from .export import tensor_paths
+
+            real: dict[str, str | None] = {}
+            for path, stored in tensor_paths(self.skeleton):
+                for key in {"/".join(path), ".".join(path)}:
+                    real[key] = stored if real.get(key, stored) == stored else None
+            self._real = {k: v for k, v in real.items() if v is not None}
+        return self._real
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
