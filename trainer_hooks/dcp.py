@@ -44,6 +44,12 @@ or keep non-tensor values out of DCP state dicts.
 
 Not supported: ``use_collectives=False`` (per-rank metadata), a coordinator other than
 rank 0 of the process group.
+
+DCP's own tools. ``dcp.load(state, checkpoint_id=ID)`` without a storage reader only tries DCP's built-in
+readers (the list is fixed in torch), so pass ``storage_reader=AsymStorageReader()`` (the id still names tier and
+step); ``format_utils.dcp_to_torch_save`` only opens DCP's file layout, so use
+:func:`asymstore.export.dcp_to_torch_save`. ``asymstore export`` (and :func:`asymstore.export.consolidate`)
+stitches the chunks of every rank into full tensors under their FQNs (docs/export.md).
 """
 
 from __future__ import annotations
