@@ -130,6 +130,8 @@ class Manifest:
     delta_base: int | None = None
     user: dict[str, Any] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
+    #: a lossy checkpoint's decoding (docs/format.md section 15); ``None``: the stream is the state's
+    lossy: dict[str, Any] | None = None
 
     @property
     def chunks_per_shard(self) -> int:
@@ -167,6 +169,7 @@ class Manifest:
             "partitions": [p.to_json() for p in self.partitions],
             "delta_base": self.delta_base,
             "user": self.user,
+            **({"lossy": self.lossy} if self.lossy is not None else {}),
         }
 
     @classmethod
@@ -194,6 +197,7 @@ class Manifest:
             delta_base=d.get("delta_base"),
             user=dict(d.get("user", {})),
             created=float(d.get("created", 0.0)),
+            lossy=d.get("lossy"),
         )
 
 

@@ -26,7 +26,7 @@ import torch
 
 from asymstore.backends.base import ObjectStore
 
-from . import catalog, dtypes, validate
+from . import catalog, dtypes, excp, validate
 from .config import Config
 from .errors import (
     AsymstoreError,
@@ -74,6 +74,9 @@ class TierSpec:
     keep: int | RetentionPolicy | list[RetentionPolicy] | None = None
     name: str | None = None
     partition_bytes: int | None = None
+    #: an opt-in lossy codec for an archive tier: ``"excp"`` or :class:`~asymstore.excp.ExcpOptions` (never on
+    #: the first tier, nor on a tier in this process's memory; a lossy tier is the last of the chain)
+    lossy: Any = None
 
 
 @dataclass
@@ -140,6 +143,8 @@ class RestoreReport:
     events: list[str] = field(default_factory=list)  # fallbacks taken, in order
     #: where exactly the bytes came from, e.g. "host shared memory, left by pid 4242" or a tier's URL
     detail: str = ""
+    #: the step was rebuilt from a lossy (ExCP) copy: not bit-exact; its recorded errors are in ``detail``
+    lossy: bool = False
 
 
 @dataclass
@@ -190,11 +195,14 @@ class Store:
         """``replica_rendezvous``: where the ranks find each other's replica services with ``peer_replicas=1``
         (default: the ``torch.distributed`` default store)."""
         self.config = Config.from_env(config, **overrides)
+        lossy = excp.check_lossy_chain(tiers)  # refused on the first tier, before any tier is opened
         self.tiers = [
-            PersistentTier(t.url, self.config, name=t.name, keep=t.keep, partition_bytes=t.partition_bytes)
+            PersistentTier(
+                t.url, self.config, name=t.name, keep=t.keep, partition_bytes=t.partition_bytes, lossy=lossy[i]
+            )
             if isinstance(t, TierSpec)
             else PersistentTier(t, self.config)
-            for t in tiers
+            for i, t in enumerate(tiers)
         ]
         if self.tiers:
             self.tiers[0].writes_from_slots_only = True  # the persistence thread writes it from the slots
@@ -762,6 +770,12 @@ class Store:
                 raise
             return view, slot, lambda: self.host.unlease(slot), filled
         reader = catalog.open_reader(source.backend, step, rank=r)
+        if excp.is_lossy(reader.manifest):  # an ExCP copy: rebuilt from its chain of residuals
+            rebuilt, content = excp.rebuild(reader)
+            buf = _stream_buffer(content.layout.total_bytes, step)
+            if rebuilt:
+                buf[: len(rebuilt)].copy_(torch.frombuffer(rebuilt, dtype=torch.uint8))
+            return buf, content, lambda: None, frozenset()
         buf = _stream_buffer(reader.manifest.layout.total_bytes, step)
         reader.read_all_into(buf.numpy().data)
         return buf, reader.manifest, lambda: None, frozenset()
@@ -809,7 +823,12 @@ class Store:
             assert layout is not None
             events = [f"step {fs} on {f}" for fs, f in failures]
             detail = self._describe(outcome.source, meta)
-            self.last_restore = RestoreReport(s, outcome.source.name, time.perf_counter() - t0, events, detail)
+            lossy = isinstance(meta, CheckpointContent) and meta.lossy is not None
+            self.last_restore = RestoreReport(
+                s, outcome.source.name, time.perf_counter() - t0, events, detail, lossy=lossy
+            )
+            if lossy:
+                log.warning("restored step %s from a LOSSY copy, not bit-exact: %s", s, detail)
             if events:
                 log.warning("restored step %s from %s after fallbacks: %s", s, outcome.source.name, "; ".join(events))
             try:
@@ -826,6 +845,8 @@ class Store:
             node = self.replicas.peers[holder].node if holder is not None else "?"
             return f"peer host shared memory of rank {holder} on node {node}"
         if source.backend is not None:
+            if isinstance(meta, CheckpointContent) and meta.lossy is not None:
+                return f"tier {source.name} ({source.backend.url}), lossy ExCP copy: {excp.summary(meta.lossy)}"
             return f"tier {source.name} ({source.backend.url})"
         if isinstance(meta, Slot) and meta.origin_pid is not None and meta.origin_pid != os.getpid():
             return f"host shared memory, left by pid {meta.origin_pid}"
@@ -857,7 +878,7 @@ class Store:
         if source.backend is None:
             return lambda: self._open_lazy(step, source, rank).source
         backend, r = source.backend, self._read_rank(step, source, rank)
-        return lambda: catalog.open_reader(backend, step, rank=r)
+        return lambda: excp.range_source(catalog.open_reader(backend, step, rank=r))
 
     def _open_lazy(self, step: int, source: catalog.Source, rank: int | None) -> LazyCheckpoint:
         if source.backend is None:
@@ -866,7 +887,10 @@ class Store:
                 raise StepNotFoundError(f"step {step} left host memory")
             self.host.verify(slot)
             return LazyCheckpoint.from_host(slot, pool=self.host)
-        return LazyCheckpoint(catalog.open_reader(source.backend, step, rank=self._read_rank(step, source, rank)))
+        reader = catalog.open_reader(source.backend, step, rank=self._read_rank(step, source, rank))
+        if excp.is_lossy(reader.manifest):
+            return excp.lazy_checkpoint(reader)
+        return LazyCheckpoint(reader)
 
     def open_checkpoint(self, step: int | None = None, *, rank: int | None = None) -> LazyCheckpoint:
         """A lazy mapping name -> :class:`~asymstore.lazy.LazyTensor` of ``step`` (default: the newest).

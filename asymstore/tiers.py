@@ -22,6 +22,7 @@ from .batch_plan import LatencyBandwidthModel
 from .compression import CodecDecisions
 from .config import Config, MiB
 from .errors import CheckpointFailedError, StepExistsError
+from .excp import ExcpOptions, LossyState, LossyWriter
 from .interfaces import RetentionPolicy
 from .layout import Layout
 from .manifest import COMMIT_KEY, GROUP_KEY, global_commit_record, parse_commit, rank_dir, step_dir
@@ -86,6 +87,7 @@ class PersistentTier:
         name: str | None = None,
         keep: int | RetentionPolicy | list[RetentionPolicy] | None = None,
         partition_bytes: int | None = None,
+        lossy: ExcpOptions | None = None,
     ) -> None:
         if isinstance(url_or_store, ObjectStore):
             self.backend = url_or_store
@@ -109,6 +111,9 @@ class PersistentTier:
         self.delta_state = DeltaState()
         self.delta: DeltaBase | None = None
         self._delta_buf: bytearray | None = None
+        #: the lossy codec of an archive tier (never the first tier: :class:`~asymstore.store.Store` refuses it)
+        self.lossy = lossy
+        self.lossy_state = LossyState()
         ensure_root_group(self.backend, create=getattr(config, "create", True))
 
     @property
@@ -194,7 +199,13 @@ class PersistentTier:
             prefix=self.rank_prefix(step),
         )
 
-    def writer(self) -> CheckpointWriter:
+    def writer(self) -> CheckpointWriter | LossyWriter:
+        """A writer executing plans on this tier's backend (through ExCP on a lossy tier)."""
+        if self.lossy is not None:
+            return LossyWriter(self, self.lossy, self.lossy_state)
+        return self.plain_writer()
+
+    def plain_writer(self) -> CheckpointWriter:
         """A writer executing plans on this tier's backend, feeding its measurements and codec memory."""
         return CheckpointWriter(
             self.backend,
@@ -215,6 +226,8 @@ class PersistentTier:
         """Update the delta state after ``plan`` was written from the whole ``stream``; keep a new base."""
         used = report.delta_base is not None
         c = self.config
+        if self.lossy is not None:  # ExCP keeps its own base (excp.LossyState), never an XOR one
+            return
         self.delta_state, new_base = next_delta_state(
             self.delta_state, plan.step, signature, delta_every=c.delta_every, used_delta=used
         )

@@ -235,6 +235,8 @@ def manifest(d: Any, where: str, *, step: int | None = None) -> None:
     skeleton(d.get("skeleton"), names, where)
     if "user" in d and json_depth(c.obj(d["user"], "user"), MAX_DEPTH + 1) > MAX_DEPTH + 1:
         c.fail("user", f"nested more than {MAX_DEPTH} levels deep")
+    if "lossy" in d:  # its content is checked when it is decoded (asymstore/excp.py)
+        c.obj(d["lossy"], "lossy")
     C = c.integer(d.get("chunk_bytes"), "chunk_bytes", MIN_CHUNK_BYTES, MAX_CHUNK_BYTES)
     if C & (C - 1):
         c.fail("chunk_bytes", f"{C} is not a power of two")

@@ -45,6 +45,11 @@ def parse_compression(value: str | CodecSpec) -> Compression:
         return "auto"
     if value == "none":
         return "none"
+    if value in ("excp", "lossy"):
+        raise ConfigError(
+            "compression is lossless only; the lossy ExCP codec is enabled per archive tier: "
+            "TierSpec(url, lossy='excp') on a tier below the first"
+        )
     if value not in _NAMED:
         raise ConfigError(f"unknown compression {value!r}; use 'auto', 'none' or one of {sorted(_NAMED)}")
     return _NAMED[value]
@@ -60,6 +65,8 @@ class CheckpointContent:
     skeleton: Any
     numpy_names: tuple[str, ...] = ()
     user: Mapping[str, Any] = field(default_factory=dict)
+    #: the manifest's ``lossy`` member of a lossy checkpoint (docs/format.md section 15)
+    lossy: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "numpy_names", tuple(sorted(self.numpy_names)))

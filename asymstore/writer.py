@@ -369,6 +369,8 @@ class CheckpointWriter:
         used: dict[str, CodecSpec],
         report: WriteReport,
     ) -> None:
+        if content.lossy is not None:  # a lossy checkpoint depends on its residual base (format.md section 15)
+            report.delta_base = content.lossy.get("base")
         manifest = Manifest(
             step=plan.step,
             layout=content.layout,
@@ -380,6 +382,7 @@ class CheckpointWriter:
             codecs=used,
             delta_base=report.delta_base,
             user=dict(content.user),
+            lossy=dict(content.lossy) if content.lossy is not None else None,
         )
         array_meta: dict[str, bytes] = {}
         for label, spec in used.items():
