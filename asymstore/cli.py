@@ -78,6 +78,64 @@ def _source_reader(source: Any, *, step: int) -> Any:
     return _reader(source.backend, step)
 
 
+def _rank_count(backend: Any, step: int) -> int:
+    """How many ranks wrote ``step``: the global marker's ``ranks``, 1 for a single-rank step."""
+    from .catalog import commit_info
+
+    ranks = commit_info(backend, step).get("ranks", 1)
+    return ranks if isinstance(ranks, int) and not isinstance(ranks, bool) and ranks >= 1 else 1
+
+
+def _rank_reader(backend: Any, step: int, rank: int, ranks: int) -> Any:
+    """The reader of one rank's part of ``step`` (the step itself when single-rank)."""
+    from .catalog import open_reader
+
+    return open_reader(backend, step, rank=rank if ranks > 1 else None)
+
+
+def _all_rank_readers(source: Any, *, step: int) -> list[Any]:
+    """Every rank's reader of ``step`` on ``source``; the first damaged rank raises."""
+    ranks = _rank_count(source.backend, step)
+    return [_rank_reader(source.backend, step, r, ranks) for r in range(ranks)]
+
+
+def _rank_of(reader: Any) -> int:
+    """The rank a reader reads: ``r<N>/`` at the end of its prefix, else 0 (a single-rank step)."""
+    from .manifest import parse_rank_dir
+
+    last = reader.prefix.rstrip("/").rsplit("/", 1)[-1]
+    r = parse_rank_dir(last)
+    return 0 if r is None else int(r)
+
+
+def _global_index(backend: Any, step: int, readers: Sequence[Any]) -> Any:
+    """The step's global tensor index: its ``INDEX`` object (multi-rank steps), else merged from the ranks'
+    manifests' ``global_parts`` (``readers``: every rank's); ``None`` when the step has no global metadata."""
+    from . import globalmeta, validate
+    from .manifest import step_dir
+
+    key = f"{step_dir(step)}/INDEX"
+    raw = backend.get(key)
+    if raw is not None:
+        return globalmeta.GlobalIndex.from_json(validate.load_json(raw, key), key, step=step)
+    described = {_rank_of(r): dict(getattr(r.manifest, "global_parts", None) or {}) for r in readers}
+    if not any(described.values()):
+        return None
+    return globalmeta.build_index(step, len(readers), described)
+
+
+def _region_json(region: Any) -> dict[str, Any]:
+    if hasattr(region, "offsets"):
+        return {"kind": "box", "offsets": list(region.offsets), "lengths": list(region.lengths)}
+    return {"kind": "flat", "start": int(region.start), "length": int(region.length)}
+
+
+def _region_str(region: Any) -> str:
+    if hasattr(region, "offsets"):
+        return "[" + ", ".join(f"{o}:{o + n}" for o, n in zip(region.offsets, region.lengths, strict=True)) + "]"
+    return f"flat [{region.start}:{region.start + region.length}]"
+
+
 def _pick_step(store: Any, url: str, step: int | None) -> int:
     steps = _committed(store)
     if not steps:
@@ -188,31 +246,44 @@ def cmd_ls(args: argparse.Namespace) -> int:
             "codecs": {},
             "time": None,
             "delta_base": None,
+            "delta_bases": [],
+            "ranks": None,
+            "tensors": None,
             "tiers": {u: status[u].get(step, "absent") for u, _ in stores},
         }
-        # details from the first tier (in the given order) where the step is complete and readable
+        # details from the first tier (in the given order) where every rank of the step is readable
         sources = [Source(url, st) for url, st in stores if status[url].get(step) == "complete"]
-        outcome, failures = try_in_order(sources, functools.partial(_source_reader, step=step))
+        outcome, failures = try_in_order(sources, functools.partial(_all_rank_readers, step=step))
         for f in failures:
             if isinstance(f.error, CorruptCheckpointError):
                 row["tiers"][f.source.name] = "damaged"
                 row.setdefault("problems", []).append(str(f))
         if outcome is not None:
-            r = outcome.value
-            m = r.manifest
-            raw, stored = m.layout.total_bytes, m.stored_bytes
+            readers = outcome.value
+            merged: dict[str, int] = {}
+            for r in readers:
+                for k, v in _codec_summary(r.manifest).items():
+                    merged[k] = merged.get(k, 0) + v
+            raw = sum(r.manifest.layout.total_bytes for r in readers)
+            stored = sum(r.manifest.stored_bytes for r in readers)
+            bases = sorted({r.manifest.delta_base for r in readers if r.manifest.delta_base is not None})
+            r0 = readers[0]
             row.update(
+                ranks=len(readers),
                 raw_bytes=raw,
                 stored_bytes=stored,
                 ratio=(stored / raw if raw else 1.0),
-                codecs=_codec_summary(m),
-                time=float(r.commit.get("time") or m.created),
-                delta_base=m.delta_base,
-                tensors=len(m.layout.tensors),
+                codecs=merged,
+                time=float(r0.commit.get("time") or r0.manifest.created),
+                delta_base=bases[0] if len(bases) == 1 else None,
+                delta_bases=bases,
+                tensors=sum(len(r.manifest.layout.tensors) for r in readers),
             )
         rows.append(row)
 
     if args.json:
+        for row in rows:
+            row.setdefault("problems", [])
         print(json.dumps({"tiers": list(args.urls), "steps": rows}, indent=2))
         return EXIT_OK
 
@@ -224,6 +295,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return EXIT_OK
     table = Table(title="checkpoints", title_justify="left")
     table.add_column("step", justify="right")
+    table.add_column("ranks", justify="right")
     table.add_column("tensors", justify="right")
     table.add_column("raw", justify="right")
     table.add_column("stored", justify="right")
@@ -245,7 +317,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
             codecs += f" [dim]delta of {r['delta_base']}[/]"
         table.add_row(
             str(r["step"]),
-            str(r.get("tensors", "-")),
+            str(r["ranks"] or "-"),
+            str(r["tensors"] if r["tensors"] is not None else "-"),
             human_bytes(r["raw_bytes"]) if r["raw_bytes"] is not None else "-",
             human_bytes(r["stored_bytes"]) if r["stored_bytes"] is not None else "-",
             f"{r['ratio']:.3f}" if r["ratio"] is not None else "-",
@@ -304,24 +377,19 @@ def _match(name: str, pattern: str | None) -> bool:
     return pattern is None or fnmatch.fnmatchcase(name, pattern)
 
 
-def cmd_show(args: argparse.Namespace) -> int:
-    """``asymstore show``: tensors, partitions with their codecs, and metadata of one step."""
-    from rich.table import Table
-
-    from .dtypes import from_name
-
-    st = _open_store(args.url)
-    step = _pick_step(st, args.url, args.step)
-    r = _reader(st, step)
+def _partition_rows(r: Any, rank: int, pattern: str | None) -> list[dict[str, Any]]:
     m = r.manifest
-    tensors = [t for t in m.layout.tensors if _match(t.name, args.filter)]
-    if args.filter and not tensors:
-        raise UsageError(f"no tensor of step {step} matches {args.filter!r}")
     parts = []
     for p in m.partitions:
         spec = m.codecs[p.label]
+        names = [
+            t.name
+            for t in m.layout.tensors
+            if t.offset < p.span.end and t.end > p.span.start and _match(t.name, pattern)
+        ]
         parts.append(
             {
+                "rank": rank,
                 "index": p.span.index,
                 "start": p.span.start,
                 "raw_bytes": p.span.nbytes,
@@ -330,41 +398,90 @@ def cmd_show(args: argparse.Namespace) -> int:
                 "codec": p.label,
                 "chain": [c["name"] for c in spec.zarr_chunk_codecs()],
                 "object": f"{r.prefix}{p.label}/c/{p.shard}",
-                "tensors": [
-                    t.name
-                    for t in m.layout.tensors
-                    if t.offset < p.span.end and t.end > p.span.start and _match(t.name, args.filter)
+                "tensors": len(names),
+            }
+        )
+    return [p for p in parts if p["tensors"]] if pattern else parts
+
+
+def _global_rows(index: Any, pattern: str | None) -> list[dict[str, Any]]:
+    out = []
+    for name in sorted(index.tensors):
+        g = index.tensors[name]
+        if not _match(name, pattern):
+            continue
+        out.append(
+            {
+                "name": name,
+                "dtype": g.dtype,
+                "shape": list(g.shape),
+                "parts": [
+                    {
+                        "rank": int(pr.rank),
+                        "local_name": pr.local_name,
+                        "local_offset": int(pr.local_offset),
+                        "region": _region_json(pr.region),
+                    }
+                    for pr in g.parts
                 ],
             }
         )
-    if args.filter:
-        parts = [p for p in parts if p["tensors"]]
+    return out
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """``asymstore show``: tensors, partitions with their codecs, and metadata of one step (every rank, or
+    ``--rank``), and the global tensors when the step records them."""
+    from rich.table import Table
+
+    from .dtypes import from_name
+
+    st = _open_store(args.url)
+    step = _pick_step(st, args.url, args.step)
+    ranks = _rank_count(st, step)
+    if args.rank is not None and not 0 <= args.rank < ranks:
+        raise UsageError(f"step {step} has {ranks} rank(s) (0..{ranks - 1}), not rank {args.rank}")
+    shown = [args.rank] if args.rank is not None else list(range(ranks))
+    every = [_rank_reader(st, step, r, ranks) for r in range(ranks)]
+    readers = {r: every[r] for r in shown}
+    tensors = [(rk, t) for rk, rd in readers.items() for t in rd.manifest.layout.tensors if _match(t.name, args.filter)]
+    index = _global_index(st, step, every)
+    global_rows = _global_rows(index, args.filter) if index is not None else None
+    if args.filter and not tensors and not global_rows:
+        raise UsageError(f"no tensor of step {step} matches {args.filter!r}")
+    parts = [p for rk, rd in readers.items() for p in _partition_rows(rd, rk, args.filter)]
+    first = readers[shown[0]]
+    m = first.manifest
     values = _skeleton_values(m.skeleton)
+    raw = sum(rd.manifest.layout.total_bytes for rd in readers.values())
+    stored = sum(rd.manifest.stored_bytes for rd in readers.values())
     if args.json:
         print(
             json.dumps(
                 {
                     "step": step,
                     "url": args.url,
-                    "time": r.commit.get("time"),
-                    "raw_bytes": m.layout.total_bytes,
-                    "stored_bytes": m.stored_bytes,
+                    "time": first.commit.get("time"),
+                    "ranks": ranks,
+                    "shown_ranks": shown,
+                    "raw_bytes": raw,
+                    "stored_bytes": stored,
                     "delta_base": m.delta_base,
                     "chunk_bytes": m.chunk_bytes,
                     "partition_bytes": m.partition_bytes,
                     "tensors": [
                         {
+                            "rank": rk,
                             "name": t.name,
                             "dtype": t.dtype,
                             "shape": list(t.shape),
                             "bytes": t.nbytes,
                             "offset": t.offset,
                         }
-                        for t in tensors
+                        for rk, t in tensors
                     ],
-                    "partitions": [
-                        {k: v for k, v in p.items() if k != "tensors"} | {"tensors": len(p["tensors"])} for p in parts
-                    ],
+                    "partitions": parts,
+                    "global_tensors": global_rows,
                     "user": m.user,
                     "values": values,
                 },
@@ -374,60 +491,70 @@ def cmd_show(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     con = _console(args)
-    raw, stored = m.layout.total_bytes, m.stored_bytes
-    con.print(f"[bold]step {step}[/] in {args.url}  ({_time_str(float(r.commit.get('time') or m.created))})")
+    multi = ranks > 1
+    where = (f", rank {args.rank} of {ranks}" if args.rank is not None else f", {ranks} ranks") if multi else ""
+    con.print(f"[bold]step {step}[/] in {args.url}{where}  ({_time_str(float(first.commit.get('time') or m.created))})")
+    n_tensors = sum(len(rd.manifest.layout.tensors) for rd in readers.values())
     con.print(
-        f"{len(m.layout.tensors)} tensors, raw {human_bytes(raw)}, stored {human_bytes(stored)} "
-        f"(ratio {stored / raw if raw else 1.0:.3f}), {len(m.partitions)} partitions of "
-        f"{human_bytes(m.partition_bytes)} in chunks of {human_bytes(m.chunk_bytes)}"
+        f"{n_tensors} tensors, raw {human_bytes(raw)}, stored {human_bytes(stored)} "
+        f"(ratio {stored / raw if raw else 1.0:.3f}), {sum(len(rd.manifest.partitions) for rd in readers.values())} "
+        f"partitions of {human_bytes(m.partition_bytes)} in chunks of {human_bytes(m.chunk_bytes)}"
         + (f", XOR delta of step {m.delta_base}" if m.delta_base is not None else "")
     )
     tt = Table(
         title=f"tensors ({len(tensors)}" + (f" matching {args.filter!r}" if args.filter else "") + ")",
         title_justify="left",
     )
+    if multi:
+        tt.add_column("rank", justify="right")
     tt.add_column("name", overflow="fold")
     tt.add_column("dtype")
     tt.add_column("shape")
     tt.add_column("bytes", justify="right")
-    for t in tensors:
+    for rk, t in tensors:
         dt = t.dtype
         try:
             from_name(dt)
         except AsymstoreError:
             dt += " (unknown to this torch)"
-        tt.add_row(
-            t.name,
-            dt,
-            "(" + ", ".join(map(str, t.shape)) + ("," if len(t.shape) == 1 else "") + ")",
-            human_bytes(t.nbytes),
-        )
+        tt.add_row(*([str(rk)] if multi else []), t.name, dt, _shape_str(t.shape), human_bytes(t.nbytes))
     con.print(tt)
+    if global_rows is not None:
+        gt = Table(title=f"global tensors ({len(global_rows)})", title_justify="left")
+        gt.add_column("name", overflow="fold")
+        gt.add_column("dtype")
+        gt.add_column("shape")
+        gt.add_column("parts (rank: local tensor region)", overflow="fold")
+        for g in global_rows:
+            assert index is not None
+            refs = index.tensors[g["name"]].parts
+            gt.add_row(
+                g["name"],
+                g["dtype"],
+                _shape_str(g["shape"]),
+                "; ".join(f"{pr.rank}: {pr.local_name} {_region_str(pr.region)}" for pr in refs),
+            )
+        con.print(gt)
     pt = Table(title="partitions", title_justify="left")
-    for c, j in (
-        ("#", "right"),
-        ("stream offset", "right"),
-        ("raw", "right"),
-        ("stored", "right"),
-        ("ratio", "right"),
-        ("codec chain", "left"),
-        ("tensors", "right"),
-    ):
+    cols = [("#", "right"), ("stream offset", "right"), ("raw", "right"), ("stored", "right"), ("ratio", "right")]
+    for c, j in ([("rank", "right")] if multi else []) + cols + [("codec chain", "left"), ("tensors", "right")]:
         pt.add_column(c, justify=j)  # type: ignore[arg-type]
     for p in parts:
         pt.add_row(
+            *([str(p["rank"])] if multi else []),
             str(p["index"]),
             str(p["start"]),
             human_bytes(p["raw_bytes"]),
             human_bytes(p["stored_bytes"]),
             f"{p['ratio']:.3f}",
             f"{p['codec']}: " + " -> ".join(p["chain"]),
-            str(len(p["tensors"])),
+            str(p["tensors"]),
         )
     con.print(pt)
-    con.print("[bold]user metadata[/]: " + (json.dumps(m.user, indent=2) if m.user else "(none)"))
+    who = f" (rank {shown[0]})" if multi else ""
+    con.print(f"[bold]user metadata{who}[/]: " + (json.dumps(m.user, indent=2) if m.user else "(none)"))
     if values:
-        vt = Table(title="non-tensor values", title_justify="left")
+        vt = Table(title=f"non-tensor values{who}", title_justify="left")
         vt.add_column("path", overflow="fold")
         vt.add_column("value (JSON)", overflow="fold")
         for k, v in values.items():
@@ -437,9 +564,89 @@ def cmd_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _shape_str(shape: Sequence[int]) -> str:
+    return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+
+
 # --- verify -------------------------------------------------------------------------
+def _verify_step(args: argparse.Namespace, st: Any, step: int) -> dict[str, Any]:
+    """Read and check every object of every rank of ``step``; damage is reported, never raised."""
+    from .zarrfmt import crc32c
+
+    res: dict[str, Any] = {"step": step, "ok": True, "ranks": None, "objects": 0, "bytes": 0, "problems": []}
+
+    def problem(rank: int | None, obj: str, msg: str) -> None:
+        res["problems"].append({"rank": rank, "object": obj, "message": msg})
+
+    try:
+        ranks = _rank_count(st, step)
+    except (CorruptCheckpointError, StepNotFoundError) as e:
+        obj = e.objects[0] if isinstance(e, CorruptCheckpointError) and e.objects else f"step {step}"
+        problem(None, obj, str(e))
+        res["ok"] = False
+        return res
+    res["ranks"] = ranks
+    readers: dict[int, Any] = {}
+    for r in range(ranks):  # open every rank first: their sizes make the progress total
+        try:
+            readers[r] = _rank_reader(st, step, r, ranks)
+        except (CorruptCheckpointError, StepNotFoundError) as e:
+            obj = e.objects[0] if isinstance(e, CorruptCheckpointError) and e.objects else f"step {step} rank {r}"
+            problem(r, obj, str(e))
+        except (AsymstoreError, OSError) as e:
+            if args.debug:
+                raise
+            problem(r, f"step {step} rank {r}", f"{type(e).__name__}: {e}")
+    res["objects"] += 1 + (ranks > 1)  # the step's marker (and a multi-rank step's group)
+    if ranks > 1:
+        res["objects"] += _verify_index(st, step, problem, crc32c)
+    total = sum(rd.manifest.layout.total_bytes for rd in readers.values())
+    label = f"verify step {step}" + (f" ({ranks} ranks)" if ranks > 1 else "")
+    with _progress(args, label, total) as bar:
+        done = 0
+        for r, rd in readers.items():
+            try:
+                rep = rd.verify(progress=lambda d, _t, base=done: bar(base + d))
+                for key, msg in rep.problems:
+                    problem(r, key, msg)
+                res["objects"] += rep.checked_objects + 2  # + the rank's marker and group
+                res["bytes"] += rep.checked_bytes
+            except (CorruptCheckpointError, StepNotFoundError) as e:  # e.g. gone since it was listed
+                problem(r, e.objects[0] if isinstance(e, CorruptCheckpointError) and e.objects else f"rank {r}", str(e))
+            except (AsymstoreError, OSError) as e:  # e.g. an I/O error reading one object
+                if args.debug:
+                    raise
+                problem(r, f"step {step} rank {r}", f"{type(e).__name__}: {e}")
+            done += rd.manifest.layout.total_bytes
+            bar(done)
+    if ranks == 1:
+        res["objects"] -= 1  # a single-rank step's marker and group are the rank's own
+        for p in res["problems"]:
+            p["rank"] = 0 if p["rank"] is not None else None
+    res["ok"] = not res["problems"]
+    return res
+
+
+def _verify_index(st: Any, step: int, problem: Callable[[int | None, str, str], None], crc32c: Any) -> int:
+    """Check a multi-rank step's ``INDEX`` against the global marker's ``index_crc32c``; objects checked."""
+    from .catalog import commit_info
+    from .manifest import step_dir
+
+    want = commit_info(st, step).get("index_crc32c")
+    if want is None:
+        return 0
+    key = f"{step_dir(step)}/INDEX"
+    raw = st.get(key)
+    if raw is None:
+        problem(None, key, f"{key} is missing although the step's marker records it")
+    elif crc32c(raw) != want:
+        problem(None, key, f"{key}: checksum mismatch")
+    return 1
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
-    """``asymstore verify``: read and check every stored object of one step or all (exit 1 on damage)."""
+    """``asymstore verify``: read and check every stored object of every rank of one step or all (exit 1 on
+    damage in any rank; every problem is reported, naming its rank and object)."""
     st = _open_store(args.url)
     if args.all:
         steps = _committed(st)
@@ -448,32 +655,26 @@ def cmd_verify(args: argparse.Namespace) -> int:
     else:
         steps = [_pick_step(st, args.url, args.step)]
     con = _console(args)
-    bad = 0
+    results = []
     for step in steps:  # every step is reported, whatever an earlier one held
-        problems: list[tuple[str, str]] = []
-        checked = nbytes = 0
-        try:
-            r = _reader(st, step)
-            with _progress(args, f"verify step {step}", r.manifest.layout.total_bytes) as bar:
-                rep = r.verify(progress=lambda done, total: bar(done))
-            problems += rep.problems
-            checked, nbytes = rep.checked_objects + 2, rep.checked_bytes  # + commit marker and group
-        except (CorruptCheckpointError, StepNotFoundError) as e:  # damaged, or gone since it was listed
-            problems.append(
-                (e.objects[0] if isinstance(e, CorruptCheckpointError) and e.objects else f"step {step}", str(e))
-            )
-        except (AsymstoreError, OSError) as e:  # e.g. an I/O error reading one object: a problem of this step
-            if args.debug:
-                raise
-            problems.append((f"step {step}", f"{type(e).__name__}: {e}"))
-        if problems:
-            bad += 1
-            con.print(f"[red]step {step}: {len(problems)} problem(s)[/]")
-            for key, msg in problems:
-                con.print(f"  [red]{key}[/]: {msg}", soft_wrap=True)
+        res = _verify_step(args, st, step)
+        results.append(res)
+        if args.json:
+            continue
+        ranks = f"{res['ranks']} ranks, " if (res["ranks"] or 1) > 1 else ""
+        if res["problems"]:
+            con.print(f"[red]step {step}: {len(res['problems'])} problem(s)[/]")
+            for p in res["problems"]:
+                who = f"rank {p['rank']}: " if (res["ranks"] or 1) > 1 and p["rank"] is not None else ""
+                con.print(f"  [red]{who}{p['object']}[/]: {p['message']}", soft_wrap=True)
         elif not args.quiet:
-            con.print(f"[green]step {step}: ok[/] ({checked} objects, {human_bytes(nbytes)} checked)")
-    if len(steps) > 1 and not args.quiet:
+            con.print(
+                f"[green]step {step}: ok[/] ({ranks}{res['objects']} objects, {human_bytes(res['bytes'])} checked)"
+            )
+    bad = sum(1 for r in results if not r["ok"])
+    if args.json:
+        print(json.dumps({"url": args.url, "ok": not bad, "steps": results}, indent=2))
+    elif len(steps) > 1 and not args.quiet:
         con.print(f"{len(steps) - bad} of {len(steps)} steps ok")
     return EXIT_DAMAGED if bad else EXIT_OK
 
@@ -502,6 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
     sh = sub.add_parser("show", help="tensors, partitions with their codecs, and metadata of one step")
     sh.add_argument("url", metavar="URL")
     sh.add_argument("--step", type=int, help="step to show (default: newest committed)")
+    sh.add_argument("--rank", type=int, help="only this rank of a multi-rank step (default: every rank)")
     sh.add_argument("--filter", metavar="GLOB", help="only tensors whose name matches, e.g. 'model/*'")
     sh.add_argument("--json", action="store_true", help="machine-readable output")
     common(sh)
@@ -511,6 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = ve.add_mutually_exclusive_group()
     g.add_argument("--step", type=int, help="step to verify (default: newest committed)")
     g.add_argument("--all", action="store_true", help="verify every committed step")
+    ve.add_argument("--json", action="store_true", help="machine-readable report on stdout")
     common(ve)
 
     _add_export_parser(sub, common)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -259,3 +261,173 @@ def test_python_dash_m_and_exit_codes(ckpt):
 def test_help(capsys):
     rc, out, _ = _run(["--help"], capsys)
     assert rc == 0 and all(c in out for c in ("ls", "show", "verify", "export"))
+
+
+# --- multi-rank steps: every rank is listed, shown and verified --------------------------------------------
+_SMALL = dict(chunk_bytes=4096, partition_bytes=16384)
+
+
+def _rank_state(step: int, rank: int) -> dict:
+    g = torch.Generator().manual_seed(100 * step + rank)
+    return {"w": torch.randn(2000 + 500 * rank, generator=g), "b": torch.randn(7, generator=g), "rank": rank}
+
+
+def _world(root: Path, step: int, world: int, **save_kw) -> None:
+    """Each rank of a ``world``-rank job saves its part of ``step``: one Store per rank, as in a job (threads of
+    this process instead of processes; the stores meet only through the tier, as separate processes do)."""
+    errors: list[BaseException] = []
+
+    def rank(r: int) -> None:
+        try:
+            with asymstore.Store([str(root)], rank=r, world_size=world, commit_timeout_s=60.0, **_SMALL) as s:
+                kw = {k: v(r) for k, v in save_kw.items()}
+                s.save(_rank_state(step, r), step, **kw)
+        except BaseException as e:  # surfaced by the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in reversed(range(world))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+
+
+@pytest.fixture(scope="module")
+def worlds(tmp_path_factory) -> dict[int, Path]:
+    """A 2-rank root (steps 1 and 2) and a 4-rank root (step 1), written once; tests copy before damaging."""
+    out = {}
+    for world, steps in ((2, (1, 2)), (4, (1,))):
+        root = tmp_path_factory.mktemp(f"world{world}")
+        for step in steps:
+            _world(root, step, world)
+        out[world] = root
+    return out
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _flip(root: Path, step: int, rank: int, which: int = 0) -> str:
+    """Flip one byte in a data chunk of ``rank``'s part of ``step``; its key relative to the root."""
+    shards = sorted(p for p in (root / f"step_{step:012d}" / f"r{rank:05d}").rglob("c/*") if p.is_file())
+    shard = shards[which]
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 3] ^= 0x40
+    shard.write_bytes(bytes(raw))
+    return shard.relative_to(root).as_posix()
+
+
+def test_ls_multi_rank_sums_every_rank(worlds, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")
+    root = worlds[2]
+    rc, out, _ = _run(["ls", "--json", str(root)], capsys)
+    assert rc == 0
+    steps = {r["step"]: r for r in json.loads(out)["steps"]}
+    assert sorted(steps) == [1, 2]
+    commit = json.loads((root / "step_000000000001" / "COMMIT").read_text())
+    r1 = steps[1]
+    assert r1["ranks"] == 2 and r1["tensors"] == 4  # w and b on each rank
+    assert r1["raw_bytes"] == commit["raw_bytes"] and r1["stored_bytes"] == commit["stored_bytes"]
+    assert r1["raw_bytes"] >= (2000 + 2500 + 14) * 4  # both ranks' tensors, not rank 0's alone
+    rc, out, _ = _run(["ls", str(root)], capsys)
+    row = next(ln for ln in out.splitlines() if ln.startswith("│") and ln.split()[1] == "1")
+    assert row.split()[3] == "2"  # the ranks column
+
+
+def test_show_multi_rank_every_rank_or_one(worlds, capsys):
+    root = worlds[4]
+    rc, out, _ = _run(["show", "--json", str(root)], capsys)
+    assert rc == 0
+    doc = json.loads(out)
+    assert doc["ranks"] == 4 and doc["shown_ranks"] == [0, 1, 2, 3]
+    shapes = {(t["rank"], t["name"]): t["shape"] for t in doc["tensors"]}
+    assert shapes == {(r, n): [2000 + 500 * r] if n == "w" else [7] for r in range(4) for n in ("w", "b")}
+    assert {p["rank"] for p in doc["partitions"]} == {0, 1, 2, 3}
+    assert all(p["object"].startswith(f"step_000000000001/r{p['rank']:05d}/") for p in doc["partitions"])
+    assert doc["values"]["rank"] == 0 and doc["global_tensors"] is None
+    rc, out, _ = _run(["show", "--json", "--rank", "3", str(root)], capsys)
+    doc = json.loads(out)
+    assert doc["shown_ranks"] == [3] and {t["rank"] for t in doc["tensors"]} == {3} and doc["values"]["rank"] == 3
+    rc, out, _ = _run(["show", str(root)], capsys)
+    assert rc == 0 and "4 ranks" in out and "r00003" not in out  # the table has a rank column instead
+    rc, _, err = _run(["show", "--rank", "4", str(root)], capsys)
+    assert rc == 2 and "not rank 4" in err
+
+
+@pytest.mark.parametrize("world, damaged", [(2, (1,)), (4, (2,)), (4, (0, 3))])
+def test_verify_names_damaged_rank_and_object(worlds, tmp_path, capsys, world, damaged):
+    root = _copy(worlds[world], tmp_path / "ck")
+    rc, out, _ = _run(["verify", str(root)], capsys)
+    assert rc == 0 and f"step {1 if world == 4 else 2}: ok ({world} ranks" in out
+    step = 1
+    keys = {r: _flip(root, step, r) for r in damaged}
+    rc, out, _ = _run(["verify", str(root), "--step", str(step)], capsys)
+    assert rc == 1, out
+    assert f"step {step}: {len(damaged)} problem(s)" in out
+    for r, key in keys.items():
+        assert f"rank {r}: {key}" in out and "checksum" in out
+    rc, out, _ = _run(["verify", "--json", str(root), "--step", str(step)], capsys)
+    assert rc == 1
+    doc = json.loads(out)
+    assert doc["ok"] is False and [s["step"] for s in doc["steps"]] == [step]
+    res = doc["steps"][0]
+    assert res["ranks"] == world and res["ok"] is False
+    assert sorted((p["rank"], p["object"]) for p in res["problems"]) == sorted(keys.items())
+
+
+def test_verify_reports_all_damage_and_continues(worlds, tmp_path, capsys):
+    root = _copy(worlds[2], tmp_path / "ck")
+    k1 = _flip(root, 1, 1)
+    (root / "step_000000000001" / "r00000" / "COMMIT").write_text("{}")  # rank 0's marker no longer matches
+    k2 = _flip(root, 2, 0)
+    rc, out, _ = _run(["verify", "--all", "--json", str(root)], capsys)
+    assert rc == 1
+    doc = json.loads(out)
+    by_step = {s["step"]: s for s in doc["steps"]}
+    assert sorted(by_step) == [1, 2] and not by_step[1]["ok"] and not by_step[2]["ok"]
+    p1 = {(p["rank"], p["object"]) for p in by_step[1]["problems"]}
+    assert p1 == {(0, "step_000000000001/r00000/COMMIT"), (1, k1)}  # rank 1 still read after rank 0 failed
+    assert {(p["rank"], p["object"]) for p in by_step[2]["problems"]} == {(0, k2)}
+    rc, out, _ = _run(["verify", "--all", str(root)], capsys)
+    assert rc == 1 and "0 of 2 steps ok" in out and k1 in out and k2 in out
+
+
+def test_verify_json_of_a_healthy_single_rank_step(ckpt, capsys):
+    a, _, _ = ckpt
+    rc, out, err = _run(["verify", "--json", str(a), "--all"], capsys)
+    assert rc == 0 and not err
+    doc = json.loads(out)
+    assert doc["ok"] is True and [s["step"] for s in doc["steps"]] == [1, 2, 3]
+    assert all(s["ranks"] == 1 and s["problems"] == [] and s["objects"] > 2 and s["bytes"] > 0 for s in doc["steps"])
+    rc, out, err = _run(["verify", "--json", str(a), "--step", "42"], capsys)
+    assert rc == 2 and out == "" and "step 42 is not committed" in err  # errors stay on stderr
+
+
+def test_show_global_tensors(tmp_path, capsys):
+    import inspect
+
+    from asymstore import globalmeta as gm
+
+    if "global_parts" not in inspect.signature(asymstore.Store.save).parameters:
+        pytest.skip("this Store cannot record global tensor metadata yet")
+    root = tmp_path / "ck"
+
+    def parts(r: int) -> dict:
+        n = 2000 + 500 * r
+        start = 0 if r == 0 else 2000
+        return {"w": gm.Piece("w", "float32", (4500,), gm.FlatRange(start, n))}
+
+    _world(root, 1, 2, global_parts=parts)
+    rc, out, _ = _run(["show", "--json", str(root)], capsys)
+    assert rc == 0
+    g = {t["name"]: t for t in json.loads(out)["global_tensors"]}
+    assert g["w"]["shape"] == [4500] and g["w"]["dtype"] == "float32"
+    assert sorted((p["rank"], p["region"]["start"], p["region"]["length"]) for p in g["w"]["parts"]) == [
+        (0, 0, 2000),
+        (1, 2000, 2500),
+    ]
+    rc, out, _ = _run(["show", str(root)], capsys)
+    assert "global tensors (1)" in out and "flat [2000:4500]" in out
