@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections.abc import Callable
+from typing import Any
 
 from .shm import list_regions, regions_root, remove_region
 
@@ -26,7 +28,8 @@ def _size(n: int) -> str:
 
 
 def cmd_shm_ls(args: argparse.Namespace) -> int:
-    """List the regions: job, rank, size, steps committed in them, owner pid and whether it is alive."""
+    """List the regions: job, rank, size, steps committed in them, owner pid and whether it is alive
+    (``--json``: a JSON array of region rows, ``[]`` when there is none)."""
     regions = list_regions(_dir(args))
     if args.json:
         print(json.dumps([r.to_json() for r in regions], indent=2))
@@ -46,9 +49,17 @@ def cmd_shm_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _error(msg: str) -> None:
+    print(f"asymstore shm rm: error: {msg}", file=sys.stderr)
+
+
 def cmd_shm_rm(args: argparse.Namespace) -> int:
-    """Remove regions: those of ``JOB`` (one rank with ``--rank``), or every one whose owner is dead."""
+    """Remove regions: those of ``JOB`` (one rank with ``--rank``), or every one whose owner is dead.
+
+    With ``--json``, stdout holds one document: ``{"removed": [region rows], "errors": [{"path", "message"}]}``
+    (errors are also written to stderr); exit 1 when a region could not be removed, 2 when none matched."""
     regions = list_regions(_dir(args))
+    as_json = getattr(args, "json", False)
     if args.dead:
         picked = [r for r in regions if not r.alive]
     else:
@@ -59,22 +70,28 @@ def cmd_shm_rm(args: argparse.Namespace) -> int:
             and (args.rank is None or r.rank == args.rank)
         ]
         if not picked:
-            print(f"asymstore shm rm: error: no region of {args.job!r} under {regions_root(_dir(args))}")
+            _error(f"no region of {args.job!r} under {regions_root(_dir(args))}")
             return 2
     code = 0
+    removed: list[dict[str, Any]] = []
+    errors: list[dict[str, str]] = []
     for r in picked:
         try:
             remove_region(r.path, force=args.force)
         except OSError as e:
-            print(f"asymstore shm rm: error: {r.path}: {e}")
-            code = 1
-            continue
+            msg = f"{r.path}: {e}"
         except Exception as e:  # a live owner without --force
-            print(f"asymstore shm rm: error: {e}")
-            code = 1
+            msg = str(e)
+        else:
+            removed.append(r.to_json())
+            if not args.quiet and not as_json:
+                print(f"removed {r.path} ({_size(r.bytes)}, steps {list(r.steps)})")
             continue
-        if not args.quiet:
-            print(f"removed {r.path} ({_size(r.bytes)}, steps {list(r.steps)})")
+        _error(msg)
+        errors.append({"path": r.path, "message": msg})
+        code = 1
+    if as_json:
+        print(json.dumps({"removed": removed, "errors": errors}, indent=2))
     return code
 
 
@@ -96,6 +113,7 @@ def add_parser(
     rm.add_argument("--rank", type=int, help="only this rank's region of the job")
     rm.add_argument("--force", action="store_true", help="also a live owner's (its unpersisted snapshots are lost)")
     rm.add_argument("--dir", help="the tmpfs holding them (default: $ASYMSTORE_SHM_DIR or /dev/shm)")
+    rm.add_argument("--json", action="store_true", help="machine-readable report on stdout")
     common(rm)
 
 

@@ -431,3 +431,23 @@ def test_show_global_tensors(tmp_path, capsys):
     ]
     rc, out, _ = _run(["show", str(root)], capsys)
     assert "global tensors (1)" in out and "flat [2000:4500]" in out
+
+
+def test_shm_ls_and_rm_json(tmp_path, capsys):
+    shm = str(tmp_path / "shm")
+    os.makedirs(shm)
+    with asymstore.open_store(str(tmp_path / "ck"), shm_dir=shm, keep_shm=True) as store:
+        store.save(_rank_state(3, 0), 3)
+    rc, out, _ = _run(["shm", "ls", "--dir", shm, "--json"], capsys)
+    assert rc == 0
+    rows = json.loads(out)
+    assert len(rows) == 1 and rows[0]["steps"] == [3] and rows[0]["alive"] is False
+    job = rows[0]["job"]
+    rc, out, err = _run(["shm", "rm", "--dir", shm, "--json", job], capsys)
+    assert rc == 0 and not err
+    doc = json.loads(out)
+    assert [r["path"] for r in doc["removed"]] == [rows[0]["path"]] and doc["errors"] == []
+    rc, out, err = _run(["shm", "rm", "--dir", shm, "--json", job], capsys)
+    assert rc == 2 and out == "" and "no region" in err  # errors on stderr, with the exit code
+    rc, out, _ = _run(["shm", "ls", "--dir", shm, "--json"], capsys)
+    assert rc == 0 and json.loads(out) == []
