@@ -185,7 +185,7 @@ class StepContents:
 
     url: str
     step: int
-    kind: str  #: "single" (one rank), "rank" (one rank's part of a multi-rank step), "dcp"
+    kind: str  #: "single" (one rank), "rank" (one rank's part of a multi-rank step), "dcp", "global"
     ranks: int  #: rank directories of the step
     tensors: list[ExportTensor]
     skeleton: Any = None  #: rank 0's skeleton (one-rank kinds)
@@ -248,6 +248,10 @@ def open_step(
                 "chunks (a rank holds parts of tensors only); leave --rank out"
             )
         return _dcp_contents(backend, step, n, r0, sep)
+    if ranks == "all":
+        index = _global_index(backend, step)
+        if index is not None:
+            return _global_contents(backend, step, n, r0, index, sep)
     if isinstance(ranks, int) and ranks != 0:
         r0 = catalog.open_reader(backend, step, rank=ranks)
     m = r0.manifest
@@ -305,6 +309,81 @@ def _part_tensors(reader: CheckpointReader, sep: str) -> list[ExportTensor]:
 
         out.append(ExportTensor(join_path(path, sep), path, stored, dtype, tuple(e.shape), e.nbytes, read, pieces))
     return out
+
+
+def _global_index(backend: ObjectStore, step: int) -> Any:
+    """The step's merged index of global tensors (:mod:`asymstore.globalmeta`), or None when no rank described
+    any (steps written before global metadata existed, or states without sharded tensors)."""
+    from . import globalmeta
+
+    load = getattr(globalmeta, "load_index", None)
+    if load is None:
+        return None
+    index = load(backend, step)
+    return index if getattr(index, "tensors", None) else None
+
+
+def _unescape_path(name: str) -> Path:
+    """A stored name's key path (docs/format.md 8.1: split at ``/``, then ``%2F`` -> ``/`` and ``%25`` -> ``%``)."""
+    return tuple(part.replace("%2F", "/").replace("%25", "%") for part in name.split("/"))
+
+
+def _global_contents(
+    backend: ObjectStore, step: int, n: int, r0: CheckpointReader, index: Any, sep: str
+) -> StepContents:
+    """The full tensors of a step with global tensor metadata: every global tensor read from the parts its
+    ranks hold (replicas once), plus rank 0's tensors that are no part of a global tensor (replicated values
+    such as buffers and counters, as rank 0 saved them)."""
+    from . import globalmeta as gm
+
+    readers: dict[int, CheckpointReader] = {0: r0}
+    layouts: dict[int, dict[str, Any]] = {}
+
+    def part(rank: int) -> tuple[CheckpointReader, dict[str, Any]]:
+        if rank not in readers:
+            readers[rank] = catalog.open_reader(backend, step, rank=rank)
+        if rank not in layouts:
+            layouts[rank] = readers[rank].manifest.layout.by_name()
+        return readers[rank], layouts[rank]
+
+    paths0: dict[str, list[Path]] = {}
+    for path, stored in tensor_paths(r0.manifest.skeleton):
+        paths0.setdefault(stored, []).append(path)
+    described = set(getattr(r0.manifest, "global_parts", None) or {})
+    tensors: list[ExportTensor] = []
+    for name, g in index.tensors.items():
+        shape, dtype = tuple(int(x) for x in g.shape), from_name(g.dtype)
+        itemsize = info(dtype).itemsize
+
+        def read(
+            g: Any = g, shape: tuple[int, ...] = shape, dtype: torch.dtype = dtype, isz: int = itemsize
+        ) -> torch.Tensor:
+            out = torch.empty(shape, dtype=dtype)
+            flat = out.reshape(-1).view(torch.uint8)
+            for r in gm.plan_reads(g, gm.whole(shape)):
+                rd, entries = part(r.rank)
+                e = entries.get(r.local_name)
+                if e is None:
+                    raise CorruptCheckpointError(f"step {step}: rank {r.rank} holds no tensor {r.local_name!r}")
+                seg = flat[r.dst_start * isz : (r.dst_start + r.numel) * isz]
+                rd.read_range_into(e.offset + r.src_start * isz, e.offset + r.src_stop * isz, seg.numpy().data)
+            return out
+
+        nbytes = math.prod(shape) * itemsize
+        for path in paths0.get(name) or [_unescape_path(name)]:
+            tensors.append(ExportTensor(join_path(path, sep), path, name, dtype, shape, nbytes, read))
+    rest = [t for t in _part_tensors(r0, sep) if t.stored not in described and t.stored not in index.tensors]
+    order = {path: i for i, (path, _) in enumerate(tensor_paths(r0.manifest.skeleton))}
+    everything = sorted(tensors + rest, key=lambda t: order.get(t.path, len(order)))  # the state's order
+    return StepContents(
+        url=backend.url,
+        step=step,
+        kind="global",
+        ranks=n,
+        tensors=everything,
+        skeleton=r0.manifest.skeleton,
+        user=dict(r0.manifest.user or {}),
+    )
 
 
 def _dcp_contents(backend: ObjectStore, step: int, n: int, r0: CheckpointReader, sep: str) -> StepContents:

@@ -6,6 +6,8 @@ script: ``RANK=r WORLD_SIZE=n MASTER_ADDR=.. MASTER_PORT=.. python -m tests._dcp
 ``save <url> <step>``: every rank holds DTensor shards of the reference state and saves them.
 ``load <url> <step> <out>``: every rank loads into DTensor shards of its world size and
 writes the bytes it got for its local shards to ``<out>.rank<r>.json`` (hex digests).
+``store-save <url> <step>``: every rank saves its DTensor shards with ``Store.save`` (no DCP), the model tied
+(``model.tied`` is ``model.w``) and with a plain replicated buffer.
 """
 
 from __future__ import annotations
@@ -46,7 +48,15 @@ def main(argv: list[str] | None = None) -> None:
     rank, n = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (n,))
     ref = reference()
-    if mode == "save":
+    if mode == "store-save":
+        import asymstore
+
+        model = {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in ref.items()}
+        model["tied"] = model["w"]
+        model["buf"] = torch.arange(5)
+        with asymstore.Store([url], rank=rank, world_size=n, host_memory="private") as s:
+            s.save({"model": model, "step": step}, step)
+    elif mode == "save":
         state = {
             "model": {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in ref.items()},
             "meta": {"step": step, "tag": "run-a"},

@@ -268,3 +268,27 @@ def test_dcp_two_rank_dtensor_step_exports_full_tensors(tmp_path: Path) -> None:
     assert set(safetensors_torch.load_file(str(tmp_path / "hf" / "model.safetensors"))) == set(ref)
     with pytest.raises(ConsolidationError, match="leave --rank out"):  # a rank holds chunks only
         consolidate(url, ranks=1)
+
+
+def test_store_step_of_dtensors_with_global_metadata_exports_full_tensors(tmp_path: Path) -> None:
+    """2 gloo processes save DTensor shards with Store.save; the step's global tensor metadata gives full tensors
+    (a tied name included), and rank 0's plain tensors come along."""
+    from asymstore import globalmeta
+
+    if not hasattr(globalmeta, "load_index"):
+        pytest.skip("this build records no global tensor metadata")
+    from tests._dcp_worker import reference
+    from tests.test_dcp import _launch
+
+    url = str(tmp_path / "ck")
+    _launch(2, "store-save", url, "2")
+    contents = open_step(url)
+    assert contents.kind == "global" and contents.ranks == 2
+    sd = consolidate(url, filters=["model.*"], strip_prefix="model.")
+    ref = reference()
+    assert list(sd) == [*ref, "tied", "buf"]
+    assert all(torch.equal(sd[k], v) and sd[k].dtype == v.dtype for k, v in ref.items())
+    assert torch.equal(sd["tied"], ref["w"]) and torch.equal(sd["buf"], torch.arange(5))
+    assert cli(["-q", "export", url, str(tmp_path / "hf"), "--hf"]) == 0
+    got = safetensors_torch.load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert set(got) == set(sd) and all(torch.equal(got[k], v) for k, v in sd.items())
