@@ -576,6 +576,7 @@ def _verify_step(args: argparse.Namespace, st: Any, step: int) -> dict[str, Any]
     res: dict[str, Any] = {"step": step, "ok": True, "ranks": None, "objects": 0, "bytes": 0, "problems": []}
 
     def problem(rank: int | None, obj: str, msg: str) -> None:
+        msg = msg[len(obj) + 2 :] if msg.startswith(obj + ": ") else msg  # the object is named apart
         res["problems"].append({"rank": rank, "object": obj, "message": msg})
 
     try:
