@@ -90,7 +90,10 @@ def now() -> _dt.datetime:
 def command_line(module: str, argv: Sequence[str] | None) -> str:
     """How this run was started, for the report: ``python -m benchmarks.NAME ARGS``."""
     args = list(sys.argv[1:] if argv is None else argv)
-    return " ".join(["python -m", module.replace("__main__", "benchmarks"), *map(shlex.quote, args)])
+    if module == "__main__":  # run with -m: the module's own name is in its spec
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        module = spec.name if spec is not None else "benchmarks"
+    return " ".join(["python -m", module, *map(shlex.quote, args)])
 
 
 # --- other load ------------------------------------------------------------------------------------------------
