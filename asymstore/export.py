@@ -200,8 +200,13 @@ class StepContents:
 def _backend(url: str | ObjectStore) -> ObjectStore:
     if isinstance(url, ObjectStore):
         return url
-    from .backends import open_object_store
+    from .backends import open_object_store, scheme_of
 
+    if scheme_of(url) == "file":  # read only: never create the directory a local tier would get
+        from .backends.local import path_from_url
+
+        if not os.path.isdir(path_from_url(url)):
+            raise StepNotFoundError(f"{url}: no such directory (give a tier root, the directory of step_<N>/)")
     return open_object_store(url)
 
 
@@ -241,6 +246,11 @@ def open_step(
     if isinstance(ranks, int) and not 0 <= ranks < n:
         raise ConsolidationError(f"step {step} of {backend.url} has ranks 0..{n - 1}; there is no rank {ranks}")
     r0 = catalog.open_reader(backend, step, rank=0)
+    if getattr(r0.manifest, "lossy", None) is not None:
+        raise ConsolidationError(
+            f"step {step} of {backend.url} is a lossy archive copy (its tensors are approximations); export it from "
+            "a tier that holds the lossless copy"
+        )
     if "dcp" in (r0.manifest.user or {}):
         if ranks != "all":
             raise ConsolidationError(
