@@ -35,6 +35,8 @@ import numpy as np
 
 from .errors import ConfigError, CorruptCheckpointError, UnsupportedValueError
 
+#: the merged index of a multi-rank step: ``step_<S>/INDEX`` (docs/format.md section 9.3)
+INDEX_KEY = "INDEX"
 #: the most dimensions a global tensor may have (as the layout's tensors)
 MAX_DIMS = 64
 #: a coverage check builds a grid of at most this many cells; beyond, boxes are compared pairwise
@@ -177,6 +179,20 @@ def check_parts(
         for (_, e0), (s1, _) in itertools.pairwise(spans):
             if s1 < e0:
                 fail(name, f"two pieces overlap at local element {s1}")
+
+
+def merge_parts(auto: Mapping[str, Sequence[Piece]], given: Mapping[str, Any], layout: Any) -> dict[str, Parts]:
+    """The descriptions of a save: those of its DTensors (``auto``) and those given by the caller (tensor name ->
+    a :class:`Piece` or a sequence of them; they replace an automatic one of the same name), checked against
+    ``layout`` (:class:`~asymstore.layout.Layout`): :class:`ConfigError` names a bad one."""
+    out: dict[str, Parts] = {n: tuple(v) for n, v in auto.items()}
+    for name, v in given.items():
+        pieces = (v,) if isinstance(v, Piece) else tuple(v)
+        if not all(isinstance(p, Piece) for p in pieces):
+            raise ConfigError(f"global_parts[{name!r}]: expected a globalmeta.Piece or a list of them")
+        out[name] = pieces
+    check_parts(out, {e.name: (e.dtype, e.shape) for e in layout.tensors}, "global_parts", error=ConfigError)
+    return out
 
 
 # --- JSON --------------------------------------------------------------------------------------------------
@@ -569,3 +585,88 @@ def plan_reads(g: GlobalTensor, target: Region, *, prefer_rank: int | None = Non
         else:
             out.append(Read(rank, lname, s, s + n, d))
     return out
+
+
+# --- the step's INDEX object -------------------------------------------------------------------------------
+def step_index_bytes(backend: Any, step: int, ranks: int, markers: Mapping[int, Mapping[str, Any]]) -> bytes | None:
+    """The ``INDEX`` object of a multi-rank step whose ranks describe global tensors, or ``None`` when rank 0's
+    manifest has no ``global_parts``. Reads every rank's manifest (checked against its verified marker's
+    ``group_crc32c``); raises :class:`CorruptCheckpointError` when the parts do not cover their tensors."""
+    described = rank_parts(backend, step, ranks, markers, first_only=True)
+    if not described.get(0):
+        return None
+    described.update(rank_parts(backend, step, ranks, markers, skip=(0,)))
+    from .zarrfmt import dumps
+
+    return bytes(dumps(build_index(step, ranks, described).to_json()))
+
+
+def rank_parts(
+    backend: Any,
+    step: int,
+    ranks: int,
+    markers: Mapping[int, Mapping[str, Any]] | None = None,
+    *,
+    first_only: bool = False,
+    skip: Iterable[int] = (),
+) -> dict[int, dict[str, Parts]]:
+    """Rank -> its manifest's ``global_parts`` (``first_only``: rank 0 alone). ``markers``: the ranks' parsed
+    markers (read and verified here when not given)."""
+    from .manifest import GROUP_KEY, Manifest, parse_commit, rank_dir
+    from .validate import load_json
+    from .zarrfmt import crc32c
+
+    out: dict[int, dict[str, Parts]] = {}
+    skipped = set(skip)
+    for r in range(1 if first_only else ranks):
+        if r in skipped:
+            continue
+        d = rank_dir(step, r, ranks)
+        if markers is not None and r in markers:
+            marker = markers[r]
+        else:
+            raw_marker = backend.get(f"{d}/COMMIT")
+            if raw_marker is None:
+                raise CorruptCheckpointError(f"{d}/COMMIT: missing", (f"{d}/COMMIT",))
+            marker = parse_commit(raw_marker, f"{d}/COMMIT", step=step)
+        where = f"{d}/{GROUP_KEY}"
+        raw = backend.get(where)
+        if raw is None:
+            raise CorruptCheckpointError(f"{where}: missing", (where,))
+        if crc32c(raw) != marker.get("group_crc32c"):
+            raise CorruptCheckpointError(f"{where}: checksum mismatch (group_crc32c)", (where,))
+        m = Manifest.from_json(load_json(raw, where).get("attributes", {}).get("asymstore"), where, step=step)
+        out[r] = dict(m.global_parts)
+    return out
+
+
+def load_index(backend: Any, step: int) -> GlobalIndex:
+    """The merged index of committed ``step`` on ``backend``: its verified ``INDEX`` object when the global
+    marker names one, else built from every rank's manifest (a single-rank step: its own manifest)."""
+    from .manifest import COMMIT_KEY, parse_commit, step_dir
+    from .zarrfmt import crc32c
+
+    key = f"{step_dir(step)}/{COMMIT_KEY}"
+    raw = backend.get(key)
+    if raw is None:
+        from .errors import StepNotFoundError
+
+        raise StepNotFoundError(f"step {step} is not committed on {getattr(backend, 'url', backend)}")
+    commit = parse_commit(raw, key, step=step)
+    ranks = int(commit.get("ranks", 1))
+    if "index_crc32c" in commit:
+        ikey = f"{step_dir(step)}/{INDEX_KEY}"
+        body = backend.get(ikey)
+        if body is None:
+            raise CorruptCheckpointError(f"{ikey}: missing (the step's marker names it)", (ikey,))
+        if crc32c(body) != commit["index_crc32c"]:
+            raise CorruptCheckpointError(f"{ikey}: checksum mismatch (index_crc32c)", (ikey,))
+        from .validate import load_json
+
+        idx = GlobalIndex.from_json(load_json(body, ikey), ikey, step=step)
+        if idx.ranks != ranks:
+            raise CorruptCheckpointError(f"{ikey}: invalid ranks: {idx.ranks}, the step has {ranks}", (ikey,))
+        return idx
+    if ranks == 1:
+        return build_index(step, 1, {0: rank_parts(backend, step, 1, {0: commit})[0]})
+    return build_index(step, ranks, rank_parts(backend, step, ranks))

@@ -49,9 +49,15 @@ shard_dir = rank_dir
 
 
 def global_commit_record(
-    step: int, ranks: int, markers: dict[int, dict[str, Any]], marker_bytes: dict[int, bytes]
+    step: int,
+    ranks: int,
+    markers: dict[int, dict[str, Any]],
+    marker_bytes: dict[int, bytes],
+    *,
+    index: bytes | None = None,
 ) -> bytes:
-    """The step-level marker of a multi-rank checkpoint: written by rank 0 after every rank's marker."""
+    """The step-level marker of a multi-rank checkpoint: written by rank 0 after every rank's marker.
+    ``index``: the bytes of the step's ``INDEX`` object (docs/format.md section 9.3), when it has one."""
     bases = sorted({int(b) for m in markers.values() if isinstance(b := m.get("delta_base"), int)})
     body = {
         "format": FORMAT,
@@ -61,11 +67,13 @@ def global_commit_record(
         "shards_crc32c": {str(r): crc32c(b) for r, b in sorted(marker_bytes.items())},
         "stored_bytes": sum(int(m.get("stored_bytes", 0)) for m in markers.values()),
         "raw_bytes": sum(int(m.get("raw_bytes", 0)) for m in markers.values()),
-        "objects": sum(int(m.get("objects", 0)) for m in markers.values()) + 2,
+        "objects": sum(int(m.get("objects", 0)) for m in markers.values()) + 2 + (index is not None),
         # the ranks' delta bases: a retention planner reading only this marker must see every one of them
         "delta_base": bases[0] if len(bases) == 1 else None,
         "delta_bases": bases,
     }
+    if index is not None:
+        body["index_crc32c"] = crc32c(index)
     body["crc32c"] = crc32c(dumps(body))
     return dumps(body)
 
@@ -130,6 +138,8 @@ class Manifest:
     delta_base: int | None = None
     user: dict[str, Any] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
+    #: tensor name -> the parts of global tensors it holds (docs/format.md section 8.2); empty: none
+    global_parts: dict[str, Any] = field(default_factory=dict)
     #: a lossy checkpoint's decoding (docs/format.md section 15); ``None``: the stream is the state's
     lossy: dict[str, Any] | None = None
 
@@ -150,7 +160,7 @@ class Manifest:
 
     def to_json(self) -> dict[str, Any]:
         """The manifest as the JSON object stored in the step group's attributes."""
-        return {
+        d = {
             "format": FORMAT,
             "step": self.step,
             "created": self.created,
@@ -171,6 +181,11 @@ class Manifest:
             "user": self.user,
             **({"lossy": self.lossy} if self.lossy is not None else {}),
         }
+        if self.global_parts:  # only then: manifests of states without global tensors are unchanged
+            from .globalmeta import parts_to_json
+
+            d["global_parts"] = parts_to_json(self.global_parts)
+        return d
 
     @classmethod
     def from_json(cls, d: Any, where: str = "manifest", *, step: int | None = None) -> Manifest:
@@ -197,8 +212,18 @@ class Manifest:
             delta_base=d.get("delta_base"),
             user=dict(d.get("user", {})),
             created=float(d.get("created", 0.0)),
+            global_parts=_global_parts(d, where),
             lossy=d.get("lossy"),
         )
+
+
+def _global_parts(d: dict[str, Any], where: str) -> dict[str, Any]:
+    """The manifest's ``global_parts`` (already checked by :func:`asymstore.validate.manifest`), parsed."""
+    if "global_parts" not in d:
+        return {}
+    from .globalmeta import parts_from_json
+
+    return dict(parts_from_json(d["global_parts"], where))
 
 
 def commit_record(

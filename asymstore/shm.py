@@ -162,6 +162,10 @@ class SlotRecord:
             "numpy_names": list(c.numpy_names),
             "user": dict(c.user),
         }
+        if c.global_parts:  # docs/format.md section 8.2
+            from .globalmeta import parts_to_json
+
+            body["global_parts"] = parts_to_json(c.global_parts)
         body["crc32c"] = crc32c(json.dumps(body).encode())
         return json.dumps(body).encode()
 
@@ -182,7 +186,18 @@ class SlotRecord:
             crcs = tuple(int(x) for x in body["crc32c_chunks"])
             if chunk <= 0 or len(crcs) != -(-layout.total_bytes // chunk):
                 raise ValueError("chunk checksums do not cover the stream")
-            content = CheckpointContent(layout, body["skeleton"], tuple(body["numpy_names"]), dict(body["user"]))
+            parts: dict[str, Any] = {}
+            if "global_parts" in body:
+                from .errors import CorruptCheckpointError
+                from .globalmeta import parts_from_json
+
+                try:
+                    parts = dict(parts_from_json(body["global_parts"], "slot record"))
+                except CorruptCheckpointError as e:
+                    raise ValueError(str(e)) from None
+            content = CheckpointContent(
+                layout, body["skeleton"], tuple(body["numpy_names"]), dict(body["user"]), global_parts=parts
+            )
             return cls(
                 int(body["slot"]),
                 str(body["data"]),

@@ -50,6 +50,9 @@ class FlatState:
     skeleton: JSON
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     numpy_names: set[str] = field(default_factory=set)
+    #: tensor name -> the parts of global tensors it holds (DTensors are described automatically;
+    #: :mod:`asymstore.globalmeta`)
+    global_parts: dict[str, Any] = field(default_factory=dict)
 
 
 def flatten(state: Any) -> FlatState:
@@ -117,6 +120,14 @@ def flatten(state: Any) -> FlatState:
         # the common cases first (a state is mostly tensors in dicts and lists); numpy scalars before the
         # Python number checks: np.float64, np.complex128 and np.str_ subclass the Python types
         if isinstance(v, torch.Tensor):
+            if type(v).__name__ == "DTensor":  # its local shard is stored, described as a box of the global tensor
+                from .globalmeta import describe_dtensor, is_dtensor
+
+                if is_dtensor(v):
+                    local, piece = describe_dtensor(v.detach(), path or "<root>")
+                    name = add_tensor(local.detach(), path)
+                    flat.global_parts.setdefault(name, (piece,))  # tied: described by its first name
+                    return {"__tensor__": name}
             return {"__tensor__": add_tensor(v.detach() if v.requires_grad else v, path)}
         if isinstance(v, (Mapping, list, tuple)):
             if id(v) in active:

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -387,12 +387,20 @@ class Store:
 
     # --- saving ------------------------------------------------------------------
     def begin_snapshot(
-        self, state: Any, step: int, *, user: dict[str, Any] | None = None, first: Callable[[str], bool] | None = None
+        self,
+        state: Any,
+        step: int,
+        *,
+        user: dict[str, Any] | None = None,
+        first: Callable[[str], bool] | None = None,
+        global_parts: Mapping[str, Any] | None = None,
     ) -> PendingSnapshot | None:
         """Reserve a host slot for ``state`` at ``step``; ``None`` when the slot policy skips it.
 
         ``first(name)`` selects tensors laid out at the front of the stream (e.g. those that
-        change before the next optimizer step and so must be copied at once).
+        change before the next optimizer step and so must be copied at once). ``global_parts``: tensor name
+        -> the :class:`~asymstore.globalmeta.Piece` (or pieces) of global tensors it holds (DTensors in the
+        state are described without it); recorded in the manifest (docs/format.md section 8.2).
         """
         step, user = validate.save_request(step, user)  # before a byte is written: int step, JSON user metadata
         self._check_open()
@@ -400,6 +408,10 @@ class Store:
         self._check_new_step(step)
         flat = state if isinstance(state, FlatState) else flatten(state)
         layout = _layout_of(flat, first)
+        if global_parts or flat.global_parts:
+            from .globalmeta import merge_parts
+
+            flat.global_parts = merge_parts(flat.global_parts, global_parts or {}, layout)
         try:
             slot = self.host.acquire(layout.total_bytes, step, policy=self.config.slot_policy)
         except SnapshotSlotsBusyError as e:
@@ -490,7 +502,13 @@ class Store:
             boost.close()
 
     def _mark_ready(self, snap: PendingSnapshot) -> None:
-        content = CheckpointContent(snap.layout, snap.flat.skeleton, tuple(snap.flat.numpy_names), snap.user)
+        content = CheckpointContent(
+            snap.layout,
+            snap.flat.skeleton,
+            tuple(snap.flat.numpy_names),
+            snap.user,
+            global_parts=snap.flat.global_parts,
+        )
         self.host.mark_ready(snap.slot, content=content, persisting=bool(self.tiers) or self.host.region is not None)
 
     def _persist(self, snap: PendingSnapshot, snap_s: float, copies_done: Callable[[], None] | None) -> SaveResult:
@@ -521,13 +539,24 @@ class Store:
         finally:
             self.host.mark_persisted(snap.slot)
 
-    def save(self, state: Any, step: int, *, blocking: bool = True, user: dict[str, Any] | None = None) -> SaveHandle:
+    def save(
+        self,
+        state: Any,
+        step: int,
+        *,
+        blocking: bool = True,
+        user: dict[str, Any] | None = None,
+        global_parts: Mapping[str, Any] | None = None,
+    ) -> SaveHandle:
         """Checkpoint ``state`` (nested dicts/lists of tensors and JSON-able values) as ``step``.
 
         The snapshot copy happens before this returns, so the caller may modify the tensors
         right after. ``blocking=False`` returns while persistence runs in the background.
+        ``global_parts``: which parts of global tensors the state's tensors hold (tensor name -> a
+        :class:`~asymstore.globalmeta.Piece` or a list of them; docs/elastic.md); DTensors are described
+        automatically.
         """
-        snap = self.begin_snapshot(state, step, user=user)
+        snap = self.begin_snapshot(state, step, user=user, global_parts=global_parts)
         if snap is None:
             fut: Future[SaveResult] = Future()
             fut.set_result(SaveResult(step, skipped=True))
@@ -553,9 +582,16 @@ class Store:
                 raise
         return handle
 
-    def save_async(self, state: Any, step: int, *, user: dict[str, Any] | None = None) -> SaveHandle:
+    def save_async(
+        self,
+        state: Any,
+        step: int,
+        *,
+        user: dict[str, Any] | None = None,
+        global_parts: Mapping[str, Any] | None = None,
+    ) -> SaveHandle:
         """``save(..., blocking=False)``: returns once the snapshot is in host memory."""
-        return self.save(state, step, blocking=False, user=user)
+        return self.save(state, step, blocking=False, user=user, global_parts=global_parts)
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait until every snapshot is durable on the first persistent tier; re-raise a failure."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from asymstore.backends import open_object_store, scheme_of
 from asymstore.backends.base import ObjectStore
 
-from . import catalog, claims, cleanup
+from . import catalog, claims, cleanup, globalmeta
 from .batch_plan import LatencyBandwidthModel
 from .compression import CodecDecisions
 from .config import Config, MiB
@@ -289,9 +289,13 @@ class PersistentTier:
         prefix = step_dir(step) + "/"
         for r in range(n):  # every rank's part is committed: their claims go before the step's marker counts them
             self.backend.delete(f"{rank_dir(step, r, n)}/{claims.CLAIM_KEY}")
+        index = globalmeta.step_index_bytes(self.backend, step, n, markers)  # the merged index, if described
         self.backend.put(prefix + GROUP_KEY, dumps(group_metadata({"asymstore": {"step": step, "ranks": n}})))
+        if index is not None:
+            self.backend.put(prefix + globalmeta.INDEX_KEY, index)
         self.backend.barrier(prefix)
-        if not self.backend.create_exclusive(prefix + COMMIT_KEY, global_commit_record(step, n, markers, raw)):
+        marker = global_commit_record(step, n, markers, raw, index=index)
+        if not self.backend.create_exclusive(prefix + COMMIT_KEY, marker):
             raise StepExistsError(f"step {step} is already committed on {self.name} ({self.url}/{prefix}{COMMIT_KEY})")
 
     def commit_info(self, step: int) -> dict[str, object]:

@@ -235,6 +235,11 @@ def manifest(d: Any, where: str, *, step: int | None = None) -> None:
     skeleton(d.get("skeleton"), names, where)
     if "user" in d and json_depth(c.obj(d["user"], "user"), MAX_DEPTH + 1) > MAX_DEPTH + 1:
         c.fail("user", f"nested more than {MAX_DEPTH} levels deep")
+    if "global_parts" in d:  # docs/format.md section 8.2
+        from .globalmeta import check_parts, parts_from_json
+
+        local = {e[0]: (e[1], tuple(e[2])) for e in d["layout"]["tensors"]}
+        check_parts(parts_from_json(d["global_parts"], where), local, where)
     if "lossy" in d:  # its content is checked when it is decoded (asymstore/excp.py)
         c.obj(d["lossy"], "lossy")
     C = c.integer(d.get("chunk_bytes"), "chunk_bytes", MIN_CHUNK_BYTES, MAX_CHUNK_BYTES)
@@ -499,6 +504,8 @@ def commit(body: Any, where: str, *, step: int | None = None) -> None:
             c.fail("shards_crc32c", f"its keys are not the ranks 0..{n - 1}")
         for r, v in crcs.items():
             c.crc(v, f"shards_crc32c[{r}]")
+        if "index_crc32c" in body:  # the step's INDEX object (section 9.3)
+            c.crc(body["index_crc32c"], "index_crc32c")
         if "delta_bases" in body:
             for i, b in enumerate(c.arr(body["delta_bases"], "delta_bases")):
                 c.opt_step(b, f"delta_bases[{i}]", s)

@@ -67,6 +67,8 @@ class CheckpointContent:
     user: Mapping[str, Any] = field(default_factory=dict)
     #: the manifest's ``lossy`` member of a lossy checkpoint (docs/format.md section 15)
     lossy: Mapping[str, Any] | None = None
+    #: tensor name -> the parts of global tensors it holds (:mod:`asymstore.globalmeta`); empty: none
+    global_parts: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "numpy_names", tuple(sorted(self.numpy_names)))
@@ -74,7 +76,13 @@ class CheckpointContent:
     @classmethod
     def of_manifest(cls, manifest: Manifest) -> CheckpointContent:
         """The content a committed checkpoint's manifest records."""
-        return cls(manifest.layout, manifest.skeleton, tuple(manifest.numpy_names), dict(manifest.user))
+        return cls(
+            manifest.layout,
+            manifest.skeleton,
+            tuple(manifest.numpy_names),
+            dict(manifest.user),
+            global_parts=dict(manifest.global_parts),
+        )
 
 
 @dataclass(frozen=True)

@@ -383,6 +383,7 @@ class CheckpointWriter:
             delta_base=report.delta_base,
             user=dict(content.user),
             lossy=dict(content.lossy) if content.lossy is not None else None,
+            global_parts=dict(content.global_parts),
         )
         array_meta: dict[str, bytes] = {}
         for label, spec in used.items():

@@ -184,6 +184,48 @@ def read_tensors(root: str, step: int, rank: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
+# --- spec §8.2, §9.3: global tensors from the parts every rank holds ------------------------------------
+def global_index(root: str, step: int) -> dict[str, Any]:
+    """The step's merged index: ``INDEX`` (crc32c in the global marker) or, without one, every rank's
+    ``global_parts`` merged (same JSON form: name -> {dtype, shape, parts: [[rank, local, off, kind, a, b]]})."""
+    d = step_path(root, step)
+    marker = read_marker(os.path.join(d, "COMMIT"))
+    if "index_crc32c" in marker:
+        raw = _read(os.path.join(d, "INDEX"))
+        if crc32c(raw) != marker["index_crc32c"]:
+            raise Refused(f"{d}/INDEX: checksum mismatch")
+        return dict(json.loads(raw)["tensors"])
+    tensors: dict[str, Any] = {}
+    for rank in range(int(marker.get("ranks", 1))):
+        for local, pieces in manifest(root, step, rank).get("global_parts", {}).items():
+            for name, dtype, shape, off, kind, a, b in pieces:
+                t = tensors.setdefault(name, {"dtype": dtype, "shape": shape, "parts": []})
+                t["parts"].append([rank, local, off, kind, a, b])
+    return tensors
+
+
+def read_global(root: str, step: int, name: str) -> np.ndarray:
+    """Global tensor ``name`` reassembled from the parts of every rank (replicas: the first copy wins)."""
+    t = global_index(root, step)[name]
+    shape = tuple(t["shape"])
+    out = np.zeros(shape, dtype=np.uint8)  # typed by the first part read (an empty tensor may have none)
+    cache: dict[int, dict[str, np.ndarray]] = {}
+    for i, (rank, local, off, kind, a, b) in enumerate(t["parts"]):
+        if rank not in cache:
+            cache[rank] = read_tensors(root, step, rank)
+        src = cache[rank][local].reshape(-1)
+        if i == 0:
+            out = out.astype(src.dtype)
+        if kind == "box":  # a box of the global tensor, stored C-order from element `off`
+            n = math.prod(b)
+            out[tuple(slice(o, o + k) for o, k in zip(a, b, strict=True))] = src[off : off + n].reshape(b)
+        elif kind == "flat":  # elements [a, a + b) of the flattened global tensor
+            out.reshape(-1)[a : a + b] = src[off : off + b]
+        else:
+            raise Refused(f"step {step}: unknown part kind {kind!r} of {name!r}")
+    return out
+
+
 # --- spec §8: the skeleton ---------------------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,8 @@ import torch
 from torch import nn
 
 from asymstore import dtypes
-from asymstore.errors import CheckpointFailedError, ConfigError
+from asymstore.errors import CheckpointFailedError, ConfigError, StateMismatchError, StepNotFoundError
+from asymstore.globalmeta import describe_dtensor, is_dtensor
 from asymstore.snapshot import dest_view
 from asymstore.snapshot_plan import (
     ReplanGate,
@@ -40,7 +42,7 @@ from asymstore.snapshot_plan import (
     plan_asymmetric,
     plan_uniform,
 )
-from asymstore.state import flatten
+from asymstore.state import _child, flatten, unflatten
 from asymstore.store import PendingSnapshot, SaveHandle, Store
 
 from .executor import CopyExecutor, CopyRecord, CudaCopyExecutor, make_executor
@@ -83,6 +85,42 @@ def set_rng_state(st: Mapping[str, Any]) -> None:
     torch.set_rng_state(st["torch"].to(torch.uint8).cpu().clone())
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([t.to(torch.uint8).cpu().clone() for t in st["cuda"]])
+
+
+_OPT_STATE = re.compile(r"^optimizers/(\d+)/state/(\d+)/")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard; any other tensor itself."""
+    return t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined]
+
+
+def _has_dtensor(v: Any) -> bool:
+    if is_dtensor(v):
+        return True
+    if isinstance(v, Mapping):
+        return any(_has_dtensor(x) for x in v.values())
+    if isinstance(v, (list, tuple)):
+        return any(_has_dtensor(x) for x in v)
+    return False
+
+
+def _dtensors_by_name(state: Any) -> dict[str, Any]:
+    """The DTensors of ``state`` by their tensor names (docs/format.md section 8.1)."""
+    out: dict[str, Any] = {}
+
+    def walk(v: Any, path: str) -> None:
+        if is_dtensor(v):
+            out.setdefault(path or "<root>", v)
+        elif isinstance(v, Mapping):
+            for k, x in v.items():
+                walk(x, _child(path, str(k)))
+        elif isinstance(v, (list, tuple)):
+            for i, x in enumerate(v):
+                walk(x, f"{path}/{i}")
+
+    walk(state, "")
+    return out
 
 
 def _tupleize(v: Any) -> Any:
@@ -172,6 +210,8 @@ class AsymCheckpointer:
         self._iterations = 0
         self.replans = 0
         self._reported: list[BaseException] = []  # background failures already raised to the user
+        #: what the last :meth:`resume` of a DTensor state read (step, saved ranks, world size, bytes ...)
+        self.last_resume: dict[str, Any] = {}
 
     # --- attach / detach ---------------------------------------------------------
     def attach(self) -> AsymCheckpointer:
@@ -235,13 +275,14 @@ class AsymCheckpointer:
         return st
 
     def _stable_ids(self) -> set[int]:
-        """Storages that only an optimizer step modifies: parameters and optimizer state."""
-        ids = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        """Storages that only an optimizer step modifies: parameters and optimizer state (of a DTensor: its
+        local shard, the tensor the snapshot copies)."""
+        ids = {_local(p).untyped_storage().data_ptr() for p in self.model.parameters()}
         for o in self.optimizers:
             for s in o.state.values():
                 for v in s.values():
                     if isinstance(v, torch.Tensor) and v.numel() > 0 and v.dim() > 0:
-                        ids.add(v.untyped_storage().data_ptr())
+                        ids.add(_local(v).untyped_storage().data_ptr())
         return ids
 
     # --- hooks -------------------------------------------------------------------
@@ -518,18 +559,91 @@ class AsymCheckpointer:
 
     # --- resume ------------------------------------------------------------------
     def resume(self, step: int | None = None) -> dict[str, Any]:
-        """Restore model, optimizers, scheduler, RNG states and the step; returns the extras."""
+        """Restore model, optimizers, scheduler, RNG states and the step; returns the extras.
+
+        A model whose state holds DTensors (FSDP2, tensor parallelism) is restored on any world size: each rank
+        reads only the parts of the global tensors its own DTensors hold (docs/elastic.md). On a changed world
+        size the per-rank RNG states are not restored (each rank keeps its own); everything else is."""
         self.store.discard_uncommitted()  # a crashed attempt's partial shards go before anything is saved again
-        restored = self.store.restore(step)
+        template = self.state()
+        if _has_dtensor(template):
+            restored = self._restore_global(step, template)
+        else:
+            restored = self.store.restore(step)
         self.model.load_state_dict(restored["model"])
         for o, s in zip(self.optimizers, restored["optimizers"], strict=False):
             o.load_state_dict(s)
         if self.scheduler is not None and "scheduler" in restored:
             self.scheduler.load_state_dict(restored["scheduler"])
-        set_rng_state(restored["rng"])
+        if "rng" in restored:
+            set_rng_state(restored["rng"])
         self.step = int(restored["step"])
         extras: dict[str, Any] = restored.get("extras", {})
         return extras
+
+    def _restore_global(self, step: int | None, template: dict[str, Any]) -> dict[str, Any]:
+        """The state of ``step`` (default: the newest) for this rank's DTensors, from the parts of every rank
+        that saved it; without ``rng`` when the world size changed."""
+        from asymstore import reshard
+
+        s = self.store.latest_step() if step is None else step
+        if s is None:
+            raise StepNotFoundError("no complete checkpoint on any tier")
+        index = reshard.load_index(self.store, s)
+        same = index.ranks == self.store.world_size
+        home = self.store.rank if same else 0  # the skeleton and the plain tensors: ours, else rank 0's
+        ck = self.store.open_checkpoint(s, rank=home)
+        opened = {home: ck}
+        dtensors = _dtensors_by_name(template)
+        params = [[p for g in o.param_groups for p in g["params"]] for o in self.optimizers]
+        targets: dict[str, tuple[Any, torch.Tensor]] = {}
+
+        def like(name: str) -> Any:
+            """The DTensor of this rank whose sharding the global tensor ``name`` takes."""
+            t = dtensors.get(name)
+            m = _OPT_STATE.match(name)
+            if t is None and m is not None:
+                i, pid = int(m.group(1)), int(m.group(2))
+                if i < len(params) and pid < len(params[i]):
+                    t = params[i][pid]
+            g = index.tensors[name]
+            if t is None or not is_dtensor(t) or tuple(t.shape) != g.shape:
+                raise StateMismatchError(
+                    f"step {s}: {name} is a part of a global {g.dtype} tensor {list(g.shape)}, and this model has "
+                    "no DTensor of that shape to restore it into"
+                )
+            return t
+
+        def tensor(name: str) -> torch.Tensor:
+            if name not in index.tensors:
+                return ck[name].read()
+            t = like(name)
+            local, piece = describe_dtensor(t.detach(), name)
+            out = torch.empty(local.shape, dtype=dtypes.from_name(index.tensors[name].dtype))
+            targets[name] = (piece.region, out)
+            return DTensor.from_local(
+                out, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride()
+            )
+
+        from torch.distributed.tensor import DTensor
+
+        restored: dict[str, Any] = unflatten(ck.skeleton, tensor)
+        stats = reshard.read_global(
+            self.store, s, targets, index=index, prefer_rank=self.store.rank if same else None, checkpoints=opened
+        )
+        log.info(
+            "step %s saved by %s ranks restored on %s: %s runs, %s stored bytes read from ranks %s",
+            s,
+            index.ranks,
+            self.store.world_size,
+            stats.runs,
+            stats.bytes,
+            stats.ranks,
+        )
+        self.last_resume = {"step": s, "saved_ranks": index.ranks, "world_size": self.store.world_size, **vars(stats)}
+        if not same:
+            restored.pop("rng", None)  # per-rank states of other ranks: each rank keeps its own
+        return restored
 
     # --- reporting ---------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
