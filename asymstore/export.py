@@ -258,10 +258,14 @@ def open_step(
                 "chunks (a rank holds parts of tensors only); leave --rank out"
             )
         return _dcp_contents(backend, step, n, r0, sep)
-    if ranks == "all":
-        index = _global_index(backend, step)
-        if index is not None:
-            return _global_contents(backend, step, n, r0, index, sep)
+    index = _global_index(backend, step)
+    if index is not None:
+        if ranks != "all" and n > 1:
+            raise ConsolidationError(
+                f"step {step} of {backend.url} records global tensors its ranks hold parts of: they are "
+                "consolidated from every rank (a rank alone holds parts of them only); leave --rank out"
+            )
+        return _global_contents(backend, step, n, r0, index, sep)
     if isinstance(ranks, int) and ranks != 0:
         r0 = catalog.open_reader(backend, step, rank=ranks)
     m = r0.manifest

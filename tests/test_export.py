@@ -292,3 +292,4 @@ def test_store_step_of_dtensors_with_global_metadata_exports_full_tensors(tmp_pa
     assert cli(["-q", "export", url, str(tmp_path / "hf"), "--hf"]) == 0
     got = safetensors_torch.load_file(str(tmp_path / "hf" / "model.safetensors"))
     assert set(got) == set(sd) and all(torch.equal(got[k], v) for k, v in sd.items())
+    assert cli(["-q", "export", url, str(tmp_path / "r1.safetensors"), "--rank", "1"]) == 1  # a rank holds parts
