@@ -92,6 +92,20 @@ class LazyTensor:
             self._src.read_range_into(self.entry.offset + start, self.entry.offset + end, buf.numpy().data)
         return buf[: end - start]
 
+    def read_flat_into(self, start: int, out: torch.Tensor) -> None:
+        """Read elements ``[start, start + out.numel())`` of the flattened tensor straight into ``out``
+        (a contiguous CPU tensor of the same dtype), touching only the chunks that hold them."""
+        n = out.numel()
+        if out.dtype != self.dtype or not out.is_contiguous() or out.device.type != "cpu":
+            raise ValueError(f"{self.name}: read_flat_into needs a contiguous CPU {self.dtype} tensor, got {out.dtype}")
+        if start < 0 or start + n > math.prod(self.shape):
+            raise IndexError(f"{self.name}: elements [{start}, {start + n}) out of {math.prod(self.shape)}")
+        if n:
+            raw = out.detach().reshape(-1).view(torch.uint8).numpy()
+            self._src.read_range_into(
+                self.entry.offset + start * self.itemsize, self.entry.offset + (start + n) * self.itemsize, raw.data
+            )
+
     def read(self) -> torch.Tensor:
         """The whole tensor (a new CPU tensor)."""
         raw = self._read_bytes(0, self.nbytes)

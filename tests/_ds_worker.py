@@ -120,6 +120,90 @@ def reference_state(engine: Any) -> dict[str, Any]:
     return ref
 
 
+def batch_e(step: int, rank: int, d: int = D) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch that depends on (step, rank) only (no global RNG: it is not carried across world sizes)."""
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    x = torch.randn(BATCH, d, generator=g)
+    return x, x.sum(dim=1, keepdim=True).tanh()
+
+
+def train_step_e(engine: Any, step: int, rank: int) -> float:
+    x, y = batch_e(step, rank)
+    loss = ((engine(x) - y) ** 2).mean()
+    engine.backward(loss)
+    engine.step()
+    return float(loss.item())
+
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def full_reference(engine: Any) -> dict[str, Any]:
+    """The world-size independent state through DeepSpeed's own accessors (collective): per parameter the
+    full low-precision value, fp32 master and Adam moments, plus counters, scheduler, optimizer step.
+
+    Stage 1/2: each rank's fragments (DeepSpeed's ``_hp_mapping``: the parameter range and the views of
+    the fp32 partition and its optimizer state) are gathered as they are, so the assembly is bit-exact;
+    stage 3: DeepSpeed's ``safe_get_full_*`` (an all-gather of the partitions)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    stage = int(engine.zero_optimization_stage())
+    named = list(engine.module.named_parameters())
+    eo = engine.optimizer
+    inner = eo.optimizer
+    masters = list(eo.single_partition_of_fp32_groups if stage in (1, 2) else eo.fp32_partitioned_groups_flat)
+    opt_step = [inner.state[m]["step"].clone() if "step" in inner.state.get(m, {}) else None for m in masters]
+    ref: dict[str, Any] = {
+        "global_steps": engine.global_steps,
+        "global_samples": engine.global_samples,
+        "skipped_steps": engine.skipped_steps,
+        "scheduler": copy.deepcopy(engine.lr_scheduler.state_dict()),
+        "lr": [g["lr"] for g in inner.param_groups],
+        "opt_step": opt_step[0],
+        "lp": {},
+        "fp32": {},
+        **{k: {} for k in MOMENTS},
+    }
+    if stage in (1, 2):
+        mine: dict[str, Any] = {}
+        for n, p in named:
+            hm = p._hp_mapping
+            if hm is None:
+                continue
+            a = hm.lp_fragment_address
+            mine[n] = (
+                int(a.start),
+                int(a.numel),
+                {k: hm.get_hp_fragment(None if k == "fp32" else k).detach().clone() for k in ("fp32", *MOMENTS)},
+            )
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, mine)
+        for n, p in named:
+            ref["lp"][n] = p.data.detach().clone()
+            for k in ("fp32", *MOMENTS):
+                full = torch.zeros(p.numel(), dtype=torch.float32)
+                covered = 0
+                for part in parts:
+                    if n in part:
+                        start, numel, frags = part[n]
+                        full[start : start + numel] = frags[k]
+                        covered += numel
+                assert covered == p.numel(), (n, covered, p.numel())
+                ref[k][n] = full.view(p.shape)
+    else:
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        for n, p in named:
+            ref["fp32"][n] = safe_get_full_fp32_param(p).detach().clone()
+            for k in MOMENTS:
+                ref[k][n] = safe_get_full_optimizer_state(p, k).detach().clone()
+        with deepspeed.zero.GatheredParameters([p for _, p in named]):
+            for n, p in named:
+                ref["lp"][n] = p.data.detach().clone()
+    return ref
+
+
 def open_store(root: str, rank: int, world: int, kill_step: int | None = None) -> Any:
     from asymstore.backends.local import LocalObjectStore
     from asymstore.manifest import rank_dir
@@ -199,6 +283,41 @@ def main() -> None:
             {"ref": ref, "got": got, "path": path, "loss": next_loss, "loss2": loss2}, out / f"ckengine_r{rank}.pt"
         )
         store.close()
+    elif mode == "etrain":  # train `steps` steps at this world size; the reference state after step `steps`
+        engine = make_engine(stage)
+        store = open_store(args["store"], rank, world)
+        ck = DeepSpeedAsymCheckpointer(engine, store, every=1, warmup=1)
+        losses = {}
+        with ck:  # checkpoints of steps 1..steps (the last one completes when the checkpointer detaches)
+            for s in range(1, args["steps"] + 1):
+                losses[s] = train_step_e(engine, s, rank)
+        ref = full_reference(engine)
+        if rank == 0:
+            torch.save(ref, out / "eref_save.pt")
+        s = args["steps"] + 1  # the next step's loss: a forward pass on the saved parameters
+        losses[s] = train_step_e(engine, s, rank)
+        store.close()
+        (out / f"etrain_r{rank}.json").write_text(json.dumps(losses))
+    elif mode == "eresume":  # restore step `step` on this world size; reference state; train `more` steps
+        import time
+
+        engine = make_engine(stage, seed=123)  # a different initial state: everything must come from the store
+        store = open_store(args["store"], rank, world)
+        ck = DeepSpeedAsymCheckpointer(engine, store, every=1, warmup=1)
+        t0 = time.perf_counter()
+        ck.resume()  # the newest step complete on every saved rank
+        assert ck.step == args["step"], (ck.step, args["step"])
+        resume_s = time.perf_counter() - t0
+        ref = full_reference(engine)
+        if rank == 0:
+            torch.save(ref, out / f"eref_resume_w{world}.pt")
+        losses = {}
+        with ck:
+            for s in range(args["step"] + 1, args["step"] + 1 + args["more"]):
+                losses[s] = train_step_e(engine, s, rank)
+        store.close()
+        rep = dict(ck.resume_report, resume_s=resume_s)
+        (out / f"eresume_w{world}_r{rank}.json").write_text(json.dumps({"losses": losses, "report": rep}))
     else:
         raise SystemExit(f"unknown mode {mode}")
 

@@ -193,3 +193,52 @@ def test_checkpoint_engine_roundtrip_stage2(tmp_path: Path) -> None:
         assert json.loads(f.read_text())["format"].startswith("asymstore-deepspeed-pointer")
     assert (tmp_path / "ds" / "latest").read_text() == "global_step3"
     assert (tmp_path / "ckpt" / "step_000000000003" / "COMMIT").exists()
+
+
+def test_deepspeed_tools_on_engine_steps(tmp_path: Path) -> None:
+    """DeepSpeed's offline tools fail on the pointer files; on the materialised directory of the same step
+    they run (zero_to_fp32, ds_to_universal), and asymstore's fp32_state_dict gives the same tensors."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from asymstore.errors import AsymstoreError
+    from asymstore.trainer_hooks.deepspeed_tools import fp32_state_dict, main, materialize_deepspeed_dir
+
+    args = {"out": str(tmp_path), "store": str(tmp_path / "ckpt"), "save_dir": str(tmp_path / "ds"), "stage": 2}
+    wait_all(launch("ckengine", args, tmp_path), tmp_path, "ckengine")
+    with pytest.raises(Exception, match="load key"):  # the JSON pointers are not torch.save files
+        get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "ds"))
+    out = tmp_path / "materialized"
+    assert main(["materialize", str(tmp_path / "ckpt"), str(out)]) == 0
+    assert (out / "latest").read_text() == "global_step3"
+    theirs = get_fp32_state_dict_from_zero_checkpoint(str(out))
+    ours = fp32_state_dict(str(tmp_path / "ckpt"))
+    assert_same(dict(theirs), ours, "fp32")
+    module = torch.load(tmp_path / "ckengine_r0.pt", weights_only=False)["ref"]["module"]
+    assert_same({k: ours[k] for k in module}, module, "vs the trained fp32 module")  # fp32 engine: lp == master
+    with pytest.raises(AsymstoreError):
+        materialize_deepspeed_dir(str(tmp_path / "ckpt"), tmp_path / "again", step=2)  # no such step
+    uni = tmp_path / "universal"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(out / "global_step3"),
+            "--output_folder",
+            str(uni),
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for name, t in module.items():
+        got = torch.load(uni / "zero" / name / "fp32.pt", weights_only=False)
+        got = got["param"] if isinstance(got, dict) else got
+        assert torch.equal(got.view(t.shape), t), name

@@ -45,9 +45,11 @@ import torch
 
 from asymstore.errors import ConfigError, StateMismatchError, StepNotFoundError, UnsupportedValueError
 from asymstore.files import atomic_file
-from asymstore.state import flatten
+from asymstore.lazy import LazyTensor
+from asymstore.state import flatten, unflatten
 from asymstore.store import Store
 
+from .deepspeed_elastic import check_layout, fill_partition, plan_reads, zero_layout
 from .torch_hooks import AsymCheckpointer, Strategy, rng_state, set_rng_state
 
 log = logging.getLogger("asymstore.hooks.deepspeed")
@@ -71,6 +73,24 @@ def _dist() -> Any:
     import torch.distributed as td
 
     return td if td.is_available() and td.is_initialized() else None
+
+
+def _read_lazy(v: Any) -> Any:
+    """``v`` with every lazy tensor in it read."""
+    if isinstance(v, LazyTensor):
+        return v.read()
+    if isinstance(v, dict):
+        return {k: _read_lazy(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_read_lazy(x) for x in v]
+    if isinstance(v, tuple):
+        return tuple(_read_lazy(x) for x in v)
+    return v
+
+
+def _lazy_fetch(ck: Any) -> Callable[[str], Any]:
+    """A tensor fetcher for :func:`asymstore.state.unflatten` that returns lazy tensors (read on demand)."""
+    return lambda name: ck[name]
 
 
 def base_optimizer(engine: Any) -> torch.optim.Optimizer:
@@ -143,6 +163,8 @@ class DeepSpeedAsymCheckpointer(AsymCheckpointer):
             )
         self.inner = base_optimizer(engine)
         self._in_step = False
+        self._layout: dict[str, Any] | None = None
+        self.resume_report: dict[str, Any] = {}
         super().__init__(
             engine.module,
             self.inner,
@@ -213,12 +235,15 @@ class DeepSpeedAsymCheckpointer(AsymCheckpointer):
             return st
         masters = self.master_partitions()
         st["buffers"] = dict(self.model.named_buffers())
+        if self._layout is None:  # static for the engine's life: which parameter ranges each partition holds
+            self._layout = zero_layout(e)
         st["zero"] = {
             "lp": self.lp_partitions(),
             "fp32": masters,
             "optimizer_state": [dict(self.inner.state.get(p, {})) for p in masters],
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.inner.param_groups],
             "loss_scaler": self._loss_scaler(),
+            "layout": self._layout,
         }
         return st
 
@@ -281,42 +306,153 @@ class DeepSpeedAsymCheckpointer(AsymCheckpointer):
         return s
 
     def resume(self, step: int | None = None) -> dict[str, Any]:
-        """Restore this rank's part of ``step`` (default: the newest complete one) into the engine.
+        """Restore ``step`` (default: the newest complete one) into the engine, on any world size.
 
         Collective: every rank calls it. Parts of newer, uncommitted steps left by the crashed run are
         removed (each rank its own), so that saving those steps again starts clean.
+
+        On the world size the step was saved with, each rank reads its own part (one stream). On another
+        world size (ZeRO 1-3; the ZeRO stage must be the same), each rank computes from its engine which
+        flat ranges of which parameters its partitions hold and reads only those byte ranges of the saved
+        ranks' partitions (lazily, from the fastest copy of each part), filling bit-exactly:
+
+        * the low-precision parameter partitions (then all-gathered as DeepSpeed does after a load),
+        * the fp32 master partitions and every partition-shaped optimizer state tensor (``exp_avg``,
+          ``exp_avg_sq``, ...; padding elements are zero),
+
+        and from rank 0's part: the optimizer's scalar state (``step``) and hyper-parameters, the lr
+        scheduler, the engine counters (``global_steps``, ``global_samples``, ``skipped_steps``,
+        ``micro_steps``), the loss scaler's numbers, module buffers and ``extras`` (returned). Not
+        carried over to another world size, as with DeepSpeed's universal checkpoint: the per-rank RNG
+        states (each rank keeps its own; they are restored on the same world size only) and the per-rank
+        ``extras`` of ranks other than 0. ZeRO stage 0 (replicated state) restores rank 0's part on any
+        world size. What was read is in :attr:`resume_report`.
         """
         e = self.engine
+        t0 = time.perf_counter()
         if step is None:
             step = self.agreed_latest_step()
-        restored = self.store.restore(step)
-        ds = restored.get("deepspeed", {})
-        want = {"zero_stage": self.stage, "world_size": self.store.world_size, "rank": self.store.rank}
-        if ds != want:
+        head = self.store.open_checkpoint(step, rank=0)
+        saved = head.skeleton.get("deepspeed", {}) if isinstance(head.skeleton, dict) else {}
+        if not isinstance(saved, dict) or "zero_stage" not in saved or "world_size" not in saved:
+            raise StateMismatchError(f"step {step} was not saved by DeepSpeedAsymCheckpointer")
+        if int(saved["zero_stage"]) != self.stage:
             raise StateMismatchError(
-                f"step {step} was saved as {ds}, this engine is {want}: the asymmetric "
-                "DeepSpeed snapshots restore on the same ZeRO stage and world size only"
+                f"step {step} was saved at ZeRO stage {saved['zero_stage']}, this engine is stage {self.stage}: "
+                "restore on the same ZeRO stage"
             )
+        saved_world = int(saved["world_size"])
+        same_world = saved_world == self.store.world_size
         if self.stage == 3 and hasattr(e.optimizer, "checkpoint_event_prologue"):
             e.optimizer.checkpoint_event_prologue()  # all parameters partitioned, as load_checkpoint does
+        bytes_read = 0
         with torch.no_grad():
-            if self.stage == 0:
-                self.model.load_state_dict(restored["model"])
-                self.inner.load_state_dict(restored["optimizers"][0])
+            if same_world or self.stage == 0:
+                restored = self.store.restore(step, rank=None if same_world else 0)
+                ds = restored.get("deepspeed", {})
+                want = {"zero_stage": self.stage, "world_size": saved_world, "rank": self.store.rank}
+                if same_world and ds != want:
+                    raise StateMismatchError(f"step {step}: this rank's part was saved as {ds}, expected {want}")
+                if self.stage == 0:
+                    self.model.load_state_dict(restored["model"])
+                    self.inner.load_state_dict(restored["optimizers"][0])
+                else:
+                    self._load_zero(restored, step)
+                rep = self.store.last_restore
+                source = rep.tier if rep is not None else "?"
             else:
-                self._load_zero(restored, step)
+                restored, bytes_read, source = self._load_elastic(step, head, saved_world)
         if self.scheduler is not None and "scheduler" in restored:
             self.scheduler.load_state_dict(restored["scheduler"])
         for k, v in restored["engine"].items():
             setattr(e, k, int(v))
-        set_rng_state(restored["rng"])
+        if same_world:
+            set_rng_state(restored["rng"])
         self.step = int(restored["step"])
         self._discard_uncommitted_after(step)
         d = _dist()
         if d is not None:
             d.barrier()
+        self.resume_report = {
+            "step": step,
+            "saved_world_size": saved_world,
+            "world_size": self.store.world_size,
+            "resharded": not same_world and self.stage > 0,
+            "bytes_read": bytes_read,
+            "source": source,
+            "seconds": time.perf_counter() - t0,
+        }
         extras: dict[str, Any] = restored.get("extras", {})
         return extras
+
+    def _load_elastic(self, step: int, head: Any, saved_world: int) -> tuple[dict[str, Any], int, str]:
+        """Fill this rank's partitions from ranged reads of the ``saved_world`` saved ranks' partitions;
+        returns rank 0's non-partition state, the stored bytes read and where they came from."""
+        cks = [head] + [self.store.open_checkpoint(step, rank=r) for r in range(1, saved_world)]
+        trees: list[Any] = [unflatten(ck.skeleton, _lazy_fetch(ck)) for ck in cks]
+        layouts = [check_layout(t["zero"].get("layout"), f"step {step} rank {r}") for r, t in enumerate(trees)]
+        mine = zero_layout(self.engine)
+        plans = plan_reads(mine, layouts, what=f"step {step}")
+        lp, masters = self.lp_partitions(), self.master_partitions()
+        if len(plans) != len(masters):
+            raise StateMismatchError(f"step {step}: {len(plans)} partition layouts, the engine has {len(masters)}")
+
+        def part(key: str) -> Callable[[int, int], Any]:
+            return lambda r, g: trees[r]["zero"][key][g]
+
+        for i, copies in enumerate(plans):
+            fill_partition(lp[i], copies, part("lp"), what=f"step {step} lp partition {i}")
+            fill_partition(masters[i], copies, part("fp32"), what=f"step {step} fp32 partition {i}")
+            r0, g0 = (copies[0].rank, copies[0].group) if copies else (0, min(i, len(layouts[0]["groups"]) - 1))
+            ref = trees[r0]["zero"]["optimizer_state"][g0]
+            ref_numel = int(layouts[r0]["groups"][g0]["numel"])
+            new_state: dict[str, Any] = {}
+            for key, v in ref.items():
+                if isinstance(v, LazyTensor) and v.ndim == 1 and len(v) == ref_numel:
+                    t = torch.empty(masters[i].numel(), dtype=v.dtype)
+
+                    def moment(r: int, g: int, key: str = key) -> Any:
+                        return trees[r]["zero"]["optimizer_state"][g][key]
+
+                    fill_partition(t, copies, moment, what=f"step {step} optimizer state {key!r} of partition {i}")
+                    new_state[key] = t
+                else:
+                    new_state[key] = _read_lazy(v)
+            self.inner.state[masters[i]] = new_state
+        z0 = trees[0]["zero"]
+        for g, saved in zip(self.inner.param_groups, _read_lazy(z0["param_groups"]), strict=False):
+            g.update(saved)
+        bufs = dict(self.model.named_buffers())
+        for name, b in trees[0].get("buffers", {}).items():
+            if name in bufs:
+                bufs[name].copy_(b.read())
+        sc = getattr(self.engine.optimizer, "loss_scaler", None)
+        for k, v in z0.get("loss_scaler", {}).items():
+            setattr(sc, k, v)
+        self._gather_after_load()
+        rest = {k: _read_lazy(trees[0][k]) for k in ("engine", "step", "extras", "scheduler") if k in trees[0]}
+        sources = sorted({type(ck.source).__name__ for ck in cks})
+        return rest, sum(ck.bytes_read for ck in cks), ",".join(sources)
+
+    def _gather_after_load(self) -> None:
+        """Every rank restored its partitions: rebuild the full parameters as DeepSpeed's load does."""
+        eo = self.engine.optimizer
+        if hasattr(eo, "_hp_optimizer_states_linked"):
+            eo._hp_optimizer_states_linked = False  # the optimizer state tensors were replaced: link again
+            if hasattr(eo, "_lazy_init_hp_params_optimizer_state"):
+                eo._lazy_init_hp_params_optimizer_state()
+        if self.stage in (1, 2):
+            from deepspeed.runtime.utils import all_gather_dp_groups
+
+            all_gather_dp_groups(
+                groups_flat=eo.bit16_groups_flat,
+                partitioned_param_groups=eo.parallel_partitioned_bit16_groups,
+                dp_process_group=eo.real_dp_process_group,
+                start_alignment_factor=eo.nccl_start_alignment_factor,
+                allgather_bucket_size=eo.allgather_bucket_size,
+            )
+        elif hasattr(eo, "checkpoint_event_epilogue"):
+            eo.checkpoint_event_epilogue()  # persistent (never partitioned) parameters are gathered again
 
     def _load_zero(self, restored: Mapping[str, Any], step: int) -> None:
         z = restored["zero"]
@@ -341,19 +477,7 @@ class DeepSpeedAsymCheckpointer(AsymCheckpointer):
         sc = getattr(self.engine.optimizer, "loss_scaler", None)
         for k, v in z.get("loss_scaler", {}).items():
             setattr(sc, k, v)
-        eo = self.engine.optimizer
-        if self.stage in (1, 2):  # every rank restored its partition: gather the full parameters
-            from deepspeed.runtime.utils import all_gather_dp_groups
-
-            all_gather_dp_groups(
-                groups_flat=eo.bit16_groups_flat,
-                partitioned_param_groups=eo.parallel_partitioned_bit16_groups,
-                dp_process_group=eo.real_dp_process_group,
-                start_alignment_factor=eo.nccl_start_alignment_factor,
-                allgather_bucket_size=eo.allgather_bucket_size,
-            )
-        elif hasattr(eo, "checkpoint_event_epilogue"):
-            eo.checkpoint_event_epilogue()  # persistent (never partitioned) parameters are gathered again
+        self._gather_after_load()
 
     def _discard_uncommitted_after(self, step: int) -> None:
         """Remove this rank's objects of uncommitted steps newer than ``step`` (the crashed run's attempts)."""
