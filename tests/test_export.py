@@ -14,7 +14,15 @@ import torch
 import asymstore
 from asymstore import Store
 from asymstore.cli import main as cli
-from asymstore.export import ConsolidationError, consolidate, dcp_to_torch_save, open_step, parse_size, tensor_paths
+from asymstore.export import (
+    ConsolidationError,
+    consolidate,
+    dcp_to_torch_save,
+    export_safetensors,
+    open_step,
+    parse_size,
+    tensor_paths,
+)
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 SMALL = {"chunk_bytes": 64 * 1024, "partition_bytes": 256 * 1024, "compression": "none", "host_memory": "private"}
@@ -93,6 +101,25 @@ def test_json_summary_and_option_errors(tmp_path: Path, capsys: pytest.CaptureFi
     assert cli(["-q", "export", root, str(tmp_path / "m"), "--hf", "--force"]) == 0
     assert cli(["-q", "export", root, str(tmp_path / "x.safetensors"), "--config", "c.json"]) == 2  # needs --hf
     assert cli(["-q", "export", root, str(tmp_path / "m"), "--hf", "--force", "--max-shard-size", "lots"]) == 1
+    (tmp_path / "gen.json").write_text('{"max_new_tokens": 5}')
+    (tmp_path / "bad.json").write_text("{not json")
+    args = [
+        "-q",
+        "export",
+        root,
+        str(tmp_path / "m"),
+        "--hf",
+        "--force",
+        "--generation-config",
+        str(tmp_path / "gen.json"),
+    ]
+    assert cli(args) == 0 and json.loads((tmp_path / "m" / "generation_config.json").read_text()) == {
+        "max_new_tokens": 5
+    }
+    assert cli([*args, "--config", str(tmp_path / "bad.json")]) == 1
+    doc = export_safetensors(root, tmp_path / "lib.safetensors", filters=["optim.*"])  # the library call
+    assert [t["name"] for t in doc["tensors"]] == ["optim.state.0.exp_avg"]
+    assert set(safetensors_torch.load_file(str(tmp_path / "lib.safetensors"))) == {"optim.state.0.exp_avg"}
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 << 20 and parse_size("1.5KB") == 1500
 
 
