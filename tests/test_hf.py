@@ -145,7 +145,6 @@ def _wait(p: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:
     "every, kill_at, grad_acc",
     [
         pytest.param(4, 10, 2, id="mid-epoch"),  # resume from 8: epoch 1, 2 of its 6 updates done (4 batches)
-        pytest.param(6, 8, 1, id="mid-epoch-no-accumulation"),  # 12 updates per epoch: from 6, 6 batches in
     ],
 )
 def test_sigkill_then_exact_resume_gives_identical_losses(tmp_path, every, kill_at, grad_acc):
