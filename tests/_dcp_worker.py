@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     if mode == "store-save":
         import asymstore
 
-        model = {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in ref.items()}
+        model: dict[str, torch.Tensor] = {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in ref.items()}
         model["tied"] = model["w"]
         model["buf"] = torch.arange(5)
         with asymstore.Store([url], rank=rank, world_size=n, host_memory="private") as s:
