@@ -228,3 +228,34 @@ def test_auto_writes_a_nearly_unchanged_step_as_a_delta_under_load(monkeypatch) 
     assert [r.delta_base for r in reps] == [None, 1, 1, 1, None]  # bases only where the cadence asks
     for r in reps[1:4]:
         assert r.stored_bytes * 10 <= r.raw_bytes, (r.stored_bytes, r.raw_bytes)
+
+
+def test_remembered_codec_choices_never_hide_a_small_delta(monkeypatch) -> None:
+    """Codec choices are reused across checkpoints, but not where a delta base is offered: a step that
+    changed everything (its delta did not pay, raw was remembered) must not make the next, nearly unchanged
+    one full."""
+    import dataclasses
+
+    import asymstore.writer as writer_mod
+
+    real = writer_mod.measure_candidates
+    monkeypatch.setattr(
+        writer_mod,
+        "measure_candidates",
+        lambda *a, **k: [dataclasses.replace(e, encode_bw=e.encode_bw / 1000) for e in real(*a, **k)],
+    )
+    tier = SlowTier(f"memory://fast-{uuid.uuid4().hex}")
+    tier.bytes_per_s = 2e9
+    tier.capabilities = REMOTE
+    rng = np.random.default_rng(3)
+    first = torch.from_numpy(rng.standard_normal(1 << 20).astype(np.float32))
+    with Store([tier], chunk_bytes=1 << 16, partition_bytes=1 << 20, delta_every=8, codec_reuse=8) as s:
+        s.save({"w": first}, 1).result()
+        other = torch.from_numpy(rng.standard_normal(1 << 20).astype(np.float32))
+        r2 = s.save({"w": other}, 2).result().reports["memory"]  # all changed: full, the new base
+        near = other.clone()
+        near[7] += 1.0
+        r3 = s.save({"w": near}, 3).result().reports["memory"]
+        assert_bitequal(s.restore(3), {"w": near})
+    assert r2.delta_base is None
+    assert r3.delta_base == 2 and r3.stored_bytes * 10 <= r3.raw_bytes
