@@ -2,7 +2,7 @@
 
 tests/test_fsdp_elastic.py forks the ranks (``main(argv)``, torch already imported). Modes (JSON argument):
 
-``train``: an FSDP2 (``fully_shard``) MLP with odd sizes (uneven shards) trained data-parallel with AdamW and a
+``train``: an FSDP2 (``fully_shard``) MLP with odd sizes (uneven shards, an empty one on 4 ranks) trained data-parallel with AdamW and a
 StepLR under :class:`AsymCheckpointer` (``every`` steps, asymmetric snapshots); after the checkpoint step it
 writes the digests of the full state (parameters, AdamW ``exp_avg``/``exp_avg_sq``/``step``, scheduler) and the
 loss of every step. ``resume``: the same model on this world size, ``ck.resume()``, the digests of the restored
@@ -47,7 +47,7 @@ def digest(t: torch.Tensor) -> str:
 
 def build(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(7, 13), nn.Tanh(), nn.Linear(13, 5), nn.Tanh(), nn.Linear(5, 3))
+    model = nn.Sequential(nn.Linear(7, 257), nn.Tanh(), nn.Linear(257, 129), nn.Tanh(), nn.Linear(129, 3))
     n = dist.get_world_size()
     mesh = init_device_mesh("cpu", (n,))
     for layer in model:
@@ -105,6 +105,7 @@ def open_store(url: str) -> asymstore.Store:
         commit_timeout_s=60.0,
         compression="none",
         host_memory="private",
+        chunk_bytes=4096,  # small chunks: a rank reading part of a shard fetches only part of it
     )
 
 
