@@ -208,3 +208,121 @@ def test_json_round_trip_and_hostile_json():
     idx["tensors"]["t"]["parts"][0][0] = 1
     with pytest.raises(CorruptCheckpointError, match=r"INDEX: invalid tensors\['t'\].parts\[0\].rank: 1 is above 0"):
         gm.GlobalIndex.from_json(idx, "INDEX")
+
+
+# --- in the format: manifests, INDEX, validation ------------------------------------------------------------
+def _two_rank_save(url, parts_of, step=1):
+    """Ranks 0 and 1 of one step saved by two stores of this process (threads): rank r saves ``{"flat": ...}``
+    with ``global_parts=parts_of(r)``. Returns each rank's exception (or None)."""
+    import threading
+
+    import torch
+
+    import asymstore
+
+    errors = [None, None]
+
+    def run(r):
+        try:
+            with asymstore.Store(
+                [url], rank=r, world_size=2, host_memory="private", compression="none", commit_timeout_s=20
+            ) as st:
+                st.save({"flat": torch.arange(6, dtype=torch.float32) + 6 * r}, step, global_parts=parts_of(r))
+        except Exception as e:
+            errors[r] = e
+
+    th = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
+    for t in th:
+        t.start()
+    for t in th:
+        t.join(60)
+    return errors
+
+
+def test_flat_ranges_given_to_save_make_an_index(tmp_path):
+    """ZeRO-like: each rank's flat partition holds pieces of two parameters; the step's INDEX merges them."""
+    from tests import plain_zarr_reader as plain
+
+    def parts(r):  # a (3, 2) parameter then a (6,) one, flattened back to back, 6 elements per rank
+        if r == 0:
+            return {"flat": [gm.Piece("a", "float32", (3, 2), gm.FlatRange(0, 6))]}
+        return {"flat": [gm.Piece("b", "float32", (6,), gm.FlatRange(0, 6))]}
+
+    url = str(tmp_path / "ck")
+    assert _two_rank_save(url, parts) == [None, None]
+    idx = gm.load_index(__import__("asymstore").backends.open_object_store(url), 1)
+    assert {n: (g.shape, [(p.rank, p.local_name) for p in g.parts]) for n, g in idx.tensors.items()} == {
+        "a": ((3, 2), [(0, "flat")]),
+        "b": ((6,), [(1, "flat")]),
+    }
+    assert plain.read_global(url, 1, "a").tolist() == [[0, 1], [2, 3], [4, 5]]
+    assert plain.read_global(url, 1, "b").tolist() == [6, 7, 8, 9, 10, 11]
+    step_dir = tmp_path / "ck" / "step_000000000001"
+    files = [p for p in step_dir.rglob("*") if p.is_file()]
+    assert (step_dir / "INDEX") in files
+    assert plain.read_marker(str(step_dir / "COMMIT"))["objects"] == len(files)  # INDEX counted
+
+
+def test_parts_that_do_not_cover_a_tensor_do_not_commit(tmp_path):
+    import asymstore
+
+    def parts(r):  # both ranks claim the first half of "a": the second half is never stored
+        return (
+            {"flat": [gm.Piece("a", "float32", (12,), gm.FlatRange(0, 6))]}
+            if r == 0
+            else {"flat": [gm.Piece("a", "float32", (12,), gm.FlatRange(3, 6))]}
+        )
+
+    url = str(tmp_path / "ck")
+    errors = _two_rank_save(url, parts)
+    assert errors[1] is None
+    assert "overlap without being identical" in str(errors[0])
+    with asymstore.open_store(url) as st:
+        assert st.steps() == []
+
+
+def test_single_rank_manifests_without_global_tensors_are_unchanged(tmp_path):
+    import torch
+
+    import asymstore
+    from tests import plain_zarr_reader as plain
+
+    url = str(tmp_path / "ck")
+    with asymstore.Store([url], host_memory="private") as st:
+        st.save({"w": torch.ones(3)}, 1)
+        st.save({"w": torch.ones(4)}, 2, global_parts={"w": gm.Piece("W", "float32", (8,), gm.FlatRange(4, 4))})
+        assert torch.equal(st.restore(2)["w"], torch.ones(4))  # the local tensor, as stored
+        with pytest.raises(ConfigError, match=r"global_parts\['w'\]: piece 0 is bfloat16, the stored tensor float32"):
+            st.save({"w": torch.ones(4)}, 3, global_parts={"w": gm.Piece("W", "bfloat16", (8,), gm.FlatRange(4, 4))})
+    assert "global_parts" not in plain.manifest(url, 1)
+    assert list(plain.manifest(url, 1))[-1] == "user"  # no new member, the order of section 4
+    assert plain.manifest(url, 2)["global_parts"] == {"w": [["W", "float32", [8], 0, "flat", 4, 4]]}
+    with pytest.raises(CorruptCheckpointError, match=r"hold 4 elements.*has 8"):  # half of W: not an index
+        gm.load_index(asymstore.backends.open_object_store(url), 2)
+
+
+def test_hostile_global_parts_are_refused_naming_the_member(tmp_path):
+    import copy
+
+    import torch
+
+    import asymstore
+    from asymstore import validate
+    from tests import plain_zarr_reader as plain
+
+    url = str(tmp_path / "ck")
+    with asymstore.Store([url], host_memory="private") as st:
+        st.save({"w": torch.ones(4)}, 1, global_parts={"w": gm.Piece("W", "float32", (8,), gm.FlatRange(4, 4))})
+    good = plain.manifest(url, 1)
+    validate.manifest(good, "m", step=1)
+    for change, match in [
+        (lambda m: m["global_parts"].update(x=m["global_parts"]["w"]), r"global_parts\['x'\]: no tensor"),
+        (lambda m: m["global_parts"]["w"][0].__setitem__(3, 1), r"needs elements \[1, 5\), it has 4"),
+        (lambda m: m["global_parts"]["w"][0].__setitem__(5, 5), r"flat range \[5, 9\) is not inside"),
+        (lambda m: m["global_parts"]["w"][0].__setitem__(1, "int32"), "piece 0 is int32"),
+        (lambda m: m.__setitem__("global_parts", []), "global_parts: expected a JSON object"),
+    ]:
+        bad = copy.deepcopy(good)
+        change(bad)
+        with pytest.raises(CorruptCheckpointError, match=match):
+            validate.manifest(bad, "step_000000000001/zarr.json", step=1)
