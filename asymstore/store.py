@@ -712,6 +712,32 @@ class Store:
         s = self.steps()
         return s[-1] if s else None
 
+    def _job_group(self) -> Any:
+        """``torch.distributed`` when this store is one rank of an initialised job of its world size, else None."""
+        if self.world_size <= 1:
+            return None
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() != self.world_size:
+            return None
+        return dist
+
+    def agreed_latest_step(self) -> int | None:
+        """The newest step that every rank of the job can restore: the newest in all ranks' :meth:`steps`.
+
+        Each rank's host memory (and its peer's) holds snapshots the others may not have, e.g. a step whose
+        persistence a crash interrupted on one rank only, so the newest step one rank sees is not always one
+        every rank can read. In a multi-rank store with ``torch.distributed`` initialised this is a collective
+        (every rank must call it); otherwise it is :meth:`latest_step`. ``None``: no step every rank has."""
+        mine = self.steps()
+        dist = self._job_group()
+        if dist is None:
+            return mine[-1] if mine else None
+        views: list[Any] = [None] * self.world_size
+        dist.all_gather_object(views, mine)
+        common = set(mine).intersection(*(set(v) for v in views))
+        return max(common) if common else None
+
     def verify(self, step: int, *, tier: str | None = None) -> VerifyReport:
         """Read and check every stored object of ``step`` on ``tier`` (default: the first persistent tier that
         holds it); damage is reported, never raised. ``StepNotFoundError`` when no persistent tier holds it."""
@@ -834,11 +860,18 @@ class Store:
 
         Reads in the catalog's order (host memory, then the tiers in chain order), falling back to the
         next source on damage, and (when ``step`` is None) to older steps. What happened is in
-        :attr:`last_restore`.
+        :attr:`last_restore`. In a multi-rank store with ``torch.distributed`` initialised, ``step=None`` means
+        :meth:`agreed_latest_step` (a collective: every rank calls ``restore`` together, as a restarted job does),
+        and a step that cannot be read is an error rather than a fallback one rank would make alone.
         """
         self._check_open()
         self._raise_background()
         steps = self.steps()
+        if step is None and self._job_group() is not None:  # every rank must restore the same step
+            agreed = self.agreed_latest_step()
+            if agreed is None:
+                raise StepNotFoundError(f"no checkpoint is complete for every rank; this rank has {steps}")
+            step = agreed
         if step is not None and step not in steps:
             raise StepNotFoundError(f"step {step} is not complete on any tier; complete steps: {steps}")
         candidates = [step] if step is not None else list(reversed(steps))

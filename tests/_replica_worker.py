@@ -2,7 +2,9 @@
 
 Each simulated node is its own shared-memory directory (``SHM/node<n>``) and node name. ``save``: checkpoint
 steps 1-3 of a rank-specific state with peer replicas on, wait until the replicas are sent, then die by
-SIGKILL (a crash: nothing is cleaned). ``restore``: open the store like the restarted job and restore the
+SIGKILL (a crash: nothing is cleaned). ``save-tear``: the same, then step 4, whose replica rank 0 is killed in
+the middle of sending (its tier write never finishes either, so step 4 is never committed); rank 1 dies a moment
+later. ``restore``: open the store like the restarted job and restore the
 newest step; print one JSON line: the step, where it came from, and whether it is bit-exact.
 """
 
@@ -25,6 +27,38 @@ def state(rank: int, step: int) -> dict[str, object]:
     return {"w": torch.randn(20_000, generator=g), "h": torch.randn(16, 8, generator=g).half(), "step": step}
 
 
+def tear(store: asymstore.Store, r: int) -> None:
+    """Save step 4; rank 0 dies half-way through sending its replica, before its tier write ends."""
+    import threading
+    import time
+
+    import asymstore.replica as replica
+    from asymstore.tiermanager import TierManager
+
+    if r == 0:
+        real_send = replica._send_throttled
+
+        def send_half_then_die(sock: object, view: memoryview, bandwidth: float) -> None:
+            real_send(sock, view[: len(view) // 2], bandwidth)  # type: ignore[arg-type]
+            time.sleep(0.2)  # the half is on the wire
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        real_persist = TierManager.persist_primary
+
+        def never(self: TierManager, step: int, *args: object) -> object:
+            if step == 4:
+                threading.Event().wait()  # the process dies first
+            return real_persist(self, step, *args)  # type: ignore[arg-type]
+
+        replica._send_throttled = send_half_then_die
+        TierManager.persist_primary = never  # type: ignore[method-assign,assignment]
+        store.save(state(r, 4), 4, blocking=False)
+        threading.Event().wait(60)  # killed by the send above
+        raise SystemExit("rank 0 was not killed during its replica transfer")
+    store.save(state(r, 4), 4, blocking=False)
+    time.sleep(3)  # rank 0 is dead by now: the job is lost, this rank goes down with it
+
+
 def main() -> None:
     phase, rank, world, port, ckdir, shm, per_node = sys.argv[1:8]
     r, n, k = int(rank), int(world), int(per_node)
@@ -38,13 +72,15 @@ def main() -> None:
     store = asymstore.Store(
         [ckdir], rank=r, world_size=n, shm_dir=shm_dir, node_id=f"node{node}", peer_replicas=1, host_slots=2
     )
-    if phase == "save":
+    if phase in ("save", "save-tear"):
         for s in (1, 2, 3):
             store.save(state(r, s), s)
         assert store.replicas is not None and store.replicas.drain(60)
         dist.barrier()  # every rank's replica has arrived before anyone dies
         print(json.dumps({"rank": r, "pushed": store.replicas.pushed, "received": store.replicas.received}), flush=True)
         dist.barrier()
+        if phase == "save-tear":
+            tear(store, r)
         os.kill(os.getpid(), signal.SIGKILL)
     out = store.restore()
     rep = store.last_restore

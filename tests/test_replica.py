@@ -68,7 +68,7 @@ def _phase(phase: str, world: int, per_node: int, ck: Path, shm: Path) -> list[d
     rows = []
     for p in procs:
         out, err = p.communicate(timeout=300)
-        want = -signal.SIGKILL if phase == "save" else 0
+        want = -signal.SIGKILL if phase.startswith("save") else 0
         assert p.returncode == want, (phase, p.returncode, err[-3000:])
         rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     return sorted(rows, key=lambda row: int(row["rank"]))  # type: ignore[call-overload]
@@ -89,6 +89,19 @@ def test_a_lost_node_restores_from_its_peers_memory(tmp_path: Path, world: int, 
         assert row["tier"] == ("peer" if on_lost else "host"), rows
         if on_lost:
             assert str(row["detail"]).startswith("peer host shared memory of rank"), row
+
+
+@pytest.mark.slow
+def test_a_rank_killed_while_sending_its_replica_restores_the_previous_replica_from_the_peer(tmp_path: Path) -> None:
+    """Process kill during peer replication: rank 0 dies half-way through sending step 4's replica (and before
+    step 4 is on the tier), its node is lost; the torn transfer never becomes a replica, so rank 0 restores step
+    3 from its peer and rank 1 from its own memory, both bit-exact."""
+    ck, shm = tmp_path / "ck", tmp_path / "shm"
+    sent = _phase("save-tear", 2, 1, ck, shm)
+    assert [(row["pushed"], row["received"]) for row in sent] == [(3, 3)] * 2
+    shutil.rmtree(shm / "node0")
+    rows = _phase("restore", 2, 1, ck, shm)
+    assert [(row["step"], row["tier"], row["exact"]) for row in rows] == [(3, "peer", True), (3, "host", True)], rows
 
 
 class _DictRendezvous:
