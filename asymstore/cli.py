@@ -112,11 +112,16 @@ def _global_index(backend: Any, step: int, readers: Sequence[Any]) -> Any:
     """The step's global tensor index: its ``INDEX`` object (multi-rank steps), else merged from the ranks'
     manifests' ``global_parts`` (``readers``: every rank's); ``None`` when the step has no global metadata."""
     from . import globalmeta, validate
+    from .catalog import commit_info
     from .manifest import step_dir
+    from .zarrfmt import crc32c
 
     key = f"{step_dir(step)}/INDEX"
     raw = backend.get(key)
     if raw is not None:
+        want = commit_info(backend, step).get("index_crc32c")
+        if want is not None and crc32c(raw) != want:
+            raise CorruptCheckpointError(f"{key}: checksum mismatch", (key,))
         return globalmeta.GlobalIndex.from_json(validate.load_json(raw, key), key, step=step)
     described = {_rank_of(r): dict(getattr(r.manifest, "global_parts", None) or {}) for r in readers}
     if not any(described.values()):

@@ -451,3 +451,44 @@ def test_shm_ls_and_rm_json(tmp_path, capsys):
     assert rc == 2 and out == "" and "no region" in err  # errors on stderr, with the exit code
     rc, out, _ = _run(["shm", "ls", "--dir", shm, "--json"], capsys)
     assert rc == 0 and json.loads(out) == []
+
+
+@pytest.mark.slow
+def test_gloo_4_rank_dtensor_step(tmp_path, capsys):
+    """A 4-rank step written by real torch.distributed (gloo) processes, each saving its shard of a DTensor: ls,
+    show (with the global tensors) and verify over every rank; flipped bytes in ranks 1 and 3 are both named."""
+    root = tmp_path / "ck"
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH")) if p))
+    p = subprocess.run(
+        [sys.executable, "-m", "tests._cli_worker", str(root), "4", "1"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    rc, out, _ = _run(["ls", "--json", str(root)], capsys)
+    (row,) = json.loads(out)["steps"]
+    assert rc == 0 and row["ranks"] == 4 and row["tensors"] == 8
+    rc, out, _ = _run(["show", "--json", str(root)], capsys)
+    doc = json.loads(out)
+    g = {t["name"]: t for t in doc["global_tensors"]}
+    assert g["model/w"]["shape"] == [32, 16] and g["model/b"]["shape"] == [5]
+    boxes = sorted((q["rank"], q["region"]["offsets"], q["region"]["lengths"]) for q in g["model/w"]["parts"])
+    assert boxes == [(r, [8 * r, 0], [8, 16]) for r in range(4)]
+    assert sorted(q["rank"] for q in g["model/b"]["parts"]) == [0, 1, 2, 3]  # replicas on every rank
+    rc, out, _ = _run(["verify", str(root)], capsys)
+    assert rc == 0 and "step 1: ok (4 ranks" in out
+    keys = {r: _flip(root, 1, r) for r in (1, 3)}
+    rc, out, _ = _run(["verify", "--json", str(root)], capsys)
+    assert rc == 1
+    (res,) = json.loads(out)["steps"]
+    assert sorted((q["rank"], q["object"]) for q in res["problems"]) == sorted(keys.items())
+    index = root / "step_000000000001" / "INDEX"
+    index.write_bytes(index.read_bytes().replace(b"32", b"33", 1))
+    rc, out, _ = _run(["verify", str(root)], capsys)
+    assert rc == 1 and "step 1: 3 problem(s)" in out and "step_000000000001/INDEX: checksum mismatch" in out
+    rc, _, err = _run(["show", str(root)], capsys)
+    assert rc == 1 and "INDEX: checksum mismatch" in err
