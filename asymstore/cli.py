@@ -2,14 +2,19 @@
 
 ::
 
-    asymstore ls URL [URL ...] [--json]          steps, sizes, codecs, and where each is complete
-    asymstore show URL [--step N] [--filter G]   tensors, partitions and their codecs, metadata
-    asymstore verify URL [--step N | --all]      read and check every stored object
-    asymstore export URL OUT.safetensors         write the tensors to a safetensors file
+    asymstore ls URL [URL ...] [--json]                  steps: ranks, sizes, codecs, where each is complete
+    asymstore show URL [--step N] [--rank R] [--filter G] [--json]   tensors and partitions of every rank,
+                                                         global tensors, metadata
+    asymstore verify URL [--step N | --all] [--json]     read and check every object of every rank
+    asymstore export URL OUT                             full tensors to safetensors (asymstore.cli_export)
+    asymstore shm ls | rm                                shared-memory regions (asymstore.cli_shm)
 
-The CLI only reads: it never creates directories or writes to a tier. Exit codes: 0 ok,
-1 a checkpoint is damaged (``verify``, or a read that failed its checksums), 2 usage
-errors, bad URLs and missing steps. ``--debug`` shows tracebacks for user errors.
+Multi-rank steps are handled as a whole: ``ls`` sums every rank, ``show`` lists each rank's tensors,
+``verify`` reads every rank, reports every problem with its rank and object, and exits 1 on damage in any.
+``--json`` prints one document on stdout (schemas: docs/cli.md). The CLI only reads: it never creates
+directories or writes to a tier. Exit codes: 0 ok, 1 a checkpoint is damaged (``verify``, or a read that
+failed its checksums), 2 usage errors, bad URLs and missing steps; errors go to stderr. ``--debug`` shows
+tracebacks for user errors.
 """
 
 from __future__ import annotations

@@ -492,3 +492,15 @@ def test_gloo_4_rank_dtensor_step(tmp_path, capsys):
     assert rc == 1 and "step 1: 3 problem(s)" in out and "step_000000000001/INDEX: checksum mismatch" in out
     rc, _, err = _run(["show", str(root)], capsys)
     assert rc == 1 and "INDEX: checksum mismatch" in err
+
+
+def test_ls_marks_a_tier_with_a_damaged_rank(worlds, tmp_path, capsys):
+    a = _copy(worlds[2], tmp_path / "a")
+    b = _copy(worlds[2], tmp_path / "b")
+    (a / "step_000000000001" / "r00001" / "COMMIT").write_text("{}")  # rank 1's marker: not the one committed
+    rc, out, _ = _run(["ls", "--json", str(a), str(b)], capsys)
+    assert rc == 0
+    s1 = {r["step"]: r for r in json.loads(out)["steps"]}[1]
+    assert s1["tiers"] == {str(a): "damaged", str(b): "complete"}
+    assert s1["ranks"] == 2 and s1["raw_bytes"] > 0  # the details come from the intact copy
+    assert any("r00001/COMMIT" in p for p in s1["problems"])
