@@ -95,16 +95,6 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined]
 
 
-def _has_dtensor(v: Any) -> bool:
-    if is_dtensor(v):
-        return True
-    if isinstance(v, Mapping):
-        return any(_has_dtensor(x) for x in v.values())
-    if isinstance(v, (list, tuple)):
-        return any(_has_dtensor(x) for x in v)
-    return False
-
-
 def _dtensors_by_name(state: Any) -> dict[str, Any]:
     """The DTensors of ``state`` by their tensor names (docs/format.md section 8.1)."""
     out: dict[str, Any] = {}
@@ -565,9 +555,8 @@ class AsymCheckpointer:
         reads only the parts of the global tensors its own DTensors hold (docs/elastic.md). On a changed world
         size the per-rank RNG states are not restored (each rank keeps its own); everything else is."""
         self.store.discard_uncommitted()  # a crashed attempt's partial shards go before anything is saved again
-        template = self.state()
-        if _has_dtensor(template):
-            restored = self._restore_global(step, template)
+        if any(is_dtensor(t) for t in self.model.state_dict().values()):
+            restored = self._restore_global(step, self.state())
         else:
             restored = self.store.restore(step)
         self.model.load_state_dict(restored["model"])
