@@ -322,7 +322,11 @@ class AsymstoreResumeMixin:
         if r is None:
             super()._load_rng_state(checkpoint)  # type: ignore[misc]
             return
+        if "rng" not in r.state:
+            log.warning("the RNG states of asymstore step %s were already restored", r.step)
+            return
         set_rng_state(r.state["rng"])
+        r.state.clear()  # the last part HF restores: the restored tensors (views of one buffer) are freed
 
 
 class AsymstoreTrainer(AsymstoreResumeMixin, Trainer):
