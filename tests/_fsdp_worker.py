@@ -97,9 +97,9 @@ def state_digests(model: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> d
     return out
 
 
-def open_store(url: str) -> asymstore.Store:
+def open_store(url: str | list[str]) -> asymstore.Store:
     return asymstore.Store(
-        [url],
+        [url] if isinstance(url, str) else url,
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
         commit_timeout_s=60.0,
@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
                     if step == args["every"]:
                         out["digests"] = state_digests(model, opt, sched)
             out["losses"] = losses
+            assert store.flush(timeout=120), "the lower tiers did not receive the step"
             out["summary"] = {k: v for k, v in ck.summary().items() if isinstance(v, (int, float, str))}
     elif mode == "resume":
         model, opt, sched = build(seed=99)  # other initial values: everything must come from the checkpoint

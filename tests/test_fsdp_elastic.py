@@ -95,7 +95,8 @@ def _check_resume(root: Path, url: str, before: list[dict], m: int, tag: str) ->
 def saved2(tmp_path_factory):
     """One training run on 2 ranks (checkpoint of step 4), shared by the tests that only read it."""
     root = tmp_path_factory.mktemp("fsdp2")
-    url, before = _train(root, 2)
+    url, lower = str(root / "ck2"), str(root / "ck2-lower")  # two tiers: the step reaches both
+    before = _launch(2, root / "train2", mode="train", store=[url, lower], steps=7, every=4)
     assert before[0]["digests"] == before[1]["digests"]
     return root, url, before
 
@@ -135,17 +136,25 @@ def test_four_ranks_resume_on_two(tmp_path):
 
 
 def test_flipped_byte_in_one_ranks_shard_is_detected_on_resume(saved2, tmp_path):
-    _, url0, _ = saved2
-    url = str(tmp_path / "ck")
-    shutil.copytree(url0, url)
-    shard = Path(url) / "step_000000000004" / "r00001" / "raw" / "c" / "0"
-    m = plain.manifest(url, 4, 1)
+    """Only part of rank 1's directory is read, and still verified: a flipped byte in it is read from the lower
+    tier instead; flipped on both tiers, resume fails naming the object."""
+    _, url0, before = saved2
+    urls = [str(tmp_path / "ck"), str(tmp_path / "ck-lower")]
+    shutil.copytree(url0, urls[0])
+    shutil.copytree(url0 + "-lower", urls[1])
+    m = plain.manifest(urls[0], 4, 1)
     e = next(t for t in m["layout"]["tensors"] if t[0] == "model/0.weight")
-    data = bytearray(shard.read_bytes())
-    data[e[3] + 5] ^= 0x40  # inside rank 1's shard of the first weight
-    shard.write_bytes(bytes(data))
-    res = _launch(1, tmp_path / "bad", mode="resume", store=url, steps=1)
-    assert "CorruptCheckpointError" in res[0]["error"] and "r00001" in res[0]["error"], res[0]["error"]
+    for k, url in enumerate(urls):
+        shard = Path(url) / "step_000000000004" / "r00001" / "raw" / "c" / "0"
+        data = bytearray(shard.read_bytes())
+        data[e[3] + 5] ^= 0x40  # inside rank 1's shard of the first weight
+        shard.write_bytes(bytes(data))
+        res = _launch(1, tmp_path / f"bad{k}", mode="resume", store=urls, steps=1)
+        if k == 0:
+            assert "error" not in res[0], res[0]["error"]
+            assert res[0]["digests"] == before[0]["digests"]
+        else:
+            assert "CorruptCheckpointError" in res[0]["error"] and "r00001" in res[0]["error"], res[0]["error"]
 
 
 def test_store_save_of_dtensors_writes_an_index_a_plain_reader_follows(tmp_path):
