@@ -14,9 +14,13 @@ What is consolidated (see docs/export.md):
 * **DCP steps** (``dcp.save`` through :class:`~asymstore.trainer_hooks.dcp.AsymStorageWriter`, any number of
   ranks): every tensor stitched from all ranks' chunks with DCP's own metadata (rank 0's manifest,
   ``user["dcp"]``), under its DCP FQN; the chunks must cover the tensor exactly;
-* **one rank's part** of any multi-rank step (``ranks=R``), as that rank saved it;
-* refused (:class:`ConsolidationError`): multi-rank steps that are neither (asymstore cannot tell a sharded tensor
-  from a replicated one without metadata), and DeepSpeed ZeRO partitions.
+* **steps with global tensor metadata** (DTensor / FSDP2 shards saved through ``Store``, any number of ranks):
+  every global tensor read from the parts its ranks hold (the merged index of :mod:`asymstore.globalmeta`);
+* **DeepSpeed steps** (ZeRO 1-3 through ``DeepSpeedAsymCheckpointer``, ``AsymstoreCheckpointEngine``): the fp32
+  parameters by ``named_parameters()`` name (:func:`asymstore.trainer_hooks.deepspeed_tools.fp32_state_dict`);
+* **one rank's part** of other multi-rank steps (``ranks=R``), as that rank saved it (data-parallel replicas);
+* refused (:class:`ConsolidationError`): multi-rank steps without any of that metadata (asymstore cannot tell a
+  sharded tensor from a replicated one), ``ranks=R`` where a rank holds parts of tensors, lossy archive copies.
 
 Names. A tensor's export name is its *real key path* in the saved state, keys joined with ``sep`` (``"."``):
 ``{"model": model.state_dict(), "optim": ...}`` gives ``model.transformer.wte.weight`` and ``optim.state.0.exp_avg``;
@@ -41,7 +45,7 @@ import torch
 
 from . import catalog
 from .dtypes import from_name, info
-from .errors import AsymstoreError, CorruptCheckpointError, StepNotFoundError
+from .errors import AsymstoreError, CorruptCheckpointError, StateMismatchError, StepNotFoundError
 from .files import atomic_file
 from .interfaces import ObjectStore
 from .reader import CheckpointReader
@@ -185,7 +189,7 @@ class StepContents:
 
     url: str
     step: int
-    kind: str  #: "single" (one rank), "rank" (one rank's part of a multi-rank step), "dcp", "global"
+    kind: str  #: "single" (one rank), "rank" (one rank's part of a multi-rank step), "dcp", "global", "deepspeed"
     ranks: int  #: rank directories of the step
     tensors: list[ExportTensor]
     skeleton: Any = None  #: rank 0's skeleton (one-rank kinds)
@@ -266,16 +270,20 @@ def open_step(
                 "consolidated from every rank (a rank alone holds parts of them only); leave --rank out"
             )
         return _global_contents(backend, step, n, r0, index, sep)
+    stage = _deepspeed_stage(r0.manifest.skeleton)
+    sk = r0.manifest.skeleton
+    engine_files = isinstance(sk, dict) and "deepspeed_tag" in sk and "files" in sk  # AsymstoreCheckpointEngine
+    if (stage is not None and stage > 0) or engine_files:
+        what = f"DeepSpeed ZeRO-{stage} flat partitions" if not engine_files else "DeepSpeed checkpoint files"
+        if ranks != "all":
+            raise ConsolidationError(
+                f"step {step} of {backend.url} holds {what}: its parameters are consolidated from every rank; "
+                "leave --rank out"
+            )
+        return _deepspeed_contents(backend, step, n, r0, what)
     if isinstance(ranks, int) and ranks != 0:
         r0 = catalog.open_reader(backend, step, rank=ranks)
     m = r0.manifest
-    stage = _deepspeed_stage(m.skeleton)
-    if stage is not None and stage > 0:
-        raise ConsolidationError(
-            f"step {step} of {backend.url} holds DeepSpeed ZeRO-{stage} flat partitions (no parameter tensors); "
-            "asymstore cannot consolidate them yet: restore the step into a DeepSpeed engine "
-            "(DeepSpeedAsymCheckpointer) and export its module's state dict"
-        )
     if n > 1 and ranks == "all":
         raise ConsolidationError(
             f"step {step} of {backend.url} was saved by {n} ranks without global tensor metadata, so asymstore "
@@ -323,6 +331,42 @@ def _part_tensors(reader: CheckpointReader, sep: str) -> list[ExportTensor]:
 
         out.append(ExportTensor(join_path(path, sep), path, stored, dtype, tuple(e.shape), e.nbytes, read, pieces))
     return out
+
+
+def _deepspeed_contents(backend: ObjectStore, step: int, n: int, r0: CheckpointReader, what: str) -> StepContents:
+    """A DeepSpeed step's full fp32 parameters (and the module's buffers), by parameter name: DeepSpeed's
+    ``get_fp32_state_dict_from_zero_checkpoint`` for asymstore steps
+    (:func:`asymstore.trainer_hooks.deepspeed_tools.fp32_state_dict`)."""
+    try:
+        from .trainer_hooks.deepspeed_tools import fp32_state_dict
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ConsolidationError(f"step {step} of {backend.url} holds {what}; consolidating them needs {e}") from None
+    try:
+        sd = fp32_state_dict(backend, step)
+    except ImportError as e:
+        raise ConsolidationError(f"step {step} of {backend.url} holds {what}; consolidating them needs {e}") from None
+    except (StateMismatchError, CorruptCheckpointError) as e:
+        raise ConsolidationError(
+            f"step {step} of {backend.url} holds {what} that cannot be consolidated: {e}"
+        ) from None
+    first: dict[int, str] = {}
+    tensors: list[ExportTensor] = []
+    for name, t in sd.items():
+        stored = first.setdefault(id(t), name)  # tied parameters: one tensor under each name
+
+        def read(t: torch.Tensor = t) -> torch.Tensor:
+            return t
+
+        tensors.append(ExportTensor(name, (name,), stored, t.dtype, tuple(t.shape), t.numel() * t.element_size(), read))
+    return StepContents(
+        url=backend.url,
+        step=step,
+        kind="deepspeed",
+        ranks=n,
+        tensors=tensors,
+        skeleton=r0.manifest.skeleton,
+        user=dict(r0.manifest.user or {}),
+    )
 
 
 def _global_index(backend: ObjectStore, step: int) -> Any:

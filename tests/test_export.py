@@ -161,13 +161,37 @@ def test_multi_rank_steps_without_metadata_are_refused(tmp_path: Path, capsys: p
     assert cli(["-q", "export", root, out, "--rank", "2"]) == 1
 
 
-def test_zero_partitions_are_refused(tmp_path: Path) -> None:
-    """A state laid out as the DeepSpeed hook's for ZeRO-1+ (flat partitions, no parameters) is refused."""
+def test_zero_partitions_without_layout_are_refused(tmp_path: Path) -> None:
+    """A state laid out as the DeepSpeed hook's for ZeRO-1+ but without the partition layout (flat partitions,
+    no record of which parameter ranges they hold) cannot be consolidated: refused, exit 1."""
     root = str(tmp_path / "ck")
     _save(root, {"deepspeed": {"zero_stage": 2, "world_size": 1, "rank": 0}, "zero": {"fp32": [torch.ones(8)]}})
-    with pytest.raises(ConsolidationError, match="ZeRO-2 flat partitions"):
+    with pytest.raises(ConsolidationError, match="ZeRO-2 flat partitions that cannot be consolidated"):
         open_step(root)
     assert cli(["-q", "export", root, str(tmp_path / "x.safetensors")]) == 1
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_two_ranks_exports_fp32_parameters(tmp_path: Path) -> None:
+    """Real DeepSpeed, ZeRO-2 on 2 gloo ranks through DeepSpeedAsymCheckpointer: export writes every parameter
+    whole, its fp32 master weights equal to DeepSpeed's own accessors' after the same step."""
+    pytest.importorskip("deepspeed")
+    from tests.test_deepspeed_elastic import run
+
+    store = tmp_path / "ckpt"
+    run("etrain", {"out": str(tmp_path), "store": str(store), "stage": 2, "steps": 2}, tmp_path, 2)
+    want = torch.load(tmp_path / "eref_save.pt", weights_only=False)["fp32"]
+    contents = open_step(str(store))
+    assert contents.kind == "deepspeed" and contents.ranks == 2
+    sd = consolidate(str(store))
+    assert set(want) <= set(sd)
+    for k, v in want.items():
+        assert sd[k].dtype == torch.float32 and torch.equal(sd[k], v), k
+    out = str(tmp_path / "hf")
+    assert cli(["-q", "export", str(store), out, "--hf"]) == 0
+    got = safetensors_torch.load_file(os.path.join(out, "model.safetensors"))
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+    assert cli(["-q", "export", str(store), str(tmp_path / "r.safetensors"), "--rank", "1"]) == 1
 
 
 # --- Hugging Face models ---------------------------------------------------------------------------------------
