@@ -575,6 +575,7 @@ class AsymCheckpointer:
         that saved it; without ``rng`` when the world size changed."""
         from asymstore import reshard
 
+        t0 = time.perf_counter()
         s = self.store.latest_step() if step is None else step
         if s is None:
             raise StepNotFoundError("no complete checkpoint on any tier")
@@ -629,7 +630,13 @@ class AsymCheckpointer:
             stats.bytes,
             stats.ranks,
         )
-        self.last_resume = {"step": s, "saved_ranks": index.ranks, "world_size": self.store.world_size, **vars(stats)}
+        self.last_resume = {
+            "step": s,
+            "saved_ranks": index.ranks,
+            "world_size": self.store.world_size,
+            **vars(stats),
+            "seconds": time.perf_counter() - t0,  # index, skeleton and the reads (not load_state_dict)
+        }
         if not same:
             restored.pop("rng", None)  # per-rank states of other ranks: each rank keeps its own
         return restored
