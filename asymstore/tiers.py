@@ -347,6 +347,8 @@ class PersistentTier:
             self.backend.delete(prefix + COMMIT_KEY)
             self.backend.barrier(prefix)
             self.backend.delete_prefix(prefix if not self.multi_rank else self.rank_prefix(step))
+            if self.multi_rank:  # the step's merged index is rank 0's (docs/format.md section 9.3)
+                self.backend.delete(prefix + globalmeta.INDEX_KEY)
         else:
             self.backend.delete_prefix(self.rank_prefix(step))
 

@@ -241,6 +241,7 @@ def _two_rank_save(url, parts_of, step=1):
 
 def test_flat_ranges_given_to_save_make_an_index(tmp_path):
     """ZeRO-like: each rank's flat partition holds pieces of two parameters; the step's INDEX merges them."""
+    import asymstore
     from tests import plain_zarr_reader as plain
 
     def parts(r):  # a (3, 2) parameter then a (6,) one, flattened back to back, 6 elements per rank
@@ -250,7 +251,7 @@ def test_flat_ranges_given_to_save_make_an_index(tmp_path):
 
     url = str(tmp_path / "ck")
     assert _two_rank_save(url, parts) == [None, None]
-    idx = gm.load_index(__import__("asymstore").backends.open_object_store(url), 1)
+    idx = gm.load_index(asymstore.backends.open_object_store(url), 1)
     assert {n: (g.shape, [(p.rank, p.local_name) for p in g.parts]) for n, g in idx.tensors.items()} == {
         "a": ((3, 2), [(0, "flat")]),
         "b": ((6,), [(1, "flat")]),
@@ -261,6 +262,9 @@ def test_flat_ranges_given_to_save_make_an_index(tmp_path):
     files = [p for p in step_dir.rglob("*") if p.is_file()]
     assert (step_dir / "INDEX") in files
     assert plain.read_marker(str(step_dir / "COMMIT"))["objects"] == len(files)  # INDEX counted
+    with asymstore.Store([url], rank=0, world_size=2, host_memory="private") as st:  # rank 0 deletes the index
+        st.delete(1)
+    assert not (step_dir / "INDEX").exists() and not (step_dir / "COMMIT").exists()
 
 
 def test_parts_that_do_not_cover_a_tensor_do_not_commit(tmp_path):
