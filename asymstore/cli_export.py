@@ -55,6 +55,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                 raise cli.UsageError(f"--{opt.replace('_', '-')} needs --hf")
         if args.force:
             raise cli.UsageError("--force needs --hf (a safetensors file is always replaced atomically)")
+    if args.hf and args.sep != ".":
+        raise cli.UsageError("--hf names tensors as state_dict() does: leave --sep out")
     st = cli._open_store(args.url)
     step = cli._pick_step(st, args.url, args.step)
     try:
@@ -66,8 +68,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         with cli._progress(args, f"export step {step}", sum(t.nbytes for t in contents.tensors)) as bar:
             if args.hf:
-                if args.sep != ".":
-                    raise cli.UsageError("--hf names tensors as state_dict() does: leave --sep out")
                 result = export_hf(
                     st,
                     out,
@@ -81,6 +81,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                     max_shard_size=args.max_shard_size or DEFAULT_MAX_SHARD_SIZE,
                     force=args.force,
                     progress=bar,
+                    contents=contents,
                 )
             else:
                 items = select(

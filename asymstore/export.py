@@ -812,6 +812,7 @@ def export_hf(
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
     force: bool = False,
     progress: Callable[[int], None] | None = None,
+    contents: StepContents | None = None,
 ) -> dict[str, Any]:
     """Write a Hugging Face model folder: ``model.safetensors``, or over ``max_shard_size``
     ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``, and a copy of ``config`` (as
@@ -821,8 +822,10 @@ def export_hf(
     Without ``filters``/``strip_prefix`` the model's own state dict is taken (:func:`hf_default_selection`). Names
     are joined with ``"."``; tied weights are written under each name (as ``state_dict()`` lists them).
     ``out_dir`` may exist; weight files already in it are refused unless ``force`` (they are then removed).
-    Returns the summary (``summary()``)."""
-    contents = open_step(url, step, ranks=ranks, sep=".")
+    ``contents``: the step as :func:`open_step` gave it (``sep="."``), to open it once. Returns the summary
+    (``summary()``)."""
+    if contents is None:
+        contents = open_step(url, step, ranks=ranks, sep=".")
     if filters is None and strip_prefix is None:
         filters, strip_prefix = hf_default_selection(contents)
     items = select(contents.tensors, filters=filters or (), strip_prefix=strip_prefix, renames=renames)
