@@ -587,6 +587,7 @@ class AsymCheckpointer:
         dtensors = _dtensors_by_name(template)
         params = [[p for g in o.param_groups for p in g["params"]] for o in self.optimizers]
         targets: dict[str, tuple[Any, torch.Tensor]] = {}
+        on_device: list[tuple[torch.Tensor, torch.Tensor]] = []  # (read on the CPU, the shard on the device)
 
         def like(name: str) -> Any:
             """The DTensor of this rank whose sharding the global tensor ``name`` takes."""
@@ -609,10 +610,13 @@ class AsymCheckpointer:
                 return ck[name].read()
             t = like(name)
             local, piece = describe_dtensor(t.detach(), name)
-            out = torch.empty(local.shape, dtype=dtypes.from_name(index.tensors[name].dtype))
+            out = torch.empty(local.shape, dtype=dtypes.from_name(index.tensors[name].dtype))  # read on the CPU
             targets[name] = (piece.region, out)
+            dev = out if local.device.type == "cpu" else torch.empty_like(out, device=local.device)
+            if dev is not out:
+                on_device.append((out, dev))
             return DTensor.from_local(
-                out, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride()
+                dev, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride()
             )
 
         from torch.distributed.tensor import DTensor
@@ -621,6 +625,8 @@ class AsymCheckpointer:
         stats = reshard.read_global(
             self.store, s, targets, index=index, prefer_rank=self.store.rank if same else None, checkpoints=opened
         )
+        for cpu, dev in on_device:
+            dev.copy_(cpu)
         log.info(
             "step %s saved by %s ranks restored on %s: %s runs, %s stored bytes read from ranks %s",
             s,
