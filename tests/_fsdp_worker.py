@@ -26,6 +26,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 import asymstore
+from asymstore.globalmeta import chunk_box, describe_dtensor
 from asymstore.trainer_hooks.torch_hooks import AsymCheckpointer
 
 GLOBAL_BATCH = 12  # divisible by 1, 2, 3 and 4 ranks
@@ -131,6 +132,12 @@ def main(argv: list[str] | None = None) -> None:
         }
         with open_store(args["store"]) as store:
             store.save(state, args["step"])
+        # torch's chunking of each DTensor against the pure model of it (globalmeta.chunk_box)
+        pl = {"w": [("shard", 0)], "v": [("shard", 1)], "r": [("replicate",)]}
+        out["boxes_agree"] = all(
+            describe_dtensor(t, k)[1].region == chunk_box(tuple(t.shape), (n,), (rank,), pl[k])
+            for k, t in state["model"].items()
+        )
     elif mode == "train":
         model, opt, sched = build()
         with open_store(args["store"]) as store:

@@ -163,7 +163,8 @@ def test_store_save_of_dtensors_writes_an_index_a_plain_reader_follows(tmp_path)
     from tests._fsdp_worker import reference
 
     url = str(tmp_path / "ck")
-    _launch(2, tmp_path / "save", mode="save", store=url, step=3)
+    res = _launch(2, tmp_path / "save", mode="save", store=url, step=3)
+    assert [r["boxes_agree"] for r in res] == [True, True]
     marker = plain.read_marker(str(Path(url) / "step_000000000003" / "COMMIT"))
     assert marker["ranks"] == 2 and "index_crc32c" in marker
     ref = reference()
