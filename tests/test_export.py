@@ -3,6 +3,7 @@ of several ranks stitched into full tensors, what is refused, and the DCP bridge
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -195,18 +196,25 @@ def test_deepspeed_zero2_two_ranks_exports_fp32_parameters(tmp_path: Path) -> No
 
 
 # --- Hugging Face models ---------------------------------------------------------------------------------------
-def _train(model: torch.nn.Module, vocab: int, steps: int = 3, mlm: bool = False) -> None:
+def _train(model: torch.nn.Module, vocab: int, root: str, *, hooks: bool, steps: int = 3) -> None:
+    """A few AdamW steps; checkpointed through the project's AsymCheckpointer hooks (every step), or saved with
+    Store.save as ``{"model", "optim", "step"}`` after the last one."""
+    from asymstore.trainer_hooks.torch_hooks import AsymCheckpointer
+
     g = torch.Generator().manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
-    for _ in range(steps):
-        ids = torch.randint(0, vocab, (2, 12), generator=g)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+    store = asymstore.open_store(root, **SMALL)
+    with AsymCheckpointer(model, opt, store, every=1) if hooks else contextlib.nullcontext():
+        for _ in range(steps):
+            ids = torch.randint(0, vocab, (2, 12), generator=g)
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    if not hooks:
+        store.save({"model": model.state_dict(), "optim": opt.state_dict(), "step": steps}, steps)
+    store.close()
     model.eval()
-    return opt  # type: ignore[return-value]
 
 
 def _tiny(kind: str) -> tuple[torch.nn.Module, Any, Any]:
@@ -225,9 +233,8 @@ def _tiny(kind: str) -> tuple[torch.nn.Module, Any, Any]:
 @pytest.mark.parametrize("kind", ["gpt2", "bert"])
 def test_hf_export_loads_with_from_pretrained(tmp_path: Path, kind: str) -> None:
     model, cfg, auto = _tiny(kind)
-    opt = _train(model, cfg.vocab_size)
     root = str(tmp_path / "ck")
-    _save(root, {"model": model.state_dict(), "optim": opt.state_dict(), "step": 3}, step=3)  # type: ignore[attr-defined]
+    _train(model, cfg.vocab_size, root, hooks=kind == "gpt2")  # GPT-2 through the hooks, BERT through Store
     cfg.to_json_file(str(tmp_path / "config.json"))
     ids = torch.randint(0, cfg.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
