@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from .errors import CorruptCheckpointError
 from .export import (
     DEFAULT_MAX_SHARD_SIZE,
     ST_RESERVED,
@@ -101,6 +102,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise cli.UsageError(str(e)) from None
     except ConsolidationError as e:
         return _fail(args, str(e))
+    except CorruptCheckpointError as e:  # exit 1 from the command's handler; the JSON reader still gets a document
+        if args.json:
+            print(json.dumps({"ok": False, "error": str(e)}))
+        raise
     if args.json:
         print(json.dumps({"ok": True, **result}, indent=2))
     elif not args.quiet:

@@ -121,6 +121,13 @@ def test_json_summary_and_option_errors(tmp_path: Path, capsys: pytest.CaptureFi
     doc = export_safetensors(root, tmp_path / "lib.safetensors", filters=["optim.*"])  # the library call
     assert [t["name"] for t in doc["tensors"]] == ["optim.state.0.exp_avg"]
     assert set(safetensors_torch.load_file(str(tmp_path / "lib.safetensors"))) == {"optim.state.0.exp_avg"}
+    capsys.readouterr()
+    shard = next(p for p in Path(root).rglob("c/0") if p.is_file())
+    raw = bytearray(shard.read_bytes())
+    raw[5] ^= 0xFF  # a flipped byte: exit 1, a JSON document saying so, no file
+    shard.write_bytes(bytes(raw))
+    assert cli(["export", root, str(tmp_path / "bad.safetensors"), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["ok"] is False and not (tmp_path / "bad.safetensors").exists()
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 << 20 and parse_size("1.5KB") == 1500
 
 
