@@ -576,7 +576,7 @@ class AsymCheckpointer:
         from asymstore import reshard
 
         t0 = time.perf_counter()
-        s = self.store.latest_step() if step is None else step
+        s = self.store.agreed_latest_step() if step is None else step  # every rank the same step (a collective)
         if s is None:
             raise StepNotFoundError("no complete checkpoint on any tier")
         index = reshard.load_index(self.store, s)
