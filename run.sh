@@ -11,7 +11,20 @@ ROOT=$PWD
 VENV=${ASYMSTORE_VENV:-$ROOT/.venv}
 PY=${PYTHON:-python3}
 
+# DeepSpeed's FastPersist writer (async I/O op, compared in benchmarks/compare.py) needs libaio's headers: on a
+# Debian/Ubuntu machine where we are root, install them once; elsewhere go on without (that variant is skipped)
+system_packages() {
+  [[ -e /usr/include/libaio.h ]] && return 0
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    echo "[asymstore] installing libaio-dev (DeepSpeed's async I/O op)" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libaio-dev >/dev/null; } ||
+      echo "[asymstore] libaio-dev could not be installed: the FastPersist comparison is skipped" >&2
+  fi
+  return 0
+}
+
 setup() {
+  system_packages
   local stamp="$VENV/.asymstore-setup"
   local want
   # the install builds asymstore/_native.c too: a change to it (or to the build files) means set-up again
