@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from asymstore import Store
-from asymstore.errors import ConfigError
+from asymstore import Store, excp
+from asymstore.errors import ConfigError, CorruptCheckpointError
 from asymstore.excp import ExcpOptions, nearest, parse_lossy, quantise, quantiser_bound
 from asymstore.state import flatten
 from asymstore.store import TierSpec
@@ -52,7 +52,7 @@ def _tensors(state: Any) -> dict[str, torch.Tensor]:
 
 
 # --- the quantiser ---------------------------------------------------------------------------------------
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     hnp.arrays(
         np.float64,
@@ -91,7 +91,7 @@ def test_options_are_checked() -> None:
             parse_lossy(bad)
     for kw in ({"bits": 9}, {"alpha": -1.0}, {"key_every": 17}, {"beta": math.nan}):
         with pytest.raises(ConfigError):
-            ExcpOptions(**kw)  # type: ignore[arg-type]
+            ExcpOptions(**kw)
 
 
 # --- refusals: never a default, never where a resume reads first ----------------------------------------
@@ -212,6 +212,30 @@ def test_plain_zarr_reads_the_bytes_and_rebuilds_by_the_spec(tmp_path, trained) 
         return out
 
     plain_state = rebuild(2)
+    # a manifest whose lossy member does not describe its stream is refused with a clear error, never decoded
+    with Store([fast, TierSpec(arch, lossy="excp")], host_memory="private") as s1:
+        reader = s1.tiers[1].reader(2)
+        stored = bytearray(reader.manifest.layout.total_bytes)
+        reader.read_all_into(memoryview(stored))
+        for damage in ("mode", "base", "layout", "codes"):
+            m = copy.deepcopy(reader.manifest)
+            assert m.lossy is not None
+            if damage == "mode":
+                m.lossy["tensors"][0][0] = "bogus"
+            elif damage == "base":
+                m.lossy["base"] = 7
+            elif damage == "layout":
+                m.lossy["layout"]["tensors"][0][3] = 3
+            else:  # a code past its codebook
+                i = next(i for i, r in enumerate(m.lossy["tensors"]) if r[0] != "copy")
+                e = m.layout.by_name()[f"excp/{i}/codes"]
+                bad = bytearray(stored)
+                bad[e.offset] = 255
+                with pytest.raises(CorruptCheckpointError, match="codebook"):
+                    excp.decode(m, bad, stored, "x")
+                continue
+            with pytest.raises(CorruptCheckpointError):
+                excp.decode(m, stored, stored, "x")
     with Store([fast, TierSpec(arch, lossy="excp")], host_memory="private") as s2:
         s2.tiers[0].delete(2)
         got = _tensors(s2.restore(2))
