@@ -71,8 +71,12 @@ def train(args: argparse.Namespace, mode: str, keep: set[int]) -> dict[int, dict
             print(f"  {mode} step {step}/{max(keep)}, loss {float(loss.detach()):.3f}", file=sys.stderr, flush=True)
         if step in keep:
             if mode == "bf16":
+                cast: dict[int, torch.Tensor] = {}  # tied weights (wte = lm_head) stay one tensor
                 state = {
-                    "model": {k: v.detach().to(torch.bfloat16) for k, v in model.state_dict().items()},
+                    "model": {
+                        k: cast.setdefault(v.data_ptr(), v.detach().to(torch.bfloat16))
+                        for k, v in model.state_dict().items()
+                    },
                     "master": {k: p.detach().clone() for k, p in model.named_parameters()},
                     "optim": copy.deepcopy(opt.state_dict()),
                 }
