@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -93,52 +94,67 @@ def stored_partition_bytes(store_dir: Path, step: int) -> tuple[int, int]:
     return total, ck0.reader.manifest.chunk_bytes
 
 
-def elastic_case(tmp_path: Path, stage: int, n: int, m: int) -> None:
+def elastic_case(tmp_path: Path, stage: int, n: int, ms: list[int]) -> None:
+    """Train on ``n`` ranks, then resume the step on each world size of ``ms`` (each from its own copy of the
+    store: the resumed run saves its next steps) and check the state, the bytes read and the first loss."""
+    from asymstore.trainer_hooks.deepspeed_tools import fp32_state_dict
+
     store = tmp_path / "ckpt"
     args = {"out": str(tmp_path), "store": str(store), "stage": stage, "steps": STEPS}
     t0 = time.monotonic()
     run("etrain", args, tmp_path, n)
-    t1 = time.monotonic()
-    run("eresume", dict(args, step=STEPS, more=MORE), tmp_path, m)
-    t2 = time.monotonic()
-    print(f"ZeRO-{stage} {n}->{m}: train {t1 - t0:.1f} s, resume+train {t2 - t1:.1f} s")
+    print(f"ZeRO-{stage} train on {n}: {time.monotonic() - t0:.1f} s")
     want = torch.load(tmp_path / "eref_save.pt", weights_only=False)
-    got = torch.load(tmp_path / f"eref_resume_w{m}.pt", weights_only=False)
-    assert_same(want, got, f"ZeRO-{stage} {n}->{m}")
-    assert got["global_steps"] == STEPS and got["opt_step"] is not None
     # the consolidated fp32 weights, read from every rank's part without DeepSpeed processes
-    from asymstore.trainer_hooks.deepspeed_tools import fp32_state_dict
-
     sd = fp32_state_dict(str(store), step=STEPS)
     assert_same({k: sd[k] for k in want["fp32"]}, want["fp32"], "fp32_state_dict")
     trained = [json.loads((tmp_path / f"etrain_r{r}.json").read_text()) for r in range(n)]
     total, chunk = stored_partition_bytes(store, STEPS)
-    for r in range(m):
-        res = json.loads((tmp_path / f"eresume_w{m}_r{r}.json").read_text())
-        rep = res["report"]
-        assert rep["resharded"] and rep["saved_world_size"] == n and rep["world_size"] == m, rep
-        # each rank reads the ranges its partitions need: its share of the saved partitions, plus at most the
-        # two partly used chunks at the ends of each ranged read (4 tensors per saved rank)
-        assert 0 < rep["bytes_read"] <= total // m + 2 * chunk * 4 * n, (rep, total, chunk)
-        losses = res["losses"]
-        assert sorted(int(k) for k in losses) == list(range(STEPS + 1, STEPS + 1 + MORE))
-        assert all(v == v and abs(v) < 1e3 for v in losses.values()), losses  # trains on, finite
-        if r < n:  # same parameters, same batch: the forward pass gives the same loss
-            assert losses[str(STEPS + 1)] == trained[r][str(STEPS + 1)], (r, losses, trained[r])
+    for m in ms:
+        copy = tmp_path / f"ckpt_w{m}"
+        shutil.copytree(store, copy)
+        t1 = time.monotonic()
+        run("eresume", dict(args, store=str(copy), step=STEPS, more=MORE), tmp_path, m)
+        print(f"ZeRO-{stage} {n}->{m}: resume + {MORE} steps {time.monotonic() - t1:.1f} s")
+        got = torch.load(tmp_path / f"eref_resume_w{m}.pt", weights_only=False)
+        assert_same(want, got, f"ZeRO-{stage} {n}->{m}")
+        assert got["global_steps"] == STEPS and got["opt_step"] is not None
+        for r in range(m):
+            res = json.loads((tmp_path / f"eresume_w{m}_r{r}.json").read_text())
+            rep = res["report"]
+            assert rep["resharded"] and rep["saved_world_size"] == n and rep["world_size"] == m, rep
+            # each rank reads the ranges its partitions need, each chunk once: never more than one pass over
+            # the saved partitions plus the partly used chunks at the ends of each span (4 tensors per saved
+            # rank); at stage 1/2 (a new partition is one contiguous range of the saved ones) its share only
+            slack = 2 * chunk * 4 * n
+            assert 0 < rep["bytes_read"] <= total + slack, (rep, total, chunk)
+            if stage in (1, 2):
+                assert rep["bytes_read"] <= total // m + slack, (rep, total, chunk)
+            losses = res["losses"]
+            assert sorted(int(k) for k in losses) == list(range(STEPS + 1, STEPS + 1 + MORE))
+            assert all(v == v and abs(v) < 1e3 for v in losses.values()), losses  # trains on, finite
+            if r < n:  # same parameters, same batch: the forward pass gives the same loss
+                assert losses[str(STEPS + 1)] == trained[r][str(STEPS + 1)], (r, losses, trained[r])
 
 
 def test_zero2_two_to_one(tmp_path: Path) -> None:
     """ZeRO-2 saved on 2 ranks restores on 1 (params, fp32 masters, moments bit-exact) and trains on."""
-    elastic_case(tmp_path, 2, 2, 1)
+    elastic_case(tmp_path, 2, 2, [1])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("stage", "n", "m"),
-    [(1, 2, 1), (1, 2, 3), (2, 2, 3), (2, 4, 2), (3, 2, 1), (3, 2, 3), (3, 4, 2), (1, 4, 2)],
+@pytest.mark.parametrize(("stage", "n", "ms"), [(1, 2, [3]), (2, 4, [2]), (3, 2, [1, 3])])
+def test_elastic(tmp_path: Path, stage: int, n: int, ms: list[int]) -> None:
+    elastic_case(tmp_path, stage, n, ms)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("ASYMSTORE_ELASTIC_ALL"), reason="the rest of the N->M matrix: set ASYMSTORE_ELASTIC_ALL=1"
 )
-def test_elastic(tmp_path: Path, stage: int, n: int, m: int) -> None:
-    elastic_case(tmp_path, stage, n, m)
+@pytest.mark.parametrize(("stage", "n", "ms"), [(1, 2, [1]), (1, 4, [2]), (2, 2, [3]), (3, 4, [2])])
+def test_elastic_matrix(tmp_path: Path, stage: int, n: int, ms: list[int]) -> None:
+    elastic_case(tmp_path, stage, n, ms)
 
 
 # --- the planner alone (no processes): simulated stage 1/2 and stage 3 layouts, every N -> M ---------------

@@ -195,16 +195,39 @@ def plan_reads(dest: Mapping[str, Any], saved: Sequence[Mapping[str, Any]], *, w
     return out
 
 
-def fill_partition(dst: torch.Tensor, copies: Sequence[Copy], source: Any, *, what: str) -> None:
+def fill_partition(dst: torch.Tensor, copies: Sequence[Copy], source: Any, *, what: str, gap: int = 0) -> None:
     """Zero ``dst`` (a 1-D partition) and fill it by ``copies``; ``source(rank, group)`` returns the saved
-    partition as a lazy tensor (:class:`~asymstore.lazy.LazyTensor`), read only in the copied ranges."""
+    partition as a lazy tensor (:class:`~asymstore.lazy.LazyTensor`), read only in the copied ranges.
+
+    Copies from one saved partition whose source ranges are at most ``gap`` elements apart are read as one
+    span and scattered (a ranged read fetches whole chunks: with ``gap`` about two chunks, no chunk is
+    fetched twice by neighbouring copies); others are read one by one, straight into ``dst``."""
     flat = dst.detach().view(-1)
     ends = max((c.dst + c.numel for c in copies), default=0)
     if ends > flat.numel():
         raise StateMismatchError(f"{what}: a copy ends at {ends}, the partition holds {flat.numel()}")
     flat.zero_()
+    by_source: dict[tuple[int, int], list[Copy]] = defaultdict(list)
     for c in copies:
-        src = source(c.rank, c.group)
+        by_source[(c.rank, c.group)].append(c)
+    for (rank, group), cs in by_source.items():
+        src = source(rank, group)
         if src.dtype != flat.dtype:
             raise StateMismatchError(f"{what}: saved as {src.dtype}, the engine holds {flat.dtype}")
-        src.read_flat_into(c.src, flat.narrow(0, c.dst, c.numel))
+        cs.sort(key=lambda c: c.src)
+        runs: list[list[Copy]] = []
+        for c in cs:
+            if runs and c.src - (runs[-1][-1].src + runs[-1][-1].numel) <= gap:
+                runs[-1].append(c)
+            else:
+                runs.append([c])
+        for run in runs:
+            if len(run) == 1:
+                c = run[0]
+                src.read_flat_into(c.src, flat.narrow(0, c.dst, c.numel))
+                continue
+            lo, hi = run[0].src, max(c.src + c.numel for c in run)
+            span = torch.empty(hi - lo, dtype=flat.dtype)
+            src.read_flat_into(lo, span)
+            for c in run:
+                flat.narrow(0, c.dst, c.numel).copy_(span.narrow(0, c.src - lo, c.numel))

@@ -23,8 +23,11 @@ lr scheduler step, ``global_steps += 1``: the whole state "after step t"); the b
 pre-hook on the inner ``torch.optim.Optimizer``, which every stage calls only after its gradient
 reduction, norm and overflow checks (stage 1/2: ``_optimizer_step`` per group, stage 3: per
 sub-group, before the fp32 -> parameter partition copy and the all-gather). Resume restores each
-rank's part into the engine on the same world size (stage 1/2 then all-gathers the parameter
-partitions, stage 3 re-gathers persistent parameters).
+rank's part into the engine (stage 1/2 then all-gathers the parameter partitions, stage 3 re-gathers
+persistent parameters); on another world size each rank reads only the ranges of the saved partitions
+its own partitions need, through the partition layouts saved with every part
+(:mod:`asymstore.trainer_hooks.deepspeed_elastic`; what is carried over: :meth:`DeepSpeedAsymCheckpointer.resume`).
+Full fp32 weights without DeepSpeed processes: :func:`asymstore.trainer_hooks.deepspeed_tools.fp32_state_dict`.
 
 :class:`AsymstoreCheckpointEngine` plugs asymstore under ``engine.save_checkpoint`` /
 ``engine.load_checkpoint`` (``engine.checkpoint_engine = AsymstoreCheckpointEngine(store)``).
@@ -115,7 +118,7 @@ class DeepSpeedAsymCheckpointer(AsymCheckpointer):
         with ck:
             for batch in data:
                 loss = engine(batch); engine.backward(loss); engine.step()
-        # after a restart, same world size:
+        # after a restart, on any world size (same ZeRO stage):
         ck.resume()            # the newest step complete on every rank
 
     ``min_range_bytes``: the smallest copy range issued in a window (``min_partition_bytes``: deprecated alias).
@@ -400,9 +403,16 @@ class DeepSpeedAsymCheckpointer(AsymCheckpointer):
         def part(key: str) -> Callable[[int, int], Any]:
             return lambda r, g: trees[r]["zero"][key][g]
 
+        chunk = max((ck.reader.manifest.chunk_bytes for ck in cks if ck.reader is not None), default=0)
+
+        def gap(t: torch.Tensor) -> int:  # neighbouring ranges this close share a chunk: read them as one span
+            return 2 * chunk // t.element_size()
+
         for i, copies in enumerate(plans):
-            fill_partition(lp[i], copies, part("lp"), what=f"step {step} lp partition {i}")
-            fill_partition(masters[i], copies, part("fp32"), what=f"step {step} fp32 partition {i}")
+            fill_partition(lp[i], copies, part("lp"), what=f"step {step} lp partition {i}", gap=gap(lp[i]))
+            fill_partition(
+                masters[i], copies, part("fp32"), what=f"step {step} fp32 partition {i}", gap=gap(masters[i])
+            )
             r0, g0 = (copies[0].rank, copies[0].group) if copies else (0, min(i, len(layouts[0]["groups"]) - 1))
             ref = trees[r0]["zero"]["optimizer_state"][g0]
             ref_numel = int(layouts[r0]["groups"][g0]["numel"])
@@ -414,7 +424,9 @@ class DeepSpeedAsymCheckpointer(AsymCheckpointer):
                     def moment(r: int, g: int, key: str = key) -> Any:
                         return trees[r]["zero"]["optimizer_state"][g][key]
 
-                    fill_partition(t, copies, moment, what=f"step {step} optimizer state {key!r} of partition {i}")
+                    fill_partition(
+                        t, copies, moment, what=f"step {step} optimizer state {key!r} of partition {i}", gap=gap(t)
+                    )
                     new_state[key] = t
                 else:
                     new_state[key] = _read_lazy(v)
