@@ -40,7 +40,7 @@ from .interfaces import ObjectStore, StreamSource
 from .layout import Layout, PartitionSpan, dominant_itemsize
 from .manifest import COMMIT_KEY, GROUP_KEY, Manifest, PartitionRecord, commit_record, step_dir
 from .write_plan import CheckpointContent, WritePlan
-from .zarrfmt import EncodedShard, array_metadata, dumps, encode_shard, group_metadata, shard_key
+from .zarrfmt import EncodedShard, StreamCrcs, array_metadata, dumps, encode_shard, group_metadata, shard_key
 
 if TYPE_CHECKING:
     from .reader import CheckpointReader
