@@ -374,6 +374,8 @@ class DeepFreezeV(CompareMixin, Variant):
         self.snap: PendingSnapshot | None = None
         self.groups: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
         self.issued: set[int] = set()
+        #: layer partitions queued by a forward hook (the rest went at the barrier)
+        self.issued_in_forward = 0
         self.handles: list[SaveHandle] = []
         self.timed = False
         self._stalls: list[float] = []
@@ -406,6 +408,7 @@ class DeepFreezeV(CompareMixin, Variant):
         def hook(*_: Any) -> None:
             if self.snap is not None and torch.is_grad_enabled() and i not in self.issued:
                 self.issued.add(i)
+                self.issued_in_forward += 1
                 self.q.put(self.groups[i])
 
         return hook
@@ -569,11 +572,18 @@ class GeminiV(CompareMixin, Variant):
     def before_block(self) -> None:
         self.ck.attach()
 
-    def _persist(self, step: int) -> None:
-        slot = self.host.host.lease(step)
+    def _lease(self, handle: SaveHandle) -> None:
+        """When a checkpoint to persist is complete in host memory: pin its slot (at once, before the slot can be
+        reused), then write it to the disk tier on the persistence thread."""
+        slot = self.host.host.lease(handle.step)
         if slot is None or slot.content is None:
+            if slot is not None:
+                self.host.host.unlease(slot)
             self.missed += 1
             return
+        self.futures.append(self.pool.submit(self._persist, handle.step, slot))
+
+    def _persist(self, step: int, slot: Any) -> None:
         try:
             assert self.disk.manager is not None
             rep = self.disk.manager.persist_primary(step, slot.memview(), slot.content)
@@ -584,7 +594,7 @@ class GeminiV(CompareMixin, Variant):
     def after_iter(self) -> float:
         for h in self.ck.handles[self._seen :]:
             if h.step % self.persist_every == 0:
-                h.add_done_callback(lambda hh: self.futures.append(self.pool.submit(self._persist, hh.step)))
+                h.add_done_callback(self._lease)
         self._seen = len(self.ck.handles)
         return 0.0
 
