@@ -231,6 +231,7 @@ def test_deepspeed_tools_on_engine_steps(tmp_path: Path) -> None:
             "1",
             "--num_merge_workers",
             "1",
+            "--inject_missing_state",  # a plain (non-Megatron) client: as for DeepSpeed's own checkpoints
         ],
         capture_output=True,
         text=True,

@@ -142,12 +142,13 @@ def materialize_deepspeed_dir(source: Source, out_dir: str | Path, step: int | N
     tag: str | None = None
     written: set[str] = set()
     for r, ck in enumerate(cks):
-        part = ck.load()
-        if not isinstance(part, dict) or "files" not in part or "deepspeed_tag" not in part:
+        sk = ck.skeleton
+        if not isinstance(sk, dict) or "files" not in sk or "deepspeed_tag" not in sk:
             raise StateMismatchError(
                 f"step {s} rank {r} was not saved through AsymstoreCheckpointEngine (no DeepSpeed files in it); "
                 "use fp32_state_dict() for DeepSpeedAsymCheckpointer steps"
             )
+        part = ck.load()
         if tag is not None and part["deepspeed_tag"] != tag:
             raise StateMismatchError(f"step {s}: rank {r} holds tag {part['deepspeed_tag']!r}, rank 0 {tag!r}")
         tag = str(part["deepspeed_tag"])
