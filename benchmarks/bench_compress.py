@@ -244,7 +244,7 @@ def flush_check(
     end-to-end flush time to the tier (``WriteReport.seconds``), stored bytes and delta base."""
     stores = {}
     for name, opts in variants:
-        d = os.path.join(root, name.replace("/", "_"))
+        d = f"{root.rstrip('/')}/{name.replace('/', '_')}"
         stores[name] = Store([TierSpec(d, keep=2)], host_memory="private", host_slots=1, **opts)
     rows: dict[str, list[dict[str, Any]]] = {n: [] for n, _ in variants}
     try:
@@ -309,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=6, help="rounds of the auto flush check")
     p.add_argument("--dir", default=None, help="where the local tier lives (default: a temporary directory)")
     p.add_argument("--quick", action="store_true", help="tiny model, few steps: a smoke run")
+    p.add_argument("--hdfs", action="store_true", help="also run the auto flush check on a MiniDFSCluster")
     p.add_argument("--out", default=os.path.join(H.ROOT, "benchmarks", "results", "compress.md"))
     args = p.parse_args(argv)
     if args.quick:
@@ -327,6 +328,17 @@ def main(argv: list[str] | None = None) -> int:
     R = max(2, min(args.rounds, 4))  # consecutive states for the flush check: N .. N+R-1
     keep = {N, *(N + k for k in ks), *range(N, N + R)}
     data: dict[str, Any] = {"args": vars(args), "busy_before": busy, "modes": {}}
+    dfs: Any = None
+    dfs_url: str | None = None
+    if args.hdfs:
+        sys.path.insert(0, H.ROOT)
+        from tests.minidfs import MiniDFS
+
+        dfs = MiniDFS(datanodes=1, replication=1, block_size=128 * MiB, heap="1g")
+        dfs_tmp = tempfile.mkdtemp(prefix="bench_compress_dfs_", dir=args.dir)
+        dfs_url = dfs.start(dfs_tmp)
+        log(f"MiniDFSCluster up at {dfs_url} (1 DataNode, replication 1, 128 MiB blocks)")
+        data["hdfs"] = {"datanodes": 1, "replication": 1, "block_mib": 128}
     for mode in ("bf16", "fp32"):
         log(f"training {mode}: {max(keep)} steps")
         c0 = time.time()
@@ -374,11 +386,17 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{mode}: auto with deltas, {len(deltas)} variants x {2 * args.rounds} saves")
             m["flush_delta"] = flush_check(root, seq, deltas, max(2 * args.rounds, 8), log)
             m["delta_audit"] = delta_audit(m["flush_delta"]["auto+delta4"], seq, args.sample_mib * MiB)
+            if dfs_url is not None:
+                log(f"{mode}: auto flush check on HDFS, {len(fixed)} variants x {args.rounds} rounds")
+                m["flush_hdfs"] = flush_check(f"{dfs_url}/bench_{mode}", seq, fixed, args.rounds, log)
         finally:
             shutil.rmtree(root, ignore_errors=True)
         data["modes"][mode] = m
         del states
         gc.collect()
+    if dfs is not None:
+        dfs.stop()
+        shutil.rmtree(dfs_tmp, ignore_errors=True)
     data["busy_after"] = H.other_cpu_busy(2.0)
     md = render(data, args, ks, N)
     H.write_report(args.out, md, data)
@@ -456,7 +474,21 @@ def render(data: dict[str, Any], args: argparse.Namespace, ks: list[int], N: int
 
 
 def flush_section(mode: str, m: dict[str, Any]) -> list[str]:
-    fl = m["flush"]
+    lines = flush_table(mode, m["flush"], "the local tier")
+    if "flush_hdfs" in m:
+        lines += flush_table(mode, m["flush_hdfs"], "HDFS (MiniDFSCluster, 1 DataNode)")
+        fh = m["flush_hdfs"]
+        rate = {n: statistics.median([r["raw"] / r["seconds"] for r in rows]) for n, rows in fh.items()}
+        x = rate["auto"] / rate["raw"]
+        lines += [
+            f"**{'PASS' if x >= 1.25 else 'FAIL'}** (goal >= 1.25x): on HDFS `auto` flushed {rate['auto'] / 1e6:.0f} "
+            f"logical MB/s, {x:.2f}x raw's {rate['raw'] / 1e6:.0f} MB/s (medians over rounds).",
+            "",
+        ]
+    return lines + delta_section(mode, m)
+
+
+def flush_table(mode: str, fl: dict[str, list[dict[str, Any]]], where: str) -> list[str]:
     med = {n: statistics.median([r["seconds"] for r in rows]) for n, rows in fl.items()}
     best_other = min(v for n, v in med.items() if n != "auto")
     best_name = min((n for n in med if n != "auto"), key=lambda n: med[n])
@@ -466,7 +498,7 @@ def flush_section(mode: str, m: dict[str, Any]) -> list[str]:
     ]
     verdict = "PASS" if med["auto"] <= best_other else "FAIL"
     lines = [
-        f"### {mode}: `auto` end-to-end flush on the local tier (item: auto <= min(raw, every fixed chain))",
+        f"### {mode}: `auto` end-to-end flush on {where} (goal: auto <= min(raw, every fixed chain))",
         "",
         "| variant | median flush s | min | max | stored/raw | chains used (last save) |",
         "|---|---:|---:|---:|---:|---|",
@@ -485,9 +517,14 @@ def flush_section(mode: str, m: dict[str, Any]) -> list[str]:
         f"{statistics.median(per_round):.3f} (min {min(per_round):.3f}, max {max(per_round):.3f}).",
         "",
     ]
+    return lines
+
+
+def delta_section(mode: str, m: dict[str, Any]) -> list[str]:
     fd = m["flush_delta"]
+    lines: list[str] = []
     lines += [
-        f"### {mode}: deltas on (`delta_every=4`): every save, in order",
+        f"### {mode}: deltas on (`delta_every=4`), local tier: every save, in order",
         "",
         "| variant | delta bases per save (`-`: written in full) | stored/raw per save | median flush s |",
         "|---|---|---|---:|",
