@@ -12,6 +12,7 @@ batches, not N), so the state, not the losses, is what is compared.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -233,3 +234,30 @@ def test_plan_reads_every_world_size(stage: int) -> None:
     saved = [_sim_layout(sizes[:-1], 2, r, stage) for r in range(2)]
     with pytest.raises(StateMismatchError, match="p6"):
         plan_reads(_sim_layout(sizes, 1, 0, stage), saved)
+
+
+def test_chunk_cache_reads_each_chunk_once() -> None:
+    """Adjacent ranged reads through the chunk cache return the right bytes and fetch each chunk once."""
+    from asymstore.trainer_hooks.deepspeed_elastic import ChunkCache
+
+    data = bytes(range(256)) * 40  # 10240 bytes: chunks of 1000, the last one short
+
+    class Src:
+        def __init__(self) -> None:
+            self.bytes_read = 0
+            self.fetched: list[tuple[int, int]] = []
+
+        def read_range_into(self, start: int, end: int, out: memoryview) -> None:
+            assert start % 1000 == 0 and (end % 1000 == 0 or end == len(data)), (start, end)
+            out[:] = data[start:end]
+            self.bytes_read += end - start
+            self.fetched.append((start, end))
+
+    src = Src()
+    cache = ChunkCache(src, 1000, len(data))
+    cuts = [0, 10, 999, 1000, 1001, 2500, 2500, 4100, 7000, 10239, 10240]
+    for a, b in itertools.pairwise(cuts):
+        out = bytearray(b - a)
+        cache.read_range_into(a, b, memoryview(out))
+        assert bytes(out) == data[a:b], (a, b)
+    assert cache.bytes_read == len(data), src.fetched  # every chunk fetched exactly once

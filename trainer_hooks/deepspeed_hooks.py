@@ -52,7 +52,7 @@ from asymstore.lazy import LazyTensor
 from asymstore.state import flatten, unflatten
 from asymstore.store import Store
 
-from .deepspeed_elastic import check_layout, fill_partition, plan_reads, zero_layout
+from .deepspeed_elastic import ChunkCache, check_layout, fill_partition, plan_reads, zero_layout
 from .torch_hooks import AsymCheckpointer, Strategy, rng_state, set_rng_state
 
 log = logging.getLogger("asymstore.hooks.deepspeed")
@@ -91,9 +91,11 @@ def _read_lazy(v: Any) -> Any:
     return v
 
 
-def _lazy_fetch(ck: Any) -> Callable[[str], Any]:
-    """A tensor fetcher for :func:`asymstore.state.unflatten` that returns lazy tensors (read on demand)."""
-    return lambda name: ck[name]
+def _lazy_fetch(ck: Any, source: Any) -> Callable[[str], Any]:
+    """A tensor fetcher for :func:`asymstore.state.unflatten` that returns lazy tensors of ``ck`` (read on
+    demand from ``source``)."""
+    entries = ck.layout.by_name()
+    return lambda name: LazyTensor(entries[name], source)
 
 
 def base_optimizer(engine: Any) -> torch.optim.Optimizer:
@@ -392,7 +394,11 @@ class DeepSpeedAsymCheckpointer(AsymCheckpointer):
         """Fill this rank's partitions from ranged reads of the ``saved_world`` saved ranks' partitions;
         returns rank 0's non-partition state, the stored bytes read and where they came from."""
         cks = [head] + [self.store.open_checkpoint(step, rank=r) for r in range(1, saved_world)]
-        trees: list[Any] = [unflatten(ck.skeleton, _lazy_fetch(ck)) for ck in cks]
+        sources: list[Any] = [
+            ChunkCache(ck.source, ck.reader.manifest.chunk_bytes, ck.layout.total_bytes) if ck.reader else ck.source
+            for ck in cks
+        ]
+        trees: list[Any] = [unflatten(ck.skeleton, _lazy_fetch(ck, src)) for ck, src in zip(cks, sources, strict=True)]
         layouts = [check_layout(t["zero"].get("layout"), f"step {step} rank {r}") for r, t in enumerate(trees)]
         mine = zero_layout(self.engine)
         plans = plan_reads(mine, layouts, what=f"step {step}")
@@ -443,8 +449,8 @@ class DeepSpeedAsymCheckpointer(AsymCheckpointer):
             setattr(sc, k, v)
         self._gather_after_load()
         rest = {k: _read_lazy(trees[0][k]) for k in ("engine", "step", "extras", "scheduler") if k in trees[0]}
-        sources = sorted({type(ck.source).__name__ for ck in cks})
-        return rest, sum(ck.bytes_read for ck in cks), ",".join(sources)
+        names = sorted({type(ck.source).__name__ for ck in cks})
+        return rest, sum(ck.bytes_read for ck in cks), ",".join(names)
 
     def _gather_after_load(self) -> None:
         """Every rank restored its partitions: rebuild the full parameters as DeepSpeed's load does."""
