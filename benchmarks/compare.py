@@ -118,6 +118,7 @@ def run_family(name: str, names: list[str], args: argparse.Namespace) -> dict[st
     p_b, o_b = state_bytes(fam.model, fam.opt)
     root = tempfile.mkdtemp(prefix=f"asym-compare-{name}-", dir=os.environ.get("ASYM_BENCH_DIR"))
     skipped: dict[str, str] = {}
+    failed: dict[str, str] = {}
     variants: dict[str, Variant] = {}
     for n in names:
         why = V.available(n)
@@ -138,9 +139,18 @@ def run_family(name: str, names: list[str], args: argparse.Namespace) -> dict[st
     try:
         for r in range(-args.warmup_rounds, args.rounds):
             for n in round_order(run_names, r):
+                if n in failed:
+                    continue
                 v = variants[n]
-                b = run_block(v, fam, args.warmup, args.block)
-                rs = restore_check(v, fam, model2, opt2) if n != "baseline" else None
+                try:
+                    b = run_block(v, fam, args.warmup, args.block)
+                    rs = restore_check(v, fam, model2, opt2) if n != "baseline" else None
+                except Exception as e:  # one system failing must not lose the others' cells
+                    if n == "baseline":
+                        raise
+                    failed[n] = f"{type(e).__name__}: {e}"
+                    print(f"   {n} FAILED: {failed[n]}", flush=True)
+                    continue
                 if r < 0:
                     print(f"   warm-up {n:>15}: {b.per_iter * 1e3:8.1f} ms/iter", flush=True)
                     continue
@@ -155,6 +165,8 @@ def run_family(name: str, names: list[str], args: argparse.Namespace) -> dict[st
                 )
         rows = []
         for n in run_names:
+            if n in failed:
+                continue
             cv: Any = variants[n]
             pair = paired(per_iter[n], per_iter["baseline"]) if "baseline" in per_iter else None
             done = restores[n]
@@ -202,6 +214,7 @@ def run_family(name: str, names: list[str], args: argparse.Namespace) -> dict[st
         "baseline_ms": median(per_iter.get("baseline", [])) * 1e3,
         "rows": rows,
         "skipped": skipped,
+        "failed": failed,
         "per_block_s": per_iter,
     }
 
@@ -347,6 +360,8 @@ def report(results: list[dict[str, Any]], env: dict[str, Any], args: argparse.Na
         out += family_table(fr)
         if fr["skipped"]:
             out += ["", "Not run: " + "; ".join(f"`{k}`: {v}" for k, v in fr["skipped"].items())]
+        if fr["failed"]:
+            out += ["", "**Failed** (no cell): " + "; ".join(f"`{k}`: {v[:300]}" for k, v in fr["failed"].items())]
         out += ["", f"![{fr['family']}](compare_{fr['family']}{args.tag}.png)", ""]
     method = (__doc__ or "").split("Method:", 1)[1].split("Usage::", 1)[0].strip()
     out += ["## Method", "", method, ""]
