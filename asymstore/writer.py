@@ -159,15 +159,17 @@ class CheckpointWriter:
         if not plan.codecs.measure or bw == float("inf"):
             return RAW
         key: Hashable = (layout.signature, span.start, span.end, base is not None)
-        if self.decisions is not None:
-            known = self.decisions.get(key, bw)
+        # a delta's size depends on how much this step changed: measured every time a base is offered
+        decisions = self.decisions if base is None else None
+        if decisions is not None:
+            known = decisions.get(key, bw)
             if known is not None:
                 return known
         typesize = dominant_itemsize(layout, span.start, span.end, _ITEMSIZES)
         ests = measure_candidates(plan.codecs.candidates(typesize, delta=base is not None), data, base)
         choice = choose_codec(len(data), ests, bw, min_gain=self.min_gain)
-        if self.decisions is not None:
-            self.decisions.put(key, choice.spec, bw)
+        if decisions is not None:
+            decisions.put(key, choice.spec, bw)
         return choice.spec
 
     def write(
