@@ -136,13 +136,15 @@ def quantise(
         fit = np.sort(values)
     k = min(levels, max(2, fit.size))
     book = np.quantile(fit, np.linspace(0.0, 1.0, k))
+    csum = np.concatenate(([0.0], np.cumsum(fit)))
     book[0], book[-1] = lo, hi
     for _ in range(iterations):
         mids = (book[1:] + book[:-1]) / 2
-        cut = np.searchsorted(fit, mids)  # fit[cut[j-1]:cut[j]] are nearest to level j
-        sums = np.add.reduceat(fit, np.concatenate(([0], cut))) if fit.size else np.zeros(k)
-        counts = np.diff(np.concatenate(([0], cut, [fit.size])))
-        # reduceat gives garbage for empty groups: keep those levels where they are
+        # fit[edges[j]:edges[j + 1]] are nearest to level j; a level may get none (the sample need not hold the
+        # extremes the end levels are pinned to)
+        edges = np.concatenate(([0], np.searchsorted(fit, mids), [fit.size]))
+        sums = csum[edges[1:]] - csum[edges[:-1]]
+        counts = np.diff(edges)
         new = np.where(counts > 0, sums / np.maximum(counts, 1), book)
         new[0], new[-1] = lo, hi
         new = np.unique(new)

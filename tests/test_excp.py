@@ -72,6 +72,17 @@ def test_quantiser_error_is_within_its_bound(values: np.ndarray, levels: int) ->
     assert np.array_equal(codes, nearest(book, values))  # the nearest level, as the reader's codes say
 
 
+def test_quantiser_on_a_sample_whose_extremes_lie_outside_it() -> None:
+    # more values than the k-means sample; the extremes (the end levels) are not among the sampled ones
+    rng = np.random.default_rng(5)
+    v = rng.standard_normal(3 * 65536 + 7)
+    v[1] = 40.0
+    v[2] = -35.0
+    book, codes = quantise(v, 15)
+    assert book[0] == -35.0 and book[-1] == 40.0
+    assert np.abs(v - book[codes]).max() <= quantiser_bound(book)
+
+
 def test_quantiser_levels_follow_the_data() -> None:
     rng = np.random.default_rng(0)
     v = rng.standard_normal(100_000)
