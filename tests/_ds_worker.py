@@ -47,7 +47,8 @@ class Net(nn.Module):
         self.head = nn.Linear(d, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(x))
+        out: torch.Tensor = self.head(self.blocks(x))
+        return out
 
 
 def ds_config(stage: int) -> dict[str, Any]:
