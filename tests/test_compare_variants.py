@@ -123,10 +123,22 @@ def test_excp_restore_is_lossy_within_recorded_bounds(tmp_path: Path) -> None:
         v.close()
 
 
+def _ds_ops_built() -> bool:
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return all(os.path.exists(os.path.join(_get_build_directory(n, False), f"{n}.so")) for n in ("async_io", "utils"))
+
+
 @pytest.mark.slow
 def test_fastpersist_restores_bit_exact(tmp_path: Path) -> None:
-    # DeepSpeed compiles its async I/O and utils ops on first use (minutes on 2 cores): slow
     _skip_unavailable("fastpersist")
+    if not _ds_ops_built() and not os.environ.get("ASYMSTORE_BUILD_DS_OPS"):
+        # the first build of DeepSpeed's async I/O and utils ops takes 4-8 minutes on 2 cores: more than the
+        # suite's budget for one test; built once (and cached) by the comparison benchmark or this variable
+        pytest.skip(
+            "DeepSpeed's async_io/utils ops are not built yet: run `python -m benchmarks.compare --quick "
+            "--families gpt2 --variants baseline,fastpersist` once, or set ASYMSTORE_BUILD_DS_OPS=1"
+        )
     fam = _family()
     v: Any = V.make("fastpersist", fam.model, fam.opt, str(tmp_path), keep=2)
     try:
