@@ -262,14 +262,6 @@ def open_step(
                 "chunks (a rank holds parts of tensors only); leave --rank out"
             )
         return _dcp_contents(backend, step, n, r0, sep)
-    index = _global_index(backend, step)
-    if index is not None:
-        if ranks != "all" and n > 1:
-            raise ConsolidationError(
-                f"step {step} of {backend.url} records global tensors its ranks hold parts of: they are "
-                "consolidated from every rank (a rank alone holds parts of them only); leave --rank out"
-            )
-        return _global_contents(backend, step, n, r0, index, sep)
     stage = _deepspeed_stage(r0.manifest.skeleton)
     sk = r0.manifest.skeleton
     engine_files = isinstance(sk, dict) and "deepspeed_tag" in sk and "files" in sk  # AsymstoreCheckpointEngine
@@ -281,6 +273,16 @@ def open_step(
                 "leave --rank out"
             )
         return _deepspeed_contents(backend, step, n, r0, what)
+    # after the DeepSpeed case: a ZeRO step's index describes its flat partitions (zero/fp32/<param> ...), its
+    # export is the fp32 parameters by name
+    index = _global_index(backend, step)
+    if index is not None:
+        if ranks != "all" and n > 1:
+            raise ConsolidationError(
+                f"step {step} of {backend.url} records global tensors its ranks hold parts of: they are "
+                "consolidated from every rank (a rank alone holds parts of them only); leave --rank out"
+            )
+        return _global_contents(backend, step, n, r0, index, sep)
     if isinstance(ranks, int) and ranks != 0:
         r0 = catalog.open_reader(backend, step, rank=ranks)
     m = r0.manifest

@@ -23,10 +23,17 @@ covered by no fragment are padding (zeros).
 :func:`plan_reads` maps a new rank's layout onto the saved ranks' layouts (any world sizes): the
 list of ``(saved rank, saved group, source start, destination start, numel)`` copies, adjacent
 ones merged, which :func:`fill_partition` executes with ranged reads of the saved partitions.
+
+:func:`layout_global_parts` turns a rank's layout into the global tensor metadata of its step
+(docs/format.md section 8.2): one flat piece per fragment of every partition-shaped tensor, under the
+global names ``zero/lp/<param>``, ``zero/fp32/<param>`` and ``zero/optimizer_state/<key>/<param>``, so
+the step's ``INDEX`` lists every parameter's low-precision value, fp32 master and optimizer moments.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,10 +42,11 @@ from typing import Any
 import torch
 
 from asymstore.errors import StateMismatchError
+from asymstore.globalmeta import FlatRange, Piece
 
 LAYOUT_FORMAT = "asymstore-zero-layout/1"
 
-__all__ = ["LAYOUT_FORMAT", "Copy", "fill_partition", "plan_reads", "zero_layout"]
+__all__ = ["LAYOUT_FORMAT", "Copy", "fill_partition", "layout_global_parts", "plan_reads", "zero_layout"]
 
 
 def _dist() -> Any:
@@ -121,6 +129,58 @@ def zero_layout(engine: Any) -> dict[str, Any]:
         "shared": shared,
         "groups": groups,
     }
+
+
+_LOCAL_LP_FP32 = re.compile(r"^zero/(lp|fp32)/(\d+)$")
+_LOCAL_OPT_STATE = re.compile(r"^zero/optimizer_state/(\d+)/([^/]+)$")
+
+
+def layout_global_parts(layout: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> dict[str, list[Piece]]:
+    """The global tensor metadata (docs/format.md section 8.2) of a rank's ZeRO partitions.
+
+    ``layout``: the rank's :func:`zero_layout`; ``tensors``: its stored tensors by name (a flattened state:
+    ``zero/lp/<i>``, ``zero/fp32/<i>``, ``zero/optimizer_state/<i>/<key>``). Every partition-shaped tensor
+    (1-D, the partition's length) of partition ``i`` gets one flat piece per fragment of group ``i``: global
+    tensor ``zero/lp/<param>``, ``zero/fp32/<param>`` or ``zero/optimizer_state/<key>/<param>`` (``key`` as in
+    the local name, e.g. ``exp_avg``), of the parameter's full shape and the local tensor's dtype,
+    ``FlatRange(start in the parameter, numel)`` at ``local_offset`` = the start in the partition. Padding is
+    not described; tied aliases are described under the parameter's first name only (the layout's names);
+    rank 0 describes each parameter without elements by an empty range, so that it is listed. Tensors of
+    another shape (the optimizer's ``step``) are local to the rank."""
+    groups = layout["groups"]
+    params = layout["params"]
+    out: dict[str, list[Piece]] = {}
+    first_of: dict[str, tuple[int, str, torch.dtype]] = {}  # class -> (group, local tensor, dtype): its lowest group
+    for name in sorted(tensors, key=lambda n: (len(n), n)):
+        m = _LOCAL_LP_FP32.match(name)
+        mo = None if m is not None else _LOCAL_OPT_STATE.match(name)
+        if m is not None:
+            cls, i = f"zero/{m.group(1)}", int(m.group(2))
+        elif mo is not None:
+            cls, i = f"zero/optimizer_state/{mo.group(2)}", int(mo.group(1))
+        else:
+            continue
+        t = tensors[name]
+        if i >= len(groups) or t.dim() != 1 or t.numel() != int(groups[i]["numel"]):
+            continue  # not a partition (an optimizer's scalar state, or another length)
+        dtype = _dtype_name(t.dtype)
+        pieces = [
+            Piece(f"{cls}/{p}", dtype, tuple(int(x) for x in params[p]["shape"]), FlatRange(int(a), int(n)), int(o))
+            for p, a, o, n in groups[i]["fragments"]
+            if int(n) > 0
+        ]
+        if pieces:
+            out[name] = pieces
+        if cls not in first_of or i < first_of[cls][0]:
+            first_of[cls] = (i, name, t.dtype)
+    if int(layout.get("rank", 0)) == 0:
+        empty = [p for p, v in params.items() if math.prod(int(x) for x in v["shape"]) == 0]
+        for cls, (_, name, dt) in sorted(first_of.items()) if empty else ():
+            out.setdefault(name, []).extend(
+                Piece(f"{cls}/{p}", _dtype_name(dt), tuple(int(x) for x in params[p]["shape"]), FlatRange(0, 0), 0)
+                for p in empty
+            )
+    return out
 
 
 @dataclass(frozen=True)

@@ -48,11 +48,12 @@ import torch
 
 from asymstore.errors import ConfigError, StateMismatchError, StepNotFoundError, UnsupportedValueError
 from asymstore.files import atomic_file
+from asymstore.globalmeta import Piece
 from asymstore.lazy import LazyTensor
-from asymstore.state import flatten, unflatten
+from asymstore.state import FlatState, flatten, unflatten
 from asymstore.store import Store
 
-from .deepspeed_elastic import ChunkCache, check_layout, fill_partition, plan_reads, zero_layout
+from .deepspeed_elastic import ChunkCache, check_layout, fill_partition, layout_global_parts, plan_reads, zero_layout
 from .torch_hooks import AsymCheckpointer, Strategy, rng_state, set_rng_state
 
 log = logging.getLogger("asymstore.hooks.deepspeed")
@@ -251,6 +252,16 @@ class DeepSpeedAsymCheckpointer(AsymCheckpointer):
             "layout": self._layout,
         }
         return st
+
+    def _global_parts(self, flat: FlatState) -> dict[str, list[Piece]]:
+        """The step's global tensor metadata (docs/format.md section 8.2): every partition-shaped tensor
+        (``zero/lp/<i>``, ``zero/fp32/<i>``, ``zero/optimizer_state/<i>/<key>``) as the flat ranges of the
+        parameters it holds, under ``zero/lp/<param>``, ``zero/fp32/<param>`` and
+        ``zero/optimizer_state/<key>/<param>`` (:func:`~.deepspeed_elastic.layout_global_parts`); rank 0
+        merges them into the step's ``INDEX``. Stage 0 (replicated state): none."""
+        if self.stage == 0 or self._layout is None:
+            return {}
+        return layout_global_parts(self._layout, flat.tensors)
 
     def _stable_ids(self) -> set[int]:
         ids = super()._stable_ids()

@@ -32,7 +32,7 @@ from torch import nn
 
 from asymstore import dtypes
 from asymstore.errors import CheckpointFailedError, ConfigError, StateMismatchError, StepNotFoundError
-from asymstore.globalmeta import describe_dtensor, is_dtensor
+from asymstore.globalmeta import Piece, describe_dtensor, is_dtensor
 from asymstore.snapshot import dest_view
 from asymstore.snapshot_plan import (
     ReplanGate,
@@ -42,7 +42,7 @@ from asymstore.snapshot_plan import (
     plan_asymmetric,
     plan_uniform,
 )
-from asymstore.state import _child, flatten, unflatten
+from asymstore.state import FlatState, _child, flatten, unflatten
 from asymstore.store import PendingSnapshot, SaveHandle, Store
 
 from .executor import CopyExecutor, CopyRecord, CudaCopyExecutor, make_executor
@@ -357,7 +357,9 @@ class AsymCheckpointer:
         first = volatile.__contains__
 
         try:
-            snap = self.store.begin_snapshot(flat, self.step, first=first, user={"strategy": self.strategy})
+            snap = self.store.begin_snapshot(
+                flat, self.step, first=first, user={"strategy": self.strategy}, global_parts=self._global_parts(flat)
+            )
         except CheckpointFailedError as e:  # an earlier checkpoint failed in the background
             if e.__cause__ is not None:
                 self._reported.append(e.__cause__)
@@ -386,6 +388,12 @@ class AsymCheckpointer:
             ex.copy_now(offset, snap.layout.total_bytes, "step")
             stats.step_copy_bytes = snap.layout.total_bytes - offset
             stats.begin_s = time.perf_counter() - t0
+
+    def _global_parts(self, flat: FlatState) -> dict[str, list[Piece]]:
+        """The parts of global tensors the flattened state's tensors hold, beyond its DTensors (described
+        automatically): local tensor name -> pieces (docs/format.md section 8.2). None here; a subclass whose
+        state holds flat partitions of global tensors (ZeRO) describes them."""
+        return {}
 
     def _plan(self, nbytes: int) -> SnapshotPlan:
         if (
