@@ -351,6 +351,8 @@ def report(results: list[dict[str, Any]], env: dict[str, Any], args: argparse.Na
             f"times include that contention; read the [min, max] of the paired overhead before trusting "
             f"differences smaller than that spread.**\n"
         )
+    if env.get("missing"):
+        out.append(f"**Not measured in this run (stopped before them): {', '.join(env['missing'])}.**\n")
     for fr in results:
         out += [f"## {fr['describe']}", ""]
         out.append(
@@ -389,6 +391,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
+def _write(results: list[dict[str, Any]], env: dict[str, Any], args: argparse.Namespace, t0: float) -> tuple[str, str]:
+    env["load"] = [*env["load"][:1], os.getloadavg()]
+    env["total_s"] = time.perf_counter() - t0
+    env["machine"] = machine_info()
+    env["lscpu"] = lscpu()
+    env["rev"] = git_rev()
+    md = report(results, env, args)
+    path = write_report(
+        os.path.join(args.out, f"compare{args.tag}.md"),
+        md,
+        {
+            "families": results,
+            "missing_families": env["missing"],
+            "args": vars(args),
+            "load": env["load"],
+            "other_busy_at_start": env["busy"],
+            "lscpu": env["lscpu"],
+            "commit": env["rev"],
+            "date": env["started"].isoformat(),
+        },
+    )
+    return md, path
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -403,29 +429,15 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     os.makedirs(args.out, exist_ok=True)
     stamp = f"{env['started']:%Y-%m-%d}"
+    path = ""
+    md = ""
     for f in families:
         fr = run_family(f, names, args)
         results.append(fr)
         plot_family(fr, os.path.join(args.out, f"compare_{f}{args.tag}.png"), stamp)
-    env["load"].append(os.getloadavg())
-    env["total_s"] = time.perf_counter() - t0
-    env["machine"] = machine_info()
-    env["lscpu"] = lscpu()
-    env["rev"] = git_rev()
-    md = report(results, env, args)
-    path = write_report(
-        os.path.join(args.out, f"compare{args.tag}.md"),
-        md,
-        {
-            "families": results,
-            "args": vars(args),
-            "load": env["load"],
-            "other_busy_at_start": env["busy"],
-            "lscpu": env["lscpu"],
-            "commit": env["rev"],
-            "date": env["started"].isoformat(),
-        },
-    )
+        # written after every family: a run stopped early keeps the families it finished
+        env["missing"] = [x for x in families if x not in {r["family"] for r in results}]
+        md, path = _write(results, env, args, t0)
     print("\n" + md)
     print(f"wrote {path} in {env['total_s'] / 60:.1f} min")
     return 0
