@@ -1,6 +1,9 @@
-"""Restore of a DeepSpeed ZeRO-2 state on another world size: asymstore N->M against same-world and DeepSpeed.
+"""Restore on another world size: asymstore N->M against same-world restore and the peers' resharding loads.
 
-A small GPT-2 (transformers config, nothing downloaded) trains a few real AdamW steps on N ranks under
+``--part zero`` (DeepSpeed ZeRO-2) and ``--part fsdp`` (FSDP2 against DCP); ``--part all`` (default) runs both.
+Each part writes its own section of benchmarks/results/elastic.md (the other part's section is kept).
+
+ZeRO part: a small GPT-2 (transformers config, nothing downloaded) trains a few real AdamW steps on N ranks under
 :class:`~asymstore.trainer_hooks.deepspeed_hooks.DeepSpeedAsymCheckpointer` (asymstore step S) and saves
 the same state with DeepSpeed's own ``engine.save_checkpoint``; ``ds_to_universal`` converts that one
 into a universal checkpoint (its conversion time is reported apart). Then fresh engines restore it, each
@@ -13,7 +16,15 @@ take turns within a round; the world sizes alternate by blocks):
   (``checkpoint.load_universal``);
 * ``ds same``: DeepSpeed ``load_checkpoint`` of its own checkpoint on N ranks (reference).
 
-Goal: ``asym N->M`` within 1.5x of ``asym same`` and faster than DeepSpeed's universal load.
+FSDP part: the same GPT-2 with every block and the root under ``fully_shard`` on N gloo ranks trains a few
+AdamW steps under :class:`~asymstore.trainer_hooks.torch_hooks.AsymCheckpointer` (local tier); the same state
+(``get_state_dict``: model + optimizer) is saved with ``dcp.save`` (``FileSystemWriter``). Fresh processes
+restore it with ``ck.resume(step)`` (``asym same`` on N ranks, ``asym N->M`` on M) and with DCP's resharding
+load (``get_state_dict`` + ``dcp.load`` from a ``FileSystemReader`` + ``set_state_dict``: ``dcp same``,
+``dcp N->M``); the page cache is warm for all. Every restored state is compared, by sha256 of every gathered
+tensor, with the trained state taken right after the saves.
+
+Goal: ``asym N->M`` within 1.5x of ``asym same`` and faster than the peer's load (universal checkpoint, DCP).
 """
 
 from __future__ import annotations
@@ -72,8 +83,13 @@ def open_store(a: argparse.Namespace) -> Any:
 
     from asymstore.store import Store
 
+    extra: dict[str, Any] = {"chunk_bytes": a.chunk_bytes} if a.chunk_bytes else {}
     return Store(
-        [str(Path(a.work) / "asym")], rank=dist.get_rank(), world_size=dist.get_world_size(), compression="none"
+        [str(Path(a.work) / "asym")],
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        compression="none",
+        **extra,
     )
 
 
@@ -147,7 +163,8 @@ def spawn(
     cmd = [sys.executable, "-m", "benchmarks.bench_elastic", "--rank-main", "--work", a.work, "--phase", phase]
     cmd += ["--variants", variants, "--rounds", str(rounds)] + (["--verify"] if verify else [])
     cmd += [
-        f"--{k}={getattr(a, k)}" for k in ("n", "stage", "steps", "batch", "seq", "embd", "layers", "heads", "vocab")
+        f"--{k}={getattr(a, k)}"
+        for k in ("n", "chunk_bytes", "stage", "steps", "batch", "seq", "embd", "layers", "heads", "vocab")
     ]
     procs = []
     for r in range(world):
@@ -366,7 +383,8 @@ def fsdp_main(a: argparse.Namespace) -> None:
         "",
         f"GPT-2 ({a.layers} layers, n_embd {a.embd}, vocab {a.vocab}, tied lm_head), every block and the root "
         f"under `fully_shard` on {a.n} gloo ranks (CPU), {a.steps} AdamW steps; the state after them saved by "
-        f"asymstore (`AsymCheckpointer`, local tier, uncompressed: {asym_mib:.1f} MiB) and by `dcp.save` "
+        f"asymstore (`AsymCheckpointer`, local tier, uncompressed, chunks of "
+        f"{(a.chunk_bytes or 2**20) // 1024} KiB: {asym_mib:.1f} MiB) and by `dcp.save` "
         f"(`FileSystemWriter`, model + optimizer from `get_state_dict`: {dcp_mib:.1f} MiB). Save run "
         f"{t1 - t0:.0f} s.",
         f"Restores in fresh processes (models with other initial values), {a.blocks} blocks x {a.rounds} rounds "
@@ -407,7 +425,9 @@ def fsdp_main(a: argparse.Namespace) -> None:
         f"{os.cpu_count()} CPUs; the {a.n}->{a.m} restores read every saved part on {a.m} rank(s).",
         "",
         f"Command: `python -m benchmarks.bench_elastic --part fsdp --n {a.n} --m {a.m} --rounds {a.rounds} "
-        f"--blocks {a.blocks} --layers {a.layers} --embd {a.embd} --vocab {a.vocab}`",
+        f"--blocks {a.blocks} --layers {a.layers} --embd {a.embd} --vocab {a.vocab}"
+        + (f" --chunk-bytes {a.chunk_bytes}" if a.chunk_bytes else "")
+        + "`",
     ]
     text = "\n".join(lines) + "\n"
     print(text)
@@ -464,6 +484,7 @@ def main() -> None:
     p.add_argument(
         "--part", choices=("zero", "fsdp", "all"), default="all", help="DeepSpeed ZeRO, FSDP2 vs DCP, or both"
     )
+    p.add_argument("--chunk-bytes", type=int, default=0, help="asymstore chunk size (default: the store's)")
     p.add_argument("--verify", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--rank-main", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--phase", default="", help=argparse.SUPPRESS)
