@@ -163,7 +163,7 @@ def spawn(
     cmd = [sys.executable, "-m", "benchmarks.bench_elastic", "--rank-main", "--work", a.work, "--phase", phase]
     cmd += ["--variants", variants, "--rounds", str(rounds)] + (["--verify"] if verify else [])
     cmd += [
-        f"--{k}={getattr(a, k)}"
+        f"--{k.replace('_', '-')}={getattr(a, k)}"
         for k in ("n", "chunk_bytes", "stage", "steps", "batch", "seq", "embd", "layers", "heads", "vocab")
     ]
     procs = []
