@@ -243,7 +243,11 @@ def test_host_memory_flat_over_200_checkpoints(tmp_path) -> None:
             s.save(state, step, blocking=step % 2 == 0)
             if step >= 3 and step - 3 in s.steps():
                 s.delete(step - 3)
-            assert s.memory_report() == report0, f"step {step}: {s.memory_report()} != {report0}"
+            now = s.memory_report()
+            # the slots' records (one page each) are rewritten while a save is sealed: only they may come and go
+            shm_drift = abs(now.pop("shared_memory") - report0["shared_memory"])
+            assert now == {k: v for k, v in report0.items() if k != "shared_memory"}, f"step {step}: {now}"
+            assert shm_drift <= 2 * 4096, f"step {step}: shared memory moved by {shm_drift} bytes"
         s.wait()
         growth = rss_bytes() - rss0
         assert report0["host_slots"] <= 2 * 2 * (1 << 21)
