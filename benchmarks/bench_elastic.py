@@ -374,7 +374,7 @@ def fsdp_main(a: argparse.Namespace) -> None:
         return "n/a" if x is None else f"{x:.0%}"
 
     lines = [
-        "# bench_elastic, FSDP2 part: restore on another world size against DCP's resharding load",
+        "## bench_elastic, FSDP2 part: restore on another world size against DCP's resharding load",
         "",
         f"Date: {date}. Machine: {machine()}. The machine is shared with other engineers' jobs: "
         f"{pct(busy0)} of its {os.cpu_count()} cores were busy with other work over 3 s before the run and "
