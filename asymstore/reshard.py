@@ -19,10 +19,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import globalmeta as gm
+from .chunkcache import ChunkCache
 from .dtypes import info
 from .errors import AsymstoreError, ConfigError, StateMismatchError, StepNotFoundError
 
 if TYPE_CHECKING:
+    from .interfaces import RangeSource
     from .lazy import LazyCheckpoint
     from .store import Store
 
@@ -107,19 +109,26 @@ def read_global(
         by_local: dict[str, list[tuple[gm.Read, torch.Tensor, int]]] = {}
         for item in per_rank[rank]:
             by_local.setdefault(item[0].local_name, []).append(item)
+        located = []
         for lname, items in by_local.items():
             e = entries.get(lname)
             if e is None:
                 raise StateMismatchError(f"step {step}: rank {rank} holds no tensor {lname!r} (its index says so)")
+            located.append((e.offset, items))
+        # in stream order through a chunk cache: small neighbouring tensors share chunks, each fetched (and
+        # verified and decoded) once instead of once per tensor
+        src: RangeSource = (
+            ChunkCache(ck.source, ck.reader.manifest.chunk_bytes, ck.layout.total_bytes) if ck.reader else ck.source
+        )
+        for offset, items in sorted(located, key=lambda x: x[0]):
             stats.runs += len(items)
-            _copy(ck, e.offset, items)
+            _copy(src, offset, items)
         stats.bytes += ck.bytes_read - before
     return stats
 
 
-def _copy(ck: LazyCheckpoint, base: int, items: list[tuple[gm.Read, torch.Tensor, int]]) -> None:
-    """Read the runs of one stored tensor (stream offset ``base``) into their targets."""
-    src = ck.source
+def _copy(src: RangeSource, base: int, items: list[tuple[gm.Read, torch.Tensor, int]]) -> None:
+    """Read the runs of one stored tensor (stream offset ``base``) from ``src`` into their targets."""
     if len(items) <= _COALESCE_RUNS:
         for r, out, isz in items:
             arr = out.view(-1).view(torch.uint8).numpy()

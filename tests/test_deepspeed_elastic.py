@@ -289,7 +289,7 @@ def test_plan_reads_every_world_size(stage: int) -> None:
 
 def test_chunk_cache_reads_each_chunk_once() -> None:
     """Adjacent ranged reads through the chunk cache return the right bytes and fetch each chunk once."""
-    from asymstore.trainer_hooks.deepspeed_elastic import ChunkCache
+    from asymstore.chunkcache import ChunkCache
 
     data = bytes(range(256)) * 40  # 10240 bytes: chunks of 1000, the last one short
 

@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from asymstore.chunkcache import ChunkCache
 from asymstore.errors import ConfigError, StateMismatchError, StepNotFoundError, UnsupportedValueError
 from asymstore.files import atomic_file
 from asymstore.globalmeta import Piece
@@ -53,7 +54,7 @@ from asymstore.lazy import LazyTensor
 from asymstore.state import FlatState, flatten, unflatten
 from asymstore.store import Store
 
-from .deepspeed_elastic import ChunkCache, check_layout, fill_partition, layout_global_parts, plan_reads, zero_layout
+from .deepspeed_elastic import check_layout, fill_partition, layout_global_parts, plan_reads, zero_layout
 from .torch_hooks import AsymCheckpointer, Strategy, rng_state, set_rng_state
 
 log = logging.getLogger("asymstore.hooks.deepspeed")
