@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from asymstore.chunkcache import ChunkCache
-from asymstore.errors import ConfigError, StateMismatchError, StepNotFoundError, UnsupportedValueError
+from asymstore.errors import AsymstoreError, ConfigError, StateMismatchError, StepNotFoundError, UnsupportedValueError
 from asymstore.files import atomic_file
 from asymstore.globalmeta import Piece
 from asymstore.lazy import LazyTensor
@@ -311,14 +311,9 @@ class DeepSpeedAsymCheckpointer(AsymCheckpointer):
 
     # --- resume ------------------------------------------------------------------
     def agreed_latest_step(self) -> int:
-        """The newest step complete for every rank (the minimum over the ranks' views)."""
-        s = self.store.latest_step()
-        d = _dist()
-        if d is not None:
-            t = torch.tensor([-1 if s is None else s], dtype=torch.int64)
-            d.all_reduce(t, op=d.ReduceOp.MIN)
-            s = int(t.item())
-        if s is None or s < 0:
+        """The newest step every rank can restore (:meth:`asymstore.Store.agreed_latest_step`, a collective)."""
+        s = self.store.agreed_latest_step()
+        if s is None:
             raise StepNotFoundError("no checkpoint is complete for every rank")
         return s
 
@@ -349,7 +344,7 @@ class DeepSpeedAsymCheckpointer(AsymCheckpointer):
         t0 = time.perf_counter()
         if step is None:
             step = self.agreed_latest_step()
-        head = self.store.open_checkpoint(step, rank=0)
+        head, head_rank = self._open_head(step)
         saved = head.skeleton.get("deepspeed", {}) if isinstance(head.skeleton, dict) else {}
         if not isinstance(saved, dict) or "zero_stage" not in saved or "world_size" not in saved:
             raise StateMismatchError(f"step {step} was not saved by DeepSpeedAsymCheckpointer")
@@ -378,6 +373,8 @@ class DeepSpeedAsymCheckpointer(AsymCheckpointer):
                 rep = self.store.last_restore
                 source = rep.tier if rep is not None else "?"
             else:
+                if head_rank != 0:  # the reshard reads rank 0's part for what is not partitioned
+                    head = self.store.open_checkpoint(step, rank=0)
                 restored, bytes_read, source = self._load_elastic(step, head, saved_world)
         if self.scheduler is not None and "scheduler" in restored:
             self.scheduler.load_state_dict(restored["scheduler"])
@@ -483,6 +480,17 @@ class DeepSpeedAsymCheckpointer(AsymCheckpointer):
             )
         elif hasattr(eo, "checkpoint_event_epilogue"):
             eo.checkpoint_event_epilogue()  # persistent (never partitioned) parameters are gathered again
+
+    def _open_head(self, step: int) -> tuple[Any, int]:
+        """A part of ``step`` to learn how it was saved (every part records the stage and world size): this
+        rank's own first (after a crash it may be only in this rank's host memory, which no other rank can read),
+        else rank 0's (a rank the saved job did not have, or whose part is unreadable)."""
+        try:
+            return self.store.open_checkpoint(step, rank=self.store.rank), self.store.rank
+        except AsymstoreError:
+            if self.store.rank == 0:
+                raise
+            return self.store.open_checkpoint(step, rank=0), 0
 
     def _load_zero(self, restored: Mapping[str, Any], step: int) -> None:
         z = restored["zero"]
