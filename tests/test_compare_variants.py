@@ -132,12 +132,13 @@ def _ds_ops_built() -> bool:
 @pytest.mark.slow
 def test_fastpersist_restores_bit_exact(tmp_path: Path) -> None:
     _skip_unavailable("fastpersist")
-    if not _ds_ops_built() and not os.environ.get("ASYMSTORE_BUILD_DS_OPS"):
-        # the first build of DeepSpeed's async I/O and utils ops takes 4-8 minutes on 2 cores: more than the
-        # suite's budget for one test; built once (and cached) by the comparison benchmark or this variable
+    if not os.environ.get("ASYMSTORE_BUILD_DS_OPS"):
+        # building DeepSpeed's async I/O and utils ops takes 4-8 minutes on 2 cores, and DeepSpeed rebuilds them
+        # whenever its sources moved (another checkout or venv), even when a build directory exists: more than
+        # the suite's budget for one test, so this test is opt-in
         pytest.skip(
-            "DeepSpeed's async_io/utils ops are not built yet: run `python -m benchmarks.compare --quick "
-            "--families gpt2 --variants baseline,fastpersist` once, or set ASYMSTORE_BUILD_DS_OPS=1"
+            "set ASYMSTORE_BUILD_DS_OPS=1 to run it (builds DeepSpeed's async_io/utils ops when needed, 4-8 min); "
+            f"ops built here: {_ds_ops_built()}"
         )
     fam = _family()
     v: Any = V.make("fastpersist", fam.model, fam.opt, str(tmp_path), keep=2)
