@@ -53,3 +53,11 @@ class ChunkCache:
                 self._cache[k] = bytes(memoryview(fetched)[(k - lo) * c : (k - lo + 1) * c])
         while len(self._cache) > self.keep:
             self._cache.pop(next(iter(self._cache)))
+
+
+def cached_source(ck: Any) -> Any:
+    """The range source of an opened checkpoint (:class:`asymstore.lazy.LazyCheckpoint`) behind a
+    :class:`ChunkCache` of its chunk size, or its plain source where it has no stored chunks (host memory)."""
+    if ck.reader is None:
+        return ck.source
+    return ChunkCache(ck.source, ck.reader.manifest.chunk_bytes, ck.layout.total_bytes)

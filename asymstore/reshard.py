@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import globalmeta as gm
-from .chunkcache import ChunkCache
+from .chunkcache import cached_source
 from .dtypes import info
 from .errors import AsymstoreError, ConfigError, StateMismatchError, StepNotFoundError
 
@@ -117,9 +117,7 @@ def read_global(
             located.append((e.offset, items))
         # in stream order through a chunk cache: small neighbouring tensors share chunks, each fetched (and
         # verified and decoded) once instead of once per tensor
-        src: RangeSource = (
-            ChunkCache(ck.source, ck.reader.manifest.chunk_bytes, ck.layout.total_bytes) if ck.reader else ck.source
-        )
+        src: RangeSource = cached_source(ck)
         for offset, items in sorted(located, key=lambda x: x[0]):
             stats.runs += len(items)
             _copy(src, offset, items)

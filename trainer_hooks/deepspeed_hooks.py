@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from asymstore.chunkcache import ChunkCache
+from asymstore.chunkcache import cached_source
 from asymstore.errors import AsymstoreError, ConfigError, StateMismatchError, StepNotFoundError, UnsupportedValueError
 from asymstore.files import atomic_file
 from asymstore.globalmeta import Piece
@@ -403,10 +403,7 @@ class DeepSpeedAsymCheckpointer(AsymCheckpointer):
         """Fill this rank's partitions from ranged reads of the ``saved_world`` saved ranks' partitions;
         returns rank 0's non-partition state, the stored bytes read and where they came from."""
         cks = [head] + [self.store.open_checkpoint(step, rank=r) for r in range(1, saved_world)]
-        sources: list[Any] = [
-            ChunkCache(ck.source, ck.reader.manifest.chunk_bytes, ck.layout.total_bytes) if ck.reader else ck.source
-            for ck in cks
-        ]
+        sources: list[Any] = [cached_source(ck) for ck in cks]
         trees: list[Any] = [unflatten(ck.skeleton, _lazy_fetch(ck, src)) for ck, src in zip(cks, sources, strict=True)]
         layouts = [check_layout(t["zero"].get("layout"), f"step {step} rank {r}") for r, t in enumerate(trees)]
         mine = zero_layout(self.engine)
