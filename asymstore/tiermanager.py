@@ -116,6 +116,10 @@ class TierManager:
         # its own promotion thread, never on the persistence path of the first tier
         self._known: dict[str, set[int]] = {}
         self._known_lock = threading.Lock()
+        # on a rank > 0 of a multi-rank tier: steps whose rank directory this rank wrote, by the time after which
+        # it stops waiting for rank 0's global marker. Rank 0 commits them, so this rank's known steps of that
+        # tier go stale: the next tier's promotion thread lists the tier again while any is awaited
+        self._awaiting: dict[str, dict[int, float]] = {t.name: {} for t in self.tiers}
         self._clean_done = {t.name: threading.Event() for t in self.tiers}
         if self.tiers:
             self._clean(0)
@@ -271,6 +275,9 @@ class TierManager:
             rep = self._write_with_room(k, step, source, content, crcs)
             if tier.multi_rank and tier.config.rank == 0:
                 tier.finalize(step)
+            elif tier.multi_rank and k + 1 < len(self.tiers):
+                with self._known_lock:
+                    self._awaiting[tier.name][step] = time.monotonic() + 2 * tier.config.commit_timeout_s
             self._mark(tier, step, True)
             if k:
                 act.promoted += 1
@@ -313,6 +320,21 @@ class TierManager:
             known = self._known.get(tier.name)
             if known is not None:
                 (known.add if present else known.discard)(step)
+
+    def _confirm(self, k: int) -> None:
+        """List tier ``k`` again while this rank (> 0) awaits rank 0's global marker of a step it wrote there."""
+        tier = self.tiers[k]
+        with self._known_lock:
+            awaited = self._awaiting[tier.name]
+            now = time.monotonic()
+            for s in [s for s, until in awaited.items() if until < now]:
+                del awaited[s]  # rank 0 never committed it (its step failed): stop listing for it
+            if not awaited:
+                return
+        listed = set(self.steps_of(tier, refresh=True))
+        with self._known_lock:
+            for s in listed & set(awaited):
+                del awaited[s]
 
     def notify(self) -> None:
         """Wake the promotion threads (a new step may be pending)."""
@@ -380,6 +402,7 @@ class TierManager:
                     continue
             try:
                 self.steps_of(dst, refresh=True)  # this thread owns the (possibly slow) listing
+                self._confirm(k - 1)
                 todo = self.pending(k)
                 if todo:  # one at a time, then re-evaluate: newer ones may have arrived
                     self.promote(k, todo[0])
@@ -497,7 +520,9 @@ class TierManager:
         return out
 
     def _idle(self) -> bool | None:
-        busy = any(
+        with self._known_lock:  # a step awaiting rank 0's marker on tier k-1 may still be pending for tier k
+            awaited = any(self._awaiting[t.name] for t in self.tiers[:-1])
+        busy = awaited or any(
             self.pending(k) or self.activity[t.name].in_flight is not None for k, t in enumerate(self.tiers) if k
         )
         if not busy:

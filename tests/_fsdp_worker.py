@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
                     if step == args["every"]:
                         out["digests"] = state_digests(model, opt, sched)
             out["losses"] = losses
-            assert store.flush(timeout=120), "the lower tiers did not receive the step"
+            flushed = store.flush(timeout=120)
+            assert flushed, f"the lower tiers did not receive the step: {store.status()['tiers']}"
             out["summary"] = {k: v for k, v in ck.summary().items() if isinstance(v, (int, float, str))}
     elif mode == "resume":
         model, opt, sched = build(seed=99)  # other initial values: everything must come from the checkpoint

@@ -219,6 +219,32 @@ def test_leftovers_of_a_rank_that_died_do_not_block_or_mix(tmp_path) -> None:
         s1.close()
 
 
+def test_a_rank_above_0_promotes_a_step_rank_0_committed_after_it_last_listed(tmp_path) -> None:
+    """Rank 1 writes its rank directory, lists the tier before rank 0's global marker exists, then rank 0 commits:
+    rank 1 must notice (its listing is stale), promote its part down the chain, and flush must wait for that."""
+    tiers = [str(tmp_path / "a"), str(tmp_path / "b")]
+    s0 = Store(tiers, rank=0, world_size=2, commit_timeout_s=30, **SMALL)
+    s1 = Store(tiers, rank=1, world_size=2, commit_timeout_s=30, **SMALL)
+    try:
+        s1.save(_state(101), 1)
+        assert s1.manager is not None
+        assert s1.manager.steps_of(s1.tiers[0], refresh=True) == []  # no global marker yet: listed as absent
+        h = s0.save(_state(1), 1, blocking=False)
+        h.result(30)
+        flushed0: list[bool] = []
+        t = threading.Thread(target=lambda: flushed0.append(s0.flush(timeout=60)))
+        t.start()
+        assert s1.flush(timeout=60)
+        t.join(70)
+        assert flushed0 == [True]
+        assert s0.tiers[1].committed_steps() == [1]
+    finally:
+        s0.close()
+        s1.close()
+    with Store([tiers[1]], rank=1, world_size=2, **SMALL) as lower:
+        assert_bitequal(lower.restore(1), _state(101))
+
+
 def test_delete_waits_for_the_step_being_persisted() -> None:
     slow = GatedStore(f"memory://gated-{uuid.uuid4().hex}")
     with Store([slow], **SMALL) as s:
