@@ -77,6 +77,8 @@ VARIANTS = (
     "checkfreq",
     "uniform",
     "asym",
+    "checkfreq-host",
+    "uniform-host",
     "asym-host",
     "asym-no-idle",
     "asym-private",
@@ -84,12 +86,30 @@ VARIANTS = (
     "dcp.async_save",
     "write-floor",
 )
-#: variants that run by default. Extra ones: asym-host = asym into host memory only (no persistent tier: the
-#: snapshot mechanism alone, without the disk writes); asym-no-idle = asym with its background threads at normal
+#: variants that run by default. Extra ones: asym-host (checkfreq-host, uniform-host) = that strategy into host
+#: memory only (no persistent tier: the snapshot mechanism alone, without the disk writes); asym-no-idle = asym with its background threads at normal
 #: priority (``background_idle=False``: the ablation of ``SCHED_IDLE``); asym-private = asym with its host slots in
 #: this process's memory (``host_memory="private"``) instead of shared memory that outlives it (the default).
 #: write-floor is a reference, not a checkpointer: see :class:`WriteFloor`.
 DEFAULT_VARIANTS = ("baseline", "sync", "checkfreq", "uniform", "asym", "torch.save", "dcp.async_save", "write-floor")
+#: the heavy-copy regime (``--regime heavy``): the same model with a smaller per-step batch, so that copying the
+#: state is 20-30% of an iteration, as on GPU clusters (a 7B model under ZeRO-3 on 8 GPUs: ~14 GB per GPU over
+#: PCIe against a 1-2 s iteration); the blocking snapshot and the uniform partitions are what asym must beat there.
+#: On a CPU-only machine persisting the state every iteration competes with training for the same cores (on a GPU
+#: node the copy is DMA and the writes run on other cores), so the regime also runs each strategy into host memory
+#: only (``-host``): the snapshot's own cost, which is what the partitioning decides
+HEAVY_VARIANTS = (
+    "baseline",
+    "checkfreq",
+    "uniform",
+    "asym",
+    "asym-private",
+    "checkfreq-host",
+    "uniform-host",
+    "asym-host",
+    "dcp.async_save",
+)
+HEAVY_BATCH = 2
 ASYM_STRATEGIES = ("sync", "checkfreq", "uniform", "asym")
 
 
@@ -488,6 +508,14 @@ def plot_timeline(
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: 1 round of 3-iteration blocks")
+    p.add_argument(
+        "--regime",
+        choices=("default", "heavy"),
+        default="default",
+        help=f"default: the copy is a few %% of an iteration; heavy: batch {HEAVY_BATCH} unless --batch is given, "
+        f"variants {','.join(HEAVY_VARIANTS)} unless --variants is, results tagged _heavy: the copy is 20-30%% of an "
+        "iteration",
+    )
     p.add_argument("--rounds", type=int, default=8, help="measured rounds of blocks (default 8)")
     p.add_argument(
         "--warmup-rounds",
@@ -509,15 +537,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="block order per round: rotate (default) or a seeded shuffle",
     )
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations at the start of each block")
-    p.add_argument(
-        "--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS)
-    )
-    add_model_args(p, layers=8, batch=16, seq=128)
+    p.add_argument("--variants", default=None, help="comma-separated subset of " + ",".join(VARIANTS))
+    add_model_args(p, layers=8, batch=0, seq=128)  # batch 0: the regime's (16, heavy: HEAVY_BATCH)
     p.add_argument("--keep", type=int, default=2, help="checkpoints kept per variant (older ones deleted)")
     p.add_argument("--dir", default=None, help="checkpoint directory (default: a fresh temp dir, removed after)")
     p.add_argument("--out", default=RESULTS, help="where overhead.md and the PNG go")
-    p.add_argument("--tag", default="", help="suffix for the output file names (e.g. _before)")
+    p.add_argument("--tag", default=None, help="suffix for the output file names (e.g. _before; heavy: _heavy)")
     a = p.parse_args(argv)
+    heavy = a.regime == "heavy"
+    if a.batch < 0:
+        p.error("--batch must be positive")
+    a.batch = a.batch or (HEAVY_BATCH if heavy else 16)
+    if a.variants is None:
+        a.variants = ",".join(HEAVY_VARIANTS if heavy else DEFAULT_VARIANTS)
+    if a.tag is None:
+        a.tag = "_heavy" if heavy else ""
     if a.quick:
         a.rounds, a.block, a.warmup, a.warmup_rounds = 1, 3, 2, 0
     return a
@@ -558,8 +592,10 @@ def make_variants(
             out[n] = Baseline()
         elif n in ASYM_STRATEGIES:
             out[n] = AsymstoreVariant(n, model, opt, root, args.keep, warmup=args.warmup)
-        elif n == "asym-host":
-            out[n] = AsymstoreVariant("asym", model, opt, root, args.keep, warmup=args.warmup, name=n, host_only=True)
+        elif n.endswith("-host") and n[: -len("-host")] in ASYM_STRATEGIES:
+            out[n] = AsymstoreVariant(
+                n[: -len("-host")], model, opt, root, args.keep, warmup=args.warmup, name=n, host_only=True
+            )
         elif n == "asym-no-idle":
             out[n] = AsymstoreVariant(
                 "asym", model, opt, root, args.keep, warmup=args.warmup, name=n, background_idle=False
@@ -640,17 +676,34 @@ def summarize(run: Run) -> list[dict[str, Any]]:
     return rows
 
 
-def _durability(v: Variant) -> dict[str, int]:
-    """For an asymstore variant: checkpoints taken, how many became durable, how many were late."""
+def _durability(v: Variant) -> dict[str, Any]:
+    """For an asymstore variant: checkpoints taken, how many became durable, how many were late, and the share of
+    the snapshot's bytes copied while training ran (inside the forward/backward windows) rather than blocking."""
     if not isinstance(v, AsymstoreVariant):
         return {}
     taken = [s for s in v.ck.history if not s.skipped]
+    ts = v.timed_stats()
     return {
         "checkpoints": len(taken),
         "durable": sum(s.durable for s in taken),
         "skipped": len(v.ck.history) - len(taken),
         "late": v.store.late,
+        "hidden_pct": 100 * sum(s.hidden_bytes for s in ts) / max(sum(s.bytes for s in ts), 1),
     }
+
+
+def shared_vs_private(run: Run) -> dict[str, float] | None:
+    """asym (host slots in shared memory) against asym-private, paired per round; the noise it is judged against
+    is the baseline's own spread: the median absolute deviation of its blocks, in % of their median."""
+    if "asym" not in run.per_iter or "asym-private" not in run.per_iter:
+        return None
+    base = run.per_iter["baseline"]
+    shared = [(x / b - 1) * 100 for x, b in zip(run.per_iter["asym"], base, strict=False)]
+    private = [(x / b - 1) * 100 for x, b in zip(run.per_iter["asym-private"], base, strict=False)]
+    diffs = [a - b for a, b in zip(shared, private, strict=False)]
+    mid = median(base)
+    noise = median([abs(b - mid) for b in base]) / mid * 100
+    return {"diff_pct": median(diffs), "min_pct": min(diffs), "max_pct": max(diffs), "noise_pct": noise}
 
 
 def _persist_part(ck: AsymCheckpointer, attr: str) -> float:
@@ -712,16 +765,42 @@ def write_timeline(run: Run, res_dir: str) -> str | None:
     return png
 
 
-def goals(by: dict[str, dict[str, Any]]) -> str:
-    """The goals' PASS/FAIL lines (and the write-floor reference)."""
+def goals(by: dict[str, dict[str, Any]], sp: dict[str, float] | None = None, regime: str = "default") -> str:
+    """The goals' PASS/FAIL lines (and the write-floor reference): the default regime's always, the heavy-copy
+    regime's when ``regime`` is heavy, shared against private slots when both ran (``sp``)."""
     out = []
-    if "asym" in by:
+    if "asym" in by and regime == "default":  # the heavy regime's report points to the default one's
         ov = by["asym"]["paired_pct"]
         out.append(("asym overhead <= 5% of the iteration time", ov <= 5.0, f"{ov:.2f}%"))
         dcp = by.get("dcp.async_save")
         if dcp is not None and dcp["paired_pct"] > 0:
             ratio = ov / dcp["paired_pct"]
             out.append(("asym overhead <= 0.25 x dcp.async_save overhead", ratio <= 0.25, f"ratio {ratio:.3f}"))
+    for suffix, what in (("", "persisting every checkpoint"), ("-host", "into host memory only")):
+        mine = by.get(f"asym{suffix}")
+        for other in ("checkfreq", "uniform") if regime == "heavy" and mine is not None else ():
+            if f"{other}{suffix}" in by:
+                ov, ref = mine["paired_pct"], by[f"{other}{suffix}"]["paired_pct"]
+                # a reference that cost nothing cannot be halved: the goal then asks asym to cost nothing too
+                ok = ov <= 0.5 * ref if ref > 0 else ov <= 0
+                ratio_s = f"ratio {ov / ref:.3f}" if ref > 0 else f"{other} {ref:+.2f}%"
+                out.append(
+                    (
+                        f"heavy-copy regime, {what}: asym{suffix} overhead <= 0.5 x {other}{suffix}'s",
+                        ok,
+                        f"{ov:.2f}% vs {ref:.2f}%, {ratio_s}",
+                    )
+                )
+    if sp is not None:
+        out.append(
+            (
+                "shared-memory host slots (asym) within noise of private slots (asym-private): |paired difference| "
+                "<= the baseline's own spread",
+                abs(sp["diff_pct"]) <= sp["noise_pct"],
+                f"difference {sp['diff_pct']:+.2f}% [{sp['min_pct']:+.1f}, {sp['max_pct']:+.1f}] per round, "
+                f"baseline spread {sp['noise_pct']:.2f}%",
+            )
+        )
     text = "\n".join(f"- {'PASS' if ok else 'FAIL'}: {g} ({val})" for g, ok, val in out)
     if "write-floor" in by and "asym" in by:
         floor = by["write-floor"]["paired_pct"]
@@ -730,6 +809,25 @@ def goals(by: dict[str, dict[str, Any]]) -> str:
             f"cost {floor:+.2f}%; asym's overhead beyond that: {by['asym']['paired_pct'] - floor:+.2f}%"
         )
     return text
+
+
+def copy_section(rows: list[dict[str, Any]], base_ms: float) -> str:
+    """Per asymstore strategy: the share of the snapshot copied while training ran and the stall; and how much of
+    an iteration copying the whole state takes (checkfreq's blocking snapshot against the baseline iteration)."""
+    lines = [
+        f"- {r['variant']}: {r['hidden_pct']:.1f}% of the snapshot's bytes copied while training ran, median stall "
+        f"{r['median_stall_ms']:.1f} ms per checkpoint"
+        for r in rows
+        if "hidden_pct" in r
+    ]
+    by = {r["variant"]: r for r in rows}
+    cf = by.get("checkfreq-host", by.get("checkfreq"))
+    if cf is not None:
+        lines.append(
+            f"- copying the whole state ({cf['variant']}'s blocking snapshot, {cf['median_stall_ms']:.1f} ms) is "
+            f"**{cf['median_stall_ms'] / base_ms * 100:.1f}%** of a baseline iteration ({base_ms:.1f} ms)"
+        )
+    return "\n".join(lines)
 
 
 def result_table(rows: list[dict[str, Any]], block: int) -> str:
@@ -838,12 +936,14 @@ def report(run: Run, rows: list[dict[str, Any]], extra: dict[str, Any], env: dic
     method = (__doc__ or "").split("Method:", 1)[1].split("Usage::", 1)[0].strip()
     png = env["png"]
     return (
-        f"# Checkpointing overhead per iteration (checkpoint at every iteration)\n\n"
+        f"# Checkpointing overhead per iteration (checkpoint at every iteration"
+        f"{', heavy-copy regime' if run.args.regime == 'heavy' else ''})\n\n"
         f"Measured {env['started']:%Y-%m-%d %H:%M %Z} by `{env['cmd']}` ({env['total_s'] / 60:.1f} min).\n\n"
         f"{busy_warning(env['busy'])}"
         f"{result_table(rows, run.args.block)}\n\n"
         + EXPLAIN.format(block=run.args.block)
-        + f"## Goals\n\n{goals(by)}\n\n## asym details\n\n{asym_section(extra)}\n"
+        + f"## Goals\n\n{goals(by, shared_vs_private(run), run.args.regime)}\n\n"
+        f"## Copy per strategy\n\n{copy_section(rows, base * 1e3)}\n\n## asym details\n\n{asym_section(extra)}\n"
         f"## Sizes\n\n{sizes_section(run, extra, base)}\n"
         + machine_section(run, env["machine"], env)
         + f"## Method\n\n{method}\n\n"
@@ -914,6 +1014,7 @@ def main(argv: list[str] | None = None) -> int:
             "drain_s": run.drains,
             "steady_per_block_s": run.steady,
             "asym": extra,
+            "shared_vs_private": shared_vs_private(run),
             "args": vars(args),
             "machine": env["machine"],
             "load": env["load"],
@@ -922,7 +1023,8 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     print(f"\n{table}\n\n{sizes_section(run, extra, median(run.per_iter['baseline']))}\n{asym_section(extra)}")
-    print(goals({r["variant"]: r for r in rows}))
+    print(goals({r["variant"]: r for r in rows}, shared_vs_private(run), args.regime))
+    print(copy_section(rows, median(run.per_iter["baseline"]) * 1e3))
     png = env["png"]
     print(f"\nwrote {out_md}" + (f" and {png}" if png else "") + f" in {env['total_s'] / 60:.1f} min")
     return 0

@@ -46,3 +46,13 @@ def test_bench_overhead_quick(tmp_path: Path) -> None:
     for variant in ("baseline", "asym", "dcp.async_save"):
         assert f"| {variant} " in md or f"| `{variant}`" in md, md[:2000]
     assert "%" in md  # overheads against the baseline of the same run
+
+
+@pytest.mark.slow
+def test_bench_overhead_heavy_regime_reports_its_goals(tmp_path: Path) -> None:
+    _run("bench_overhead", ["--quick", "--regime", "heavy", *TINY_GPT2, "--out", str(tmp_path)])
+    md = (tmp_path / "overhead_heavy.md").read_text()
+    assert "heavy-copy regime" in md
+    for goal in ("0.5 x checkfreq's", "0.5 x uniform's", "within noise of private slots"):
+        assert goal in md, md[:3000]
+    assert "of a baseline iteration" in md  # the measured copy share of an iteration
