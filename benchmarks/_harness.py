@@ -216,9 +216,14 @@ class Paired:
     max: float
 
 
+def round_pcts(xs: Sequence[float], base: Sequence[float]) -> list[float]:
+    """Each round's ``xs`` against the same round's ``base``, in % (the rounds :func:`paired` summarises)."""
+    return [(x / b - 1) * 100 for x, b in zip(xs, base, strict=False)]
+
+
 def paired(xs: Sequence[float], base: Sequence[float]) -> Paired:
     """Each round's ``xs`` against the same round's ``base`` (slow drift of the machine cancels), in %."""
-    pct = [(x / b - 1) * 100 for x, b in zip(xs, base, strict=False)]
+    pct = round_pcts(xs, base)
     if not pct:
         return Paired(float("nan"), float("nan"), float("nan"))
     return Paired(median(pct), min(pct), max(pct))

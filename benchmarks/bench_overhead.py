@@ -66,6 +66,7 @@ from benchmarks._harness import (
     other_cpu_busy,
     paired,
     round_order,
+    round_pcts,
     time_block,
     write_report,
 )
@@ -87,8 +88,8 @@ VARIANTS = (
     "write-floor",
 )
 #: variants that run by default. Extra ones: asym-host (checkfreq-host, uniform-host) = that strategy into host
-#: memory only (no persistent tier: the snapshot mechanism alone, without the disk writes); asym-no-idle = asym with its background threads at normal
-#: priority (``background_idle=False``: the ablation of ``SCHED_IDLE``); asym-private = asym with its host slots in
+#: memory only (no persistent tier: the snapshot mechanism alone, without the disk writes); asym-no-idle = asym
+#: with its background threads at normal priority (``background_idle=False``: the ablation of ``SCHED_IDLE``); asym-private = asym with its host slots in
 #: this process's memory (``host_memory="private"``) instead of shared memory that outlives it (the default).
 #: write-floor is a reference, not a checkpointer: see :class:`WriteFloor`.
 DEFAULT_VARIANTS = ("baseline", "sync", "checkfreq", "uniform", "asym", "torch.save", "dcp.async_save", "write-floor")
@@ -682,14 +683,18 @@ def _durability(v: Variant) -> dict[str, Any]:
     if not isinstance(v, AsymstoreVariant):
         return {}
     taken = [s for s in v.ck.history if not s.skipped]
-    ts = v.timed_stats()
     return {
         "checkpoints": len(taken),
         "durable": sum(s.durable for s in taken),
         "skipped": len(v.ck.history) - len(taken),
         "late": v.store.late,
-        "hidden_pct": 100 * sum(s.hidden_bytes for s in ts) / max(sum(s.bytes for s in ts), 1),
+        "hidden_pct": 100 * hidden_fraction(v.timed_stats()),
     }
+
+
+def hidden_fraction(stats: list[Any]) -> float:
+    """The share of these checkpoints' snapshot bytes copied inside the forward/backward windows."""
+    return sum(s.hidden_bytes for s in stats) / max(sum(s.bytes for s in stats), 1)
 
 
 def shared_vs_private(run: Run) -> dict[str, float] | None:
@@ -698,8 +703,8 @@ def shared_vs_private(run: Run) -> dict[str, float] | None:
     if "asym" not in run.per_iter or "asym-private" not in run.per_iter:
         return None
     base = run.per_iter["baseline"]
-    shared = [(x / b - 1) * 100 for x, b in zip(run.per_iter["asym"], base, strict=False)]
-    private = [(x / b - 1) * 100 for x, b in zip(run.per_iter["asym-private"], base, strict=False)]
+    shared = round_pcts(run.per_iter["asym"], base)
+    private = round_pcts(run.per_iter["asym-private"], base)
     diffs = [a - b for a, b in zip(shared, private, strict=False)]
     mid = median(base)
     noise = median([abs(b - mid) for b in base]) / mid * 100
@@ -731,7 +736,7 @@ def asym_details(run: Run) -> dict[str, Any]:
         "plan_partitions": len([p for p in plan.partitions if p.nbytes]) if plan is not None else 0,
         "measured_barrier_stall_ms": median([s.stall_s for s in ts]) * 1e3,
         "measured_begin_ms": median([s.begin_s for s in ts]) * 1e3,
-        "hidden_fraction": (sum(s.hidden_bytes for s in ts) / max(sum(s.bytes for s in ts), 1)),
+        "hidden_fraction": hidden_fraction(ts),
         "persist_ms": median([s.persist_s for s in ts if s.persist_s is not None]) * 1e3,
         "hidden_copy_ms": median([s.hidden_copy_s for s in ts]) * 1e3,
         "copy_bandwidth_gbs": (ck._copy_bw or 0) / 1e9,
@@ -766,8 +771,8 @@ def write_timeline(run: Run, res_dir: str) -> str | None:
 
 
 def goals(by: dict[str, dict[str, Any]], sp: dict[str, float] | None = None, regime: str = "default") -> str:
-    """The goals' PASS/FAIL lines (and the write-floor reference): the default regime's always, the heavy-copy
-    regime's when ``regime`` is heavy, shared against private slots when both ran (``sp``)."""
+    """The goals' PASS/FAIL lines (and the write-floor reference) of ``regime``: the default one's or the
+    heavy-copy one's; shared against private slots in either when both ran (``sp``)."""
     out = []
     if "asym" in by and regime == "default":  # the heavy regime's report points to the default one's
         ov = by["asym"]["paired_pct"]
