@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 D = 32
@@ -147,7 +148,6 @@ def full_reference(engine: Any) -> dict[str, Any]:
     the fp32 partition and its optimizer state) are gathered as they are, so the assembly is bit-exact;
     stage 3: DeepSpeed's ``safe_get_full_*`` (an all-gather of the partitions)."""
     import deepspeed
-    import torch.distributed as dist
 
     stage = int(engine.zero_optimization_stage())
     named = list(engine.module.named_parameters())
@@ -321,6 +321,9 @@ def main() -> None:
         (out / f"eresume_w{world}_r{rank}.json").write_text(json.dumps({"losses": losses, "report": rep}))
     else:
         raise SystemExit(f"unknown mode {mode}")
+    if dist.is_initialized():  # a gloo process exiting with its group alive can abort in its worker threads
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import pytest
 
 from asymstore import Store
 from asymstore.errors import AsymstoreError
+from asymstore.manifest import COMMIT_KEY
 
 from .helpers import assert_bitequal
 
@@ -50,7 +51,18 @@ def _child(root: str, cfg: dict, first_step: int) -> None:
             step += 1
 
 
-def _run_child_and_kill(root: str, cfg: dict, first_step: int, delay: float) -> None:
+def _uncommitted(root: str) -> set[str]:
+    """Step directories without their COMMIT marker: a save (or a delete) in progress."""
+    out = set()
+    for d in os.listdir(root) if os.path.isdir(root) else []:
+        if d.startswith("step_") and not os.path.exists(os.path.join(root, d, COMMIT_KEY)):
+            out.add(d)
+    return out
+
+
+def _run_child_and_kill(root: str, cfg: dict, first_step: int, delay: float, mid_save: bool) -> None:
+    """Fork a saving child and SIGKILL it after ``delay`` seconds or, with ``mid_save``, as soon as a step
+    directory is seen without its marker (a save in progress; at most ``delay`` + 5 s)."""
     pid = os.fork()
     if pid == 0:  # child
         code = 0
@@ -63,7 +75,13 @@ def _run_child_and_kill(root: str, cfg: dict, first_step: int, delay: float) -> 
             code = 1
         finally:
             os._exit(code)
-    time.sleep(delay)
+    if mid_save:
+        time.sleep(delay)  # past a few saves, so retention deletes run too
+        deadline = time.monotonic() + 5.0
+        while not _uncommitted(root) and time.monotonic() < deadline:
+            time.sleep(0.0005)
+    else:
+        time.sleep(delay)
     os.kill(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (
@@ -82,15 +100,16 @@ def test_sigkill_during_saves_leaves_consistent_steps(tmp_path) -> None:
         with Store([root], **CFG) as probe:
             before = probe.steps()
         first = (before[-1] + 1) if before else 0
-        _run_child_and_kill(root, cfg, first, rnd.uniform(0.05, 1.2))
-        # step directories without a marker: a kill landed mid-save (or mid-delete)
-        dirs = [d for d in os.listdir(root) if d.startswith("step_")]
+        stale = _uncommitted(root)  # left by an earlier trial (counted then)
+        # every other trial at a random moment, the others as soon as a save is seen in progress
+        _run_child_and_kill(root, cfg, first, rnd.uniform(0.05, 1.2), mid_save=trial % 2 == 1)
+        # step directories without a marker: the kill landed mid-save (or mid-delete)
+        incomplete_seen += len(_uncommitted(root) - stale)
         with Store([root], **CFG) as fresh:
             # a snapshot committed in host shared memory but not yet on the tier is persisted on open
             fresh.wait()
             steps = fresh.steps()
             assert steps == fresh.durable_steps(), f"trial {trial}: listed {steps}, durable {fresh.durable_steps()}"
-            incomplete_seen += len(dirs) - len(steps)
             for s in steps:
                 rep = fresh.tiers[0].reader(s).verify()
                 assert rep.ok, f"trial {trial}: committed step {s} fails verify: {rep.problems}"
