@@ -109,6 +109,11 @@ class HostPool:
         #: entered while a caller waits for a slot to be persisted (the store raises its persistence thread's
         #: priority meanwhile: a wait must never depend on an idle-priority thread getting a core)
         self.waiting: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext
+        #: held while every slot is filling or persisting: the next snapshot will wait for a persistence, so it
+        #: runs at normal priority now rather than once a caller waits (entered from ``waiting``)
+        self._ahead: AbstractContextManager[object] | None = None
+        #: how often a snapshot took the last slot not persisting (persistence was raised ahead of a wait)
+        self.ahead_boosts = 0
         self._cv = threading.Condition()
         self.waits = 0
         self.wait_seconds = 0.0
@@ -170,6 +175,7 @@ class HostPool:
             pick.step = step
             pick.persisting = False
             self._uncommit(pick)
+            self._boost_ahead()
         if waited:
             self.waits += 1
             self.wait_seconds += time.perf_counter() - t0
@@ -184,19 +190,36 @@ class HostPool:
             slot.state = "ready"
             slot.persisting = persisting
             slot.ready_time = time.monotonic()
+            self._boost_ahead()
             self._cv.notify_all()
 
     def mark_persisted(self, slot: Slot) -> None:
         """The slot's persistence finished (or failed): it may be reused."""
         with self._cv:
             slot.persisting = False
+            self._boost_ahead()
             self._cv.notify_all()
+
+    def _boost_ahead(self) -> None:
+        """Under the lock: raise persistence while no slot is free for the next snapshot and one is persisting
+        (the next snapshot's slot depends on it: with overlapped strategies a slot fills during a whole
+        iteration, so a persistence has one iteration to free its slot), and lower it again once one is."""
+        full = not any(s.state == "free" or (s.state == "ready" and not s.persisting) for s in self.slots)
+        if full and any(s.persisting for s in self.slots):
+            if self._ahead is None:
+                self._ahead = self.waiting()
+                self._ahead.__enter__()
+                self.ahead_boosts += 1
+        elif self._ahead is not None:
+            ahead, self._ahead = self._ahead, None
+            ahead.__exit__(None, None, None)
 
     def release(self, slot: Slot) -> None:
         """Return a slot whose snapshot was abandoned (failed copy)."""
         with self._cv:
             self._uncommit(slot)
             slot.state, slot.step, slot.persisting = "free", None, False
+            self._boost_ahead()
             self._cv.notify_all()
 
     def drop(self, step: int) -> None:
@@ -206,6 +229,7 @@ class HostPool:
                 if s.step == step and s.state == "ready":
                     self._uncommit(s)
                     s.state, s.step = "free", None
+            self._boost_ahead()
             self._cv.notify_all()
 
     # --- shared memory -----------------------------------------------------------
@@ -260,6 +284,7 @@ class HostPool:
         with self._cv:
             for s in self.slots:
                 s.buffer, s.state, s.step, s.content, s.record = None, "free", None, None, None
+            self._boost_ahead()
             self._cv.notify_all()
 
     def verify(

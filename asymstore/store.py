@@ -638,6 +638,7 @@ class Store:
             "failures": self.failures,
             "late": self.late,
             "boosts": self.booster.boosts,
+            "boosts_ahead": self.host.ahead_boosts,
         }
 
     # --- catalogue ---------------------------------------------------------------

@@ -83,6 +83,7 @@ VARIANTS = (
     "asym-host",
     "asym-no-idle",
     "asym-private",
+    "asym-slots3",
     "torch.save",
     "dcp.async_save",
     "write-floor",
@@ -90,7 +91,9 @@ VARIANTS = (
 #: variants that run by default. Extra ones: asym-host (checkfreq-host, uniform-host) = that strategy into host
 #: memory only (no persistent tier: the snapshot mechanism alone, without the disk writes); asym-no-idle = asym
 #: with its background threads at normal priority (``background_idle=False``: the ablation of ``SCHED_IDLE``); asym-private = asym with its host slots in
-#: this process's memory (``host_memory="private"``) instead of shared memory that outlives it (the default).
+#: this process's memory (``host_memory="private"``) instead of shared memory that outlives it (the default);
+#: asym-slots3 = asym with 3 host slots instead of 2 (its slot fills during the next iteration, so with 2 slots a
+#: step's persistence has one iteration to free its slot, CheckFreq's two: the ablation of that).
 #: write-floor is a reference, not a checkpointer: see :class:`WriteFloor`.
 DEFAULT_VARIANTS = ("baseline", "sync", "checkfreq", "uniform", "asym", "torch.save", "dcp.async_save", "write-floor")
 #: the heavy-copy regime (``--regime heavy``): the same model with a smaller per-step batch, so that copying the
@@ -600,6 +603,10 @@ def make_variants(
         elif n == "asym-no-idle":
             out[n] = AsymstoreVariant(
                 "asym", model, opt, root, args.keep, warmup=args.warmup, name=n, background_idle=False
+            )
+        elif n.startswith("asym-slots") and n[len("asym-slots") :].isdigit():
+            out[n] = AsymstoreVariant(
+                "asym", model, opt, root, args.keep, warmup=args.warmup, name=n, host_slots=int(n[len("asym-slots") :])
             )
         elif n == "asym-private":
             out[n] = AsymstoreVariant(

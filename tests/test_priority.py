@@ -126,3 +126,64 @@ def test_a_late_checkpoint_is_reported_and_persistence_raised(tmp_path: Path, ca
     assert "checkpoint 3" in caplog.text and "not durable" in caplog.text
     assert seen == [os.SCHED_OTHER] and store.late == 1 and store.status()["late"] == 1
     store.close()
+
+
+def test_persistence_is_raised_ahead_while_no_slot_is_left_for_the_next_snapshot() -> None:
+    """A snapshot that takes the last slot not persisting raises persistence at once (the next snapshot needs a
+    slot a persistence frees); it is lowered again as soon as a slot is free for the next one."""
+    from asymstore.hostpool import HostPool
+
+    pool = HostPool(2, pin_memory=False)
+    raised: list[str] = []
+
+    class Boost:
+        def __enter__(self) -> None:
+            raised.append("enter")
+
+        def __exit__(self, *exc: object) -> None:
+            raised.append("exit")
+
+    pool.waiting = Boost  # type: ignore[assignment]
+    content = None
+    a = pool.acquire(64, 1)
+    assert raised == []  # the other slot is free
+    pool.mark_ready(a, content=content, persisting=True)  # type: ignore[arg-type]
+    b = pool.acquire(64, 2)  # slot 1 fills while step 1 persists: nothing left for step 3
+    assert raised == ["enter"] and pool.ahead_boosts == 1
+    pool.mark_ready(b, content=content, persisting=True)  # type: ignore[arg-type]
+    assert raised == ["enter"]  # entered once, not per state change
+    pool.mark_persisted(a)  # step 1's slot can take step 3
+    assert raised == ["enter", "exit"]
+    pool.mark_persisted(b)
+    c = pool.acquire(64, 3)  # takes step 1's slot; step 2's is evictable
+    assert raised == ["enter", "exit"]
+    pool.release(c)
+    one = HostPool(1, pin_memory=False)
+    one.waiting = Boost  # type: ignore[assignment]
+    raised.clear()
+    s = one.acquire(64, 1)
+    assert raised == []  # filling, nothing persisting yet
+    one.mark_ready(s, content=content, persisting=True)  # type: ignore[arg-type]
+    assert raised == ["enter"]  # the only slot persists: the next snapshot waits for it
+    one.mark_persisted(s)
+    assert raised == ["enter", "exit"]
+
+
+def test_a_store_raises_persistence_ahead_of_the_snapshot_that_would_wait(tmp_path: Path) -> None:
+    """With one slot, each persistence is the one the next snapshot needs: it runs at normal priority although
+    nobody waits on it yet."""
+    store = asymstore.open_store(str(tmp_path / "ck"), background_idle=True, host_memory="private", host_slots=1)
+    seen: list[int] = []
+    real = store.manager.persist_primary  # type: ignore[union-attr]
+
+    def spy(*a: object, **k: object) -> object:
+        seen.append(_policy(threading.get_native_id()))
+        return real(*a, **k)  # type: ignore[arg-type]
+
+    store.manager.persist_primary = spy  # type: ignore[union-attr,method-assign]
+    h = store.save({"w": torch.ones(10)}, 1, blocking=False)
+    while not h.done():
+        time.sleep(0.01)  # polling, not waiting on it: no caller's boost
+    assert seen == [os.SCHED_OTHER]
+    assert store.status()["boosts_ahead"] == 1
+    store.close()
