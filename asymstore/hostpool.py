@@ -98,6 +98,11 @@ class Slot:
         return self.buffer.numpy().data.cast("B")[: self.content.layout.total_bytes]
 
 
+def _evictable(s: Slot) -> bool:
+    """A ready slot a new snapshot may overwrite: persisted (or never to be) and read by nobody."""
+    return s.state == "ready" and not s.persisting and not s.leases
+
+
 class HostPool:
     """K snapshot slots with the wait/skip policy for slots still persisting."""
 
@@ -147,14 +152,9 @@ class HostPool:
         waited = False
         with self._cv:
             while True:
-                same = [
-                    s for s in self.slots if s.step == step and s.state == "ready" and not s.persisting and not s.leases
-                ]
+                same = [s for s in self.slots if s.step == step and _evictable(s)]
                 free = [s for s in self.slots if s.state == "free"]
-                evictable = sorted(
-                    (s for s in self.slots if s.state == "ready" and not s.persisting and not s.leases),
-                    key=lambda s: s.ready_time,
-                )
+                evictable = sorted(filter(_evictable, self.slots), key=lambda s: s.ready_time)
                 candidates = same or free or evictable
                 if candidates:
                     pick = candidates[0]
@@ -190,21 +190,24 @@ class HostPool:
             slot.state = "ready"
             slot.persisting = persisting
             slot.ready_time = time.monotonic()
-            self._boost_ahead()
-            self._cv.notify_all()
+            self._changed()
 
     def mark_persisted(self, slot: Slot) -> None:
         """The slot's persistence finished (or failed): it may be reused."""
         with self._cv:
             slot.persisting = False
-            self._boost_ahead()
-            self._cv.notify_all()
+            self._changed()
+
+    def _changed(self) -> None:
+        """Under the lock, after a slot changed state: re-evaluate the raise ahead of a wait, wake the waiters."""
+        self._boost_ahead()
+        self._cv.notify_all()
 
     def _boost_ahead(self) -> None:
         """Under the lock: raise persistence while no slot is free for the next snapshot and one is persisting
         (the next snapshot's slot depends on it: with overlapped strategies a slot fills during a whole
         iteration, so a persistence has one iteration to free its slot), and lower it again once one is."""
-        full = not any(s.state == "free" or (s.state == "ready" and not s.persisting) for s in self.slots)
+        full = not any(s.state == "free" or _evictable(s) for s in self.slots)
         if full and any(s.persisting for s in self.slots):
             if self._ahead is None:
                 self._ahead = self.waiting()
@@ -219,8 +222,7 @@ class HostPool:
         with self._cv:
             self._uncommit(slot)
             slot.state, slot.step, slot.persisting = "free", None, False
-            self._boost_ahead()
-            self._cv.notify_all()
+            self._changed()
 
     def drop(self, step: int) -> None:
         """Forget the host copy of ``step`` (its slot becomes free)."""
@@ -229,8 +231,7 @@ class HostPool:
                 if s.step == step and s.state == "ready":
                     self._uncommit(s)
                     s.state, s.step = "free", None
-            self._boost_ahead()
-            self._cv.notify_all()
+            self._changed()
 
     # --- shared memory -----------------------------------------------------------
     def _uncommit(self, slot: Slot) -> None:
@@ -284,8 +285,7 @@ class HostPool:
         with self._cv:
             for s in self.slots:
                 s.buffer, s.state, s.step, s.content, s.record = None, "free", None, None, None
-            self._boost_ahead()
-            self._cv.notify_all()
+            self._changed()
 
     def verify(
         self,
@@ -322,6 +322,7 @@ class HostPool:
             for s in self.slots:
                 if s.step == step and s.state == "ready":
                     s.leases += 1
+                    self._boost_ahead()  # a leased slot cannot take the next snapshot
                     return s
         return None
 
@@ -329,7 +330,7 @@ class HostPool:
         """End a :meth:`lease`."""
         with self._cv:
             slot.leases -= 1
-            self._cv.notify_all()
+            self._changed()
 
     def find(self, step: int) -> Slot | None:
         """The ready slot holding ``step``, if any (not leased: it may be reused at any time)."""

@@ -604,10 +604,8 @@ def make_variants(
             out[n] = AsymstoreVariant(
                 "asym", model, opt, root, args.keep, warmup=args.warmup, name=n, background_idle=False
             )
-        elif n.startswith("asym-slots") and n[len("asym-slots") :].isdigit():
-            out[n] = AsymstoreVariant(
-                "asym", model, opt, root, args.keep, warmup=args.warmup, name=n, host_slots=int(n[len("asym-slots") :])
-            )
+        elif n == "asym-slots3":
+            out[n] = AsymstoreVariant("asym", model, opt, root, args.keep, warmup=args.warmup, name=n, host_slots=3)
         elif n == "asym-private":
             out[n] = AsymstoreVariant(
                 "asym", model, opt, root, args.keep, warmup=args.warmup, name=n, host_memory="private"

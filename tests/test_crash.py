@@ -75,13 +75,10 @@ def _run_child_and_kill(root: str, cfg: dict, first_step: int, delay: float, mid
             code = 1
         finally:
             os._exit(code)
-    if mid_save:
-        time.sleep(delay)  # past a few saves, so retention deletes run too
-        deadline = time.monotonic() + 5.0
-        while not _uncommitted(root) and time.monotonic() < deadline:
-            time.sleep(0.0005)
-    else:
-        time.sleep(delay)
+    time.sleep(delay)  # with mid_save: past a few saves, so retention deletes run too
+    deadline = time.monotonic() + 5.0
+    while mid_save and not _uncommitted(root) and time.monotonic() < deadline:
+        time.sleep(0.0005)
     os.kill(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (
