@@ -9,6 +9,7 @@ import torch
 
 from .dtypes import from_name, info
 from .layout import Layout, TensorEntry
+from .prefault import MADV_HUGEPAGE, madvise
 
 try:
     from . import _native
@@ -151,7 +152,6 @@ def copy_range(
 #: transparent huge pages: a large new host buffer is mapped in 2 MiB pages (512x fewer page faults when it is
 #: first written) where the kernel allows it (``/sys/kernel/mm/transparent_hugepage/enabled``: always/madvise)
 HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE = 14
 
 
 def new_host_buffer(nbytes: int) -> torch.Tensor:
@@ -163,9 +163,5 @@ def new_host_buffer(nbytes: int) -> torch.Tensor:
     raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
     skip = -raw.data_ptr() % HUGE_PAGE
     buf = raw[skip : skip + nbytes]
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(buf.data_ptr()), ctypes.c_size_t(nbytes - nbytes % HUGE_PAGE), _MADV_HUGEPAGE)
-    except (OSError, AttributeError):
-        pass
+    madvise(buf.data_ptr(), nbytes - nbytes % HUGE_PAGE, MADV_HUGEPAGE)
     return buf

@@ -17,12 +17,15 @@ from urllib.parse import unquote, urlparse
 
 from asymstore.errors import BackendUnavailableError, ConfigError, CorruptCheckpointError
 from asymstore.files import atomic_write, exclusive_write, fsync_dir, remove_stale_temporaries
+from asymstore.prefault import Prefaulter
 
 from .base import Buffer, ByteRange, Capabilities, ObjectStore, as_buffers, check_key, check_prefix, dir_prefix
 
 _IOV_MAX = 512
 _DIRECT_ALIGN = 4096
 _DIRECT_MIN = 1 << 20
+#: direct reads go in pieces of this size, each one's pages faulted in ahead of it (:mod:`asymstore.prefault`)
+_READ_PIECE = 32 << 20
 #: the temporary name :func:`asymstore.files.atomic_write` gives a file while it is written
 _TEMP_NAME = re.compile(r"\.tmp-[0-9a-f]{12}$")
 
@@ -121,16 +124,29 @@ class LocalObjectStore(ObjectStore):
         finally:
             os.close(fd)
 
+    def _direct_head(self, buf: memoryview, offset: int = 0) -> int:
+        """How many leading bytes of ``buf`` may move with O_DIRECT at file ``offset`` (0: none): the
+        page-aligned head of a large, page-aligned buffer at a page-aligned offset."""
+        n = len(buf) // _DIRECT_ALIGN * _DIRECT_ALIGN
+        if not self.direct_io or n < _DIRECT_MIN or _address(buf) % _DIRECT_ALIGN or offset % _DIRECT_ALIGN:
+            return 0
+        return n
+
+    def _open_direct(self, path: str, flags: int) -> int | None:
+        """``path`` opened with ``O_DIRECT`` added to ``flags``; ``None`` (and no more direct I/O on this store)
+        where the file system refuses it (tmpfs, ...)."""
+        try:
+            return os.open(path, flags | os.O_DIRECT, 0o644)
+        except OSError:
+            self.direct_io = False
+            return None
+
     def _write_direct_head(self, path: str, first: memoryview) -> int:
         """Write the page-aligned head of a large first buffer with O_DIRECT (no page-cache copy,
         no kernel write-back work competing with training); returns the bytes written (0: not used)."""
-        n = len(first) // _DIRECT_ALIGN * _DIRECT_ALIGN
-        if n < _DIRECT_MIN or _address(first) % _DIRECT_ALIGN:
-            return 0
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
-        except OSError:  # the file system does not do direct I/O (tmpfs, ...): buffered it is
-            self.direct_io = False
+        n = self._direct_head(first)
+        fd = self._open_direct(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if n else None
+        if fd is None:
             return 0
         try:
             done = 0
@@ -236,9 +252,12 @@ class LocalObjectStore(ObjectStore):
             got += n
 
     def get_into(self, key: str, out: memoryview, offset: int = 0) -> bool:
-        """Read ``len(out)`` bytes at ``offset`` (negative: from the end) straight into ``out``."""
+        """Read ``len(out)`` bytes at ``offset`` (negative: from the end) straight into ``out``: the page-aligned
+        head of a large page-aligned ``out`` with ``O_DIRECT`` (the disk writes into ``out``, no page-cache
+        copy: a restore reads at the device's speed), the rest normally."""
+        path = self._read_path(key)
         try:
-            fd = os.open(self._read_path(key), os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return False
         try:
@@ -248,10 +267,35 @@ class LocalObjectStore(ObjectStore):
             start, end = ByteRange(offset, len(out)).resolve(st.st_size)
             if end - start != len(out):
                 raise EOFError(f"{key}: wanted {len(out)} bytes at {offset}, object has {st.st_size}")
-            self._pread_into(fd, out, start)
+            done = self._read_direct_head(path, out, start)
+            self._pread_into(fd, out[done:], start + done)
             return True
         finally:
             os.close(fd)
+
+    def _read_direct_head(self, path: str, out: memoryview, offset: int) -> int:
+        """Read the page-aligned head of ``out`` from ``offset`` with O_DIRECT; the bytes read (0: not used)."""
+        n = self._direct_head(out, offset)
+        fd = self._open_direct(path, os.O_RDONLY) if n else None
+        if fd is None:
+            return 0
+        # pieces: the pages of piece i+1 are faulted in on a helper thread while the disk fills piece i
+        pieces = [(lo, min(lo + _READ_PIECE, n)) for lo in range(0, n, _READ_PIECE)]
+        got = 0
+        try:
+            with Prefaulter(_address(out), pieces) as ahead:
+                for i, (_, hi) in enumerate(pieces):
+                    ahead.wait(i)
+                    while got < hi:
+                        k = os.preadv(fd, [out[got:hi]], offset + got)
+                        if k <= 0:
+                            return got
+                        got += k
+        except OSError:  # refused mid-way (an alignment this file system wants larger): the rest normally
+            pass
+        finally:
+            os.close(fd)
+        return got
 
     def size(self, key: str) -> int | None:
         """Size of the file of ``key``, ``None`` if it is missing, a directory, or reached through a symbolic link

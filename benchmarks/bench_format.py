@@ -1,20 +1,25 @@
 """Format benchmark: asymstore's local and host tiers against plain baselines, in one run.
 
-What is measured, on a GPT-2-like training state (parameters + two Adam moments, fp32,
-random data, shapes from a transformers ``GPT2Config`` built on the meta device, no downloads):
+What is measured, on a GPT-2 training state (fp32 parameters + AdamW's two moments; by default after real
+training steps in bf16 autocast, ``--state random`` for random tensors of the same shapes; a transformers
+``GPT2Config``, nothing downloaded):
 
 * save + fsync and load of asymstore's local tier (``compression="none"`` and ``"auto"``)
   against ``torch.save`` + fsync, safetensors ``save_file`` + fsync,
-  ``torch.distributed.checkpoint.save`` (no process group) and a raw sequential write /
-  read of the same bytes (one file, ``os.write`` + fsync; ``os.preadv``);
-* the host tier (``Store([])``: save = snapshot copy into a slot, restore from the slot)
-  against one ``Tensor.copy_`` of the same bytes into a preallocated buffer;
+  ``torch.distributed.checkpoint.save`` (no process group) and raw sequential writes /
+  reads of the same bytes (one file: buffered, fsync every 64 MiB, ``O_DIRECT``; reads buffered and
+  ``O_DIRECT``); load goals are judged against the fastest raw read and the fastest peer of the run;
+* the host tier (``Store([])``: save = snapshot copy into a slot, restore from the slot into a new
+  buffer and in place) against one ``Tensor.copy_`` of the same bytes into a preallocated buffer
+  (and, beside it, into a new buffer);
 * lazy reads of slices: bytes fetched vs the bytes of the chunks touched vs the slice.
 
 Method (docs/benchmarking.md): every variant runs once untimed (warm-up), then all variants
-run in rotation ``--repeats`` times; medians are reported. The page cache is dropped
+run in rotation ``--repeats`` times; medians are reported, and each goal is the median over rounds
+of the ratio within a round. The page cache is dropped
 (``sync; echo 3 > /proc/sys/vm/drop_caches``) before every read when that works (root);
-otherwise the report says reads came from the page cache. Every write is fsynced inside
+otherwise the report says reads came from the page cache. Before every variant that allocates its result
+a buffer of the state's size is faulted in and freed, untimed (``Bench.warm_memory`` says why). Every write is fsynced inside
 its timing, and its files are deleted before the next variant runs, outside the timing.
 
     python -m benchmarks.bench_format                       # ~1 GiB state, 5 rounds (./run.sh bench bench_format)
@@ -24,6 +29,7 @@ its timing, and its files are deleted before the next variant runs, outside the 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import gc
 import math
@@ -41,13 +47,26 @@ from typing import Any
 import torch
 
 import asymstore
+from asymstore.prefault import MADV_POPULATE_WRITE, Prefaulter, madvise
+from asymstore.snapshot import new_host_buffer
 from asymstore.state import flatten
 from benchmarks import _harness as _machine
 from benchmarks._rawio import write_direct
 
 GiB = 1 << 30
 MiB = 1 << 20
-GOALS = {"local_save": 0.9, "local_load": 0.9, "host_save": 0.3, "lazy_overread": 2.0}
+GOALS = {
+    "local_save": 0.9,
+    "local_load": 0.9,
+    "local_load_peer": 1.0,
+    "host_save": 0.3,
+    "host_restore": 0.8,
+    "lazy_overread": 2.0,
+}
+#: the raw baselines: the goals are measured against the fastest of each group in the same run
+WRITE_BASELINES = ("raw write", "raw write fsync/64MiB", "raw write O_DIRECT")
+READ_BASELINES = ("raw read", "raw read O_DIRECT")
+LOAD_PEERS = ("torch.load", "safetensors load", "dcp load")
 
 
 # --- the state --------------------------------------------------------------------
@@ -126,6 +145,28 @@ def build_state(n_embd: int, n_layer: int, seed: int = 0) -> dict[str, Any]:
         "step": 1000,
         "epoch": 0,
     }
+
+
+def build_trained_state(n_embd: int, n_layer: int, steps: int, seed: int = 0) -> dict[str, Any]:
+    """A real checkpoint of a GPT-2 (``transformers`` config, nothing downloaded) after ``steps`` AdamW steps in
+    bf16 autocast on synthetic tokens: the fp32 parameters (the tied ``lm_head`` once) and AdamW's state dict,
+    whose moments are those of real gradients, not random numbers."""
+    from benchmarks._gpt2 import Data, build_model
+
+    args = argparse.Namespace(
+        vocab=50257, seq=128, embd=n_embd, layers=n_layer, heads=max(n_embd // 64, 1), seed=seed, batch=2
+    )
+    model, opt = build_model(args)
+    data = Data(args)
+    for _ in range(steps):
+        x = data.next()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    params = {k: v.detach() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied to wte
+    return {"model": params, "optimizer": opt.state_dict(), "step": steps, "epoch": 0}
 
 
 # --- helpers ----------------------------------------------------------------------
@@ -250,7 +291,10 @@ class Bench:
         n_embd, n_layer = pick_config(int(args.size_gib * GiB), args.n_embd)
         self.n_embd, self.n_layer = n_embd, n_layer
         t0 = time.perf_counter()
-        self.state = build_state(n_embd, n_layer)
+        if args.state == "trained":
+            self.state = build_trained_state(n_embd, n_layer, args.train_steps)
+        else:
+            self.state = build_state(n_embd, n_layer)
         self.flat = flatten(self.state).tensors
         self.nbytes = sum(t.numel() * t.element_size() for t in self.flat.values())
         self.ntensors = len(self.flat)
@@ -279,6 +323,17 @@ class Bench:
         if self.drop_ok:
             drop_caches()
         gc.collect()
+        self.warm_memory()
+
+    def warm_memory(self) -> None:
+        """Fault in and free a buffer of the state's size (untimed), before every variant that allocates its
+        result: the variant then gets memory this machine holds. A virtual machine may hand memory freed
+        seconds ago back to its host, and faulting it in again cost 0.7-2.5 s per GiB on the 2-core VMs this
+        benchmark ran on; without this, that cost lands on whichever variant happens to allocate such memory."""
+        buf = new_host_buffer(self.nbytes + 64 * MiB)
+        if not madvise(buf.data_ptr(), buf.numel() // 4096 * 4096, MADV_POPULATE_WRITE):
+            buf[::4096] = 0
+        del buf
 
     # raw baseline -------------------------------------------------------------
     def raw_write(self) -> float:
@@ -325,20 +380,32 @@ class Bench:
         os.unlink(path)
         return dt_
 
-    def raw_read(self) -> float:
+    def raw_read(self, direct: bool = False) -> float:
+        """``raw.bin`` read into a new buffer (the one asymstore's restores allocate: huge-page advised) in 64 MiB
+        ``preadv`` calls through the page cache, or with ``O_DIRECT`` in 32 MiB calls, the pages of each faulted in
+        ahead on a helper thread (the disk writes into the buffer; the unaligned tail is read normally)."""
         path = os.path.join(self.dir, "raw.bin")
         self.before_read()
         t0 = time.perf_counter()
-        buf = torch.empty(self.nbytes, dtype=torch.uint8)
+        buf = new_host_buffer(self.nbytes)
         mv = memoryview(buf.numpy())
-        fd = os.open(path, os.O_RDONLY)
-        pos = 0
-        while pos < len(mv):
-            n = os.preadv(fd, [mv[pos : pos + 64 * MiB]], pos)
-            if n <= 0:
-                raise EOFError(path)
-            pos += n
-        os.close(fd)
+        head = len(mv) // 4096 * 4096 if direct else 0
+        piece = 32 * MiB if direct else 64 * MiB
+        for flags, lo, hi in ((os.O_DIRECT, 0, head), (0, head, len(mv))):
+            fd = os.open(path, os.O_RDONLY | flags)
+            pieces = [(a, min(a + piece, hi)) for a in range(lo, hi, piece)]
+            # direct: the buffer's pages are faulted in ahead on a helper thread, as asymstore's reads do
+            with Prefaulter(buf.data_ptr(), pieces if flags else []) as ahead:
+                for i, (a, b) in enumerate(pieces):
+                    if flags:
+                        ahead.wait(i)
+                    pos = a
+                    while pos < b:
+                        n = os.preadv(fd, [mv[pos:b]], pos)
+                        if n <= 0:
+                            raise EOFError(path)
+                        pos += n
+            os.close(fd)
         dt_ = time.perf_counter() - t0
         del buf
         return dt_
@@ -474,11 +541,23 @@ class Bench:
 
     def host_restore(self) -> float:
         store = self.stores["host"]
+        self.warm_memory()
         t0 = time.perf_counter()
         out = store.restore(store.steps()[-1])
         dt_ = time.perf_counter() - t0
         assert store.last_restore is not None and store.last_restore.tier == "host"
         del out
+        return dt_
+
+    def host_restore_in_place(self) -> float:
+        """``restore(into=)`` a state of the same shapes allocated (and faulted in) once, as a trainer resumes."""
+        store = self.stores["host"]
+        if not hasattr(self, "_target"):
+            self._target = copy.deepcopy(self.state)
+        t0 = time.perf_counter()
+        store.restore(store.steps()[-1], into=self._target)
+        dt_ = time.perf_counter() - t0
+        assert store.last_restore is not None and store.last_restore.tier == "host"
         return dt_
 
     def memcpy(self) -> float:
@@ -489,6 +568,16 @@ class Bench:
         self._memdst.copy_(self.flatbuf)
         return time.perf_counter() - t0
 
+    def memcpy_new(self) -> float:
+        """One ``Tensor.copy_`` of the same bytes into a new buffer from the allocator restores use."""
+        self.warm_memory()
+        t0 = time.perf_counter()
+        buf = new_host_buffer(self.nbytes)
+        buf.copy_(self.flatbuf)
+        dt_ = time.perf_counter() - t0
+        del buf
+        return dt_
+
     # the rotation -------------------------------------------------------------------
     def variants(self) -> list[tuple[str, Callable[[], float]]]:
         v: list[tuple[str, Callable[[], float]]] = [
@@ -496,6 +585,7 @@ class Bench:
             ("raw write fsync/64MiB", self.raw_write_chunked),
             ("raw write O_DIRECT", self.raw_write_direct),
             ("raw read", self.raw_read),
+            ("raw read O_DIRECT", lambda: self.raw_read(direct=True)),
             ("asym-none save", lambda: self.asym_save("none")),
             ("asym-none load", lambda: self.asym_load("none")),
             ("asym-auto save", lambda: self.asym_save("auto")),
@@ -507,8 +597,10 @@ class Bench:
             ("dcp save", self.dcp_save),
             ("dcp load", self.dcp_load),
             ("memcpy", self.memcpy),
+            ("memcpy new buffer", self.memcpy_new),
             ("host save", self.host_save),
             ("host restore", self.host_restore),
+            ("host restore in place", self.host_restore_in_place),
         ]
         skip = set(self.args.skip or [])
         return [(n, f) for n, f in v if not any(s in n for s in skip)]
@@ -593,19 +685,24 @@ class Bench:
     def med(self, name: str) -> float:
         return statistics.median(self.times[name])
 
+    def paired(self, name: str, base: str) -> float | None:
+        """The median over rounds of ``base``'s time over ``name``'s in the same round (a speed ratio: above 1,
+        ``name`` is faster); pairing by round cancels the drift of a virtual disk across the run."""
+        a, b = self.times.get(name), self.times.get(base)
+        if not a or not b or len(a) != len(b):
+            return None
+        return statistics.median(y / x for x, y in zip(a, b, strict=True))
+
     def report(self, info: dict[str, str], command: str) -> str:
         """The result table: header, throughput, breakdown, lazy reads and goals."""
-        wbase = self.write_baseline()
-        parts = [self._header(info, command), self._throughput(wbase), self._breakdown(), self._lazy_reads()]
-        parts.append(self._goals(wbase))
+        wbase, rbase = self.fastest(WRITE_BASELINES), self.fastest(READ_BASELINES)
+        parts = [self._header(info, command), self._throughput(wbase, rbase), self._breakdown(), self._lazy_reads()]
+        parts.append(self._goals(wbase, rbase))
         return "\n".join(line for part in parts for line in part)
 
-    def write_baseline(self) -> str:
-        """The strongest (fastest) raw write baseline of this run: the one the goals are measured against."""
-        return min(
-            ("raw write", "raw write fsync/64MiB", "raw write O_DIRECT"),
-            key=lambda n: self.med(n) if n in self.times else 1e9,
-        )
+    def fastest(self, names: tuple[str, ...]) -> str:
+        """The strongest (fastest by median) of ``names`` measured in this run: the baseline goals are judged by."""
+        return min(names, key=lambda n: self.med(n) if n in self.times else math.inf)
 
     def _header(self, info: dict[str, str], command: str) -> list[str]:
         """The report header: command, machine, state and method."""
@@ -615,24 +712,38 @@ class Bench:
         for k, v in info.items():
             L.append(f"- {k}: {v}")
         L.append(
-            f"- state: GPT-2-like (n_embd={self.n_embd}, n_layer={self.n_layer}, vocab 50257), params + 2 "
-            f"Adam moments, fp32 random: {self.ntensors} tensors, {self.nbytes / GiB:.3f} GiB "
+            f"- state: GPT-2 (n_embd={self.n_embd}, n_layer={self.n_layer}, vocab 50257), params + 2 "
+            f"Adam moments, {self.state_words()}: {self.ntensors} tensors, {self.nbytes / GiB:.3f} GiB "
             f"({self.nbytes} bytes); largest tensor "
             f"{max(t.numel() * t.element_size() for t in self.flat.values()) / MiB:.0f} MiB"
         )
         L.append(
             f"- method: 1 warm-up round + {self.args.repeats} timed rounds, all variants in rotation, "
-            "medians; writes include fsync; " + self.drop_note
+            "medians; writes include fsync; " + self.drop_note + "; before every variant that allocates its "
+            "result (loads, reads, new-buffer copies and restores) a buffer of the state's size is faulted in and "
+            "freed, untimed, so that no variant pays alone for memory the VM had handed back to its host"
         )
         L.append("")
         return L
 
-    def _throughput(self, wbase: str) -> list[str]:
+    def state_words(self) -> str:
+        """How the state was made, in words."""
+        if self.args.state == "trained":
+            return (
+                f"fp32, trained: {self.args.train_steps} AdamW steps in bf16 autocast on synthetic tokens "
+                "(transformers GPT2LMHeadModel, tied lm_head stored once)"
+            )
+        return "fp32 random"
+
+    def _throughput(self, wbase: str, rbase: str) -> list[str]:
         """Throughput rows, each with its ratio to the baseline of the same run."""
         L: list[str] = []
         gbps = lambda s: self.nbytes / s / 1e9  # noqa: E731
         L.append("## Throughput (GB/s = 1e9 bytes/s of state; ratio vs the baseline of the same run)\n")
-        L.append(f"Write ratios are against `{wbase}`, the fastest of the three raw write baselines in this run.\n")
+        L.append(
+            f"Write ratios are against `{wbase}` and read ratios against `{rbase}`, the fastest raw write and raw "
+            "read baselines of this run; here the ratio is of medians, the goals below pair each round.\n"
+        )
         L.append("| variant | median s | GB/s | vs baseline | min..max s |")
         L.append("|---|---:|---:|---:|---:|")
 
@@ -659,9 +770,9 @@ class Bench:
             "dcp save",
         ):
             row(n, None if n == wbase else wbase)
-        for n in ("raw read", "asym-none load", "asym-auto load", "torch.load", "safetensors load", "dcp load"):
-            row(n, None if n == "raw read" else "raw read")
-        for n in ("memcpy", "host save", "host restore"):
+        for n in (*READ_BASELINES, "asym-none load", "asym-auto load", *LOAD_PEERS):
+            row(n, None if n == rbase else rbase)
+        for n in ("memcpy", "memcpy new buffer", "host save", "host restore", "host restore in place"):
             row(n, None if n == "memcpy" else "memcpy")
         L.append("")
         L.append(
@@ -671,9 +782,13 @@ class Bench:
             "`load` = a fresh `Store([dir]).restore(step)`: read + verify every chunk crc32c into a new "
             "buffer. Every load then reads one byte per 4 KiB page of the result (timed) so that "
             "safetensors' memory-mapped tensors are really read from disk. `dcp load` reads into a preallocated state (DCP loads in place); the others allocate. "
+            "`raw read` reads the bytes into a new buffer from the allocator asymstore's restores use (huge-page "
+            "advised), through the page cache or with `O_DIRECT` (its pages faulted in ahead on a helper thread, as asymstore's "
+            "local reads do). "
             "`host save` = `Store([]).save` (snapshot copy into a reused slot); `host restore` copies the "
-            "slot into a new buffer; `memcpy` = one `Tensor.copy_` of the same bytes into a preallocated "
-            "buffer.\n"
+            "slot into a new buffer, `host restore in place` into a state allocated once (`restore(into=)`); "
+            "`memcpy` = one `Tensor.copy_` of the same bytes into a preallocated buffer, `memcpy new buffer` "
+            "into a new one (its pages zeroed by the kernel at first touch).\n"
         )
         return L
 
@@ -713,10 +828,11 @@ class Bench:
             L.append("\n`bytes_read` includes the shard index fetched once per touched partition.\n")
         return L
 
-    def _goals(self, wbase: str) -> list[str]:
-        """The goals table."""
+    def _goals(self, wbase: str, rbase: str) -> list[str]:
+        """The goals table: each ratio the median over rounds of the ratio within a round."""
         L: list[str] = []
         L.append("## Goals\n")
+        L.append("Each ratio is the median over rounds of the ratio within a round (speed over the baseline's).\n")
         L.append("| goal | measured | target | result |")
         L.append("|---|---:|---:|---|")
 
@@ -727,22 +843,38 @@ class Bench:
             ok = value >= target if higher else value <= target
             L.append(f"| {label} | {value:.2f} | {'>=' if higher else '<='} {target} | {'PASS' if ok else 'FAIL'} |")
 
-        def ratio(a: str, b: str) -> float | None:
-            return self.med(b) / self.med(a) if a in self.times and b in self.times else None
-
+        peer = self.fastest(LOAD_PEERS)
         for kind in ("none", "auto"):
             goal(
-                f"local save (asym-{kind} persist) / {wbase}", ratio(f"asym-{kind} persist", wbase), GOALS["local_save"]
-            )
-            goal(
-                f"local save (asym-{kind} save, incl. snapshot) / {wbase}",
-                ratio(f"asym-{kind} save", wbase),
+                f"local persist (asym-{kind}) / {wbase}",
+                self.paired(f"asym-{kind} persist", wbase),
                 GOALS["local_save"],
             )
-            goal(
-                f"local load (asym-{kind} load) / raw read", ratio(f"asym-{kind} load", "raw read"), GOALS["local_load"]
+            L.append(
+                f"| (beside it) local save incl. snapshot (asym-{kind}) / {wbase} | "
+                f"{self.paired(f'asym-{kind} save', wbase) or float('nan'):.2f} | reported | - |"
             )
-        goal("host-tier save / memcpy", ratio("host save", "memcpy"), GOALS["host_save"])
+            goal(
+                f"local load (asym-{kind}, verified) / {rbase}",
+                self.paired(f"asym-{kind} load", rbase),
+                GOALS["local_load"],
+            )
+            goal(
+                f"local load (asym-{kind}, verified) / {peer} (fastest peer)",
+                self.paired(f"asym-{kind} load", peer),
+                GOALS["local_load_peer"],
+            )
+        goal("host-tier save / memcpy", self.paired("host save", "memcpy"), GOALS["host_save"])
+        goal("host-tier restore, new buffer / memcpy", self.paired("host restore", "memcpy"), GOALS["host_restore"])
+        L.append(
+            "| (beside it) host-tier restore, new buffer / memcpy new buffer | "
+            f"{self.paired('host restore', 'memcpy new buffer') or float('nan'):.2f} | reported | - |"
+        )
+        goal(
+            "host-tier restore, in place / memcpy",
+            self.paired("host restore in place", "memcpy"),
+            GOALS["host_restore"],
+        )
         worst = max((r["read"] / r["touched"] for r in getattr(self, "lazy_rows", [])), default=None)
         goal("lazy slice: bytes read / bytes of touched chunks (worst)", worst, GOALS["lazy_overread"], higher=False)
         L.append("")
@@ -765,6 +897,13 @@ def main(argv: list[str] | None = None) -> int:
         default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "format.md"),
         help="markdown report path ('-': print only)",
     )
+    p.add_argument(
+        "--state",
+        choices=("trained", "random"),
+        default="trained",
+        help="trained: a GPT-2 after --train-steps AdamW steps; random: random fp32 tensors of the same shapes",
+    )
+    p.add_argument("--train-steps", type=int, default=4)
     p.add_argument("--skip", action="append", help="skip variants whose name contains this (repeatable)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)

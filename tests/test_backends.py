@@ -75,6 +75,63 @@ def test_local_direct_io_skipped_for_unaligned_buffers(tmp_path: Path) -> None:
     assert b.direct_io or not hasattr(os, "O_DIRECT")  # not switched off by an unaligned buffer
 
 
+def _spy_direct_opens(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the flags of every ``os.open`` that asks for O_DIRECT."""
+    import asymstore.backends.local as local
+
+    seen: list[int] = []
+    real = local.os.open
+
+    def spy(path: str, flags: int, *a: int) -> int:
+        if flags & getattr(os, "O_DIRECT", 0):
+            seen.append(flags)
+        return real(path, flags, *a)
+
+    monkeypatch.setattr(local.os, "open", spy)
+    return seen
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
+@pytest.mark.parametrize("offset", [0, 4096, 3 * MiB, 5, -(2 * MiB + 4096)])
+@pytest.mark.parametrize("length", [2 * MiB, 2 * MiB + 123])
+def test_local_get_into_reads_aligned_head_direct(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offset: int, length: int
+) -> None:
+    """A large page-aligned ``out`` at a page-aligned offset is read with O_DIRECT (the rest normally), and the
+    bytes are those written, also where the file was written through the page cache (unaligned buffer)."""
+    b = LocalObjectStore(str(tmp_path / "root"))
+    data = _aligned(6 * MiB + 77, 3)
+    b.put("aligned", data)  # O_DIRECT head
+    b.put("cached", data[1:])  # buffered: its pages are dirty in the page cache when read back
+    seen = _spy_direct_opens(monkeypatch)
+    for key, src in (("aligned", data), ("cached", data[1:])):
+        seen.clear()
+        out = _aligned(length, 9)
+        assert b.get_into(key, memoryview(out), offset)
+        start = offset if offset >= 0 else len(src) + offset
+        assert out.tobytes() == src[start : start + length].tobytes()
+        assert bool(seen) == (start % 4096 == 0)
+    # an unaligned destination is read normally
+    seen.clear()
+    out = _aligned(length + 1, 4)[1:]
+    assert b.get_into("aligned", memoryview(out), 0)
+    assert out.tobytes() == data[:length].tobytes() and not seen
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm")
+def test_local_reads_fall_back_where_direct_io_is_refused(tmp_path: Path) -> None:
+    """tmpfs refuses O_DIRECT: reads and writes of a store there fall back to the page cache, bytes intact."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as d:
+        b = LocalObjectStore(d)
+        data = _aligned(3 * MiB, 5)
+        b.put("x", data)
+        out = _aligned(3 * MiB, 6)
+        assert b.get_into("x", memoryview(out), 0)
+        assert out.tobytes() == data.tobytes()
+
+
 def test_file_url(tmp_path: Path) -> None:
     s = open_object_store(f"file://{tmp_path}/u")
     s.put("a/b", b"1")

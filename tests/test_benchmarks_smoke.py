@@ -56,3 +56,17 @@ def test_bench_overhead_heavy_regime_reports_its_goals(tmp_path: Path) -> None:
     for goal in ("0.5 x checkfreq's", "0.5 x uniform's", "within noise of private slots"):
         assert goal in md, md[:3000]
     assert "of a baseline iteration" in md  # the measured copy share of an iteration
+
+
+@pytest.mark.slow
+def test_bench_format_tiny_trained_state(tmp_path: Path) -> None:
+    out = tmp_path / "format.md"
+    _run(
+        "bench_format",
+        ["--n-embd", "64", "--size-gib", "0.01", "--train-steps", "1", "--repeats", "1", "--quiet", "--out", str(out)],
+    )
+    md = out.read_text()
+    assert "trained: 1 AdamW steps" in md
+    for row in ("raw read O_DIRECT", "memcpy new buffer", "host restore in place", "(fastest peer)"):
+        assert f"{row}" in md, md[:3000]
+    assert "| PASS |" in md or "| FAIL |" in md
