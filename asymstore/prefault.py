@@ -39,6 +39,13 @@ def madvise(addr: int, nbytes: int, advice: int) -> bool:
 _PAGE = 4096
 
 
+def address(buf: memoryview) -> int:
+    """The memory address of a buffer's first byte (0 for an empty one)."""
+    import numpy as np
+
+    return int(np.frombuffer(buf, dtype=np.uint8).ctypes.data) if len(buf) else 0
+
+
 class Prefaulter:
     """Populate the pieces ``[(lo, hi), ...]`` (byte offsets from ``addr``, in order) on a helper thread;
     :meth:`wait` (i) returns once piece ``i`` is populated (or populating gave up: the caller faults it itself).
@@ -79,9 +86,12 @@ class Prefaulter:
             self._cv.notify_all()
 
     def wait(self, i: int) -> None:
-        """Block until piece ``i`` has been populated (or will not be)."""
+        """Block until piece ``i`` has been populated (or will not be); returns at once for a piece it was not
+        given (``i`` past its list)."""
+        if i >= len(self.pieces):
+            return
         with self._cv:
             self._cv.wait_for(lambda: self._done > i)
 
 
-__all__ = ["MADV_HUGEPAGE", "MADV_POPULATE_WRITE", "Prefaulter", "madvise"]
+__all__ = ["MADV_HUGEPAGE", "MADV_POPULATE_WRITE", "Prefaulter", "address", "madvise"]

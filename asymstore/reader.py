@@ -7,8 +7,9 @@ every stored chunk. Damage raises :class:`CorruptCheckpointError` naming the obj
 
 from __future__ import annotations
 
+import functools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -20,9 +21,13 @@ from .errors import CorruptCheckpointError, StepNotFoundError
 from .interfaces import ByteRange, ObjectStore, RangeSource
 from .layout import PartitionSpan, cut_stream, overlapping
 from .manifest import COMMIT_KEY, GROUP_KEY, Manifest, PartitionRecord, parse_commit, rank_dir_name, step_dir
+from .prefault import Prefaulter, address
 from .zarrfmt import crc32c, decode_index, index_nbytes, shard_key
 
 Progress = Callable[[int, int], None]
+
+#: raw partitions are read in pieces of this size, each checked while the next is read
+_READ_PIECE = 32 << 20
 
 
 @dataclass
@@ -187,12 +192,18 @@ class CheckpointReader(RangeSource):
 
     def _read_partition_into(self, rec: PartitionRecord, out: memoryview) -> None:
         """Read one whole partition (one object) into ``out`` (its raw bytes), verified."""
-        self._fetch_partition(rec, out)()
+        for check in self._fetch_partition(rec, out):
+            check()
 
-    def _fetch_partition(self, rec: PartitionRecord, out: memoryview) -> Callable[[], None]:
-        """Stage 1 of a partition read: fetch its object (raw: straight into ``out``). Returns stage 2, which
-        verifies every chunk against the manifest's crc32c, decodes into ``out`` and applies a delta; the
-        two may run on different threads (:meth:`read_all_into` overlaps one's stage 2 with the next's 1)."""
+    def _fetch_partition(
+        self, rec: PartitionRecord, out: memoryview, ready: Callable[[int], None] | None = None
+    ) -> Iterator[Callable[[], None]]:
+        """Fetch one partition into ``out`` piece by piece; after each piece, yield the check of what it fetched
+        (verify those chunks against the manifest's crc32c, decode them into ``out``); the last check applies a
+        delta. The checks must run in the order yielded, each after the fetch that yielded it, and may run on
+        another thread (:meth:`read_all_into` checks a piece while the next one is read). A raw partition is
+        read straight into ``out`` in pieces of about ``_READ_PIECE`` bytes, ``ready(end)`` called before the piece
+        that ends at partition offset ``end`` is fetched; any other in one request."""
         key = self._key(rec)
         size = rec.stored_bytes  # the object's real size: checked when the reader was opened
         cps = self.manifest.chunks_per_shard
@@ -201,26 +212,35 @@ class CheckpointReader(RangeSource):
         n = rec.span.nbytes
         nchunks = -(-n // C)
         if spec.kind == "raw":
-            # the shard's data region is the partition's bytes: read straight into place
-            if not self.backend.get_into(key, out[:n], 0):
-                raise CorruptCheckpointError(f"{key} is missing", (key,))
-            tail = self.backend.get(key, ByteRange(n, size - n)) or b""
+            # the shard's data region is the partition's bytes: read straight into place; index (and the edge
+            # chunk's zero padding) first
+            pad = nchunks * C - n
+            tail = self.backend.get(key, ByteRange(n, size - n))
+            if tail is None or len(tail) != size - n:
+                raise CorruptCheckpointError(f"{key} is missing or truncated", (key,))
             self._bytes_read += size
+            idx = decode_index(tail[pad:], cps, key)
 
-            def check_raw() -> None:
-                pad = nchunks * C - n
-                idx = decode_index(tail[pad:], cps, key)
-                for k in range(nchunks):
+            def check_raw(k0: int, k1: int) -> None:
+                for k in range(k0, k1):
                     lo, hi = k * C, min((k + 1) * C, n)
                     crc = crc32c(out[lo:hi])
                     if hi - lo < C:
                         crc = crc32c(tail[:pad], crc)
                     if crc != rec.chunk_crcs[k] or int(idx[k, 0]) != k * C:
                         raise CorruptCheckpointError(f"{key}: chunk {k} checksum mismatch", (key,))
-                if spec.delta:
-                    self._apply_delta(rec.span, out[:n])
 
-            return check_raw
+            per = max(1, _READ_PIECE // C)  # chunks per piece
+            for k0 in range(0, nchunks, per):
+                k1 = min(k0 + per, nchunks)
+                if ready is not None:
+                    ready(min(k1 * C, n))
+                if not self.backend.get_into(key, out[k0 * C : min(k1 * C, n)], k0 * C):
+                    raise CorruptCheckpointError(f"{key} is missing", (key,))
+                yield functools.partial(check_raw, k0, k1)
+            if spec.delta:
+                yield functools.partial(self._apply_delta, rec.span, out[:n])
+            return
         blob = self.backend.get(key)
         if blob is None:
             raise CorruptCheckpointError(f"{key} is missing", (key,))
@@ -238,7 +258,7 @@ class CheckpointReader(RangeSource):
             if spec.delta:
                 self._apply_delta(rec.span, out[:n])
 
-        return check_decode
+        yield check_decode
 
     def _apply_delta(self, span: PartitionSpan, out: memoryview) -> None:
         base = bytearray(span.nbytes)
@@ -270,19 +290,31 @@ class CheckpointReader(RangeSource):
         out = memoryview(out).cast("B")
         total = self.manifest.layout.total_bytes
 
-        # two stages: partition i is verified and decoded on a helper thread while partition i+1 is read
-        def finish(done: tuple[Future[None], int]) -> None:
-            done[0].result()
+        # a piece is checked on a helper thread while the next one is read; the output's pages are faulted in
+        # ahead of the reads on another (new memory: :mod:`.prefault`)
+        def finish(done: tuple[list[Future[None]], int]) -> None:
+            for f in done[0]:
+                f.result()
             if progress:
                 progress(done[1], total)
 
-        with ThreadPoolExecutor(1, thread_name_prefix="asymstore-verify") as pool:  # exit waits for it
-            pending: tuple[Future[None], int] | None = None
+        pieces = [(a, min(a + _READ_PIECE, total)) for a in range(0, total, _READ_PIECE)]
+        with (
+            Prefaulter(address(out), pieces if len(pieces) > 1 else []) as ahead,
+            ThreadPoolExecutor(1, thread_name_prefix="asymstore-verify") as pool,  # exit waits for it
+        ):
+            pending: tuple[list[Future[None]], int] | None = None  # the checks of the previous partition
             for span in self._spans:
-                check = self._fetch_partition(self._records[span.index], out[span.start : span.end])
+                checks: list[Future[None]] = []
+                rec, part = self._records[span.index], out[span.start : span.end]
+                ready = functools.partial(_wait_faulted, ahead, span.start)
+                for check in self._fetch_partition(rec, part, ready):
+                    if checks and checks[-1].done():
+                        checks[-1].result()  # damage found: stop reading
+                    checks.append(pool.submit(check))
                 if pending is not None:
                     finish(pending)
-                pending = (pool.submit(check), span.end)
+                pending = (checks, span.end)
             if pending is not None:
                 finish(pending)
 
@@ -341,6 +373,12 @@ class CheckpointReader(RangeSource):
                 progress(span.end, total)
         rep.ok = not rep.problems
         return rep
+
+
+def _wait_faulted(ahead: Prefaulter, start: int, end: int) -> None:
+    """Wait until ``ahead`` has faulted in the output up to stream offset ``start + end``."""
+    if end > 0:
+        ahead.wait((start + end - 1) // _READ_PIECE)
 
 
 def committed_steps(backend: ObjectStore) -> list[int]:

@@ -17,7 +17,7 @@ from urllib.parse import unquote, urlparse
 
 from asymstore.errors import BackendUnavailableError, ConfigError, CorruptCheckpointError
 from asymstore.files import atomic_write, exclusive_write, fsync_dir, remove_stale_temporaries
-from asymstore.prefault import Prefaulter
+from asymstore.prefault import Prefaulter, address
 
 from .base import Buffer, ByteRange, Capabilities, ObjectStore, as_buffers, check_key, check_prefix, dir_prefix
 
@@ -33,13 +33,6 @@ _TEMP_NAME = re.compile(r"\.tmp-[0-9a-f]{12}$")
 def _is_temp(name: str) -> bool:
     """Whether a file name is an unfinished ``put_atomic`` (listings skip it)."""
     return _TEMP_NAME.search(name) is not None
-
-
-def _address(buf: memoryview) -> int:
-    """The memory address of a buffer's first byte."""
-    import numpy as np
-
-    return int(np.frombuffer(buf, dtype=np.uint8).ctypes.data) if len(buf) else 0
 
 
 def path_from_url(url: str) -> str:
@@ -128,7 +121,7 @@ class LocalObjectStore(ObjectStore):
         """How many leading bytes of ``buf`` may move with O_DIRECT at file ``offset`` (0: none): the
         page-aligned head of a large, page-aligned buffer at a page-aligned offset."""
         n = len(buf) // _DIRECT_ALIGN * _DIRECT_ALIGN
-        if not self.direct_io or n < _DIRECT_MIN or _address(buf) % _DIRECT_ALIGN or offset % _DIRECT_ALIGN:
+        if not self.direct_io or n < _DIRECT_MIN or address(buf) % _DIRECT_ALIGN or offset % _DIRECT_ALIGN:
             return 0
         return n
 
@@ -283,7 +276,7 @@ class LocalObjectStore(ObjectStore):
         pieces = [(lo, min(lo + _READ_PIECE, n)) for lo in range(0, n, _READ_PIECE)]
         got = 0
         try:
-            with Prefaulter(_address(out), pieces) as ahead:
+            with Prefaulter(address(out), pieces if len(pieces) > 1 else []) as ahead:
                 for i, (_, hi) in enumerate(pieces):
                     ahead.wait(i)
                     while got < hi:

@@ -98,6 +98,28 @@ def test_flip_one_byte_anywhere(pristine, tmp_path) -> None:
             assert_bitequal(got, _state(1))
 
 
+@pytest.mark.parametrize("chunk", [0, 1, CPS - 1])
+def test_damage_in_any_piece_of_a_raw_partition_fails_the_restore(
+    pristine, tmp_path, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    """Raw partitions are read and checked piece by piece (here a piece per chunk): damage in the first, a middle
+    or the last piece fails the restore, also when the pieces after it are intact."""
+    import asymstore.reader
+
+    root0, codec = pristine
+    if codec != "none":
+        pytest.skip("raw partitions only")
+    monkeypatch.setattr(asymstore.reader, "_READ_PIECE", 4096)
+    root = _copy(root0, tmp_path)
+    key = next(k for k in step_files(root, 2) if "/c/" in k)
+    flip_byte(os.path.join(root, key), chunk * 4096 + 7)
+    with Store([root], **SMALL) as s:
+        with pytest.raises(CorruptCheckpointError) as ei:
+            s.restore(2)
+        assert key in ei.value.objects and f"chunk {chunk} " in str(ei.value), ei.value
+        assert_bitequal(s.restore(1), _state(1))
+
+
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
 def test_truncated_and_missing_objects(pristine, tmp_path, damage: str) -> None:
     root0, _ = pristine

@@ -77,3 +77,9 @@ def test_leaving_early_stops_the_helper() -> None:
     assert not ahead._thread.is_alive()
     del arr
     m.close()
+
+
+def test_pieces_it_was_not_given_are_not_waited_for() -> None:
+    with Prefaulter(0, []) as ahead:  # no pieces: a no-op
+        ahead.wait(0)
+        ahead.wait(5)
