@@ -240,13 +240,14 @@ class HostPool:
             self.region.invalidate(slot.index)
         slot.record, slot.origin_pid, slot.verified, slot.durable = None, None, False, False
 
-    def seal(self, slot: Slot) -> None:
+    def seal(self, slot: Slot, crcs: tuple[int, ...] | None = None) -> None:
         """Commit a ready slot in shared memory (checksums + record): from now on it survives this process.
-        No-op for private memory. Runs on a background thread: the checksums read the whole stream."""
+        No-op for private memory. Runs on a background thread: the checksums read the whole stream (``crcs``:
+        already computed from the slot's bytes, ``shm.VERIFY_CHUNK`` apiece)."""
         if self.region is None or slot.record is not None:
             return
         assert slot.content is not None and slot.step is not None
-        rec = self.region.commit(slot.index, slot.step, slot.content, slot.memview())
+        rec = self.region.commit(slot.index, slot.step, slot.content, slot.memview(), crcs)
         with self._cv:
             if slot.state == "ready" and slot.step == rec.step:
                 slot.record = rec

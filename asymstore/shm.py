@@ -473,12 +473,24 @@ class ShmRegion:
         self.invalidate(index)
         self._replace(index, None)
 
-    def commit(self, index: int, step: int, content: CheckpointContent, view: memoryview) -> SlotRecord:
-        """Checksum slot ``index``'s stream and write its record: the slot is committed when this returns."""
+    def commit(
+        self,
+        index: int,
+        step: int,
+        content: CheckpointContent,
+        view: memoryview,
+        crcs: tuple[int, ...] | None = None,
+    ) -> SlotRecord:
+        """Checksum slot ``index``'s stream (unless ``crcs``, its ``VERIFY_CHUNK`` checksums, are given) and write
+        its record: the slot is committed when this returns."""
         m = self._maps.get(index)
         if m is None:
             raise ShmError(f"slot {index} has no shared mapping")
-        rec = SlotRecord(index, m.name, step, os.getpid(), time.time(), VERIFY_CHUNK, chunk_crcs(view), content)
+        if crcs is None:
+            crcs = chunk_crcs(view)
+        elif len(crcs) != -(-len(view) // VERIFY_CHUNK):
+            raise ValueError(f"{len(crcs)} checksums for a stream of {len(view)} bytes")
+        rec = SlotRecord(index, m.name, step, os.getpid(), time.time(), VERIFY_CHUNK, crcs, content)
         return self.commit_record(rec)
 
     def commit_record(self, rec: SlotRecord) -> SlotRecord:

@@ -17,7 +17,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,7 +46,7 @@ from .lazy import LazyCheckpoint
 from .manifest import Manifest
 from .reader import VerifyReport
 from .replica import Rendezvous, ReplicaService, default_rendezvous
-from .shm import ShmError, ShmRegion, ShmRegionBusyError, default_job, region_bytes
+from .shm import VERIFY_CHUNK, ShmError, ShmRegion, ShmRegionBusyError, default_job, region_bytes
 from .snapshot import copy_all, dest_view, new_host_buffer
 from .state import FlatState, flatten, unflatten
 from .threads import PriorityBooster
@@ -54,6 +54,7 @@ from .tiermanager import TierManager
 from .tiers import PersistentTier
 from .write_plan import CheckpointContent
 from .writer import WriteReport
+from .zarrfmt import ChunkCrcs, StreamingCrcs
 
 log = logging.getLogger("asymstore")
 
@@ -220,6 +221,12 @@ class Store:
         self.manager = TierManager(self.tiers, self.host, booster=self.booster) if self.tiers else None
         self._executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="asymstore-persist", initializer=self.booster.enter
+        )
+        #: seals shared-memory slots (checksums + record) while the persistence thread already writes them
+        self._sealer = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="asymstore-seal", initializer=self.booster.enter)
+            if self.host.region is not None and self.manager is not None
+            else None
         )
         self._lock = threading.Lock()
         self._bg_error: BaseException | None = None
@@ -513,6 +520,7 @@ class Store:
 
     def _persist(self, snap: PendingSnapshot, snap_s: float, copies_done: Callable[[], None] | None) -> SaveResult:
         result = SaveResult(snap.step, snapshot_seconds=snap_s, persist_started=time.perf_counter())
+        sealing: Future[None] | None = None
         try:
             if copies_done is not None:
                 try:
@@ -521,14 +529,13 @@ class Store:
                     self.host.release(snap.slot)
                     raise
                 self._mark_ready(snap)
-            self.host.seal(snap.slot)  # committed in shared memory: from here a crash loses nothing
-            self._replicate(snap.slot)
+            sealing, crcs = self._begin_seal(snap.slot)
             if self.manager is None:
                 return result
             assert snap.slot.content is not None
-            rep = self.manager.persist_primary(
-                snap.step, snap.slot.memview(), snap.slot.content, snap.slot.stream_crcs()
-            )
+            rep = self.manager.persist_primary(snap.step, snap.slot.memview(), snap.slot.content, crcs)
+            if sealing is not None:
+                sealing.result()  # committed in shared memory (and queued for the peer) before it is durable
             self.host.mark_durable(snap.slot)
             result.reports[self.tiers[0].name] = rep
             result.persist_finished = time.perf_counter()
@@ -537,7 +544,25 @@ class Store:
             self._record_failure(snap.step, e)
             raise
         finally:
+            if sealing is not None:
+                wait([sealing])  # the seal reads the slot: it may be reused only once that is over
             self.host.mark_persisted(snap.slot)
+
+    def _begin_seal(self, slot: Slot) -> tuple[Future[None] | None, ChunkCrcs | None]:
+        """Commit ``slot`` in shared memory (from then on a crash loses nothing) and queue it for the peer: on the
+        seal thread while the persistence writes the same bytes, or here (no tier, private memory: no-op).
+        Returns the seal's future (``None``: done) and the checksums the tier write may take."""
+        if self._sealer is None or slot.record is not None:
+            self.host.seal(slot)
+            self._replicate(slot)
+            return None, slot.stream_crcs()
+        crcs = StreamingCrcs(VERIFY_CHUNK, len(slot.memview()))
+
+        def seal() -> None:
+            self.host.seal(slot, crcs.compute(slot.memview()))
+            self._replicate(slot)
+
+        return self._sealer.submit(seal), crcs
 
     def save(
         self,
@@ -1036,6 +1061,8 @@ class Store:
         _OPEN_STORES.discard(self)
         with self.booster.boosted():  # what close() waits for runs at the caller's priority
             self._executor.shutdown(wait=True)
+            if self._sealer is not None:  # idle: every seal is awaited by its persistence
+                self._sealer.shutdown(wait=True)
         self._closed = True
         with self._watch_cv:
             self._watch_cv.notify_all()

@@ -46,7 +46,7 @@ from .threads import PriorityBooster
 from .tiers import PersistentTier
 from .write_plan import CheckpointContent
 from .writer import ReaderSource, WriteReport
-from .zarrfmt import StreamCrcs
+from .zarrfmt import ChunkCrcs
 
 log = logging.getLogger("asymstore.tiers")
 
@@ -133,7 +133,7 @@ class TierManager:
 
     # --- writing: one path for the first tier and for promotions ---------------------------------
     def persist_primary(
-        self, step: int, stream: memoryview, content: CheckpointContent, crcs: StreamCrcs | None = None
+        self, step: int, stream: memoryview, content: CheckpointContent, crcs: ChunkCrcs | None = None
     ) -> WriteReport:
         """Write a snapshot from its host slot (``stream``; ``crcs``: its chunk checksums if sealed) to the first
         persistent tier."""
@@ -164,7 +164,7 @@ class TierManager:
                 self.host.unlease(slot)
 
     def _write_once(
-        self, tier: PersistentTier, step: int, source: Source, content: CheckpointContent, crcs: StreamCrcs | None
+        self, tier: PersistentTier, step: int, source: Source, content: CheckpointContent, crcs: ChunkCrcs | None
     ) -> WriteReport:
         act = self.activity[tier.name]
         with tier.lock:
@@ -178,7 +178,7 @@ class TierManager:
         return rep
 
     def _write_with_room(
-        self, k: int, step: int, source: Source, content: CheckpointContent, crcs: StreamCrcs | None
+        self, k: int, step: int, source: Source, content: CheckpointContent, crcs: ChunkCrcs | None
     ) -> WriteReport:
         """One write; when it runs out of space, let retention make room and retry it once."""
         tier = self.tiers[k]
@@ -264,7 +264,7 @@ class TierManager:
         return out
 
     def _write(
-        self, k: int, step: int, source: Source, content: CheckpointContent, crcs: StreamCrcs | None = None
+        self, k: int, step: int, source: Source, content: CheckpointContent, crcs: ChunkCrcs | None = None
     ) -> WriteReport:
         """Plan, write (making room once if the tier is full), finalize (multi-rank), mark, record history,
         apply retention."""

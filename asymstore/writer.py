@@ -40,7 +40,7 @@ from .interfaces import ObjectStore, StreamSource
 from .layout import Layout, PartitionSpan, dominant_itemsize
 from .manifest import COMMIT_KEY, GROUP_KEY, Manifest, PartitionRecord, commit_record, step_dir
 from .write_plan import CheckpointContent, WritePlan
-from .zarrfmt import EncodedShard, StreamCrcs, array_metadata, dumps, encode_shard, group_metadata, shard_key
+from .zarrfmt import ChunkCrcs, EncodedShard, array_metadata, dumps, encode_shard, group_metadata, shard_key
 
 if TYPE_CHECKING:
     from .reader import CheckpointReader
@@ -180,7 +180,7 @@ class CheckpointWriter:
         *,
         delta_base: DeltaBase | None = None,
         progress: Progress | None = None,
-        crcs: StreamCrcs | None = None,
+        crcs: ChunkCrcs | None = None,
     ) -> WriteReport:
         """Write ``plan``'s step from ``stream`` (one buffer, or a source read range by range).
 
@@ -302,7 +302,7 @@ class CheckpointWriter:
         base: memoryview | None,
         report: WriteReport,
         progress: Progress | None,
-        crcs: StreamCrcs | None = None,
+        crcs: ChunkCrcs | None = None,
     ) -> tuple[list[PartitionRecord], dict[str, CodecSpec]]:
         spans = plan.spans
         records: list[PartitionRecord] = []

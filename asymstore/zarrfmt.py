@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import math
 import struct
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import crc32c as _crc32c
 import numpy as np
@@ -53,6 +54,22 @@ class EncodedShard:
     chunk_crcs: list[int]
 
 
+class ChunkCrcs(Protocol):
+    """The crc32c of every fixed-size piece of a stream, as a writer asks for them."""
+
+    def span(self, start: int, end: int, chunk_bytes: int) -> tuple[int, ...] | None:
+        """The crcs of the pieces of ``[start, end)``, or ``None`` when they are not this stream's pieces."""
+        ...
+
+
+def _piece_range(c: int, n: int, start: int, end: int, chunk_bytes: int) -> tuple[int, int] | None:
+    """Which of ``n`` pieces of ``c`` bytes ``[start, end)`` covers, or ``None`` when it is not a run of them
+    (another chunk size, or a span that does not start on a piece or end on one or at the stream's end)."""
+    if chunk_bytes != c or start % c or (end % c and -(-end // c) != n):
+        return None
+    return start // c, -(-end // c)
+
+
 @dataclass(frozen=True)
 class StreamCrcs:
     """crc32c of every ``chunk_bytes`` piece of a stream, computed once (when a host slot is sealed) so a raw
@@ -62,12 +79,53 @@ class StreamCrcs:
     crcs: tuple[int, ...]
 
     def span(self, start: int, end: int, chunk_bytes: int) -> tuple[int, ...] | None:
-        """The crcs of the pieces of ``[start, end)``, or ``None`` when they are not this stream's pieces (another
-        chunk size, or a span that does not start on a piece or end on one or at the stream's end)."""
+        """The crcs of the pieces of ``[start, end)`` (``None``: not a run of this stream's pieces)."""
+        r = _piece_range(self.chunk_bytes, len(self.crcs), start, end, chunk_bytes)
+        return None if r is None else self.crcs[r[0] : r[1]]
+
+
+class StreamingCrcs:
+    """The crc32c of every ``chunk_bytes`` piece of a stream while one thread computes them in order
+    (:meth:`compute`) and another already writes the stream: :meth:`span` waits until the pieces it asks for
+    are done. Where computing failed, ``span`` returns ``None`` (the writer then checksums the bytes itself)."""
+
+    def __init__(self, chunk_bytes: int, total_bytes: int) -> None:
+        self.chunk_bytes = chunk_bytes
+        self.n = -(-total_bytes // chunk_bytes)
+        self._crcs: list[int] = []
+        self._failed = False
+        self._cv = threading.Condition()
+
+    def compute(self, view: memoryview) -> tuple[int, ...]:
+        """Checksum ``view`` piece by piece, publishing each; all of them once done."""
         c = self.chunk_bytes
-        if chunk_bytes != c or start % c or (end % c and -(-end // c) != len(self.crcs)):
+        try:
+            for k in range(self.n):
+                crc = crc32c(view[k * c : (k + 1) * c])
+                with self._cv:
+                    self._crcs.append(crc)
+                    if len(self._crcs) % 16 == 0 or len(self._crcs) == self.n:
+                        self._cv.notify_all()
+        except BaseException:
+            self.fail()
+            raise
+        return tuple(self._crcs)
+
+    def fail(self) -> None:
+        """Computing stopped: waiters get ``None``."""
+        with self._cv:
+            self._failed = True
+            self._cv.notify_all()
+
+    def span(self, start: int, end: int, chunk_bytes: int) -> tuple[int, ...] | None:
+        """The crcs of the pieces of ``[start, end)`` once computed (``None``: not a run of this stream's pieces,
+        or computing failed)."""
+        r = _piece_range(self.chunk_bytes, self.n, start, end, chunk_bytes)
+        if r is None:
             return None
-        return self.crcs[start // c : -(-end // c)]
+        with self._cv:
+            self._cv.wait_for(lambda: self._failed or len(self._crcs) >= r[1])
+            return None if len(self._crcs) < r[1] else tuple(self._crcs[r[0] : r[1]])
 
 
 def encode_shard(

@@ -3,7 +3,8 @@
 One process imports torch once and forks a training child per trial. The child trains a small model with a
 checkpoint at every step (``save(..., blocking=False)``, two host slots in shared memory, a local tier) and is
 SIGKILLed at a point chosen by the trial: during a snapshot copy, right after a slot was committed in shared
-memory (before persistence), during persistence, or at a random time. The parent then opens the store like a
+memory (the seal runs beside the tier write, so the write may have begun), during the tier write after that
+commit, or at a random time. The parent then opens the store like a
 restarted job: it must restore the newest committed snapshot bit-exact (from shared memory where it is there),
 never a torn slot, lose no committed step, persist what had not reached the tier, and training continued from
 the restored state must end bit-identical to an uninterrupted run. One JSON line per trial on stdout.
@@ -104,11 +105,13 @@ def child(kind: str, kill_step: int, delay: float, ckdir: str, shm: str, log_pat
 
     seal = hostpool.HostPool.seal
 
-    def sealing(self: hostpool.HostPool, slot: hostpool.Slot) -> None:
-        seal(self, slot)
+    def sealing(self: hostpool.HostPool, slot: hostpool.Slot, *args: Any) -> None:
+        seal(self, slot, *args)
         log.write(f"sealed {slot.step}\n")
         if kind == "sealed" and slot.step == kill_step:
             die()
+        if kind == "persist" and slot.step == kill_step:  # sealed while the tier write runs: die inside it
+            threading.Timer(delay * 0.01, die).start()
 
     hostpool.HostPool.seal = sealing  # type: ignore[method-assign]
     copy_all = store.copy_all
@@ -122,17 +125,6 @@ def child(kind: str, kill_step: int, delay: float, ckdir: str, shm: str, log_pat
     store.copy_all = copying  # type: ignore[assignment]
     current = {"step": 0}
     st = asymstore.open_store(ckdir, shm_dir=shm, host_slots=2, background_idle=False)
-    if kind == "persist":
-        from asymstore.tiermanager import TierManager
-
-        persist = TierManager.persist_primary
-
-        def persisting(self: TierManager, step: int, *args: Any) -> Any:
-            if step == kill_step:
-                threading.Timer(delay * 0.01, die).start()  # somewhere inside the write
-            return persist(self, step, *args)
-
-        TierManager.persist_primary = persisting  # type: ignore[method-assign]
     if kind == "random":
         threading.Timer(0.05 + delay * 0.5, die).start()
     model, opt = build()

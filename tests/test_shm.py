@@ -367,3 +367,42 @@ def test_a_forked_child_does_not_keep_the_region_locked(tmp_path: Path) -> None:
         os.write(w, b"x")
         os.waitpid(pid, 0)
         store.close()
+
+
+def test_the_seal_runs_beside_the_tier_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shared slot's checksums are computed while the tier write already runs (its claim is taken first), not
+    before it: here the checksums wait for the write to begin, which would never happen if the seal came first.
+    The slot is committed all the same and the step is durable and bit-exact."""
+    import threading
+
+    from asymstore.backends.local import LocalObjectStore
+    from asymstore.zarrfmt import StreamingCrcs
+
+    began = threading.Event()
+    claim = LocalObjectStore.create_exclusive
+
+    def claiming(self: LocalObjectStore, key: str, data: object) -> bool:
+        if key.endswith("CLAIM"):
+            began.set()
+        return claim(self, key, data)  # type: ignore[arg-type]
+
+    compute = StreamingCrcs.compute
+
+    computed: list[int] = []
+
+    def late(self: StreamingCrcs, view: memoryview) -> tuple[int, ...]:
+        assert began.wait(20), "the tier write did not begin before the seal's checksums"
+        computed.append(len(view))
+        return compute(self, view)
+
+    monkeypatch.setattr(LocalObjectStore, "create_exclusive", claiming)
+    monkeypatch.setattr(StreamingCrcs, "compute", late)
+    state = {"w": torch.randn(3 << 20), "b": torch.arange(1000)}
+    with asymstore.open_store(str(tmp_path / "ck"), shm_dir=str(tmp_path), keep_shm=True) as st_:
+        st_.save(state, 1).result()
+        slot = st_.host.find(1)
+        assert slot is not None and slot.record is not None and slot.record.durable
+    assert computed, "the seal did not stream its checksums to the tier write"
+    with asymstore.open_store(str(tmp_path / "ck"), host_memory="private") as fresh:
+        got = fresh.restore(1)
+    assert torch.equal(got["w"], state["w"]) and torch.equal(got["b"], state["b"])
