@@ -40,7 +40,16 @@ from .interfaces import ObjectStore, StreamSource
 from .layout import Layout, PartitionSpan, dominant_itemsize
 from .manifest import COMMIT_KEY, GROUP_KEY, Manifest, PartitionRecord, commit_record, step_dir
 from .write_plan import CheckpointContent, WritePlan
-from .zarrfmt import ChunkCrcs, EncodedShard, array_metadata, dumps, encode_shard, group_metadata, shard_key
+from .zarrfmt import (
+    ChunkCrcs,
+    EncodedShard,
+    array_metadata,
+    dumps,
+    encode_shard,
+    group_metadata,
+    raw_chunk_crcs,
+    shard_key,
+)
 
 if TYPE_CHECKING:
     from .reader import CheckpointReader
@@ -101,6 +110,8 @@ class _Encoded:
     spec: CodecSpec
     shard: EncodedShard
     seconds: float  # codec choice + delta + encode
+    #: a raw shard written before its chunk checksums are known: gives them once the stream's are (a sealing slot)
+    checksums: Callable[[], list[int]] | None = None
 
 
 @dataclass
@@ -323,8 +334,16 @@ class CheckpointWriter:
                     buf = scratch[k % 2] = np.empty(plan.partition_bytes, np.uint8)
                 xor_into(buf, data, base_part)
                 data = buf[: span.nbytes].data
-            known = crcs.span(span.start, span.end, plan.chunk_bytes) if crcs is not None and not spec.delta else None
-            shard = encode_shard(spec, data, plan.chunk_bytes, plan.chunks_per_shard, known)
+            C = plan.chunk_bytes
+            if crcs is not None and not spec.delta and not spec.compresses and crcs.covers(span.start, span.end, C):
+                # raw from a slot whose checksums are (being) computed: write now, take them after the write
+                shard = encode_shard(spec, data, C, plan.chunks_per_shard, checksum=False)
+
+                def checksums() -> list[int]:
+                    return raw_chunk_crcs(data, C, crcs.span(span.start, span.end, C))
+
+                return _Encoded(span, spec, shard, time.perf_counter() - t0, checksums)
+            shard = encode_shard(spec, data, plan.chunk_bytes, plan.chunks_per_shard)
             return _Encoded(span, spec, shard, time.perf_counter() - t0)
 
         # encode i+1 (helper thread) while i is written; the helper inherits this thread's priority
@@ -354,6 +373,8 @@ class CheckpointWriter:
         t1 = time.perf_counter()
         self.backend.put(plan.prefix + shard_key(spec.label, shard), enc.parts)
         t2 = time.perf_counter()
+        if item.checksums is not None:
+            enc.chunk_crcs = item.checksums()
         if self.on_write:
             self.on_write(enc.nbytes, t2 - t1)
         report.encode_seconds += item.seconds

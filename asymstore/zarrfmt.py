@@ -61,6 +61,10 @@ class ChunkCrcs(Protocol):
         """The crcs of the pieces of ``[start, end)``, or ``None`` when they are not this stream's pieces."""
         ...
 
+    def covers(self, start: int, end: int, chunk_bytes: int) -> bool:
+        """Whether ``[start, end)`` is a run of this stream's pieces (:meth:`span` can give its crcs)."""
+        ...
+
 
 def _piece_range(c: int, n: int, start: int, end: int, chunk_bytes: int) -> tuple[int, int] | None:
     """Which of ``n`` pieces of ``c`` bytes ``[start, end)`` covers, or ``None`` when it is not a run of them
@@ -77,6 +81,10 @@ class StreamCrcs:
 
     chunk_bytes: int
     crcs: tuple[int, ...]
+
+    def covers(self, start: int, end: int, chunk_bytes: int) -> bool:
+        """Whether ``[start, end)`` is a run of this stream's pieces."""
+        return _piece_range(self.chunk_bytes, len(self.crcs), start, end, chunk_bytes) is not None
 
     def span(self, start: int, end: int, chunk_bytes: int) -> tuple[int, ...] | None:
         """The crcs of the pieces of ``[start, end)`` (``None``: not a run of this stream's pieces)."""
@@ -117,6 +125,10 @@ class StreamingCrcs:
             self._failed = True
             self._cv.notify_all()
 
+    def covers(self, start: int, end: int, chunk_bytes: int) -> bool:
+        """Whether ``[start, end)`` is a run of this stream's pieces."""
+        return _piece_range(self.chunk_bytes, self.n, start, end, chunk_bytes) is not None
+
     def span(self, start: int, end: int, chunk_bytes: int) -> tuple[int, ...] | None:
         """The crcs of the pieces of ``[start, end)`` once computed (``None``: not a run of this stream's pieces,
         or computing failed)."""
@@ -128,27 +140,44 @@ class StreamingCrcs:
             return None if len(self._crcs) < r[1] else tuple(self._crcs[r[0] : r[1]])
 
 
+def raw_chunk_crcs(data: memoryview, chunk_bytes: int, crcs: Sequence[int] | None = None) -> list[int]:
+    """The stored-chunk checksums of a raw shard of ``data``: each ``chunk_bytes`` piece's crc32c, the edge chunk's
+    over its zero padding too. ``crcs``: the pieces' crc32c (the last one unpadded) when already known."""
+    n = len(data)
+    nchunks = math.ceil(n / chunk_bytes)
+    known = list(crcs) if crcs is not None and len(crcs) == nchunks else None
+    pad = nchunks * chunk_bytes - n
+    out: list[int] = []
+    for k in range(nchunks):
+        crc = known[k] if known is not None else crc32c(data[k * chunk_bytes : (k + 1) * chunk_bytes])
+        out.append(crc32c(zeros(pad), crc) if pad and k == nchunks - 1 else crc)
+    return out
+
+
 def encode_shard(
-    spec: CodecSpec, data: memoryview, chunk_bytes: int, chunks_per_shard: int, crcs: Sequence[int] | None = None
+    spec: CodecSpec,
+    data: memoryview,
+    chunk_bytes: int,
+    chunks_per_shard: int,
+    crcs: Sequence[int] | None = None,
+    *,
+    checksum: bool = True,
 ) -> EncodedShard:
     """Encode one partition's bytes (delta already applied) into a shard object. ``crcs``: the crc32c of each
-    ``chunk_bytes`` piece of ``data`` (the last one unpadded) when already known; used for a raw chain only."""
+    ``chunk_bytes`` piece of ``data`` (the last one unpadded) when already known; used for a raw chain only.
+    ``checksum=False``: a raw shard's ``chunk_crcs`` are left empty for the caller to fill
+    (:func:`raw_chunk_crcs`), e.g. once another thread has computed them; its bytes do not depend on them."""
     n = len(data)
     nchunks = math.ceil(n / chunk_bytes)
     if nchunks > chunks_per_shard:
         raise ValueError(f"partition of {n} bytes does not fit {chunks_per_shard} chunks of {chunk_bytes}")
-    known = list(crcs) if crcs is not None and len(crcs) == nchunks else None
     index = np.full((chunks_per_shard, 2), MISSING, dtype="<u8")
     out: list[int] = []
     pad = nchunks * chunk_bytes - n  # the edge chunk is stored full size, zero-padded (zarr fill value)
     if not spec.compresses:
         # raw: the partition's bytes are the chunks, back to back: one run, written without a copy
+        out = raw_chunk_crcs(data, chunk_bytes, crcs) if checksum else []
         for k in range(nchunks):
-            if known is not None:
-                crc = known[k]
-            else:
-                crc = crc32c(data[k * chunk_bytes : (k + 1) * chunk_bytes])
-            out.append(crc32c(zeros(pad), crc) if pad and k == nchunks - 1 else crc)
             index[k] = (k * chunk_bytes, chunk_bytes)
         parts: list[Any] = [data] + ([zeros(pad)] if pad else [])
         off = nchunks * chunk_bytes

@@ -443,7 +443,7 @@ class Bench:
         root = os.path.join(self.dir, f"asym-{kind}")
         self.before_read()
         t0 = time.perf_counter()
-        with asymstore.Store([root], host_slots=1) as fresh:  # no host copy: read from disk, verified
+        with asymstore.Store([root], host_slots=1, host_memory="private") as fresh:  # read from disk, verified
             out = fresh.restore(step)
             touch(out)
             assert fresh.last_restore is not None and fresh.last_restore.tier == "file"
