@@ -343,7 +343,7 @@ class CheckpointWriter:
                     return raw_chunk_crcs(data, C, crcs.span(span.start, span.end, C))
 
                 return _Encoded(span, spec, shard, time.perf_counter() - t0, checksums)
-            shard = encode_shard(spec, data, plan.chunk_bytes, plan.chunks_per_shard)
+            shard = encode_shard(spec, data, C, plan.chunks_per_shard)
             return _Encoded(span, spec, shard, time.perf_counter() - t0)
 
         # encode i+1 (helper thread) while i is written; the helper inherits this thread's priority

@@ -17,15 +17,13 @@ from urllib.parse import unquote, urlparse
 
 from asymstore.errors import BackendUnavailableError, ConfigError, CorruptCheckpointError
 from asymstore.files import atomic_write, exclusive_write, fsync_dir, remove_stale_temporaries
-from asymstore.prefault import Prefaulter, address
+from asymstore.prefault import address
 
 from .base import Buffer, ByteRange, Capabilities, ObjectStore, as_buffers, check_key, check_prefix, dir_prefix
 
 _IOV_MAX = 512
 _DIRECT_ALIGN = 4096
 _DIRECT_MIN = 1 << 20
-#: direct reads go in pieces of this size, each one's pages faulted in ahead of it (:mod:`asymstore.prefault`)
-_READ_PIECE = 32 << 20
 #: the temporary name :func:`asymstore.files.atomic_write` gives a file while it is written
 _TEMP_NAME = re.compile(r"\.tmp-[0-9a-f]{12}$")
 
@@ -272,18 +270,14 @@ class LocalObjectStore(ObjectStore):
         fd = self._open_direct(path, os.O_RDONLY) if n else None
         if fd is None:
             return 0
-        # pieces: the pages of piece i+1 are faulted in on a helper thread while the disk fills piece i
-        pieces = [(lo, min(lo + _READ_PIECE, n)) for lo in range(0, n, _READ_PIECE)]
+        # (a new ``out``'s pages are faulted in ahead by the caller: CheckpointReader.read_all_into)
         got = 0
         try:
-            with Prefaulter(address(out), pieces if len(pieces) > 1 else []) as ahead:
-                for i, (_, hi) in enumerate(pieces):
-                    ahead.wait(i)
-                    while got < hi:
-                        k = os.preadv(fd, [out[got:hi]], offset + got)
-                        if k <= 0:
-                            return got
-                        got += k
+            while got < n:
+                k = os.preadv(fd, [out[got:n]], offset + got)
+                if k <= 0:
+                    break
+                got += k
         except OSError:  # refused mid-way (an alignment this file system wants larger): the rest normally
             pass
         finally:

@@ -397,8 +397,7 @@ class Bench:
             # direct: the buffer's pages are faulted in ahead on a helper thread, as asymstore's reads do
             with Prefaulter(buf.data_ptr(), pieces if flags else []) as ahead:
                 for i, (a, b) in enumerate(pieces):
-                    if flags:
-                        ahead.wait(i)
+                    ahead.wait(i)  # at once for a buffered read (no pieces given)
                     pos = a
                     while pos < b:
                         n = os.preadv(fd, [mv[pos:b]], pos)
