@@ -229,11 +229,13 @@ def verify_into(
     where: str = "",
     threads: int = 0,
 ) -> None:
-    """Check every chunk of the uint8 tensor ``src`` against ``record`` and, with ``dst`` (uint8, CPU,
-    contiguous), copy it there in the same pass: each chunk is checksummed while it is in cache, then copied.
-    ``scatter`` (``(offset, nbytes, address)`` sorted by offset) copies those stream ranges to those addresses
-    instead (an in-place restore). ``threads`` (0: up to 4, as the cores allow) split the chunks; both steps run
-    without the GIL. :class:`CorruptCheckpointError` on a mismatch; only checked chunks are ever copied."""
+    """Check every chunk of the uint8 tensor ``src`` against ``record`` and, with ``dst`` (a new uint8 CPU
+    buffer, contiguous), copy it there in the same pass: each chunk is checksummed as it is copied
+    (:func:`~asymstore.snapshot.copy_crc32c`), so on a mismatch ``dst`` holds unchecked bytes and the caller
+    drops it. ``scatter`` (``(offset, nbytes, address)`` sorted by offset) copies those stream ranges to those
+    addresses (an in-place restore into the caller's tensors): each chunk is checked before any of it is copied
+    there, so a mismatch leaves only checked chunks in the targets. ``threads`` (0: up to 4, as the cores allow)
+    split the chunks; the work runs without the GIL. :class:`CorruptCheckpointError` on a mismatch."""
     n = record.total_bytes
     if src.numel() < n or (dst is not None and dst.numel() < n):
         raise CorruptCheckpointError(f"{where}: slot holds {src.numel()} bytes, its record says {n}", (where,))
@@ -262,7 +264,7 @@ def _verify_chunks(
     last: int,
     where: str,
 ) -> None:
-    from .snapshot import host_copy
+    from .snapshot import copy_crc32c, host_copy
 
     c, n = record.chunk_bytes, record.total_bytes
     view = src.numpy().data.cast("B")
@@ -270,12 +272,14 @@ def _verify_chunks(
     starts = [p[0] for p in scatter]
     for k in range(first, last):
         lo, hi = k * c, min((k + 1) * c, n)
-        if crc32c(view[lo:hi]) != record.crcs[k]:
+        if dst is not None:
+            crc = copy_crc32c(dst.data_ptr() + lo, base + lo, hi - lo)
+        else:
+            crc = crc32c(view[lo:hi])
+        if crc != record.crcs[k]:
             raise CorruptCheckpointError(
                 f"{where}: chunk {k} (bytes {lo}..{hi}) of step {record.step} fails its crc32c", (where,)
             )
-        if dst is not None:
-            host_copy(dst.data_ptr() + lo, base + lo, hi - lo)
         i = max(bisect.bisect_right(starts, lo) - 1, 0)
         while i < len(scatter) and scatter[i][0] < hi:  # the target ranges this chunk overlaps
             off, nb, addr = scatter[i]
