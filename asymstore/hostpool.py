@@ -192,6 +192,16 @@ class HostPool:
             slot.ready_time = time.monotonic()
             self._changed()
 
+    def claim_for_persistence(self, slot: Slot, step: int) -> bool:
+        """Mark the ready slot holding ``step`` as being persisted (not to be reused until
+        :meth:`mark_persisted`); False when it was reused or dropped meanwhile."""
+        with self._cv:
+            if slot.state != "ready" or slot.step != step:
+                return False
+            slot.persisting = True
+            self._changed()
+            return True
+
     def mark_persisted(self, slot: Slot) -> None:
         """The slot's persistence finished (or failed): it may be reused."""
         with self._cv:

@@ -159,6 +159,7 @@ class ReplicaService:
         self._regions: dict[int, ShmRegion] = {}  # source rank -> its replica region here
         self._held: dict[int, dict[int, tuple[SlotRecord, torch.Tensor]]] = {}  # source -> slot -> replica
         self._lock = threading.Lock()
+        self._regions_lock = threading.Lock()
         self._closed = threading.Event()
         self.pushed = 0
         self.push_failures = 0
@@ -172,7 +173,6 @@ class ReplicaService:
         self._server.settimeout(0.5)
         port = self._server.getsockname()[1]
         self._accepting = threading.Thread(target=self._serve, name="asymstore-replica-server", daemon=True)
-        self._accepting.start()
         self._sending = threading.Thread(target=self._send_loop, name="asymstore-replica-send", daemon=True)
         self._sending.start()
         self._key = f"asymstore/{job}"
@@ -184,6 +184,7 @@ class ReplicaService:
             log.warning("peer_replicas=1 but every rank is on node %r: no replica leaves this node", node)
         for src in replica_of(rank, nodes):
             self._adopt(src)
+        self._accepting.start()  # pushes that came meanwhile wait in the listen queue, behind the adoption
         rendezvous.set(f"{self._key}/ready/{rank}", "1")
 
     def _peer(self, r: int) -> Peer:
@@ -192,12 +193,16 @@ class ReplicaService:
 
     # --- holding replicas ---------------------------------------------------------------------------------------
     def _region(self, src: int) -> ShmRegion:
-        reg = self._regions.get(src)
-        if reg is None:
-            reg = ShmRegion(self.shm_dir, self.job, src, world_size=self.world_size, replica=True)
-            self._regions[src] = reg
-            self._held.setdefault(src, {})
-        return reg
+        """The region holding ``src``'s replicas here, opened once (a push may arrive while the service still
+        adopts what an earlier process kept)."""
+        with self._regions_lock:
+            reg = self._regions.get(src)
+            if reg is None:
+                reg = ShmRegion(self.shm_dir, self.job, src, world_size=self.world_size, replica=True)
+                self._regions[src] = reg
+                with self._lock:
+                    self._held.setdefault(src, {})
+            return reg
 
     def _adopt(self, src: int) -> None:
         """Replicas this node kept for ``src`` before a restart."""
@@ -239,6 +244,21 @@ class ReplicaService:
         self.received += 1
         self._publish(src)
         _send_msg(sock, {"ok": True})
+
+    def forget_newer(self, step: int) -> list[tuple[int, int]]:
+        """Drop the replicas held here of steps newer than ``step`` (the job resumes from ``step``: they belong
+        to the run it abandons, and the resumed run writes those steps again); ``(source rank, step)`` of each."""
+        dropped = []
+        with self._lock:
+            for src, held in self._held.items():
+                for index, (rec, _) in list(held.items()):
+                    if rec.step > step:
+                        self._regions[src].invalidate(index)
+                        del held[index]
+                        dropped.append((src, rec.step))
+        for src in sorted({src for src, _ in dropped}):
+            self._publish(src)
+        return dropped
 
     def _serve_fetch(self, sock: socket.socket, head: dict[str, Any]) -> None:
         src, step = int(head["src"]), int(head["step"])

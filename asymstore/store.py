@@ -47,7 +47,7 @@ from .manifest import Manifest
 from .reader import VerifyReport
 from .replica import Rendezvous, ReplicaService, default_rendezvous
 from .shm import VERIFY_CHUNK, ShmError, ShmRegion, ShmRegionBusyError, default_job, region_bytes
-from .snapshot import copy_all, dest_view, new_host_buffer
+from .snapshot import copy_all, dest_view, host_copy, new_host_buffer
 from .state import FlatState, flatten, unflatten
 from .threads import PriorityBooster
 from .tiermanager import TierManager
@@ -243,6 +243,9 @@ class Store:
         #: checkpoints that were not durable within ``durable_within_s``
         self.late = 0
         self.replicas = self._start_replicas(replica_rendezvous)
+        #: adopted snapshots not durable yet whose persistence waits for the ranks to agree (several ranks)
+        self._unsettled: list[Slot] = []
+        self._settling = False  # adopted steps wait for the ranks' agreement (set by _adopt)
         self.adopted = self._adopt()
         _OPEN_STORES.add(self)
 
@@ -318,14 +321,18 @@ class Store:
             return None, []
 
     def _adopt(self) -> list[int]:
-        """Take over the committed slots an earlier process left; persist those not yet durable."""
+        """Take over the committed slots an earlier process left; persist those not yet durable. In a job of
+        several ranks that waits for :meth:`agreed_latest_step`: the ranks may have died at different points,
+        and a step only some of them hold can never be completed on a tier."""
+        settle = self._settling = self._job_group() is not None  # several ranks: adopted steps wait for them
         slots = self.host.adopt()
         if not slots:
             return []
         pids = sorted({s.origin_pid for s in slots if s.origin_pid is not None})
         steps = [s.step for s in slots if s.step is not None]
         log.info("host shared memory holds steps %s left by pid %s", steps, ", ".join(map(str, pids)))
-        self._replicate(slots[-1])  # the peer may have lost its copy with its node
+        if not settle:
+            self._replicate(slots[-1])  # the peer may have lost its copy with its node
         for slot in slots:
             if slot.step is None or not self.tiers or self._durable_here(slot.step):
                 continue
@@ -337,9 +344,70 @@ class Store:
                 )
                 self.host.drop(slot.step)
                 continue
+            if settle:
+                self._unsettled.append(slot)
+                continue
             slot.persisting = True
             self._executor.submit(self._persist_adopted, slot)
         return [s.step for s in slots if s.state == "ready" and s.step is not None]
+
+    def _settle_adopted(self, common: set[int], agreed: int | None) -> None:
+        """The ranks agreed to resume from ``agreed``, ``common`` being the steps every rank holds: persist the
+        adopted snapshots of those steps; drop the others (they belong to a run the job abandons, or no set of
+        ranks can complete them), and the replicas held here of steps newer than ``agreed``; send the newest
+        adopted step kept to the peer (it may have lost its copy with its node). Once per store."""
+        if not self._settling:
+            return
+        self._settling = False
+        if self.replicas is not None and agreed is not None:
+            for src, newer in self.replicas.forget_newer(agreed):
+                log.info("replica of rank %s step %s dropped: the job resumes from step %s", src, newer, agreed)
+        pending, self._unsettled = self._unsettled, []
+        for slot in pending:
+            step = slot.step
+            if step is None:
+                continue
+            if step in common and agreed is not None and step <= agreed:
+                if self.host.claim_for_persistence(slot, step):
+                    self._executor.submit(self._persist_adopted, slot)
+            elif self.host.find(step) is slot:
+                log.info(
+                    "step %s left in host shared memory is not held by every rank (the job resumes from %s): dropped",
+                    step,
+                    f"step {agreed}" if agreed is not None else "scratch",
+                )
+                self.host.drop(step)
+        kept = [s for s in self.adopted if agreed is not None and s <= agreed]
+        newest = self.host.find(max(kept)) if kept else None
+        if newest is not None:
+            self._replicate(newest)
+
+    def _keep_fetched(self, step: int, raw: torch.Tensor, content: CheckpointContent) -> None:
+        """A replica fetched from the peer holds ``step``, not durable here: copy it into an own slot before
+        the restore hands out its bytes, commit it there and persist it (the other ranks' parts of the step
+        wait for this one). Skipped, with a warning, when no slot is free."""
+        if not self.tiers or self._durable_here(step) or self.host.find(step) is not None:
+            return
+        n = content.layout.total_bytes
+        try:
+            slot = self.host.acquire(n, step, policy="skip")
+        except SnapshotSlotsBusyError as e:
+            log.warning("step %s restored from the peer cannot be persisted by this rank: %s", step, e)
+            return
+        assert slot.buffer is not None
+        host_copy(slot.buffer.data_ptr(), raw.data_ptr(), n)
+        self.host.mark_ready(slot, content=content, persisting=True)
+
+        def persist() -> None:
+            try:
+                self.host.seal(slot)
+            except BaseException as e:
+                self._record_failure(step, e)
+                self.host.mark_persisted(slot)
+                return
+            self._persist_adopted(slot)
+
+        self._executor.submit(persist)
 
     def _durable_here(self, step: int) -> bool:
         """Whether this rank's part of ``step`` is durable on the first persistent tier."""
@@ -754,7 +822,11 @@ class Store:
         Each rank's host memory (and its peer's) holds snapshots the others may not have, e.g. a step whose
         persistence a crash interrupted on one rank only, so the newest step one rank sees is not always one
         every rank can read. In a multi-rank store with ``torch.distributed`` initialised this is a collective
-        (every rank must call it); otherwise it is :meth:`latest_step`. ``None``: no step every rank has."""
+        (every rank must call it); otherwise it is :meth:`latest_step`. ``None``: no step every rank has.
+
+        Snapshots an earlier process of the job left in this rank's shared memory and that are not durable yet
+        are persisted from here on if every rank holds their step (and it is not newer than the agreed one),
+        and dropped otherwise: they belong to the run the job abandons."""
         mine = self.steps()
         dist = self._job_group()
         if dist is None:
@@ -762,7 +834,9 @@ class Store:
         views: list[Any] = [None] * self.world_size
         dist.all_gather_object(views, mine)
         common = set(mine).intersection(*(set(v) for v in views))
-        return max(common) if common else None
+        agreed = max(common) if common else None
+        self._settle_adopted(common, agreed)
+        return agreed
 
     def verify(self, step: int, *, tier: str | None = None) -> VerifyReport:
         """Read and check every stored object of ``step`` on ``tier`` (default: the first persistent tier that
@@ -916,6 +990,8 @@ class Store:
             buf, meta, release, filled = outcome.value
             layout = meta.layout
             assert layout is not None
+            if outcome.source.name == catalog.PEER and isinstance(meta, CheckpointContent):
+                self._keep_fetched(s, buf, meta)
             events = [f"step {fs} on {f}" for fs, f in failures]
             detail = self._describe(outcome.source, meta)
             lossy = isinstance(meta, CheckpointContent) and meta.lossy is not None

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 import asymstore
-from asymstore.prefault import MADV_POPULATE_WRITE, Prefaulter, madvise
+from asymstore.prefault import Prefaulter
 from asymstore.snapshot import new_host_buffer
 from asymstore.state import flatten
 from benchmarks import _harness as _machine
@@ -326,14 +326,8 @@ class Bench:
         self.warm_memory()
 
     def warm_memory(self) -> None:
-        """Fault in and free a buffer of the state's size (untimed), before every variant that allocates its
-        result: the variant then gets memory this machine holds. A virtual machine may hand memory freed
-        seconds ago back to its host, and faulting it in again cost 0.7-2.5 s per GiB on the 2-core VMs this
-        benchmark ran on; without this, that cost lands on whichever variant happens to allocate such memory."""
-        buf = new_host_buffer(self.nbytes + 64 * MiB)
-        if not madvise(buf.data_ptr(), buf.numel() // 4096 * 4096, MADV_POPULATE_WRITE):
-            buf[::4096] = 0
-        del buf
+        """:func:`benchmarks._harness.warm_memory` for the state's size."""
+        _machine.warm_memory(self.nbytes)
 
     # raw baseline -------------------------------------------------------------
     def raw_write(self) -> float:

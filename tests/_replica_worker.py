@@ -5,7 +5,9 @@ steps 1-3 of a rank-specific state with peer replicas on, wait until the replica
 SIGKILL (a crash: nothing is cleaned). ``save-tear``: the same, then step 4, whose replica rank 0 is killed in
 the middle of sending (its tier write never finishes either, so step 4 is never committed); rank 1 dies a moment
 later. ``restore``: open the store like the restarted job and restore the
-newest step; print one JSON line: the step, where it came from, and whether it is bit-exact.
+newest step; print one JSON line: the step, where it came from, and whether it is bit-exact. ``save-uneven``:
+steps 1-2 durable, step 3 committed in shared memory on both ranks and step 4 on rank 0 only, neither on the
+tier, then death; ``restore-uneven``: restore together, wait for what is left to persist, print the findings.
 """
 
 from __future__ import annotations
@@ -59,6 +61,54 @@ def tear(store: asymstore.Store, r: int) -> None:
     time.sleep(3)  # rank 0 is dead by now: the job is lost, this rank goes down with it
 
 
+def save_uneven(store: asymstore.Store, r: int) -> None:
+    """Steps 3 (both ranks) and 4 (rank 0 only) committed in shared memory but never on the tier: rank 0's global
+    commit of them fails (an injected tier error); then death."""
+    import time
+
+    from asymstore.errors import CheckpointFailedError
+    from asymstore.tiers import PersistentTier
+
+    real_finalize = PersistentTier.finalize
+
+    def failing(self: PersistentTier, step: int, **kw: object) -> None:
+        if step >= 3:
+            raise CheckpointFailedError(f"injected: step {step} not committed")
+        real_finalize(self, step, **kw)  # type: ignore[arg-type]
+
+    PersistentTier.finalize = failing  # type: ignore[method-assign]
+    for s in (3, 4) if r == 0 else (3,):
+        try:
+            store.save(state(r, s), s, blocking=False)
+        except CheckpointFailedError:  # step 3's failure, reported once by the next call
+            store.save(state(r, s), s, blocking=False)
+        t_end = time.monotonic() + 60
+        while (slot := store.host.find(s)) is None or slot.record is None:  # committed in shared memory
+            if time.monotonic() > t_end:
+                print(f"step {s} was not committed in shared memory", file=sys.stderr, flush=True)
+                os._exit(1)
+            time.sleep(0.01)
+    dist.barrier()
+
+
+def restore_uneven(store: asymstore.Store, r: int) -> None:
+    """Restore together: step 3, the newest both ranks hold; rank 0's step 4 is dropped, step 3 persisted."""
+    import time
+
+    adopted = list(store.adopted)
+    out = store.restore()
+    rep = store.last_restore
+    assert rep is not None
+    exact = out["step"] == 3 and all(torch.equal(out[key], state(r, 3)[key]) for key in ("w", "h"))  # type: ignore[arg-type]
+    t0 = time.monotonic()
+    store.wait()  # what is left to persist
+    waited = time.monotonic() - t0
+    dist.barrier()
+    row = {"rank": r, "adopted": adopted, "step": rep.step, "tier": rep.tier, "exact": exact}
+    row.update(steps=store.steps(), durable=store.durable_steps(), wait_s=waited)
+    print(json.dumps(row), flush=True)
+
+
 def main() -> None:
     phase, rank, world, port, ckdir, shm, per_node = sys.argv[1:8]
     r, n, k = int(rank), int(world), int(per_node)
@@ -82,6 +132,17 @@ def main() -> None:
         if phase == "save-tear":
             tear(store, r)
         os.kill(os.getpid(), signal.SIGKILL)
+    if phase == "save-uneven":
+        for s in (1, 2):
+            store.save(state(r, s), s)
+        save_uneven(store, r)
+        os.kill(os.getpid(), signal.SIGKILL)
+    if phase == "restore-uneven":
+        restore_uneven(store, r)
+        dist.barrier()
+        store.close()
+        dist.destroy_process_group()
+        return
     out = store.restore()
     rep = store.last_restore
     assert rep is not None

@@ -33,8 +33,9 @@ def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
 
 
-def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, step: int) -> None:
-    g = torch.Generator().manual_seed(step)
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, step: int, rank: int = 0) -> None:
+    """One deterministic step on the batch of ``step`` (each rank its own batches)."""
+    g = torch.Generator().manual_seed(1000 * rank + step)
     x, y = torch.randn(32, 64, generator=g), torch.randn(32, 8, generator=g)
     opt.zero_grad()
     torch.nn.functional.mse_loss(model(x), y).backward()
@@ -82,12 +83,12 @@ def bitequal(a: Any, b: Any) -> bool:
     return True
 
 
-def reference() -> list[dict[str, Any]]:
-    """The state after every step of an uninterrupted run (index 0: before training)."""
+def reference(rank: int = 0, steps: int = N_STEPS) -> list[dict[str, Any]]:
+    """The state after every step of an uninterrupted run of ``rank`` (index 0: before training)."""
     model, opt = build()
     out = [clone(state_of(model, opt, 0))]
-    for t in range(1, N_STEPS + 1):
-        train_step(model, opt, t)
+    for t in range(1, steps + 1):
+        train_step(model, opt, t, rank)
         out.append(clone(state_of(model, opt, t)))
     return out
 

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,50 @@ def test_a_rank_killed_while_sending_its_replica_restores_the_previous_replica_f
     shutil.rmtree(shm / "node0")
     rows = _phase("restore", 2, 1, ck, shm)
     assert [(row["step"], row["tier"], row["exact"]) for row in rows] == [(3, "peer", True), (3, "host", True)], rows
+
+
+def test_a_step_only_one_rank_committed_is_dropped_and_the_common_one_persisted(tmp_path: Path) -> None:
+    """The ranks died at different points: both had committed step 3 in shared memory, rank 0 step 4 as well,
+    neither on the tier. Restarted, they resume from step 3 (from their own memory); step 3 is persisted, rank
+    0's step 4 (no rank set can complete it; the resumed run writes step 4 again) is dropped, and nothing waits
+    for the part of step 4 rank 1 never had."""
+    ck, shm = tmp_path / "ck", tmp_path / "shm"
+    _phase("save-uneven", 2, 1, ck, shm)
+    rows = _phase("restore-uneven", 2, 1, ck, shm)
+    assert [row["adopted"] for row in rows] == [[3, 4], [2, 3]], rows
+    for row in rows:
+        assert (row["step"], row["tier"], row["exact"]) == (3, "host", True), rows
+        assert row["steps"] == [1, 2, 3] and row["durable"] == [1, 2, 3], rows
+        assert row["wait_s"] < 60, rows  # the persistence of a step a rank lacks would wait 300 s, then fail
+
+
+@pytest.mark.slow
+def test_sigkill_during_peer_replication_many_trials(tmp_path: Path) -> None:
+    """Jobs of two real processes (one per simulated node) SIGKILLed while a replica is sent, received, just
+    committed at the peer, or at a random time, the victim's node lost in most trials (``tests/_replica_kill_worker``
+    says what each trial checks): both ranks restore the same step bit-exact, no older than what both were sure to
+    find, from the peer where a lost rank's step is not on the tier, and training continues bit-identically."""
+    n = int(os.environ.get("ASYMSTORE_REPLICA_TRIALS", "24"))
+    seed = int(os.environ.get("ASYMSTORE_TEST_SEED", time.time_ns() % 100_000))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+    r = subprocess.run(
+        [sys.executable, "-m", "tests._replica_kill_worker", str(n), str(seed), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == n, r.stdout[-2000:]
+    bad = [row for row in rows if not row["ok"]]
+    assert not bad, f"seed {seed}: {bad}"
+    assert {row["kind"] for row in rows} == {"send", "receive", "committed", "random"}
+    killed = [row for row in rows if row["killed_at_its_point"]]
+    assert len(killed) >= n // 2, f"seed {seed}: most victims die at their kill point ({len(killed)} of {n})"
+    from_peer = [row for row in rows if any(g["tier"] == "peer" for g in row["ranks"])]
+    assert from_peer, f"seed {seed}: no trial restored a lost rank from its peer: {rows}"
 
 
 class _DictRendezvous:
