@@ -972,6 +972,8 @@ class Store:
             if agreed is None:
                 raise StepNotFoundError(f"no checkpoint is complete for every rank; this rank has {steps}")
             step = agreed
+        elif step is not None and self._settling:  # the job resumes from the step it asked for
+            self._settle_adopted(set(steps), step)
         if step is not None and step not in steps:
             raise StepNotFoundError(f"step {step} is not complete on any tier; complete steps: {steps}")
         candidates = [step] if step is not None else list(reversed(steps))

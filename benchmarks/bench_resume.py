@@ -200,9 +200,9 @@ def _py(code: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=_env())
 
 
-def one_round(work: str, shm_root: str, gib: float, r: int = 0) -> dict[str, dict[str, Any]]:
+def one_round(work: str, shm_root: str, gib: float, index: int = 0) -> dict[str, dict[str, Any]]:
     """Save + SIGKILL in a child, then each variant in a fresh process (``shm_root``: a tmpfs directory), in an
-    order rotated by the round ``r`` (no variant always runs first after the kill)."""
+    order rotated by the round ``index`` (no variant always runs first after the kill)."""
     ck, shm, pt = os.path.join(work, "ck"), os.path.join(shm_root, "slots"), os.path.join(work, "state.pt")
     shutil.rmtree(work, ignore_errors=True)
     shutil.rmtree(shm, ignore_errors=True)
@@ -212,7 +212,7 @@ def one_round(work: str, shm_root: str, gib: float, r: int = 0) -> dict[str, dic
     if r.returncode != -signal.SIGKILL:
         raise RuntimeError(f"the saving child did not die as planned (rc {r.returncode}): {r.stderr[-3000:]}")
     out = {}
-    for mode in round_order(["shm", "tier", "torch.load"], r):
+    for mode in round_order(["shm", "tier", "torch.load"], index):
         r = _py(RESUME, mode, ck, shm, pt)
         if r.returncode:
             raise RuntimeError(f"{mode} resume failed: {r.stderr[-3000:]}")
