@@ -68,7 +68,13 @@ def _phase(phase: str, world: int, per_node: int, ck: Path, shm: Path) -> list[d
     ]
     rows = []
     for p in procs:
-        out, err = p.communicate(timeout=300)
+        try:
+            out, err = p.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for q in procs:  # a hung rank must not outlive the test
+                q.kill()
+                q.communicate()
+            raise
         want = -signal.SIGKILL if phase.startswith("save") else 0
         assert p.returncode == want, (phase, p.returncode, err[-3000:])
         rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
