@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from tests._shm_worker import bitequal, build, reference, state_of, train_step
+from tests._shm_worker import bitequal, build, log_seals, reference, state_of, train_step
 
 N_STEPS = 6
 KINDS = ("send", "receive", "committed", "random")
@@ -63,7 +63,7 @@ def _init_group(d: str, phase: str, r: int) -> None:
 
 def save_rank(r: int, trial: dict[str, Any], d: str) -> None:
     """Train and checkpoint every step; the victim dies as the trial says (never returns)."""
-    from asymstore import hostpool, replica
+    from asymstore import replica
     from asymstore.shm import SlotRecord
 
     log = open(os.path.join(d, f"r{r}.log"), "a", buffering=1)  # noqa: SIM115 - lives until the SIGKILL
@@ -75,13 +75,7 @@ def save_rank(r: int, trial: dict[str, Any], d: str) -> None:
     def die() -> None:
         os.kill(me, signal.SIGKILL)
 
-    seal = hostpool.HostPool.seal
-
-    def sealing(self: hostpool.HostPool, slot: hostpool.Slot, *args: Any) -> None:
-        seal(self, slot, *args)
-        log.write(f"sealed {slot.step}\n")
-
-    hostpool.HostPool.seal = sealing  # type: ignore[method-assign]
+    log_seals(log)
     publish = replica.ReplicaService._publish
 
     def publishing(self: replica.ReplicaService, src: int) -> None:

@@ -93,10 +93,26 @@ def reference(rank: int = 0, steps: int = N_STEPS) -> list[dict[str, Any]]:
     return out
 
 
+def log_seals(log: Any, then: Any = None) -> None:
+    """Write ``sealed <step>`` to ``log`` each time a host slot is committed in shared memory, then call
+    ``then(step)`` (a kill point)."""
+    from asymstore import hostpool
+
+    seal = hostpool.HostPool.seal
+
+    def sealing(self: hostpool.HostPool, slot: hostpool.Slot, *args: Any) -> None:
+        seal(self, slot, *args)
+        log.write(f"sealed {slot.step}\n")
+        if then is not None:
+            then(slot.step)
+
+    hostpool.HostPool.seal = sealing  # type: ignore[method-assign]
+
+
 def child(kind: str, kill_step: int, delay: float, ckdir: str, shm: str, log_path: str) -> None:
     """Train, checkpoint every step, and die as the trial says (never returns)."""
     import asymstore
-    from asymstore import hostpool, store
+    from asymstore import store
 
     log = open(log_path, "a", buffering=1)  # noqa: SIM115 - lives until the SIGKILL
     me = os.getpid()
@@ -104,17 +120,13 @@ def child(kind: str, kill_step: int, delay: float, ckdir: str, shm: str, log_pat
     def die() -> None:
         os.kill(me, signal.SIGKILL)
 
-    seal = hostpool.HostPool.seal
-
-    def sealing(self: hostpool.HostPool, slot: hostpool.Slot, *args: Any) -> None:
-        seal(self, slot, *args)
-        log.write(f"sealed {slot.step}\n")
-        if kind == "sealed" and slot.step == kill_step:
+    def sealed(step: int | None) -> None:
+        if kind == "sealed" and step == kill_step:
             die()
-        if kind == "persist" and slot.step == kill_step:  # sealed while the tier write runs: die inside it
+        if kind == "persist" and step == kill_step:  # sealed while the tier write runs: die inside it
             threading.Timer(delay * 0.01, die).start()
 
-    hostpool.HostPool.seal = sealing  # type: ignore[method-assign]
+    log_seals(log, sealed)
     copy_all = store.copy_all
 
     def copying(buf: torch.Tensor, layout: Any, tensors: Any, **kw: Any) -> None:

@@ -10,13 +10,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from asymstore.errors import StepNotFoundError
 from asymstore.replica import replica_of, ring_peer
+from tests._trials import run_trials
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,9 +41,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+
+
 def _phase(phase: str, world: int, per_node: int, ck: Path, shm: Path) -> list[dict[str, object]]:
     port = str(_free_port())
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+    env = _env()
     procs = [
         subprocess.Popen(
             [
@@ -133,19 +137,7 @@ def test_sigkill_during_peer_replication_many_trials(tmp_path: Path) -> None:
     says what each trial checks): both ranks restore the same step bit-exact, no older than what both were sure to
     find, from the peer where a lost rank's step is not on the tier, and training continues bit-identically."""
     n = int(os.environ.get("ASYMSTORE_REPLICA_TRIALS", "24"))
-    seed = int(os.environ.get("ASYMSTORE_TEST_SEED", time.time_ns() % 100_000))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
-    r = subprocess.run(
-        [sys.executable, "-m", "tests._replica_kill_worker", str(n), str(seed), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=900,
-    )
-    assert r.returncode == 0, r.stderr[-4000:]
-    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == n, r.stdout[-2000:]
+    seed, rows = run_trials("tests._replica_kill_worker", n, tmp_path, env=_env(), cwd=REPO)
     bad = [row for row in rows if not row["ok"]]
     assert not bad, f"seed {seed}: {bad}"
     assert {row["kind"] for row in rows} == {"send", "receive", "committed", "random"}

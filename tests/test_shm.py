@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -33,6 +32,7 @@ from asymstore.shm import (
     region_path,
 )
 from asymstore.write_plan import CheckpointContent
+from tests._trials import run_trials
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -277,18 +277,7 @@ def test_a_tampered_slot_record_is_never_taken_for_a_committed_slot(pos: int, bi
 
 
 def _trials(n: int, tmp_path: Path) -> list[dict[str, object]]:
-    seed = int(os.environ.get("ASYMSTORE_TEST_SEED", time.time_ns() % 100_000))
-    r = subprocess.run(
-        [sys.executable, "-m", "tests._shm_worker", str(n), str(seed), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        cwd=REPO,
-        timeout=900,
-    )
-    assert r.returncode == 0, r.stderr[-4000:]
-    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == n, r.stdout[-2000:]
+    seed, rows = run_trials("tests._shm_worker", n, tmp_path, env=_env(), cwd=REPO)
     bad = [row for row in rows if not row["ok"] or row["signal"] != signal.SIGKILL]
     assert not bad, f"seed {seed}: {bad}"
     return rows
