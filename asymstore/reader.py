@@ -212,22 +212,20 @@ class CheckpointReader(RangeSource):
         n = rec.span.nbytes
         nchunks = -(-n // C)
         if spec.kind == "raw":
-            # the shard's data region is the partition's bytes: read straight into place; index (and the edge
-            # chunk's zero padding) first
+            # the shard's data region is the partition's bytes: read straight into place, then the tail that
+            # follows it on disk (the edge chunk's zero padding and the index) with the last piece, so the reads
+            # of a partition run front to back
             pad = nchunks * C - n
-            tail = self.backend.get(key, ByteRange(n, size - n))
-            if tail is None or len(tail) != size - n:
-                raise CorruptCheckpointError(f"{key} is missing or truncated", (key,))
             self._bytes_read += size
-            idx = decode_index(tail[pad:], cps, key)
+            edge: list[bytes] = []  # the tail, once read
 
             def check_raw(k0: int, k1: int) -> None:
                 for k in range(k0, k1):
                     lo, hi = k * C, min((k + 1) * C, n)
                     crc = crc32c(out[lo:hi])
                     if hi - lo < C:
-                        crc = crc32c(tail[:pad], crc)
-                    if crc != rec.chunk_crcs[k] or int(idx[k, 0]) != k * C:
+                        crc = crc32c(edge[0][:pad], crc)
+                    if crc != rec.chunk_crcs[k]:
                         raise CorruptCheckpointError(f"{key}: chunk {k} checksum mismatch", (key,))
 
             per = max(1, _READ_PIECE // C)  # chunks per piece
@@ -237,6 +235,14 @@ class CheckpointReader(RangeSource):
                     ready(min(k1 * C, n))
                 if not self.backend.get_into(key, out[k0 * C : min(k1 * C, n)], k0 * C):
                     raise CorruptCheckpointError(f"{key} is missing", (key,))
+                if k1 == nchunks:
+                    tail = self.backend.get(key, ByteRange(n, size - n))
+                    if tail is None or len(tail) != size - n:
+                        raise CorruptCheckpointError(f"{key} is missing or truncated", (key,))
+                    idx = decode_index(tail[pad:], cps, key)
+                    if not np.array_equal(idx[:nchunks, 0], np.arange(nchunks, dtype=idx.dtype) * C):
+                        raise CorruptCheckpointError(f"{key}: the shard index does not match a raw partition", (key,))
+                    edge.append(tail)
                 yield functools.partial(check_raw, k0, k1)
             if spec.delta:
                 yield functools.partial(self._apply_delta, rec.span, out[:n])
