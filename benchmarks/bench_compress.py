@@ -299,6 +299,11 @@ def fmt(x: float, nd: int = 3) -> str:
     return "-" if x != x else f"{x:.{nd}f}"
 
 
+def busy_pct(busy: float | None) -> str:
+    """:func:`~benchmarks._harness.other_cpu_busy`'s fraction as a percentage (``-`` where it was not measured)."""
+    return "-" if busy is None else f"{100 * busy:.0f}%"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(p, layers=4, batch=4, seq=128)
@@ -412,8 +417,9 @@ def render(data: dict[str, Any], args: argparse.Namespace, ks: list[int], N: int
         f"Measured {H.now():%Y-%m-%d %H:%M %Z} on {H.machine_line(mi)}; commit {H.git_rev()}.",
         f"Command: `{H.command_line('benchmarks.bench_compress', sys.argv[1:])}`.",
         "",
-        f"Other load: {fmt(100 * (data['busy_before'] or float('nan')), 0)}% of all cores busy before, "
-        f"{fmt(100 * (data['busy_after'] or float('nan')), 0)}% after (the machine is shared). Codec speeds are "
+        f"Other load: {busy_pct(data['busy_before'])} of all cores busy before, {busy_pct(data['busy_after'])} "
+        f"after{' (the machine is shared)' if max(data['busy_before'] or 0, data['busy_after'] or 0) > 0.25 else ''}. "
+        "Codec speeds are "
         "**single-core, in process CPU time** (blosc pinned to one thread): MB of raw bytes per CPU second, so "
         "other load does not enter them; the flush check is wall time (it includes writes) and is noisy.",
         "",
