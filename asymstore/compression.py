@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -148,6 +148,10 @@ class _Decision:
     spec: CodecSpec
     tier_bw: float
     made_at: int  # the decisions' checkpoint counter when it was measured
+    #: what the choice was made from (empty: unknown): a new bandwidth is weighed against them again
+    nbytes: int = 0
+    estimates: tuple[CodecEstimate, ...] = ()
+    min_gain: float = 0.05
 
 
 class CodecDecisions:
@@ -155,9 +159,11 @@ class CodecDecisions:
 
     A partition's bytes change every step, its compressibility hardly (a float32 moment stays a float32
     moment): re-sampling every partition of every checkpoint costs CPU beside training for nothing. A choice
-    is reused for ``reuse`` checkpoints and measured again sooner when the tier's measured bandwidth has moved
-    by more than ``bw_tolerance`` since (that can flip it). ``reuse=1`` measures every checkpoint. Only
-    speed depends on it: every codec is lossless.
+    is reused for ``reuse`` checkpoints. When the tier's measured bandwidth has moved by more than
+    ``bw_tolerance`` since (that can flip it), the choice is made again from the estimates it was made from
+    (ratio and encode speed do not depend on the tier; :func:`choose_codec` at the new bandwidth, no encoding),
+    or measured again where none were given. ``reuse=1`` measures every checkpoint. Only speed depends on it:
+    every codec is lossless.
     """
 
     def __init__(self, *, reuse: int = 8, bw_tolerance: float = 0.25, max_entries: int = 4096) -> None:
@@ -169,6 +175,8 @@ class CodecDecisions:
         self.checkpoints = 0
         self.hits = 0
         self.measured = 0
+        #: choices made again at a moved bandwidth from remembered estimates (counted in ``hits`` too)
+        self.rechosen = 0
         self._d: dict[Hashable, _Decision] = {}
 
     def next_checkpoint(self) -> None:
@@ -176,18 +184,34 @@ class CodecDecisions:
         self.checkpoints += 1
 
     def get(self, key: Hashable, tier_bw: float) -> CodecSpec | None:
-        """The remembered chain of partition ``key``, unless too old or the bandwidth moved (then ``None``)."""
+        """The remembered chain of partition ``key``; ``None`` (measure it) when unknown, too old, or the
+        bandwidth moved and no estimates were remembered to choose again from."""
         d = self._d.get(key)
         if d is None or self.checkpoints - d.made_at >= self.reuse:
             return None
         if abs(tier_bw - d.tier_bw) > self.bw_tolerance * d.tier_bw:
-            return None
+            if not d.estimates:
+                return None
+            spec = choose_codec(d.nbytes, d.estimates, tier_bw, min_gain=d.min_gain).spec
+            self._d[key] = replace(d, spec=spec, tier_bw=tier_bw)  # still aged from its measurement
+            self.rechosen += 1
+            d = self._d[key]
         self.hits += 1
         return d.spec
 
-    def put(self, key: Hashable, spec: CodecSpec, tier_bw: float) -> None:
-        """Remember the chain measured for partition ``key`` at bandwidth ``tier_bw``."""
+    def put(
+        self,
+        key: Hashable,
+        spec: CodecSpec,
+        tier_bw: float,
+        *,
+        nbytes: int = 0,
+        estimates: Sequence[CodecEstimate] = (),
+        min_gain: float = 0.05,
+    ) -> None:
+        """Remember the chain measured for partition ``key`` (of ``nbytes``) at bandwidth ``tier_bw``, and the
+        ``estimates`` (with ``min_gain``) :func:`choose_codec` picked it from."""
         if len(self._d) >= self.max_entries and key not in self._d:
             self._d.clear()  # a new layout: the old one's partitions will not come back
-        self._d[key] = _Decision(spec, tier_bw, self.checkpoints)
+        self._d[key] = _Decision(spec, tier_bw, self.checkpoints, nbytes, tuple(estimates), min_gain)
         self.measured += 1

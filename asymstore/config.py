@@ -50,7 +50,8 @@ class Config:
     #: "auto" (selective, measured), "none", or a forced chain ("zstd3", "lz4", "blosc-shuffle", "xor-zstd").
     compression: str = "auto"
     #: A partition's measured codec choice ("auto") is reused for this many checkpoints, then measured
-    #: again (sooner when the tier's bandwidth moved by more than 25%); 1 measures every checkpoint.
+    #: again; a tier bandwidth that moved by more than 25% meanwhile has the choice made again from the
+    #: measured ratios and speeds (nothing encoded). 1 measures every checkpoint.
     codec_reuse: int = 8
     #: Exact XOR deltas against a full base written every ``delta_every`` checkpoints (0: off).
     delta_every: int = 0

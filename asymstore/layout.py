@@ -13,6 +13,7 @@ import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 from .errors import ConfigError
 
@@ -43,9 +44,10 @@ class Layout:
     total_bytes: int
     align: int
 
-    @property
+    @cached_property
     def signature(self) -> str:
-        """Digest of names, dtypes, shapes and offsets: equal signatures mean byte-compatible streams."""
+        """Digest of names, dtypes, shapes and offsets: equal signatures mean byte-compatible streams (computed
+        once per layout: the writer asks for it per partition)."""
         h = hashlib.sha256()
         h.update(json.dumps([[t.name, t.dtype, list(t.shape), t.offset] for t in self.tensors]).encode())
         h.update(str(self.total_bytes).encode())

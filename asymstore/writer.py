@@ -180,7 +180,7 @@ class CheckpointWriter:
         ests = measure_candidates(plan.codecs.candidates(typesize, delta=base is not None), data, base)
         choice = choose_codec(len(data), ests, bw, min_gain=self.min_gain)
         if decisions is not None:
-            decisions.put(key, choice.spec, bw)
+            decisions.put(key, choice.spec, bw, nbytes=len(data), estimates=ests, min_gain=self.min_gain)
         return choice.spec
 
     def write(
