@@ -243,10 +243,10 @@ def flush_check(
     """Each variant (a store of its own on ``root``) saves ``states`` in turn, rounds interleaved; per save the
     end-to-end flush time to the tier (``WriteReport.seconds``), stored bytes and delta base.
 
-    A store of its own saves once first, untimed: measured on the local tier (70 MiB states, four stores in
-    rotation, 16 rounds), the first store to save in a process flushed 5-20% slower than the others for its whole
-    life, whatever its codec, and with an untimed first saver all four flushed alike (0.041 s each); without it
-    that penalty lands on whichever variant happens to save first."""
+    A store of its own saves once first, untimed: measured on the local tier (70 MiB states, three or four stores
+    in rotation, 16 rounds), the first store to save in a process was the slowest in each of seven runs, by 1-8 ms
+    on 40-50 ms flushes, whatever its codec, and with an untimed first saver four stores flushed alike (0.041 s
+    each); without it that cost lands on whichever variant happens to save first."""
     with Store([TierSpec(f"{root.rstrip('/')}/_warmup", keep=1)], host_memory="private", host_slots=1) as first:
         first.save(states[0], 1).result()
     stores = {}
