@@ -50,6 +50,8 @@ def predicted_time(nbytes: int, est: CodecEstimate, tier_bw: float) -> float:
 
 #: a delta at least this many times smaller than the best full chain is always written as a delta
 DELTA_GAIN = 10.0
+#: a chain is taken only when it is predicted faster than raw by at least this fraction
+MIN_GAIN = 0.05
 
 
 def choose_codec(
@@ -57,7 +59,7 @@ def choose_codec(
     estimates: Sequence[CodecEstimate],
     tier_bw: float,
     *,
-    min_gain: float = 0.05,
+    min_gain: float = MIN_GAIN,
     delta_gain: float = DELTA_GAIN,
 ) -> CodecChoice:
     """Pick the fastest chain end to end; compress only if it beats raw by ``min_gain`` (fraction).
@@ -151,7 +153,7 @@ class _Decision:
     #: what the choice was made from (empty: unknown): a new bandwidth is weighed against them again
     nbytes: int = 0
     estimates: tuple[CodecEstimate, ...] = ()
-    min_gain: float = 0.05
+    min_gain: float = MIN_GAIN
 
 
 class CodecDecisions:
@@ -193,9 +195,8 @@ class CodecDecisions:
             if not d.estimates:
                 return None
             spec = choose_codec(d.nbytes, d.estimates, tier_bw, min_gain=d.min_gain).spec
-            self._d[key] = replace(d, spec=spec, tier_bw=tier_bw)  # still aged from its measurement
+            self._d[key] = d = replace(d, spec=spec, tier_bw=tier_bw)  # still aged from its measurement
             self.rechosen += 1
-            d = self._d[key]
         self.hits += 1
         return d.spec
 
@@ -207,7 +208,7 @@ class CodecDecisions:
         *,
         nbytes: int = 0,
         estimates: Sequence[CodecEstimate] = (),
-        min_gain: float = 0.05,
+        min_gain: float = MIN_GAIN,
     ) -> None:
         """Remember the chain measured for partition ``key`` (of ``nbytes``) at bandwidth ``tier_bw``, and the
         ``estimates`` (with ``min_gain``) :func:`choose_codec` picked it from."""

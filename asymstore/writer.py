@@ -34,7 +34,7 @@ import numpy as np
 
 from . import claims, dtypes
 from .codecs import RAW, CodecSpec, xor_into
-from .compression import CodecDecisions, choose_codec, measure_candidates
+from .compression import MIN_GAIN, CodecDecisions, choose_codec, measure_candidates
 from .errors import ConfigError, StepExistsError
 from .interfaces import ObjectStore, StreamSource
 from .layout import Layout, PartitionSpan, dominant_itemsize
@@ -151,7 +151,7 @@ class CheckpointWriter:
         *,
         tier_bandwidth: Callable[[], float] = lambda: float("inf"),
         on_write: Callable[[int, float], None] | None = None,
-        min_gain: float = 0.05,
+        min_gain: float = MIN_GAIN,
         decisions: CodecDecisions | None = None,
     ) -> None:
         self.backend = backend
