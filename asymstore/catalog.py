@@ -74,6 +74,14 @@ def partial_steps(backend: ObjectStore) -> list[int]:
     return [s for s, committed in _step_dirs(backend) if not committed]
 
 
+def committed_parts(backend: ObjectStore, *, rank: int, world_size: int) -> list[int]:
+    """Steps of a multi-rank job not committed as a whole whose ``rank`` directory is committed (its part is
+    complete, the step waits for other ranks or for rank 0's marker), oldest first."""
+    if world_size <= 1:
+        return []
+    return [s for s in partial_steps(backend) if rank_committed(backend, s, rank=rank, world_size=world_size)]
+
+
 def is_committed(backend: ObjectStore, step: int) -> bool:
     """Whether ``step`` has its (step-level) commit marker on ``backend``."""
     return backend.exists(f"{step_dir(step)}/{COMMIT_KEY}")
@@ -137,21 +145,33 @@ def discard_uncommitted(
 
 
 # --- opening -----------------------------------------------------------------------------------------------
+def _base_factory(
+    backend: ObjectStore, step: int, rank: int | None, chain: tuple[int, ...]
+) -> Callable[[int], CheckpointReader]:
+    """Opens the committed delta bases of ``step`` (``chain``: the steps opened so far), for ``rank``."""
+
+    def factory(s: int) -> CheckpointReader:
+        # a delta base names a step that may itself be a delta: refuse a cycle or an unbounded chain
+        validate.delta_chain(chain, s, f"{step_dir(step)}/{COMMIT_KEY}")
+        return CheckpointReader.open(backend, s, base_reader=_base_factory(backend, step, rank, (*chain, s)), rank=rank)
+
+    return factory
+
+
 def open_reader(backend: ObjectStore, step: int, *, rank: int | None = None) -> CheckpointReader:
     """Open committed ``step`` on ``backend`` (``rank``'s directory of a multi-rank step, default rank 0).
 
     A delta step's base is opened on demand through this same factory, for the same rank.
     """
+    return _base_factory(backend, step, rank, ())(step)
 
-    def factory_after(chain: tuple[int, ...]) -> Callable[[int], CheckpointReader]:
-        def factory(s: int) -> CheckpointReader:
-            # a delta base names a step that may itself be a delta: refuse a cycle or an unbounded chain
-            validate.delta_chain(chain, s, f"{step_dir(step)}/{COMMIT_KEY}")
-            return CheckpointReader.open(backend, s, base_reader=factory_after((*chain, s)), rank=rank)
 
-        return factory
-
-    return factory_after(())(step)
+def open_rank_part(backend: ObjectStore, step: int, *, rank: int, world_size: int) -> CheckpointReader:
+    """Open ``rank``'s committed directory of a step whose step marker is missing (:func:`committed_parts`);
+    its delta bases are committed steps, opened like :func:`open_reader` does."""
+    return CheckpointReader.open_rank_part(
+        backend, step, rank, world_size, base_reader=_base_factory(backend, step, rank, (step,))
+    )
 
 
 def read_rank(backend: ObjectStore, step: int, *, rank: int | None, my_rank: int, world_size: int) -> int:
@@ -170,6 +190,8 @@ class Source:
 
     name: str
     backend: ObjectStore | None = None
+    #: the tier holds this rank's committed part of a step whose step marker is missing (read after an agreement)
+    part: bool = False
 
     @property
     def is_host(self) -> bool:
@@ -318,12 +340,14 @@ __all__ = [
     "ReadOutcome",
     "Source",
     "commit_info",
+    "committed_parts",
     "committed_ranks",
     "committed_steps",
     "dependents",
     "discard_uncommitted",
     "is_committed",
     "no_readable_copy",
+    "open_rank_part",
     "open_reader",
     "partial_steps",
     "rank_committed",

@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -110,6 +111,40 @@ class CheckpointReader(RangeSource):
                     f"{prefix}{COMMIT_KEY}: a rank's marker with ranks", (prefix + COMMIT_KEY,)
                 )
             commit["ranks"] = ranks
+        return cls._with_commit(backend, step, commit, prefix, base_reader)
+
+    @classmethod
+    def open_rank_part(
+        cls,
+        backend: ObjectStore,
+        step: int,
+        rank: int,
+        world_size: int,
+        base_reader: Callable[[int], CheckpointReader] | None = None,
+    ) -> CheckpointReader:
+        """Open ``rank``'s committed directory of a multi-rank step whose step marker is missing (rank 0 had not
+        written it yet): vouched for by the rank's own marker only, every chunk still verified when read."""
+        prefix = f"{step_dir(step)}/{rank_dir_name(rank)}/"
+        raw = backend.get(prefix + COMMIT_KEY)
+        if raw is None:
+            raise StepNotFoundError(f"rank {rank}'s part of step {step} is not committed in {backend.url}")
+        commit = parse_commit(raw, prefix + COMMIT_KEY, step=step)
+        if "ranks" in commit:
+            raise CorruptCheckpointError(f"{prefix}{COMMIT_KEY}: a rank's marker with ranks", (prefix + COMMIT_KEY,))
+        commit["ranks"] = world_size
+        return cls._with_commit(backend, step, commit, prefix, base_reader)
+
+    @classmethod
+    def _with_commit(
+        cls,
+        backend: ObjectStore,
+        step: int,
+        commit: dict[str, Any],
+        prefix: str,
+        base_reader: Callable[[int], CheckpointReader] | None,
+    ) -> CheckpointReader:
+        """A reader of the checkpoint under ``prefix`` whose marker is ``commit``: its group metadata and
+        manifest are checked against the marker, and every partition object's size against the manifest."""
         key = prefix + GROUP_KEY
         group = backend.get(key)
         if group is None:

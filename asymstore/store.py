@@ -246,6 +246,7 @@ class Store:
         #: adopted snapshots not durable yet whose persistence waits for the ranks to agree (several ranks)
         self._unsettled: list[Slot] = []
         self._settling = False  # adopted steps wait for the ranks' agreement (set by _adopt)
+        self._finishing: set[int] = set()  # steps whose missing marker rank 0 writes now (_finish_part)
         self.adopted = self._adopt()
         _OPEN_STORES.add(self)
 
@@ -334,7 +335,15 @@ class Store:
         if not settle:
             self._replicate(slots[-1])  # the peer may have lost its copy with its node
         for slot in slots:
-            if slot.step is None or not self.tiers or self._durable_here(slot.step):
+            if slot.step is None or not self.tiers:
+                continue
+            if self._durable_here(slot.step):
+                if self.tiers[0].has(slot.step):
+                    continue
+                if settle:  # this rank's part is on the tier, the step's marker is not: the job decides
+                    self._unsettled.append(slot)
+                else:  # rank 0 died waiting for the other ranks' parts
+                    self._finish_part(slot.step)
                 continue
             if slot.durable:  # it was on the tier and is not any more: retention or a user deleted it there
                 log.info(
@@ -368,6 +377,8 @@ class Store:
             if step is None:
                 continue
             if step in common and agreed is not None and step <= agreed:
+                if self._durable_here(step):  # this rank's part is on the tier (rank 0 writes the marker)
+                    continue
                 if self.host.claim_for_persistence(slot, step):
                     self._executor.submit(self._persist_adopted, slot)
             elif self.host.find(step) is slot:
@@ -410,9 +421,42 @@ class Store:
         self._executor.submit(persist)
 
     def _durable_here(self, step: int) -> bool:
-        """Whether this rank's part of ``step`` is durable on the first persistent tier."""
+        """Whether this rank's part of ``step`` is durable on the first persistent tier (rank 0's part of a
+        multi-rank step may still wait for the step's marker: :meth:`_finish_part`)."""
         t = self.tiers[0]
-        return t.has(step) or (t.multi_rank and self.rank != 0 and t.rank_committed(step))
+        return t.has(step) or (t.multi_rank and t.rank_committed(step))
+
+    def _committed_parts(self) -> list[int]:
+        """Steps not committed as a whole on the first tier whose part of this rank is (a multi-rank job whose
+        rank 0 died before it wrote their marker, or whose other ranks died before they wrote their parts)."""
+        if not self.tiers or not self.tiers[0].multi_rank:
+            return []
+        try:
+            return catalog.committed_parts(self.tiers[0].backend, rank=self.rank, world_size=self.world_size)
+        except AsymstoreError as e:
+            log.warning("tier %s cannot be listed for the parts of this rank: %s", self.tiers[0].name, e)
+            return []
+
+    def _finish_part(self, step: int) -> None:
+        """Rank 0, whose part of ``step`` is committed on the first tier but whose earlier process died before
+        writing the step's marker: write it once every rank's part is there, on the persistence thread (as a
+        save's own finalize does). Once per step and store."""
+        if self.rank != 0 or self.manager is None or step in self._finishing:
+            return
+        self._finishing.add(step)
+        manager = self.manager
+
+        def finish() -> None:
+            try:
+                manager.finalize(0, step)
+            except StepExistsError:
+                return  # already marked
+            except Exception as e:  # an earlier process's step, never reported as saved: this run goes on
+                log.warning("step %s left by an earlier process cannot be committed: %s", step, e)
+                return
+            log.info("step %s is committed on %s: its marker was missing after a restart", step, self.tiers[0].name)
+
+        self._executor.submit(finish)
 
     def _persist_adopted(self, slot: Slot) -> None:
         """Persist a snapshot an earlier process left in shared memory but did not make durable."""
@@ -420,8 +464,10 @@ class Store:
         step = slot.step
         try:
             self.host.verify(slot)
-            others = [s for s in self.host.steps() if s != step]
-            catalog.discard_uncommitted(  # the dead process's partial write of this step goes first
+            # the dead process's partial write of this step goes first; committed parts of other steps stay (the
+            # job may resume from one of them, their marker pending)
+            others = [s for s in {*self.host.steps(), *self._committed_parts()} if s != step]
+            catalog.discard_uncommitted(
                 self.tiers[0].backend, rank=self.rank, world_size=self.world_size, after=step - 1, keep=others
             )
             assert slot.content is not None
@@ -827,15 +873,20 @@ class Store:
         Snapshots an earlier process of the job left in this rank's shared memory and that are not durable yet
         are persisted from here on if every rank holds their step (and it is not newer than the agreed one),
         and dropped otherwise: they belong to the run the job abandons."""
-        mine = self.steps()
         dist = self._job_group()
         if dist is None:
+            mine = self.steps()
             return mine[-1] if mine else None
+        parts = self._committed_parts()  # readable by this rank although the step's marker is missing
+        mine = sorted(set(self.steps()) | set(parts))
         views: list[Any] = [None] * self.world_size
         dist.all_gather_object(views, mine)
         common = set(mine).intersection(*(set(v) for v in views))
         agreed = max(common) if common else None
         self._settle_adopted(common, agreed)
+        for s in parts:
+            if s in common and agreed is not None and s <= agreed:
+                self._finish_part(s)
         return agreed
 
     def verify(self, step: int, *, tier: str | None = None) -> VerifyReport:
@@ -859,8 +910,10 @@ class Store:
         """The catalog's read policy for ``step``: host memory first, then the tiers in chain order."""
         return list(self._iter_read_order(step, rank))
 
-    def _iter_read_order(self, step: int, rank: int | None) -> Iterator[catalog.Source]:
-        """:meth:`_read_order` lazily: a tier is asked whether it holds the step only when reached."""
+    def _iter_read_order(self, step: int, rank: int | None, *, part: bool = False) -> Iterator[catalog.Source]:
+        """:meth:`_read_order` lazily: a tier is asked whether it holds the step only when reached. ``part``: the
+        first tier holds this rank's committed part of the step, its marker missing (:meth:`_committed_parts`):
+        read last, when no complete copy could be."""
         sources = catalog.iter_sources(
             step, host=self.host.find(step) is not None, tiers=self._chain(), rank=rank, my_rank=self.rank
         )
@@ -872,10 +925,13 @@ class Store:
             yield src
         if peer:
             yield catalog.Source(catalog.PEER)
+        if part and (rank is None or rank == self.rank):
+            yield catalog.Source(self.tiers[0].name, self.tiers[0].backend, part=True)
 
     def _read_rank(self, step: int, source: catalog.Source, rank: int | None) -> int:
-        """Which rank's directory to read (:func:`asymstore.catalog.read_rank`; host memory holds ours)."""
-        if source.backend is None:
+        """Which rank's directory to read (:func:`asymstore.catalog.read_rank`; host memory and a part hold
+        ours)."""
+        if source.backend is None or source.part:
             return self.rank if rank is None else rank
         return catalog.read_rank(source.backend, step, rank=rank, my_rank=self.rank, world_size=self.world_size)
 
@@ -931,7 +987,11 @@ class Store:
                 self.host.unlease(slot)
                 raise
             return view, slot, lambda: self.host.unlease(slot), filled
-        reader = catalog.open_reader(source.backend, step, rank=r)
+        reader = (
+            catalog.open_rank_part(source.backend, step, rank=r, world_size=self.world_size)
+            if source.part
+            else catalog.open_reader(source.backend, step, rank=r)
+        )
         if excp.is_lossy(reader.manifest):  # an ExCP copy: rebuilt from its chain of residuals
             rebuilt, content = excp.rebuild(reader)
             buf = _stream_buffer(content.layout.total_bytes, step)
@@ -967,14 +1027,18 @@ class Store:
         self._check_open()
         self._raise_background()
         steps = self.steps()
+        parts = self._committed_parts()  # this rank's parts of steps whose marker is missing (multi-rank)
         if step is None and self._job_group() is not None:  # every rank must restore the same step
             agreed = self.agreed_latest_step()
             if agreed is None:
-                raise StepNotFoundError(f"no checkpoint is complete for every rank; this rank has {steps}")
+                have = sorted({*steps, *parts})
+                raise StepNotFoundError(f"no checkpoint is complete for every rank; this rank has {have}")
             step = agreed
         elif step is not None and self._settling:  # the job resumes from the step it asked for
-            self._settle_adopted(set(steps), step)
-        if step is not None and step not in steps:
+            self._settle_adopted({*steps, *parts}, step)
+        if step is not None and step in parts:  # rank 0 writes its missing marker once every part is there
+            self._finish_part(step)
+        if step is not None and step not in steps and step not in parts:
             raise StepNotFoundError(f"step {step} is not complete on any tier; complete steps: {steps}")
         candidates = [step] if step is not None else list(reversed(steps))
         if not candidates:
@@ -984,7 +1048,7 @@ class Store:
         target = None if into is None else (flatten(into).tensors, strict)
         for s in candidates:
             outcome, failed = catalog.try_in_order(
-                self._iter_read_order(s, rank), self._stream_reader(s, rank, into is None, target)
+                self._iter_read_order(s, rank, part=s in parts), self._stream_reader(s, rank, into is None, target)
             )
             failures += [(s, f) for f in failed]
             if outcome is None:
@@ -1020,6 +1084,8 @@ class Store:
         if source.backend is not None:
             if isinstance(meta, CheckpointContent) and meta.lossy is not None:
                 return f"tier {source.name} ({source.backend.url}), lossy ExCP copy: {excp.summary(meta.lossy)}"
+            if source.part:
+                return f"tier {source.name} ({source.backend.url}), rank {self.rank}'s part (the step's marker pending)"
             return f"tier {source.name} ({source.backend.url})"
         if isinstance(meta, Slot) and meta.origin_pid is not None and meta.origin_pid != os.getpid():
             return f"host shared memory, left by pid {meta.origin_pid}"

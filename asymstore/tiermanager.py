@@ -139,19 +139,25 @@ class TierManager:
         persistent tier."""
         return self._write(0, step, stream, content, crcs)
 
+    def finalize(self, k: int, step: int) -> WriteReport:
+        """Rank 0: this rank's part of ``step`` is committed on tier ``k``, only the step's marker is missing
+        (an earlier process died waiting for the other ranks' parts): write it once theirs are there."""
+        dst = self.tiers[k]
+        act = self.activity[dst.name]
+        act.in_flight = step
+        try:
+            dst.finalize(step)
+            self._mark(dst, step, True)
+        finally:
+            act.in_flight = None
+        self._housekeep(k)
+        return WriteReport(step, 0, 0, 0)
+
     def promote(self, k: int, step: int) -> WriteReport:
         """Copy ``step`` from the fastest place that has it (its host slot, else tier ``k-1``) into tier ``k``."""
         dst = self.tiers[k]
         if dst.multi_rank and dst.rank_committed(step):  # only the global marker is missing (rank 0)
-            act = self.activity[dst.name]
-            act.in_flight = step
-            try:
-                dst.finalize(step)
-                self._mark(dst, step, True)
-            finally:
-                act.in_flight = None
-            self._housekeep(k)
-            return WriteReport(step, 0, 0, 0)
+            return self.finalize(k, step)
         slot = self.host.lease(step)
         try:
             if slot is not None and slot.content is not None:

@@ -8,6 +8,9 @@ later. ``restore``: open the store like the restarted job and restore the
 newest step; print one JSON line: the step, where it came from, and whether it is bit-exact. ``save-uneven``:
 steps 1-2 durable, step 3 committed in shared memory on both ranks and step 4 on rank 0 only, neither on the
 tier, then death; ``restore-uneven``: restore together, wait for what is left to persist, print the findings.
+``save-unmarked``: steps 1-2 durable; both ranks commit their parts of step 3 on the tier, rank 0 dies while
+finalizing it (before the step's marker; its replica of step 3 is at the peer), rank 1 goes on to steps 4-5 (its
+parts committed, never marked) and dies; ``restore-unmarked``: like ``restore-uneven`` for step 3.
 """
 
 from __future__ import annotations
@@ -91,8 +94,45 @@ def save_uneven(store: asymstore.Store, r: int) -> None:
     dist.barrier()
 
 
-def restore_uneven(store: asymstore.Store, r: int) -> None:
-    """Restore together: step 3, the newest both ranks hold; rank 0's step 4 is dropped, step 3 persisted."""
+def save_unmarked(store: asymstore.Store, r: int, flag: str) -> None:
+    """Rank 0 dies in its finalize of step 3 once both parts are on the tier and its replica is at the peer;
+    rank 1 saves steps 4 and 5 (its parts only: rank 0 never marks them), then dies once rank 0 did (``flag``
+    is written just before that)."""
+    import time
+
+    from asymstore.tiers import PersistentTier
+
+    if r == 0:
+        real_finalize = PersistentTier.finalize
+
+        def die_in_finalize(self: PersistentTier, step: int, **kw: object) -> None:
+            if step == 3:
+                t_end = time.monotonic() + 60
+                while not (self.rank_committed(3) and self.backend.exists("step_000000000003/r00001/COMMIT")):
+                    assert time.monotonic() < t_end, "rank 1 never committed its part of step 3"
+                    time.sleep(0.01)
+                assert store.replicas is not None
+                while store.replicas.pushed < 3:  # step 3's replica is sealed and sent first
+                    assert time.monotonic() < t_end, "step 3's replica was never sent"
+                    time.sleep(0.01)
+                open(flag, "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+            real_finalize(self, step, **kw)  # type: ignore[arg-type]
+
+        PersistentTier.finalize = die_in_finalize  # type: ignore[method-assign]
+        store.save(state(r, 3), 3)
+        raise SystemExit("rank 0 was not killed in its finalize of step 3")
+    for s in (3, 4, 5):
+        store.save(state(r, s), s)  # a rank > 0 is done once its part is committed
+    t_end = time.monotonic() + 60
+    while not os.path.exists(flag):  # this rank receives rank 0's replica of step 3 until rank 0 dies
+        assert time.monotonic() < t_end, "rank 0 never died"
+        time.sleep(0.01)
+    time.sleep(0.2)
+
+
+def restore_together(store: asymstore.Store, r: int) -> None:
+    """Restore together: step 3, the newest every rank can read; wait for what is left to persist."""
     import time
 
     adopted = list(store.adopted)
@@ -104,7 +144,7 @@ def restore_uneven(store: asymstore.Store, r: int) -> None:
     store.wait()  # what is left to persist
     waited = time.monotonic() - t0
     dist.barrier()
-    row = {"rank": r, "adopted": adopted, "step": rep.step, "tier": rep.tier, "exact": exact}
+    row = {"rank": r, "adopted": adopted, "step": rep.step, "tier": rep.tier, "detail": rep.detail, "exact": exact}
     row.update(steps=store.steps(), durable=store.durable_steps(), wait_s=waited)
     print(json.dumps(row), flush=True)
 
@@ -137,8 +177,13 @@ def main() -> None:
             store.save(state(r, s), s)
         save_uneven(store, r)
         os.kill(os.getpid(), signal.SIGKILL)
-    if phase == "restore-uneven":
-        restore_uneven(store, r)
+    if phase == "save-unmarked":
+        for s in (1, 2):
+            store.save(state(r, s), s)
+        save_unmarked(store, r, os.path.join(shm, "rank0-died"))
+        os.kill(os.getpid(), signal.SIGKILL)
+    if phase in ("restore-uneven", "restore-unmarked"):
+        restore_together(store, r)
         dist.barrier()
         store.close()
         dist.destroy_process_group()

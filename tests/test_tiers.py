@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from asymstore import EveryN, LatestN, Store, TierSpec
 from asymstore.backends.memory import MemoryObjectStore
+from asymstore.errors import CheckpointFailedError, StepNotFoundError
 from asymstore.retention import ByteBudget, plan_deletions, promotion_wanted
 from tests.helpers import REMOTE
 
@@ -217,6 +218,40 @@ def test_leftovers_of_a_rank_that_died_do_not_block_or_mix(tmp_path) -> None:
     finally:
         s0.close()
         s1.close()
+
+
+def test_a_step_whose_parts_are_committed_but_not_its_marker_is_restored_and_marked(tmp_path) -> None:
+    """Rank 0 gave up waiting for rank 1's part of step 1 (its process died there in a real job), then rank 1's
+    part arrived: every part is committed, the step's marker is not. Restarted, each rank restores step 1 from
+    its own part when asked for it, and rank 0 writes the missing marker."""
+    root = str(tmp_path)
+    cfg = dict(SMALL, host_memory="private")
+    s0 = Store([root], rank=0, world_size=2, commit_timeout_s=0.5, **cfg)
+    s1 = Store([root], rank=1, world_size=2, **cfg)
+    try:
+        with pytest.raises(CheckpointFailedError, match="ranks \\[1\\] did not"):
+            s0.save(_state(1), 1)
+        s1.save(_state(101), 1)
+    finally:
+        s0.close()
+        s1.close()
+    assert (tmp_path / "step_000000000001" / "r00000" / "COMMIT").exists()
+    assert (tmp_path / "step_000000000001" / "r00001" / "COMMIT").exists()
+    assert not (tmp_path / "step_000000000001" / "COMMIT").exists()
+    with Store([root], rank=1, world_size=2, **cfg) as r1, Store([root], rank=0, world_size=2, **cfg) as r0:
+        assert r1.steps() == [] and r1.durable_steps() == []
+        with pytest.raises(StepNotFoundError, match="step 2 is not complete"):
+            r1.restore(2)
+        assert_bitequal(r1.restore(1), _state(101))
+        assert r1.last_restore is not None and "rank 1's part" in r1.last_restore.detail
+        assert_bitequal(r0.restore(1), _state(1))
+        assert r0.last_restore is not None and "rank 0's part" in r0.last_restore.detail
+        assert r0.flush(timeout=60)
+        assert r0.tiers[0].committed_steps() == [1]
+    with Store([root], rank=1, world_size=2, **cfg) as again:  # an ordinary durable step now
+        assert again.steps() == [1]
+        assert_bitequal(again.restore(), _state(101))
+        assert again.last_restore is not None and "marker pending" not in again.last_restore.detail
 
 
 def test_a_rank_above_0_promotes_a_step_rank_0_committed_after_it_last_listed(tmp_path) -> None:
