@@ -246,7 +246,9 @@ class Store:
         #: adopted snapshots not durable yet whose persistence waits for the ranks to agree (several ranks)
         self._unsettled: list[Slot] = []
         self._settling = False  # adopted steps wait for the ranks' agreement (set by _adopt)
-        self._finishing: set[int] = set()  # steps whose missing marker rank 0 writes now (_finish_part)
+        #: steps the job resumes from whose part this rank holds committed on the first tier, their marker
+        #: missing (:meth:`_resume_part`): kept by discard_uncommitted, rank 0 writes the marker
+        self._resumed_parts: set[int] = set()
         self.adopted = self._adopt()
         _OPEN_STORES.add(self)
 
@@ -343,7 +345,7 @@ class Store:
                 if settle:  # this rank's part is on the tier, the step's marker is not: the job decides
                     self._unsettled.append(slot)
                 else:  # rank 0 died waiting for the other ranks' parts
-                    self._finish_part(slot.step)
+                    self._resume_part(slot.step)
                 continue
             if slot.durable:  # it was on the tier and is not any more: retention or a user deleted it there
                 log.info(
@@ -422,7 +424,7 @@ class Store:
 
     def _durable_here(self, step: int) -> bool:
         """Whether this rank's part of ``step`` is durable on the first persistent tier (rank 0's part of a
-        multi-rank step may still wait for the step's marker: :meth:`_finish_part`)."""
+        multi-rank step may still wait for the step's marker: :meth:`_resume_part`)."""
         t = self.tiers[0]
         return t.has(step) or (t.multi_rank and t.rank_committed(step))
 
@@ -437,13 +439,16 @@ class Store:
             log.warning("tier %s cannot be listed for the parts of this rank: %s", self.tiers[0].name, e)
             return []
 
-    def _finish_part(self, step: int) -> None:
-        """Rank 0, whose part of ``step`` is committed on the first tier but whose earlier process died before
-        writing the step's marker: write it once every rank's part is there, on the persistence thread (as a
-        save's own finalize does). Once per step and store."""
-        if self.rank != 0 or self.manager is None or step in self._finishing:
+    def _resume_part(self, step: int) -> None:
+        """The job resumes from ``step``, whose part of this rank is committed on the first tier and whose
+        marker an earlier process of rank 0 died before writing: the part is kept (:meth:`discard_uncommitted`),
+        and rank 0 writes the marker once every rank's part is there, on the persistence thread (as a save's own
+        finalize does). Once per step and store."""
+        if step in self._resumed_parts:
             return
-        self._finishing.add(step)
+        self._resumed_parts.add(step)
+        if self.rank != 0 or self.manager is None:
+            return
         manager = self.manager
 
         def finish() -> None:
@@ -863,7 +868,9 @@ class Store:
         return dist
 
     def agreed_latest_step(self) -> int | None:
-        """The newest step that every rank of the job can restore: the newest in all ranks' :meth:`steps`.
+        """The newest step that every rank of the job can restore: the newest in all ranks' :meth:`steps` (or
+        whose part the rank holds committed on the first tier, rank 0 having died before it wrote the step's
+        marker: docs/format.md section 13.3).
 
         Each rank's host memory (and its peer's) holds snapshots the others may not have, e.g. a step whose
         persistence a crash interrupted on one rank only, so the newest step one rank sees is not always one
@@ -886,7 +893,7 @@ class Store:
         self._settle_adopted(common, agreed)
         for s in parts:
             if s in common and agreed is not None and s <= agreed:
-                self._finish_part(s)
+                self._resume_part(s)
         return agreed
 
     def verify(self, step: int, *, tier: str | None = None) -> VerifyReport:
@@ -1037,7 +1044,7 @@ class Store:
         elif step is not None and self._settling:  # the job resumes from the step it asked for
             self._settle_adopted({*steps, *parts}, step)
         if step is not None and step in parts:  # rank 0 writes its missing marker once every part is there
-            self._finish_part(step)
+            self._resume_part(step)
         if step is not None and step not in steps and step not in parts:
             raise StepNotFoundError(f"step {step} is not complete on any tier; complete steps: {steps}")
         candidates = [step] if step is not None else list(reversed(steps))
@@ -1151,10 +1158,13 @@ class Store:
         steps newer than ``after`` if given).
 
         Call it when a job starts or resumes (the trainer hooks' ``resume`` does), never while
-        this process is saving. Returns the steps cleaned per tier.
+        this process is saving. Until the ranks of a job agree on the step to resume from
+        (:meth:`agreed_latest_step`), this rank's committed parts of steps whose marker is missing stay: the job
+        may resume from one of them; after it, the part of the step it resumes from stays. Returns the steps cleaned per tier.
         """
         out: dict[str, list[int]] = {}
         held = [s.step for s in self.host.slots if s.persisting and s.step is not None]  # being persisted now
+        held += self._committed_parts() if self._settling else sorted(self._resumed_parts)
         for t in self.tiers:
             try:
                 cleaned = t.discard_uncommitted(after=after, keep=held)

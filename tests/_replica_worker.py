@@ -10,7 +10,9 @@ steps 1-2 durable, step 3 committed in shared memory on both ranks and step 4 on
 tier, then death; ``restore-uneven``: restore together, wait for what is left to persist, print the findings.
 ``save-unmarked``: steps 1-2 durable; both ranks commit their parts of step 3 on the tier, rank 0 dies while
 finalizing it (before the step's marker; its replica of step 3 is at the peer), rank 1 goes on to steps 4-5 (its
-parts committed, never marked) and dies; ``restore-unmarked``: like ``restore-uneven`` for step 3.
+parts committed, never marked) and dies; ``restore-unmarked``: like ``restore-uneven`` for step 3, leftovers
+cleaned first (as the trainer hooks' resume does); ``restore-unmarked-agreed``: the ranks agree on the step,
+clean up, then restore it.
 """
 
 from __future__ import annotations
@@ -131,12 +133,19 @@ def save_unmarked(store: asymstore.Store, r: int, flag: str) -> None:
     time.sleep(0.2)
 
 
-def restore_together(store: asymstore.Store, r: int) -> None:
-    """Restore together: step 3, the newest every rank can read; wait for what is left to persist."""
+def restore_together(store: asymstore.Store, r: int, *, agree_first: bool = False) -> None:
+    """Restore together: step 3, the newest every rank can read; wait for what is left to persist.
+    ``agree_first``: the ranks agree on the step, clean up their leftovers, then restore that step (the Hugging
+    Face hook's order), instead of ``restore()`` choosing it."""
     import time
 
     adopted = list(store.adopted)
-    out = store.restore()
+    if agree_first:
+        step = store.agreed_latest_step()
+        store.discard_uncommitted()
+        out = store.restore(step)
+    else:
+        out = store.restore()
     rep = store.last_restore
     assert rep is not None
     exact = out["step"] == 3 and all(torch.equal(out[key], state(r, 3)[key]) for key in ("w", "h"))  # type: ignore[arg-type]
@@ -182,8 +191,10 @@ def main() -> None:
             store.save(state(r, s), s)
         save_unmarked(store, r, os.path.join(shm, "rank0-died"))
         os.kill(os.getpid(), signal.SIGKILL)
-    if phase in ("restore-uneven", "restore-unmarked"):
-        restore_together(store, r)
+    if phase in ("restore-uneven", "restore-unmarked", "restore-unmarked-agreed"):
+        if phase == "restore-unmarked":
+            store.discard_uncommitted()  # as the trainer hooks' resume does: the parts stay until the ranks agree
+        restore_together(store, r, agree_first=phase == "restore-unmarked-agreed")
         dist.barrier()
         store.close()
         dist.destroy_process_group()

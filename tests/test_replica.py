@@ -131,17 +131,19 @@ def test_a_step_only_one_rank_committed_is_dropped_and_the_common_one_persisted(
 
 
 @pytest.mark.slow
-def test_a_step_rank_0_died_finalizing_is_restored_and_marked(tmp_path: Path) -> None:
+@pytest.mark.parametrize("restore_phase", ["restore-unmarked", "restore-unmarked-agreed"])
+def test_a_step_rank_0_died_finalizing_is_restored_and_marked(tmp_path: Path, restore_phase: str) -> None:
     """Both ranks' parts of step 3 are committed on the tier, but rank 0 died waiting to write the step's marker,
     and its node is lost (its step 3 only in the peer's memory); rank 1 went on to steps 4-5 (parts rank 0 never
     marked) and holds no step 3 in memory. Restarted, the job resumes from step 3: rank 0 from the peer, rank 1
-    from its committed part on the tier; rank 0 writes the step's marker, steps 4-5 are dropped."""
+    from its committed part on the tier; rank 0 writes the step's marker, steps 4-5 are dropped. The ranks clean
+    up their leftovers before they agree (``restore-unmarked``) or after (``-agreed``): the part stays."""
     ck, shm = tmp_path / "ck", tmp_path / "shm"
     _phase("save-unmarked", 2, 1, ck, shm)
     assert (ck / "step_000000000003" / "r00000" / "COMMIT").exists()
     assert not (ck / "step_000000000003" / "COMMIT").exists()
     shutil.rmtree(shm / "node0")
-    rows = _phase("restore-unmarked", 2, 1, ck, shm)
+    rows = _phase(restore_phase, 2, 1, ck, shm)
     assert [row["adopted"] for row in rows] == [[], [4, 5]], rows
     assert [(row["step"], row["tier"], row["exact"]) for row in rows] == [(3, "peer", True), (3, "file", True)], rows
     assert "rank 1's part" in str(rows[1]["detail"]), rows

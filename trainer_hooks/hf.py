@@ -147,15 +147,14 @@ class AsymstoreCallback(TrainerCallback):
         reads; ``None`` when ``resume`` is off or the store holds no checkpoint (``resume=True``)."""
         if self.resume is False:
             return None
-        step = None if self.resume is True else int(self.resume)
-        if step is None and not self.store.steps():
-            log.warning("AsymstoreCallback(resume=True): no checkpoint in the store; starting from scratch")
+        step = self._resume_step(None if self.resume is True else int(self.resume))
+        if step is None:
             return None
         self.store.discard_uncommitted()  # a crashed attempt's partial shards go before anything is saved again
         restored = self.store.restore(step)
         if not isinstance(restored, dict) or not {"model", "optimizers", "rng", "step"} <= set(restored):
             raise ConfigError(
-                f"step {step if step is not None else 'newest'} of {self.store.tiers[0].url} is not an "
+                f"step {step} of {self.store.tiers[0].url} is not an "
                 "AsymstoreCallback checkpoint (no model, optimizers, rng and step)"
             )
         saved_step = int(restored["step"])
@@ -214,11 +213,21 @@ class AsymstoreCallback(TrainerCallback):
             self._restore(state, None if self.resume is True else int(self.resume))
         self.checkpointer.attach()
 
+    def _resume_step(self, step: int | None) -> int | None:
+        """The step to resume from: ``step``, else the newest every rank can restore (a collective in a job of
+        several ranks, so that they all resume from the same step or all start from scratch); ``None``: none."""
+        if step is not None:
+            return step
+        agreed = self.store.agreed_latest_step()
+        if agreed is None:
+            log.warning("AsymstoreCallback(resume=True): no checkpoint in the store; starting from scratch")
+        return agreed
+
     def _restore(self, state: TrainerState, step: int | None) -> None:
         ck = self.checkpointer
         assert ck is not None
-        if step is None and not self.store.steps():
-            log.warning("AsymstoreCallback(resume=True): no checkpoint in the store; starting from scratch")
+        step = self._resume_step(step)
+        if step is None:
             return
         log.warning(
             "AsymstoreCallback resumes in place: the data loader starts from the beginning of the data; "
