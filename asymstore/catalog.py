@@ -75,11 +75,26 @@ def partial_steps(backend: ObjectStore) -> list[int]:
 
 
 def committed_parts(backend: ObjectStore, *, rank: int, world_size: int) -> list[int]:
-    """Steps of a multi-rank job not committed as a whole whose ``rank`` directory is committed (its part is
-    complete, the step waits for other ranks or for rank 0's marker), oldest first."""
+    """Steps of a multi-rank job of ``world_size`` ranks not committed as a whole whose ``rank`` directory is
+    committed (its part is complete, the step waits for other ranks or for rank 0's marker), oldest first. A part
+    written by a job of another world size (its marker's ``world_size``), or whose marker does not say, is not
+    one: no marker for ``world_size`` ranks may ever count it."""
     if world_size <= 1:
         return []
-    return [s for s in partial_steps(backend) if rank_committed(backend, s, rank=rank, world_size=world_size)]
+    out = []
+    for s in partial_steps(backend):
+        key = f"{rank_dir(s, rank, world_size)}/{COMMIT_KEY}"
+        raw = backend.get(key)
+        if raw is None:
+            continue
+        try:
+            marker = parse_commit(raw, key, step=s)
+        except CorruptCheckpointError as e:
+            log.warning("%s: rank %s's part of step %s is not counted: %s", backend.url, rank, s, e)
+            continue
+        if marker.get("world_size") == world_size:
+            out.append(s)
+    return out
 
 
 def is_committed(backend: ObjectStore, step: int) -> bool:

@@ -570,7 +570,7 @@ class LossyWriter:
         enc_content = CheckpointContent(enc.layout, enc.skeleton, (), dict(content.user), lossy=enc.lossy)
         options = dataclasses.replace(self.tier.write_options(), compression=ZSTD3, delta_every=0)
         model = self.tier.probe().write_model() if options.needs_model else None
-        plan2 = plan_write(plan.step, enc.layout, options, model=model, prefix=plan.prefix)
+        plan2 = plan_write(plan.step, enc.layout, options, model=model, prefix=plan.prefix, world_size=plan.world_size)
         report = self.tier.plain_writer().write(plan2, memoryview(enc.stream), enc_content, progress=progress)
         st = self.state
         st.step, st.signature, st.stream = plan.step, sig, enc.reconstruction

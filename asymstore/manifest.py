@@ -234,8 +234,11 @@ def commit_record(
     n_objects: int,
     raw_bytes: int,
     delta_base: int | None,
+    *,
+    world_size: int | None = None,
 ) -> bytes:
-    """The commit marker of a checkpoint directory (docs/format.md section 9.1), checksum last."""
+    """The commit marker of a checkpoint directory (docs/format.md section 9.1), checksum last.
+    ``world_size``: a rank directory's, the ranks of the job that wrote it."""
     body = {
         "format": FORMAT,
         "step": step,
@@ -247,6 +250,8 @@ def commit_record(
         "objects": n_objects,
         "delta_base": delta_base,
     }
+    if world_size is not None:
+        body["world_size"] = world_size
     body["crc32c"] = crc32c(dumps(body))
     return dumps(body)
 

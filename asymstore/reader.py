@@ -131,6 +131,12 @@ class CheckpointReader(RangeSource):
         commit = parse_commit(raw, prefix + COMMIT_KEY, step=step)
         if "ranks" in commit:
             raise CorruptCheckpointError(f"{prefix}{COMMIT_KEY}: a rank's marker with ranks", (prefix + COMMIT_KEY,))
+        if commit.get("world_size") != world_size:
+            raise StepNotFoundError(
+                f"rank {rank}'s part of step {step} in {backend.url} was written by a job of "
+                f"{commit.get('world_size', 'unrecorded')} ranks, not {world_size}: without the step's marker it "
+                "cannot be restored on its own"
+            )
         commit["ranks"] = world_size
         return cls._with_commit(backend, step, commit, prefix, base_reader)
 

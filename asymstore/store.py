@@ -44,7 +44,7 @@ from .interfaces import RangeSource, RetentionPolicy
 from .layout import Layout, plan_layout
 from .lazy import LazyCheckpoint
 from .manifest import Manifest
-from .reader import VerifyReport
+from .reader import CheckpointReader, VerifyReport
 from .replica import Rendezvous, ReplicaService, default_rendezvous
 from .shm import VERIFY_CHUNK, ShmError, ShmRegion, ShmRegionBusyError, default_job, region_bytes
 from .snapshot import copy_all, dest_view, host_copy, new_host_buffer
@@ -935,6 +935,14 @@ class Store:
         if part and (rank is None or rank == self.rank):
             yield catalog.Source(self.tiers[0].name, self.tiers[0].backend, part=True)
 
+    def _tier_reader(self, step: int, source: catalog.Source, r: int) -> CheckpointReader:
+        """A reader of rank ``r``'s part of ``step`` on a tier ``source``: the committed step, or, for a part
+        source, the rank's committed directory of a step whose marker is missing."""
+        assert source.backend is not None
+        if source.part:
+            return catalog.open_rank_part(source.backend, step, rank=r, world_size=self.world_size)
+        return catalog.open_reader(source.backend, step, rank=r)
+
     def _read_rank(self, step: int, source: catalog.Source, rank: int | None) -> int:
         """Which rank's directory to read (:func:`asymstore.catalog.read_rank`; host memory and a part hold
         ours)."""
@@ -994,11 +1002,7 @@ class Store:
                 self.host.unlease(slot)
                 raise
             return view, slot, lambda: self.host.unlease(slot), filled
-        reader = (
-            catalog.open_rank_part(source.backend, step, rank=r, world_size=self.world_size)
-            if source.part
-            else catalog.open_reader(source.backend, step, rank=r)
-        )
+        reader = self._tier_reader(step, source, r)
         if excp.is_lossy(reader.manifest):  # an ExCP copy: rebuilt from its chain of residuals
             rebuilt, content = excp.rebuild(reader)
             buf = _stream_buffer(content.layout.total_bytes, step)
@@ -1123,8 +1127,8 @@ class Store:
         """An opener of ``source``'s copy of ``step`` as a range source (a fallback of a lazy checkpoint)."""
         if source.backend is None:
             return lambda: self._open_lazy(step, source, rank).source
-        backend, r = source.backend, self._read_rank(step, source, rank)
-        return lambda: excp.range_source(catalog.open_reader(backend, step, rank=r))
+        r = self._read_rank(step, source, rank)
+        return lambda: excp.range_source(self._tier_reader(step, source, r))
 
     def _open_lazy(self, step: int, source: catalog.Source, rank: int | None) -> LazyCheckpoint:
         if source.backend is None:
@@ -1133,7 +1137,7 @@ class Store:
                 raise StepNotFoundError(f"step {step} left host memory")
             self.host.verify(slot)
             return LazyCheckpoint.from_host(slot, pool=self.host)
-        reader = catalog.open_reader(source.backend, step, rank=self._read_rank(step, source, rank))
+        reader = self._tier_reader(step, source, self._read_rank(step, source, rank))
         if excp.is_lossy(reader.manifest):
             return excp.lazy_checkpoint(reader)
         return LazyCheckpoint(reader)
@@ -1143,12 +1147,14 @@ class Store:
 
         Reads in the catalog's order: the host memory slot, then the tiers in chain order; a copy that is
         damaged (when opened or when a range is read) is replaced by the next one. ``rank``: which rank's
-        part of a multi-rank step (default: ours when the world size matches, else rank 0's).
+        part of a multi-rank step (default: ours when the world size matches, else rank 0's). A step the job
+        resumes from whose marker is missing (:meth:`agreed_latest_step`) is read from this rank's committed part
+        when no complete copy can be.
         """
         s = self.latest_step() if step is None else step
         if s is None:
             raise StepNotFoundError("no complete checkpoint on any tier")
-        sources = self._read_order(s, rank)
+        sources = list(self._iter_read_order(s, rank, part=s in self._resumed_parts))
         outcome = catalog.read_first(sources, lambda src: self._open_lazy(s, src, rank), what=f"step {s}")
         later = sources[sources.index(outcome.source) + 1 :]
         return outcome.value.with_fallbacks([(src.name, self._lazy_copy(s, src, rank)) for src in later])

@@ -197,6 +197,7 @@ class PersistentTier:
             delta=self.delta_state,
             whole_stream=whole_stream,
             prefix=self.rank_prefix(step),
+            world_size=self.config.world_size,
         )
 
     def writer(self) -> CheckpointWriter | LossyWriter:
@@ -286,6 +287,12 @@ class PersistentTier:
                 f"finish their rank directories within {wait_s:.0f} s"
             )
         markers = {r: parse_commit(b, keys[r]) for r, b in raw.items()}
+        other = {r: m["world_size"] for r, m in markers.items() if m.get("world_size", n) != n}
+        if other:  # parts of another job's step under the same rank names: never one step of n ranks
+            raise CheckpointFailedError(
+                f"step {step} not committed on {self.name}: the parts of ranks {sorted(other)} were written by a "
+                f"job of {sorted(set(other.values()))} ranks, this one has {n}"
+            )
         prefix = step_dir(step) + "/"
         for r in range(n):  # every rank's part is committed: their claims go before the step's marker counts them
             self.backend.delete(f"{rank_dir(step, r, n)}/{claims.CLAIM_KEY}")

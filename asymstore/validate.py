@@ -512,6 +512,8 @@ def commit(body: Any, where: str, *, step: int | None = None) -> None:
                 if b is None:
                     c.fail(f"delta_bases[{i}]", "null")
         return
+    if "world_size" in body:  # a rank directory's marker: the ranks of the job that wrote it
+        c.integer(body["world_size"], "world_size", 2, MAX_RANKS)
     c.crc(body.get("group_crc32c"), "group_crc32c")
     for label, v in c.obj(body.get("arrays_crc32c"), "arrays_crc32c").items():
         c.crc(v, f"arrays_crc32c[{label[:40]!r}]")

@@ -151,6 +151,8 @@ class WritePlan:
     #: the step the stream may be XOR-encoded against (``None``: written in full), and why
     delta_base: int | None
     delta_reason: str
+    #: the ranks of the job writing the step (> 1: ``prefix`` is this rank's directory, whose marker records it)
+    world_size: int = 1
 
     @property
     def chunks_per_shard(self) -> int:
@@ -218,11 +220,13 @@ def plan_write(
     delta: DeltaState | None = None,
     whole_stream: bool = True,
     prefix: str,
+    world_size: int = 1,
 ) -> WritePlan:
     """The plan for writing ``step`` (laid out as ``layout``) to a tier under ``prefix``.
 
     ``model``: the tier's measured write costs (needed when ``options.needs_model``); ``delta``: the tier's
-    delta state; ``whole_stream``: the stream is one buffer at hand (a host slot), not read range by range.
+    delta state; ``whole_stream``: the stream is one buffer at hand (a host slot), not read range by range;
+    ``world_size``: the ranks of the job (``prefix`` is then a rank's directory).
     """
     total = layout.total_bytes
     chunk = effective_chunk_bytes(total, options.chunk_bytes)
@@ -242,6 +246,7 @@ def plan_write(
         codecs=_codec_plan(options.compression, volatile=options.volatile, delta_base=decision.base_step),
         delta_base=decision.base_step,
         delta_reason=decision.reason,
+        world_size=world_size,
     )
 
 

@@ -440,6 +440,7 @@ class CheckpointWriter:
                 report.objects + len(array_meta) + 2,
                 plan.total_bytes,
                 report.delta_base,
+                world_size=plan.world_size if plan.world_size > 1 else None,
             ),
         )
         if not created:  # only a writer that ignored the claim can get here

@@ -302,6 +302,9 @@ COMMIT_FAULTS: dict[str, Mutation] = {
     "commit with hostile ranks": lambda c: c.update(ranks=10**9, shards_crc32c={}),
     "commit ranks a string": lambda c: c.update(ranks="2", shards_crc32c={"0": 1, "1": 2}),
     "commit format unknown": _set("format", "asymstore/99"),
+    "commit world_size a string": _set("world_size", "2"),
+    "commit world_size 1": _set("world_size", 1),
+    "commit world_size hostile": _set("world_size", 10**9),
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -244,6 +245,7 @@ def test_a_step_whose_parts_are_committed_but_not_its_marker_is_restored_and_mar
             r1.restore(2)
         assert_bitequal(r1.restore(1), _state(101))
         assert r1.last_restore is not None and "rank 1's part" in r1.last_restore.detail
+        assert torch.equal(r1.open_checkpoint(1)["w"].read(), _state(101)["w"])  # lazily too, once resumed from
         assert_bitequal(r0.restore(1), _state(1))
         assert r0.last_restore is not None and "rank 0's part" in r0.last_restore.detail
         assert r0.flush(timeout=60)
@@ -252,6 +254,40 @@ def test_a_step_whose_parts_are_committed_but_not_its_marker_is_restored_and_mar
         assert again.steps() == [1]
         assert_bitequal(again.restore(), _state(101))
         assert again.last_restore is not None and "marker pending" not in again.last_restore.detail
+
+
+def test_parts_left_by_a_job_of_another_world_size_never_make_a_step(tmp_path) -> None:
+    """A job of 4 ranks died with only ranks 0 and 1 of step 1 committed (their markers record 4 ranks); the job
+    restarts on 2 ranks. Those two parts must not pass for a complete 2-rank step 1: not listed as parts, not
+    restorable, and no marker for 2 ranks is written over them."""
+    root = str(tmp_path)
+    cfg = dict(SMALL, host_memory="private")
+    s0 = Store([root], rank=0, world_size=4, commit_timeout_s=0.5, **cfg)
+    s1 = Store([root], rank=1, world_size=4, **cfg)
+    try:
+        s1.save(_state(101), 1)
+        with pytest.raises(CheckpointFailedError, match="ranks \\[2, 3\\] did not"):
+            s0.save(_state(1), 1)
+    finally:
+        s0.close()
+        s1.close()
+    marker = json.loads((tmp_path / "step_000000000001" / "r00001" / "COMMIT").read_bytes())
+    assert marker["world_size"] == 4
+    from asymstore import catalog
+    from asymstore.backends.local import LocalObjectStore
+
+    backend = LocalObjectStore(root)
+    assert catalog.committed_parts(backend, rank=1, world_size=4) == [1]
+    assert catalog.committed_parts(backend, rank=1, world_size=2) == []
+    with pytest.raises(StepNotFoundError, match="written by a job of 4 ranks, not 2"):
+        catalog.open_rank_part(backend, 1, rank=1, world_size=2)
+    with Store([root], rank=1, world_size=2, **cfg) as r1, Store([root], rank=0, world_size=2, **cfg) as r0:
+        for r in (r0, r1):
+            with pytest.raises(StepNotFoundError, match="step 1 is not complete"):
+                r.restore(1)
+        with pytest.raises(CheckpointFailedError, match="written by a job of \\[4\\] ranks, this one has 2"):
+            r0.tiers[0].finalize(1, timeout=5)
+    assert not (tmp_path / "step_000000000001" / "COMMIT").exists()
 
 
 def test_a_rank_above_0_promotes_a_step_rank_0_committed_after_it_last_listed(tmp_path) -> None:
