@@ -31,6 +31,15 @@ Progress = Callable[[int, int], None]
 _READ_PIECE = 32 << 20
 
 
+def _rank_marker(raw: bytes, key: str, step: int) -> dict[str, Any]:
+    """The parsed marker ``key`` of a rank directory of a multi-rank step (a step's global marker there is
+    damage)."""
+    commit = parse_commit(raw, key, step=step)
+    if "ranks" in commit:
+        raise CorruptCheckpointError(f"{key}: a rank's marker with ranks", (key,))
+    return commit
+
+
 @dataclass
 class VerifyReport:
     """What :meth:`CheckpointReader.verify` found: objects and bytes checked, and each problem."""
@@ -105,10 +114,11 @@ class CheckpointReader(RangeSource):
                 raise CorruptCheckpointError(
                     f"{prefix}{COMMIT_KEY}: missing or does not match the step's marker", (prefix + COMMIT_KEY,)
                 )
-            commit = parse_commit(raw_rank, prefix + COMMIT_KEY, step=step)
-            if "ranks" in commit:
+            commit = _rank_marker(raw_rank, prefix + COMMIT_KEY, step)
+            if commit.get("world_size", ranks) != ranks:
                 raise CorruptCheckpointError(
-                    f"{prefix}{COMMIT_KEY}: a rank's marker with ranks", (prefix + COMMIT_KEY,)
+                    f"{prefix}{COMMIT_KEY}: the rank's marker says {commit['world_size']} ranks, the step's {ranks}",
+                    (prefix + COMMIT_KEY,),
                 )
             commit["ranks"] = ranks
         return cls._with_commit(backend, step, commit, prefix, base_reader)
@@ -128,9 +138,7 @@ class CheckpointReader(RangeSource):
         raw = backend.get(prefix + COMMIT_KEY)
         if raw is None:
             raise StepNotFoundError(f"rank {rank}'s part of step {step} is not committed in {backend.url}")
-        commit = parse_commit(raw, prefix + COMMIT_KEY, step=step)
-        if "ranks" in commit:
-            raise CorruptCheckpointError(f"{prefix}{COMMIT_KEY}: a rank's marker with ranks", (prefix + COMMIT_KEY,))
+        commit = _rank_marker(raw, prefix + COMMIT_KEY, step)
         if commit.get("world_size") != world_size:
             raise StepNotFoundError(
                 f"rank {rank}'s part of step {step} in {backend.url} was written by a job of "

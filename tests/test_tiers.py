@@ -14,10 +14,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asymstore import EveryN, LatestN, Store, TierSpec
+from asymstore import EveryN, LatestN, Store, TierSpec, catalog
+from asymstore.backends.local import LocalObjectStore
 from asymstore.backends.memory import MemoryObjectStore
-from asymstore.errors import CheckpointFailedError, StepNotFoundError
+from asymstore.errors import CheckpointFailedError, CorruptCheckpointError, StepNotFoundError
 from asymstore.retention import ByteBudget, plan_deletions, promotion_wanted
+from asymstore.zarrfmt import crc32c, dumps
 from tests.helpers import REMOTE
 
 from .helpers import assert_bitequal
@@ -273,9 +275,6 @@ def test_parts_left_by_a_job_of_another_world_size_never_make_a_step(tmp_path) -
         s1.close()
     marker = json.loads((tmp_path / "step_000000000001" / "r00001" / "COMMIT").read_bytes())
     assert marker["world_size"] == 4
-    from asymstore import catalog
-    from asymstore.backends.local import LocalObjectStore
-
     backend = LocalObjectStore(root)
     assert catalog.committed_parts(backend, rank=1, world_size=4) == [1]
     assert catalog.committed_parts(backend, rank=1, world_size=2) == []
@@ -288,6 +287,36 @@ def test_parts_left_by_a_job_of_another_world_size_never_make_a_step(tmp_path) -
         with pytest.raises(CheckpointFailedError, match="written by a job of \\[4\\] ranks, this one has 2"):
             r0.tiers[0].finalize(1, timeout=5)
     assert not (tmp_path / "step_000000000001" / "COMMIT").exists()
+
+
+def _resealed(body: dict) -> bytes:
+    """``body`` (a marker without its checksum) serialised with a recomputed ``crc32c``."""
+    body["crc32c"] = crc32c(dumps(body))
+    return dumps(body)
+
+
+def test_a_rank_marker_naming_another_world_size_than_its_step_is_damage(tmp_path) -> None:
+    """A committed 2-rank step whose rank 1 marker says 3 ranks (checksums recomputed, the global marker vouching
+    for the new bytes): the two markers contradict each other, so rank 1's part is refused as corrupt."""
+    root = str(tmp_path)
+    cfg = dict(SMALL, host_memory="private")
+    with Store([root], rank=0, world_size=2, **cfg) as s0, Store([root], rank=1, world_size=2, **cfg) as s1:
+        s1.save(_state(101), 1)
+        s0.save(_state(1), 1)
+    d = tmp_path / "step_000000000001"
+    rank = json.loads((d / "r00001" / "COMMIT").read_bytes())
+    rank.pop("crc32c")
+    rank["world_size"] = 3
+    raw = _resealed(rank)
+    (d / "r00001" / "COMMIT").write_bytes(raw)
+    step = json.loads((d / "COMMIT").read_bytes())
+    step.pop("crc32c")
+    step["shards_crc32c"]["1"] = crc32c(raw)
+    (d / "COMMIT").write_bytes(_resealed(step))
+    with pytest.raises(CorruptCheckpointError, match="says 3 ranks, the step's 2"):
+        catalog.open_reader(LocalObjectStore(root), 1, rank=1)
+    with Store([root], rank=0, world_size=2, **cfg) as r0:  # rank 0's part is intact
+        assert_bitequal(r0.restore(1), _state(1))
 
 
 def test_a_rank_above_0_promotes_a_step_rank_0_committed_after_it_last_listed(tmp_path) -> None:
@@ -334,7 +363,6 @@ def test_delete_waits_for_the_step_being_persisted() -> None:
 def test_a_probe_deletes_only_its_own_files(tmp_path) -> None:
     """Ranks sharing a tier directory probe it at the same time: one probe's clean-up must not remove the
     files another is writing (a rank once failed with FileNotFoundError on its probe file)."""
-    from asymstore.backends.local import LocalObjectStore
     from asymstore.config import Config
     from asymstore.tiers import PersistentTier
 
