@@ -258,7 +258,7 @@ def run_trial(trial: dict[str, Any], d: str, refs: list[list[dict[str, Any]]]) -
             problems.append(f"rank {r}: the restored state differs from the uninterrupted run")
         if not g["continued"]:
             problems.append(f"rank {r}: continued training differs from the uninterrupted run")
-        own_part = g["tier"] == "file" and "part" in g["detail"]  # its part on the tier, the step's marker pending
+        own_part = g["tier"] == "file" and "marker pending" in g["detail"]  # its own part on the tier
         if r == lost and s and s not in durable and g["tier"] != "peer" and not own_part:
             problems.append(f"rank {r} lost its node but restored step {s} from {g['tier']}, not its peer")
         if r != lost and s in g["adopted"] and g["tier"] != "host":
