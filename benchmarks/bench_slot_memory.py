@@ -56,7 +56,7 @@ def build_state(mib: int) -> dict[str, torch.Tensor]:
 
 
 class Ageing:
-    """A 1 GiB temporary faulted in and copied into a buffer that stays allocated, then freed: the next
+    """A temporary (1 GiB unless told) faulted in and copied into a buffer that stays allocated, then freed: the next
     allocations get the freed pages (the pattern of a training step's temporaries)."""
 
     def __init__(self, nbytes: int = 1 << 30) -> None:
@@ -114,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--mib", type=int, default=1024, help="state size (MiB, a multiple of 64)")
+    ap.add_argument("--age-mib", type=int, default=1024, help="the ageing temporary's size (MiB)")
     ap.add_argument("--dir", default=None, help="where the tier lives (default: a temporary directory under /tmp)")
     ap.add_argument("--huge-shm-dir", default=None, help="a tmpfs mounted with huge=within_size (or always)")
     ap.add_argument("--out", default=f"{RESULTS}/slot_memory.md")
@@ -129,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     persist: dict[str, list[float]] = {k: [] for k in shm_dirs}
     raw: dict[str, list[float]] = {k: [] for k in [*kinds, "baseline"]}
     snap: dict[str, list[float]] = {k: [] for k in shm_dirs}
-    ageing = Ageing()
+    ageing = Ageing(a.age_mib * MiB)
 
     def buffer_variant(make: Callable[[int], torch.Tensor]) -> float:
         buf = make(nbytes)

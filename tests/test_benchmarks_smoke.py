@@ -92,3 +92,15 @@ def test_compress_load_line_prints_a_measured_zero() -> None:
     assert busy_pct(0.0) == "0%"  # a quiet machine, measured
     assert busy_pct(0.884) == "88%"
     assert busy_pct(None) == "-"  # not measurable here
+
+
+@pytest.mark.slow
+def test_bench_slot_memory_quick(tmp_path: Path) -> None:
+    out = tmp_path / "slot_memory.md"
+    _run("bench_slot_memory", ["--rounds", "1", "--mib", "64", "--age-mib", "64", "--out", str(out)])
+    md = out.read_text()
+    for variant in ("private", "shared", "4k-buffer", "baseline"):
+        assert f"| `{variant}` |" in md, md
+    assert "`shared-huge` not run" in md
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert len(data["persist_s"]["private"]) == 1 and data["nbytes"] == 64 << 20
