@@ -407,7 +407,10 @@ class Bench:
     def _store(self, kind: str) -> asymstore.Store:
         if kind not in self.stores:
             root = os.path.join(self.dir, f"asym-{kind}")
-            self.stores[kind] = asymstore.Store([root], host_slots=1, compression=kind)
+            # both variants in private slots: with the default (`auto`) the first store of a process gets
+            # shared-memory slots, the second private ones, and the two kinds of memory write at different speeds
+            # on some machines (benchmarks/results/slot_memory.md); the comparison here is of the writers
+            self.stores[kind] = asymstore.Store([root], host_slots=1, compression=kind, host_memory="private")
         return self.stores[kind]
 
     def asym_save(self, kind: str) -> float:
@@ -769,7 +772,8 @@ class Bench:
             row(n, None if n == "memcpy" else "memcpy")
         L.append("")
         L.append(
-            "`save` = `Store.save(state)` blocking, from the live tensors: snapshot copy into the host slot, "
+            "`save` = `Store.save(state)` blocking, from the live tensors: snapshot copy into the host slot "
+            "(private slots for both variants; shared ones: `slot_memory.md`), "
             "then encode + write + fsync + commit. `persist` = the writer alone (`WriteReport.seconds`: "
             "host slot -> durable, committed step), the part that runs in the background during training. "
             "`load` = a fresh `Store([dir]).restore(step)`: read + verify every chunk crc32c into a new "
