@@ -28,7 +28,7 @@ import torch
 from .errors import SnapshotSlotsBusyError
 from .layout import Layout
 from .shm import ShmRegion, SlotRecord, verify_into
-from .snapshot import HUGE_PAGE, new_host_buffer
+from .snapshot import new_host_buffer
 from .write_plan import CheckpointContent
 from .zarrfmt import StreamCrcs
 
@@ -139,14 +139,13 @@ class HostPool:
         if self.region is not None:  # a tmpfs file: page-aligned, reserved, shared
             slot.buffer = self.region.allocate(slot.index, size)
             return
-        if not self.pin and size >= 8 * HUGE_PAGE:
-            # 2 MiB-aligned and advised to use huge pages: physically contiguous 2 MiB pieces, so a direct write
-            # from the slot is a few large requests, not one per scattered 4 KiB page (a fragmented machine's
-            # small pages cap each request at the device's segment limit: 254 x 4 KiB on virtio)
-            slot.buffer = new_host_buffer(size)
+        # page-aligned, so partitions can be written with direct I/O straight from the slot; unpinned and large:
+        # in huge pages, physically contiguous 2 MiB pieces (a fragmented machine's scattered 4 KiB pages cap each
+        # device request at its segment limit: 254 x 4 KiB on virtio)
+        if not self.pin:
+            slot.buffer = new_host_buffer(size, page_aligned=True)
             return
-        # page-aligned, so partitions can be written with direct I/O straight from the slot
-        raw = torch.empty(size + _PAGE, dtype=torch.uint8, pin_memory=self.pin)
+        raw = torch.empty(size + _PAGE, dtype=torch.uint8, pin_memory=True)
         skip = -raw.data_ptr() % _PAGE
         slot.buffer = raw[skip : skip + size]
 

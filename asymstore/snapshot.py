@@ -167,16 +167,21 @@ def copy_range(
 #: transparent huge pages: a large new host buffer is mapped in 2 MiB pages (512x fewer page faults when it is
 #: first written) where the kernel allows it (``/sys/kernel/mm/transparent_hugepage/enabled``: always/madvise)
 HUGE_PAGE = 2 << 20
+_PAGE = 4096
 
 
-def new_host_buffer(nbytes: int) -> torch.Tensor:
-    """A new uint8 host buffer of ``nbytes`` for a restore: 2 MiB-aligned and advised to use huge pages when it
-    is large (the kernel fills it with far fewer faults), a plain ``torch.empty`` otherwise or where the
-    advice is not available."""
-    if nbytes < 8 * HUGE_PAGE:
+def new_host_buffer(nbytes: int, *, page_aligned: bool = False) -> torch.Tensor:
+    """A new uint8 host buffer of ``nbytes`` (a restore's, a private host slot's): 2 MiB-aligned and advised to
+    use huge pages when it is large (the kernel fills it with far fewer faults, and a direct write from it is a
+    few large device requests rather than one per scattered 4 KiB page), a plain ``torch.empty`` otherwise or
+    where the advice is not available; ``page_aligned``: a small one starts on a 4 KiB page too (direct I/O)."""
+    huge = nbytes >= 8 * HUGE_PAGE
+    if not huge and not page_aligned:
         return torch.empty(max(nbytes, 1), dtype=torch.uint8)
-    raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
-    skip = -raw.data_ptr() % HUGE_PAGE
-    buf = raw[skip : skip + nbytes]
-    madvise(buf.data_ptr(), nbytes - nbytes % HUGE_PAGE, MADV_HUGEPAGE)
+    align = HUGE_PAGE if huge else _PAGE
+    raw = torch.empty(max(nbytes, 1) + align, dtype=torch.uint8)
+    skip = -raw.data_ptr() % align
+    buf = raw[skip : skip + max(nbytes, 1)]
+    if huge:
+        madvise(buf.data_ptr(), nbytes - nbytes % HUGE_PAGE, MADV_HUGEPAGE)
     return buf
