@@ -40,6 +40,7 @@ from benchmarks._harness import (
     median,
     now,
     other_cpu_busy,
+    round_order,
     write_report,
 )
 from benchmarks._rawio import write_direct
@@ -90,7 +91,7 @@ def raw_write(buf: torch.Tensor, path: str) -> float:
 
 
 def store_variant(
-    kind: str, state: dict[str, torch.Tensor], root: str, shm_dir: str | None
+    kind: str, state: dict[str, torch.Tensor], nbytes: int, root: str, shm_dir: str | None
 ) -> tuple[float, float, float]:
     """(persist s of a second save into the slot, raw write s of the slot's bytes, snapshot s of the first save)."""
     d = tempfile.mkdtemp(dir=root)
@@ -104,7 +105,7 @@ def store_variant(
             rep = st.save(state, step=2).result().reports["file"]
             slot = st.host.slots[0].buffer
             assert slot is not None
-            raw = raw_write(slot[: sum(t.numel() * t.element_size() for t in state.values())], os.path.join(d, "raw"))
+            raw = raw_write(slot[:nbytes], os.path.join(d, "raw"))
         return rep.seconds, raw, first.snapshot_seconds
     finally:
         shutil.rmtree(d, ignore_errors=True)
@@ -133,18 +134,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ageing = Ageing(a.age_mib * MiB)
 
     def buffer_variant(make: Callable[[int], torch.Tensor]) -> float:
-        buf = make(nbytes)
-        buf.copy_(torch.cat([t.view(torch.uint8).view(-1) for t in state.values()]))
-        try:
-            return raw_write(buf, os.path.join(root, "raw"))
-        finally:
-            del buf
+        buf, pos = make(nbytes), 0
+        for t in state.values():  # the state's bytes, tensor by tensor (no state-sized temporary)
+            b = t.view(torch.uint8).view(-1)
+            buf[pos : pos + b.numel()].copy_(b)
+            pos += b.numel()
+        return raw_write(buf, os.path.join(root, "raw"))
 
     try:
         for r in range(a.rounds):
-            order = [*kinds, "baseline"]
-            order = order[r % len(order) :] + order[: r % len(order)]
-            for k in order:
+            for k in round_order([*kinds, "baseline"], r):
                 ageing()
                 try:
                     if k == "baseline":
@@ -152,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     elif k == "4k-buffer":
                         raw[k].append(buffer_variant(aligned_4k))
                     else:
-                        p, w, s = store_variant(k, state, root, shm_dirs[k])
+                        p, w, s = store_variant(k, state, nbytes, root, shm_dirs[k])
                         persist[k].append(p)
                         raw[k].append(w)
                         snap[k].append(s)
