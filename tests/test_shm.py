@@ -280,13 +280,20 @@ def _trials(n: int, tmp_path: Path) -> list[dict[str, object]]:
     seed, rows = run_trials("tests._shm_worker", n, tmp_path, env=_env(), cwd=REPO)
     bad = [row for row in rows if not row["ok"] or row["signal"] != signal.SIGKILL]
     assert not bad, f"seed {seed}: {bad}"
+    # a trial restores nothing only when a random kill came before its first commit (a slow machine, a short delay)
+    empty = [row for row in rows if "tier" not in row]
+    assert all(row["kind"] == "random" and row["why"] == "nothing committed" for row in empty), f"seed {seed}: {empty}"
     return rows
+
+
+def _from_host(rows: list[dict[str, object]]) -> int:
+    return sum(row.get("tier") == "host" for row in rows)
 
 
 def test_sigkill_at_each_kind_of_point(tmp_path: Path) -> None:
     """One trial per kill point (snapshot copy, committed before persistence, during persistence, random)."""
     rows = _trials(4, tmp_path)
-    assert sum(r["tier"] == "host" for r in rows) >= 2, rows  # most restores come from shared memory
+    assert _from_host(rows) >= 2, rows  # most restores come from shared memory
 
 
 @pytest.mark.slow
@@ -298,7 +305,7 @@ def test_sigkill_at_random_points_many_trials(tmp_path: Path) -> None:
     rows = _trials(n, tmp_path)
     # a restore comes from the tier only when the newest committed step was no longer in shared memory (the
     # child had finished and closed, or its slot was being reused for the snapshot the kill tore)
-    assert sum(r["tier"] == "host" for r in rows) >= n // 2, rows
+    assert _from_host(rows) >= n // 2, rows
 
 
 def test_a_script_that_exits_without_close_still_persists_its_last_save(tmp_path: Path) -> None:
