@@ -339,9 +339,9 @@ class Store:
         for slot in slots:
             if slot.step is None or not self.tiers:
                 continue
-            if self._durable_here(slot.step):
-                if self.tiers[0].has(slot.step):
-                    continue
+            if self.tiers[0].has(slot.step):
+                continue
+            if self._part_committed_here(slot.step):
                 if settle:  # this rank's part is on the tier, the step's marker is not: the job decides
                     self._unsettled.append(slot)
                 else:  # rank 0 died waiting for the other ranks' parts
@@ -425,8 +425,13 @@ class Store:
     def _durable_here(self, step: int) -> bool:
         """Whether this rank's part of ``step`` is durable on the first persistent tier (rank 0's part of a
         multi-rank step may still wait for the step's marker: :meth:`_resume_part`)."""
+        return self.tiers[0].has(step) or self._part_committed_here(step)
+
+    def _part_committed_here(self, step: int) -> bool:
+        """Whether this rank's part of ``step`` is committed on the first tier of a multi-rank job (its rank
+        directory's marker), whether or not the step's own marker is there."""
         t = self.tiers[0]
-        return t.has(step) or (t.multi_rank and t.rank_committed(step))
+        return t.multi_rank and t.rank_committed(step)
 
     def _committed_parts(self) -> list[int]:
         """Steps not committed as a whole on the first tier whose part of this rank is (a multi-rank job whose
@@ -884,8 +889,12 @@ class Store:
         if dist is None:
             mine = self.steps()
             return mine[-1] if mine else None
-        parts = self._committed_parts()  # readable by this rank although the step's marker is missing
-        mine = sorted(set(self.steps()) | set(parts))
+        return self._agree(dist, self.steps(), self._committed_parts())
+
+    def _agree(self, dist: Any, steps: list[int], parts: list[int]) -> int | None:
+        """:meth:`agreed_latest_step`'s collective, from this rank's :meth:`steps` and :meth:`_committed_parts`
+        (readable by this rank although the step's marker is missing), listed by the caller."""
+        mine = sorted({*steps, *parts})
         views: list[Any] = [None] * self.world_size
         dist.all_gather_object(views, mine)
         common = set(mine).intersection(*(set(v) for v in views))
@@ -1039,8 +1048,9 @@ class Store:
         self._raise_background()
         steps = self.steps()
         parts = self._committed_parts()  # this rank's parts of steps whose marker is missing (multi-rank)
-        if step is None and self._job_group() is not None:  # every rank must restore the same step
-            agreed = self.agreed_latest_step()
+        dist = self._job_group()
+        if step is None and dist is not None:  # every rank must restore the same step
+            agreed = self._agree(dist, steps, parts)
             if agreed is None:
                 have = sorted({*steps, *parts})
                 raise StepNotFoundError(f"no checkpoint is complete for every rank; this rank has {have}")

@@ -133,10 +133,33 @@ def save_unmarked(store: asymstore.Store, r: int, flag: str) -> None:
     time.sleep(0.2)
 
 
-def restore_together(store: asymstore.Store, r: int, *, agree_first: bool = False) -> None:
+def hold_marker_until(flag: str) -> None:
+    """Rank 0 writes the marker of step 3 only once ``flag`` exists: the marker it writes once the ranks agree
+    would otherwise race the other ranks' reads, which then find the step committed instead of reading their
+    parts of it (both right, but only one is the path under test)."""
+    import time
+
+    from asymstore.tiers import PersistentTier
+
+    real_finalize = PersistentTier.finalize
+
+    def finalize_after_flag(self: PersistentTier, step: int, **kw: object) -> None:
+        t_end = time.monotonic() + 60
+        while step == 3 and not os.path.exists(flag):
+            assert time.monotonic() < t_end, "rank 1 never restored step 3"
+            time.sleep(0.01)
+        real_finalize(self, step, **kw)  # type: ignore[arg-type]
+
+    PersistentTier.finalize = finalize_after_flag  # type: ignore[method-assign]
+
+
+def restore_together(
+    store: asymstore.Store, r: int, *, agree_first: bool = False, restored_flag: str | None = None
+) -> None:
     """Restore together: step 3, the newest every rank can read; wait for what is left to persist.
     ``agree_first``: the ranks agree on the step, clean up their leftovers, then restore that step (the Hugging
-    Face hook's order), instead of ``restore()`` choosing it."""
+    Face hook's order), instead of ``restore()`` choosing it. ``restored_flag``: a file rank 1 writes once it
+    has restored (:func:`hold_marker_until`)."""
     import time
 
     adopted = list(store.adopted)
@@ -148,6 +171,8 @@ def restore_together(store: asymstore.Store, r: int, *, agree_first: bool = Fals
         out = store.restore()
     rep = store.last_restore
     assert rep is not None
+    if restored_flag is not None and r == 1:
+        open(restored_flag, "w").close()
     exact = out["step"] == 3 and all(torch.equal(out[key], state(r, 3)[key]) for key in ("w", "h"))  # type: ignore[arg-type]
     t0 = time.monotonic()
     store.wait()  # what is left to persist
@@ -192,9 +217,14 @@ def main() -> None:
         save_unmarked(store, r, os.path.join(shm, "rank0-died"))
         os.kill(os.getpid(), signal.SIGKILL)
     if phase in ("restore-uneven", "restore-unmarked", "restore-unmarked-agreed"):
+        flag = None
+        if phase != "restore-uneven":
+            flag = os.path.join(shm, "rank1-restored")
+            if r == 0:
+                hold_marker_until(flag)
         if phase == "restore-unmarked":
             store.discard_uncommitted()  # as the trainer hooks' resume does: the parts stay until the ranks agree
-        restore_together(store, r, agree_first=phase == "restore-unmarked-agreed")
+        restore_together(store, r, agree_first=phase == "restore-unmarked-agreed", restored_flag=flag)
         dist.barrier()
         store.close()
         dist.destroy_process_group()
