@@ -21,6 +21,8 @@ import json
 import os
 import signal
 import sys
+import time
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
@@ -34,10 +36,16 @@ def state(rank: int, step: int) -> dict[str, object]:
     return {"w": torch.randn(20_000, generator=g), "h": torch.randn(16, 8, generator=g).half(), "step": step}
 
 
+def wait_for(cond: Callable[[], bool], what: str, deadline: float) -> None:
+    """Poll ``cond`` until it holds; ``what`` fails the rank once ``time.monotonic()`` passes ``deadline``."""
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
 def tear(store: asymstore.Store, r: int) -> None:
     """Save step 4; rank 0 dies half-way through sending its replica, before its tier write ends."""
     import threading
-    import time
 
     import asymstore.replica as replica
     from asymstore.tiermanager import TierManager
@@ -69,8 +77,6 @@ def tear(store: asymstore.Store, r: int) -> None:
 def save_uneven(store: asymstore.Store, r: int) -> None:
     """Steps 3 (both ranks) and 4 (rank 0 only) committed in shared memory but never on the tier: rank 0's global
     commit of them fails (an injected tier error); then death."""
-    import time
-
     from asymstore.errors import CheckpointFailedError
     from asymstore.tiers import PersistentTier
 
@@ -100,8 +106,6 @@ def save_unmarked(store: asymstore.Store, r: int, flag: str) -> None:
     """Rank 0 dies in its finalize of step 3 once both parts are on the tier and its replica is at the peer;
     rank 1 saves steps 4 and 5 (its parts only: rank 0 never marks them), then dies once rank 0 did (``flag``
     is written just before that)."""
-    import time
-
     from asymstore.tiers import PersistentTier
 
     if r == 0:
@@ -110,13 +114,14 @@ def save_unmarked(store: asymstore.Store, r: int, flag: str) -> None:
         def die_in_finalize(self: PersistentTier, step: int, **kw: object) -> None:
             if step == 3:
                 t_end = time.monotonic() + 60
-                while not (self.rank_committed(3) and self.backend.exists("step_000000000003/r00001/COMMIT")):
-                    assert time.monotonic() < t_end, "rank 1 never committed its part of step 3"
-                    time.sleep(0.01)
-                assert store.replicas is not None
-                while store.replicas.pushed < 3:  # step 3's replica is sealed and sent first
-                    assert time.monotonic() < t_end, "step 3's replica was never sent"
-                    time.sleep(0.01)
+                wait_for(
+                    lambda: self.rank_committed(3) and self.backend.exists("step_000000000003/r00001/COMMIT"),
+                    "rank 1 never committed its part of step 3",
+                    t_end,
+                )
+                replicas = store.replicas
+                assert replicas is not None
+                wait_for(lambda: replicas.pushed >= 3, "step 3's replica was never sent", t_end)  # sealed, sent first
                 open(flag, "w").close()
                 os.kill(os.getpid(), signal.SIGKILL)
             real_finalize(self, step, **kw)  # type: ignore[arg-type]
@@ -126,10 +131,8 @@ def save_unmarked(store: asymstore.Store, r: int, flag: str) -> None:
         raise SystemExit("rank 0 was not killed in its finalize of step 3")
     for s in (3, 4, 5):
         store.save(state(r, s), s)  # a rank > 0 is done once its part is committed
-    t_end = time.monotonic() + 60
-    while not os.path.exists(flag):  # this rank receives rank 0's replica of step 3 until rank 0 dies
-        assert time.monotonic() < t_end, "rank 0 never died"
-        time.sleep(0.01)
+    # this rank receives rank 0's replica of step 3 until rank 0 dies
+    wait_for(lambda: os.path.exists(flag), "rank 0 never died", time.monotonic() + 60)
     time.sleep(0.2)
 
 
@@ -137,17 +140,13 @@ def hold_marker_until(flag: str) -> None:
     """Rank 0 writes the marker of step 3 only once ``flag`` exists: the marker it writes once the ranks agree
     would otherwise race the other ranks' reads, which then find the step committed instead of reading their
     parts of it (both right, but only one is the path under test)."""
-    import time
-
     from asymstore.tiers import PersistentTier
 
     real_finalize = PersistentTier.finalize
 
     def finalize_after_flag(self: PersistentTier, step: int, **kw: object) -> None:
-        t_end = time.monotonic() + 60
-        while step == 3 and not os.path.exists(flag):
-            assert time.monotonic() < t_end, "rank 1 never restored step 3"
-            time.sleep(0.01)
+        if step == 3:
+            wait_for(lambda: os.path.exists(flag), "rank 1 never restored step 3", time.monotonic() + 60)
         real_finalize(self, step, **kw)  # type: ignore[arg-type]
 
     PersistentTier.finalize = finalize_after_flag  # type: ignore[method-assign]
@@ -160,8 +159,6 @@ def restore_together(
     ``agree_first``: the ranks agree on the step, clean up their leftovers, then restore that step (the Hugging
     Face hook's order), instead of ``restore()`` choosing it. ``restored_flag``: a file rank 1 writes once it
     has restored (:func:`hold_marker_until`)."""
-    import time
-
     adopted = list(store.adopted)
     if agree_first:
         step = store.agreed_latest_step()
