@@ -1,7 +1,7 @@
 """One rank of the multi-process DCP tests (RANK/WORLD_SIZE/MASTER_* in the environment).
 
-tests/test_dcp.py forks the ranks (``main(argv)``, torch already imported); it also runs as a
-script: ``RANK=r WORLD_SIZE=n MASTER_ADDR=.. MASTER_PORT=.. python -m tests._dcp_worker ...`` (from the repository root).
+tests/test_dcp.py starts the ranks through tests/ranks.py (``main(argv)``, forked from a fork server); it also
+runs as a script: ``RANK=r WORLD_SIZE=n MASTER_ADDR=.. MASTER_PORT=.. python -m tests._dcp_worker ...`` (from the repository root).
 
 ``save <url> <step>``: every rank holds DTensor shards of the reference state and saves them.
 ``load <url> <step> <out>``: every rank loads into DTensor shards of its world size and

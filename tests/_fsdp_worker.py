@@ -1,6 +1,6 @@
 """One rank of the FSDP2 / DTensor elastic-restore tests (RANK/WORLD_SIZE/MASTER_* in the environment).
 
-tests/test_fsdp_elastic.py forks the ranks (``main(argv)``, torch already imported). Modes (JSON argument):
+tests/test_fsdp_elastic.py starts the ranks through tests/ranks.py (``main(argv)``). Modes (JSON argument):
 
 ``train``: an FSDP2 (``fully_shard``) MLP with odd sizes (uneven shards, an empty one on 4 ranks) trained data-parallel with AdamW and a
 StepLR under :class:`AsymCheckpointer` (``every`` steps, asymmetric snapshots); after the checkpoint step it

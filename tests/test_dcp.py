@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
-import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -24,6 +21,7 @@ from asymstore.trainer_hooks.dcp import (
     parse_checkpoint_id,
 )
 from tests.helpers import assert_bitequal
+from tests.ranks import launch_ranks
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -150,40 +148,9 @@ def test_weights_only_planner_loads_plain_values(tmp_path):
 
 
 # --- several processes (gloo) ----------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(env: dict[str, str], args: tuple[str, ...]) -> None:
-    os.environ.update(env)
-    from tests._dcp_worker import main
-
-    main(["_dcp_worker", *args])
-
-
 def _launch(n: int, *args: str) -> None:
-    """Run ``n`` ranks of tests/_dcp_worker.py as forked processes (no re-import of torch)."""
-    ctx = mp.get_context("fork")
-    port = str(_free_port())
-    procs = [
-        ctx.Process(
-            target=_rank_main,
-            args=({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": str(n), "RANK": str(r)}, args),
-        )
-        for r in range(n)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    assert not alive, f"{len(alive)} of {n} ranks hung"
-    codes = [p.exitcode for p in procs]
-    assert codes == [0] * n, f"ranks of {n} exited with {codes} (see the captured output)"
+    """Run ``n`` ranks of tests/_dcp_worker.py."""
+    launch_ranks(n, "tests._dcp_worker", args, timeout_s=120)
 
 
 @pytest.mark.slow

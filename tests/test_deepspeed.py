@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from typing import Any
 
 import pytest
 import torch
+
+from tests.ranks import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -34,14 +35,8 @@ STEPS = 6
 KILL_STEP = 4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def launch(mode: str, args: dict[str, Any], out: Path) -> list[subprocess.Popen[bytes]]:
-    port = _free_port()
+    port = free_port()
     env = dict(
         os.environ,
         MASTER_ADDR="127.0.0.1",

@@ -16,10 +16,7 @@ right after step 4 and the losses of steps 5-7. Then M ranks (a model with other
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
-import os
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -30,37 +27,12 @@ import asymstore
 from asymstore import globalmeta as gm
 from asymstore.errors import CorruptCheckpointError
 from tests import plain_zarr_reader as plain
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(env: dict[str, str], arg: str) -> None:
-    os.environ.update(env)
-    from tests._fsdp_worker import main
-
-    main(["_fsdp_worker", arg])
+from tests.ranks import launch_ranks
 
 
 def _launch(n: int, out: Path, **args) -> list[dict]:
-    """Run ``n`` ranks of tests/_fsdp_worker.py as forked processes; their JSON results, by rank."""
-    ctx = mp.get_context("fork")
-    port = str(_free_port())
-    arg = json.dumps({**args, "out": str(out)})
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": str(n)}
-    procs = [ctx.Process(target=_rank_main, args=({**env, "RANK": str(r)}, arg)) for r in range(n)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=180)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    assert not alive, f"{len(alive)} of {n} ranks hung"
-    assert [p.exitcode for p in procs] == [0] * n, f"ranks of {n} exited with {[p.exitcode for p in procs]}"
+    """Run ``n`` ranks of tests/_fsdp_worker.py; their JSON results, by rank."""
+    launch_ranks(n, "tests._fsdp_worker", [json.dumps({**args, "out": str(out)})], timeout_s=180)
     return [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(n)]
 
 

@@ -17,6 +17,7 @@ import pytest
 from asymstore.errors import StepNotFoundError
 from asymstore.replica import replica_of, ring_peer
 from tests._trials import run_trials
+from tests.ranks import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,18 +36,12 @@ def test_ring_by_node_places_every_replica_on_another_node() -> None:
     assert [ring_peer(r, uneven) for r in range(4)] == [3, 3, 3, 0]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
 
 
 def _phase(phase: str, world: int, per_node: int, ck: Path, shm: Path) -> list[dict[str, object]]:
-    port = str(_free_port())
+    port = str(free_port())
     env = _env()
     procs = [
         subprocess.Popen(
