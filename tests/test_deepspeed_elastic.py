@@ -30,7 +30,8 @@ try:  # only to decide whether to skip: the workers import it themselves
 except Exception as e:  # pragma: no cover - depends on the environment
     pytest.skip(f"deepspeed cannot be imported: {e}", allow_module_level=True)
 
-from tests.test_deepspeed import REPO, _free_port, assert_same
+from tests.ranks import free_port
+from tests.test_deepspeed import REPO, assert_same
 
 STEPS = 3
 MORE = 2
@@ -40,7 +41,7 @@ def launch(mode: str, args: dict[str, Any], out: Path, world: int) -> list[subpr
     env = dict(
         os.environ,
         MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
+        MASTER_PORT=str(free_port()),
         WORLD_SIZE=str(world),
         PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         OMP_NUM_THREADS="1",
