@@ -1,9 +1,9 @@
 """Real multi-rank runs for the tests: ``n`` processes of a worker module on one machine (gloo over loopback).
 
-Each rank runs ``<module>.main(["<module>", *argv])`` with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set.
-A rank that has not ended within the deadline gets SIGUSR1 first, which makes it print every thread's stack to
-its stderr (captured by pytest and shown with the failure), and is killed after that: a hang is reported with
-where it hung, not only that it did.
+Each rank runs ``<module>.main(["<module>", *argv])`` with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set,
+its stdout and stderr going to a log file of its own. A rank that has not ended within the deadline gets SIGUSR1
+first, which makes it write every thread's stack to that log, and is killed after that. A hung or failed launch
+fails with the tail of every rank's log in its message: where it hung or why it failed, not only that it did.
 """
 
 from __future__ import annotations
@@ -12,11 +12,17 @@ import faulthandler
 import importlib
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
+
+#: how much of the end of each rank's log a failure message carries
+LOG_TAIL = 4000
 
 
 def free_port() -> int:
@@ -26,8 +32,13 @@ def free_port() -> int:
         return port
 
 
-def _rank_entry(env: dict[str, str], module: str, argv: list[str]) -> None:
+def _rank_entry(env: dict[str, str], module: str, argv: list[str], log: str) -> None:
     os.environ.update(env)
+    # the fork server's own stdout/stderr are those of the test that started it, not of this one
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     importlib.import_module(module).main([module, *argv])
 
@@ -45,12 +56,24 @@ def _context() -> mp.context.BaseContext:
     return ctx
 
 
+def _logs(logs: list[Path]) -> str:
+    parts = []
+    for r, p in enumerate(logs):
+        text = p.read_text(errors="replace") if p.exists() else ""
+        parts.append(f"--- rank {r} (last {LOG_TAIL} characters of its output) ---\n{text[-LOG_TAIL:]}")
+    return "\n".join(parts)
+
+
 def launch_ranks(n: int, module: str, argv: Sequence[str], timeout_s: float = 180.0) -> None:
     """Run ``n`` ranks of ``module`` and wait for all of them; fail naming the ranks that hung or failed."""
     ctx = _context()
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(n)}
+    tmp = Path(tempfile.mkdtemp(prefix="asymstore-ranks-"))
+    logs = [tmp / f"rank{r}.log" for r in range(n)]
     procs = [
-        ctx.Process(target=_rank_entry, args=({**env, "RANK": str(r)}, module, list(argv)), name=f"rank{r}")
+        ctx.Process(
+            target=_rank_entry, args=({**env, "RANK": str(r)}, module, list(argv), str(logs[r])), name=f"rank{r}"
+        )
         for r in range(n)
     ]
     try:
@@ -63,6 +86,8 @@ def launch_ranks(n: int, module: str, argv: Sequence[str], timeout_s: float = 18
         for r in alive:
             os.kill(procs[r].pid, signal.SIGUSR1)  # type: ignore[arg-type]
         time.sleep(2.0 if alive else 0.0)  # the stacks are written
+        codes = [p.exitcode for p in procs]
+        output = _logs(logs) if alive or codes != [0] * n else ""
     finally:
         # also on an exception here (pytest-timeout's, a KeyboardInterrupt): a rank left running would be joined
         # forever by multiprocessing's exit handler, and the test run would never end
@@ -70,13 +95,16 @@ def launch_ranks(n: int, module: str, argv: Sequence[str], timeout_s: float = 18
             if p.pid is not None and p.is_alive():
                 p.kill()
                 p.join(10)
-    assert not alive, f"ranks {alive} of {n} hung for {timeout_s:.0f} s (their stacks are in the captured stderr)"
-    codes = [p.exitcode for p in procs]
-    assert codes == [0] * n, f"ranks of {n} exited with {codes} (see the captured output)"
+        shutil.rmtree(tmp, ignore_errors=True)
+    if output:
+        print(output, file=sys.stderr)  # whole in the test's captured output as well
+    assert not alive, f"ranks {alive} of {n} hung for {timeout_s:.0f} s; their stacks:\n{output}"
+    assert codes == [0] * n, f"ranks of {n} exited with {codes}; their output:\n{output}"
 
 
 def main(argv: list[str]) -> None:
     """A rank that does nothing but what ``argv[1]`` says: ``hang`` (sleeps) or ``fail`` (exits with 3)."""
     if argv[1] == "hang":
         time.sleep(3600)
+    print(f"rank {os.environ['RANK']} fails on purpose", file=sys.stderr)
     sys.exit(3)
